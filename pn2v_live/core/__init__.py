@@ -1,0 +1,1 @@
+"""Algorithm core: pure torch/numpy, no I/O, no threads."""

@@ -1,0 +1,33 @@
+"""Prometheus metrics of the daemon (prefix `pn2v_live_`); every layer but the core may update them.
+
+Labels stay low-cardinality: `source` is "folder" or "zmq", `reason` a short fixed word.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+FRAMES_INGESTED = Counter(
+    "pn2v_live_frames_ingested_total", "Raw frames stored", ["source"]
+)
+FRAMES_REJECTED = Counter(
+    "pn2v_live_frames_rejected_total", "Source items or messages rejected", ["source", "reason"]
+)
+FRAMES_DENOISED = Counter("pn2v_live_frames_denoised_total", "Denoised frames written")
+BACKLOG = Gauge("pn2v_live_backlog_frames", "Stored raw frames still waiting for a denoised twin")
+INGEST_QUEUE = Gauge("pn2v_live_ingest_queue_frames", "Frames received but not yet stored")
+INFERENCE_SECONDS = Histogram(
+    "pn2v_live_inference_seconds",
+    "Time to denoise one frame (read, MMSE, write)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+MODEL_VERSION = Gauge("pn2v_live_model_version", "Version number of the model used for inference")
+TRAINING_LOSS = Gauge("pn2v_live_training_loss", "Mean training loss of the last round")
+VALIDATION_LOSS = Gauge("pn2v_live_validation_loss", "Validation loss of the last round")
+TRAINING_ROUNDS = Counter("pn2v_live_training_rounds_total", "Training rounds", ["outcome"])
+LAST_FRAME_TIMESTAMP = Gauge(
+    "pn2v_live_last_frame_timestamp_seconds", "Unix time of the newest stored raw frame"
+)
+SIGNAL_OUT_OF_CALIBRATION = Gauge(
+    "pn2v_live_signal_out_of_calibration_ratio",
+    "Fraction of pixels of the newest frame whose estimated signal lies above the noise model's "
+    "calibrated range",
+)

@@ -1,0 +1,1 @@
+"""Pipeline stages: ingest, calibration, trainer, inference scheduler, publisher."""

@@ -1,0 +1,1 @@
+"""Service shell: config, CLI, daemon lifecycle, metrics, web viewer."""

@@ -1,0 +1,1 @@
+"""One module per group of `pn2v-live` sub-commands; each registers on `cli.app`."""
