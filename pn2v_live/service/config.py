@@ -1,0 +1,215 @@
+"""The daemon's configuration: one TOML file, validated with pydantic, overridable key by key.
+
+Every section refuses unknown keys. Relative paths are resolved against the config file's folder.
+An empty `bind` turns that listener off. Overrides use dotted keys with TOML values, e.g.
+`trainer.steps_per_round=50` or `ingest.folder.paths=["/data/scope1"]`; a value that is not
+valid TOML is taken as a plain string (`inference.scheduler=tcp://gpu-box:8786`).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pn2v_live.errors import UserError
+
+
+def _check_device(value: str) -> str:
+    """Accept auto, cpu, cuda, cuda:N or mps."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+        return value
+    raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
+
+
+def _check_host_port(value: str) -> str:
+    """Accept "" (off) or "host:port" with a port in 1..65535."""
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('expected host:port such as 127.0.0.1:9464 (or "" for off)')
+    return value
+
+
+def _check_zmq_endpoint(value: str) -> str:
+    """Accept "" (off) or a ZeroMQ tcp:// or ipc:// endpoint."""
+    if value == "" or value.startswith(("tcp://", "ipc://")):
+        return value
+    raise ValueError('expected tcp://host:port or ipc://path (or "" for off)')
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(Section):
+    root: Path = Path("pn2v-data")
+    zarr_format: Literal[2, 3] = 2
+
+
+class FolderIngestConfig(Section):
+    paths: list[Path] = []
+    polling: bool = False
+    stable_seconds: float = Field(2.0, gt=0)
+
+
+class ZmqIngestConfig(Section):
+    bind: str = "tcp://127.0.0.1:5555"
+    _check = field_validator("bind")(_check_zmq_endpoint)
+
+
+class IngestConfig(Section):
+    folder: FolderIngestConfig = FolderIngestConfig()
+    zmq: ZmqIngestConfig = ZmqIngestConfig()
+
+
+class NoiseModelConfig(Section):
+    path: Path = Path("noise-model.pt")
+
+
+class ModelConfig(Section):
+    initial: Path | None = None
+
+
+class TrainerConfig(Section):
+    device: Device = "auto"
+    every_frames: int = Field(50, gt=0)
+    every_seconds: float = Field(600.0, gt=0)
+    steps_per_round: int = Field(100, gt=0)
+    patch_size: int = Field(64, ge=16, multiple_of=8)
+    batch_size: int = Field(16, gt=0)
+    k: int = Field(800, gt=1)
+    learning_rate: float = Field(4e-4, gt=0)
+
+
+class InferenceConfig(Section):
+    scheduler: str = "local"
+    max_in_flight: int = Field(4, gt=0)
+    device: Device = "auto"
+    tile: int | None = Field(None, ge=32)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        if value == "local" or value.startswith(("tcp://", "tls://", "inproc://")):
+            return value
+        raise ValueError('expected "local" or a dask scheduler address tcp://host:port')
+
+
+class MetricsConfig(Section):
+    bind: str = "127.0.0.1:9464"
+    _check = field_validator("bind")(_check_host_port)
+
+
+class ViewerConfig(Section):
+    bind: str = "127.0.0.1:8080"
+    _check = field_validator("bind")(_check_host_port)
+
+
+class PublishConfig(Section):
+    bind: str = "tcp://127.0.0.1:5556"
+    _check = field_validator("bind")(_check_zmq_endpoint)
+
+
+class Config(Section):
+    store: StoreConfig = StoreConfig()
+    ingest: IngestConfig = IngestConfig()
+    noise_model: NoiseModelConfig = NoiseModelConfig()
+    model: ModelConfig = ModelConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    inference: InferenceConfig = InferenceConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    viewer: ViewerConfig = ViewerConfig()
+    publish: PublishConfig = PublishConfig()
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
+    """Read the TOML file at `path` (None: defaults only), apply `key=value` overrides, validate.
+
+    Raises UserError naming the file, the dotted key and the reason for anything invalid.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    where = "config"
+    if path is not None:
+        where = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"{path}: not valid TOML ({error})") from error
+        base = path.resolve().parent
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"{where}: {_describe(error)}") from error
+    return _resolve_paths(config, base)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `raw[a][b][c] = value` for an override "a.b.c=value" (value parsed as TOML)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(
+            f"--set {override!r}: expected KEY=VALUE such as trainer.steps_per_round=50"
+        )
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {override!r}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: ValidationError) -> str:
+    """One line: "key.path: reason (got value)" for each problem, joined by "; "."""
+    parts = []
+    for problem in error.errors():
+        key = ".".join(str(p) for p in problem["loc"])
+        reason = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            reason = "unknown key (check the spelling; see README 'Configuration')"
+        elif problem["type"] != "missing" and "input" in problem:
+            reason += f" (got {problem['input']!r})"
+        parts.append(f"{key}: {reason}")
+    return "; ".join(parts)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Return `config` with every relative path made absolute against `base`."""
+
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
+    return config.model_copy(
+        update={
+            "store": config.store.model_copy(update={"root": resolve(config.store.root)}),
+            "ingest": config.ingest.model_copy(
+                update={
+                    "folder": config.ingest.folder.model_copy(
+                        update={"paths": [resolve(p) for p in config.ingest.folder.paths]}
+                    )
+                }
+            ),
+            "noise_model": NoiseModelConfig(path=resolve(config.noise_model.path)),
+            "model": ModelConfig(
+                initial=None if config.model.initial is None else resolve(config.model.initial)
+            ),
+        }
+    )

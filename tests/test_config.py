@@ -1,0 +1,126 @@
+"""The daemon's TOML config: defaults, overrides, path resolution and refusals with key + reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pn2v_live.errors import UserError
+from pn2v_live.service.config import load_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "service" / "pn2v-live.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pn2v-live.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_listen_on_localhost_only():
+    config = load_config(None)
+    assert config.metrics.bind.startswith("127.0.0.1:")
+    assert config.viewer.bind.startswith("127.0.0.1:")
+    assert config.ingest.zmq.bind.startswith("tcp://127.0.0.1:")
+    assert config.publish.bind.startswith("tcp://127.0.0.1:")
+    assert config.inference.scheduler == "local"
+
+
+def test_file_values_and_relative_paths(tmp_path):
+    path = write(
+        tmp_path,
+        """
+[store]
+root = "store"
+zarr_format = 3
+[ingest.folder]
+paths = ["incoming", "/abs/share"]
+polling = true
+[noise_model]
+path = "calib/nm.pt"
+[trainer]
+steps_per_round = 7
+k = 64
+[inference]
+scheduler = "tcp://10.0.0.5:8786"
+tile = 256
+""",
+    )
+    config = load_config(path)
+    assert config.store.root == tmp_path / "store"
+    assert config.store.zarr_format == 3
+    assert config.ingest.folder.paths == [tmp_path / "incoming", Path("/abs/share")]
+    assert config.ingest.folder.polling is True
+    assert config.noise_model.path == tmp_path / "calib" / "nm.pt"
+    assert (config.trainer.steps_per_round, config.trainer.k) == (7, 64)
+    assert config.inference.scheduler == "tcp://10.0.0.5:8786"
+    assert config.inference.tile == 256
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    path = write(tmp_path, "[trainer]\nsteps_per_round = 7\n")
+    config = load_config(
+        path,
+        [
+            "trainer.steps_per_round=50",
+            "inference.scheduler=tcp://gpu-box:8786",
+            'ingest.folder.paths=["a", "b"]',
+            "metrics.bind=",
+        ],
+    )
+    assert config.trainer.steps_per_round == 50
+    assert config.inference.scheduler == "tcp://gpu-box:8786"
+    assert config.ingest.folder.paths == [tmp_path / "a", tmp_path / "b"]
+    assert config.metrics.bind == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "expected"),
+    [
+        ("[trainer]\nsteps_per_rnd = 5\n", [], "trainer.steps_per_rnd: unknown key"),
+        ("[trainr]\n", [], "trainr: unknown key"),
+        ("[trainer]\nsteps_per_round = -1\n", [], "trainer.steps_per_round: Input should be"),
+        ("[trainer]\npatch_size = 30\n", [], "trainer.patch_size: Input should be a multiple of 8"),
+        ("[trainer]\ndevice = 'gpu'\n", [], "trainer.device: expected auto, cpu, cuda"),
+        ("[metrics]\nbind = '9464'\n", [], "metrics.bind: expected host:port"),
+        ("[viewer]\nbind = 'localhost:99999'\n", [], "viewer.bind: expected host:port"),
+        ("[publish]\nbind = 'http://x'\n", [], "publish.bind: expected tcp://"),
+        ("[inference]\nscheduler = 'cluster'\n", [], "inference.scheduler: expected"),
+        ("[store]\nzarr_format = 4\n", [], "store.zarr_format: Input should be 2 or 3"),
+        ("", ["trainer.every_frames=0"], "trainer.every_frames: Input should be greater than 0"),
+        (
+            "[trainer]\nsteps_per_round = 5\n",
+            ["trainer.steps_per_round.x=1"],
+            "steps_per_round is a value, not a section",
+        ),
+        ("", ["steps_per_round"], "expected KEY=VALUE"),
+        ("[store\n", [], "not valid TOML"),
+    ],
+)
+def test_bad_config_names_key_and_reason(tmp_path, text, overrides, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as caught:
+        load_config(path, overrides)
+    message = str(caught.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write(tmp_path, "[trainer]\nbatch_size = 0\nk = 1\n")
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    assert "trainer.batch_size" in str(caught.value)
+    assert "trainer.k" in str(caught.value)
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_shipped_example_config_is_valid():
+    config = load_config(EXAMPLE)
+    assert config.inference.scheduler == "local"
+    assert config.store.root.is_absolute()
