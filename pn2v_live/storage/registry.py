@@ -1,0 +1,147 @@
+"""Model registry: numbered checkpoints with metadata and a `current` pointer, crash-safe.
+
+Layout of the registry folder (usually `<store root>/models/`):
+
+    v0003.pt      checkpoint (storage/checkpoints.py format, metadata embedded)
+    v0003.json    the same metadata, for listing without loading weights
+    current       the promoted version number, e.g. "3"
+
+Every file is written to a temporary name, fsynced and renamed over the final name: checkpoint,
+then metadata, then the pointer. After a SIGKILL or power cut the pointer names a complete
+checkpoint, and a half-written newer version is never used (its number is simply skipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pn2v_live.core.model import Denoiser
+from pn2v_live.storage.checkpoints import load_denoiser, save_denoiser
+
+POINTER = "current"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry records about one model version."""
+
+    version: int
+    parent: int | None
+    created: str  # ISO 8601, UTC
+    training_frames: int  # raw frames available to the round that produced it
+    training_steps: int  # optimiser steps since the parent (total for the first version)
+    validation_loss: float | None  # Eq. 7 loss on held-back frames, None when not measured
+    noise_model_id: str | None  # content_id() of the noise model file it was trained with
+    source: str = "trained"  # "trained", or the path of an imported initial checkpoint
+
+
+class ModelRegistry:
+    """Versions in `folder`; `promote` adds a version only when it beats the current one."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        for leftover in self.folder.glob(".*"):  # temporary files of a writer that was killed
+            leftover.unlink()
+
+    def current(self) -> ModelInfo | None:
+        """The promoted version's metadata, or None before the first promotion."""
+        pointer = self.folder / POINTER
+        if not pointer.exists():
+            return None
+        return self.info(int(pointer.read_text().strip()))
+
+    def info(self, version: int) -> ModelInfo:
+        return ModelInfo(**json.loads(self._path(version, ".json").read_text()))
+
+    def versions(self) -> list[ModelInfo]:
+        """Every completely written version, oldest first (promoted or not yet pointed to)."""
+        numbers = sorted(int(p.stem[1:]) for p in self.folder.glob("v*.json"))
+        return [self.info(n) for n in numbers]
+
+    def load(self, version: int | None = None) -> tuple[Denoiser, ModelInfo]:
+        """The denoiser of `version` (default: the current one) on the CPU, with its metadata."""
+        info = self.current() if version is None else self.info(version)
+        if info is None:
+            raise LookupError(f"{self.folder}: no model promoted yet")
+        denoiser, _ = load_denoiser(self._path(info.version, ".pt"))
+        return denoiser, info
+
+    def promote(
+        self,
+        denoiser: Denoiser,
+        *,
+        validation_loss: float | None,
+        training_frames: int,
+        training_steps: int,
+        noise_model_id: str | None,
+        baseline_loss: float | None = None,
+        source: str = "trained",
+    ) -> ModelInfo | None:
+        """Store `denoiser` as the next version and point `current` at it, if it is better.
+
+        Better means: there is no current model, or `validation_loss` is finite and below
+        `baseline_loss` (the current model's loss on the same validation batch; defaults to the
+        loss recorded at its promotion). `validation_loss=None` is only accepted as the first
+        version (an imported initial model). Returns the new metadata, or None if not promoted.
+        """
+        with self._lock:
+            current = self.current()
+            if current is not None:
+                baseline = current.validation_loss if baseline_loss is None else baseline_loss
+                if validation_loss is None or not math.isfinite(validation_loss):
+                    return None
+                if baseline is not None and not validation_loss < baseline:
+                    return None
+            elif validation_loss is not None and not math.isfinite(validation_loss):
+                return None
+            info = ModelInfo(
+                version=self._next_version(),
+                parent=None if current is None else current.version,
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+                training_frames=training_frames,
+                training_steps=training_steps,
+                validation_loss=validation_loss,
+                noise_model_id=noise_model_id,
+                source=source,
+            )
+            save_denoiser(denoiser, self._path(info.version, ".pt"), asdict(info))  # atomic
+            _write_atomically(self._path(info.version, ".json"), json.dumps(asdict(info)))
+            _write_atomically(self.folder / POINTER, f"{info.version}\n")
+            return info
+
+    def _next_version(self) -> int:
+        """One past every version number with any file, finished or not."""
+        numbers = [int(p.name[1:].split(".")[0]) for p in self.folder.glob("v[0-9]*")]
+        return max(numbers, default=0) + 1
+
+    def _path(self, version: int, suffix: str) -> Path:
+        return self.folder / f"v{version:04d}{suffix}"
+
+
+def content_id(path: Path) -> str:
+    """A short identifier of a file's content (first 16 hex digits of its SHA-256)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` via a fsynced temporary file, then fsync the folder."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
