@@ -1,0 +1,151 @@
+"""MMSE denoising (Eq. 10), tiled over the frame and chunked over pixels.
+
+For PN2V the U-Net body runs once per tile; the K-sample head, the likelihood and the
+posterior-weighted average then run over chunks of pixels, keeping only per-pixel sums, so
+K×H×W is never allocated for a frame or a tile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from pn2v_live.core.model import Denoiser
+from pn2v_live.core.noise.base import NoiseModel
+
+OUTPUTS = ("denoised", "prior_mean", "posterior_std")
+CHUNK_ELEMENTS = 2**21  # pixels × K per chunk: 8 MB per fp32 (chunk, K) buffer
+ACTIVATION_BYTES_PER_PIXEL = 1600  # peak U-Net body memory per input pixel (fp32, measured)
+TILE_MEMORY_BYTES = 256 * 2**20  # default activation budget per tile
+
+
+def receptive_radius(depth: int) -> int:
+    """Pixels on each side that influence an output pixel of the U-Net (3×3 convs, 2× pooling)."""
+    down = sum(2 * 2**level for level in range(depth))
+    up = sum(2 * 2**level for level in range(depth - 1))
+    return down + up + 2 ** (depth - 1)
+
+
+def auto_tile(memory_bytes: float, multiple: int) -> int:
+    """Largest square tile (a multiple of `multiple`) whose body activations fit `memory_bytes`."""
+    side = int(math.sqrt(memory_bytes / ACTIVATION_BYTES_PER_PIXEL))
+    return max(multiple, side - side % multiple)
+
+
+def tiles(size: int, tile: int, margin: int, multiple: int) -> Iterator[tuple[slice, slice]]:
+    """Split [0, size) into (core, input) slices: cores cover it once, inputs add `margin`.
+
+    All boundaries are multiples of `multiple`, so pooling sees the same grid as on the
+    whole frame and the stitched result equals the whole-frame result.
+    """
+    count = max(1, math.ceil(size / tile))
+    core = math.ceil(size / count / multiple) * multiple
+    for start in range(0, size, core):
+        stop = min(start + core, size)
+        yield slice(start, stop), slice(max(0, start - margin), min(size, stop + margin))
+
+
+@torch.inference_mode()
+def denoise(
+    denoiser: Denoiser,
+    image: np.ndarray | torch.Tensor,
+    noise_model: NoiseModel | None = None,
+    tile: int | None = None,
+    outputs: Sequence[str] = ("denoised",),
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> dict[str, np.ndarray]:
+    """Denoise one (Y, X) frame in ADU; returns float32 (Y, X) arrays keyed by `outputs`.
+
+    "denoised" is the MMSE estimate for PN2V (the network output for N2V / supervised);
+    "prior_mean" and "posterior_std" are PN2V only. `tile` is the core tile side in pixels
+    (None: chosen so the body's activations stay within TILE_MEMORY_BYTES).
+    """
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown or (denoiser.mode != "pn2v" and set(outputs) != {"denoised"}):
+        raise ValueError(f"outputs {list(outputs)} not available for a {denoiser.mode} model")
+    if denoiser.mode == "pn2v" and noise_model is None:
+        raise ValueError("MMSE denoising with a pn2v model needs a noise model")
+    net, device = denoiser.net.eval(), denoiser.device
+    frame = torch.as_tensor(np.asarray(image, dtype=np.float32)).to(device)
+    height, width = frame.shape
+    multiple = net.size_multiple
+    padded = _pad_to_multiple(frame, multiple)
+    result = {name: torch.empty(padded.shape, device=device) for name in outputs}
+    margin = math.ceil(receptive_radius(net.depth) / multiple) * multiple
+    tile = tile or auto_tile(TILE_MEMORY_BYTES, multiple)
+    tile = max(multiple, tile - tile % multiple)
+    for core_y, in_y in tiles(padded.shape[0], tile, margin, multiple):
+        for core_x, in_x in tiles(padded.shape[1], tile, margin, multiple):
+            piece = padded[in_y, in_x]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                features = net.body(denoiser.normalise(piece)[None, None])[0]
+            inner = (
+                slice(core_y.start - in_y.start, core_y.stop - in_y.start),
+                slice(core_x.start - in_x.start, core_x.stop - in_x.start),
+            )
+            features = features[:, inner[0], inner[1]].float()
+            estimates = _head_estimates(
+                denoiser, features, piece[inner], noise_model, outputs, chunk_elements
+            )
+            for name, values in estimates.items():
+                result[name][core_y, core_x] = values
+    return {name: values[:height, :width].cpu().numpy() for name, values in result.items()}
+
+
+def _pad_to_multiple(frame: torch.Tensor, multiple: int) -> torch.Tensor:
+    height, width = frame.shape
+    pad_y, pad_x = (-height) % multiple, (-width) % multiple
+    if pad_y == 0 and pad_x == 0:
+        return frame
+    mode = "reflect" if pad_y < height and pad_x < width else "replicate"
+    return F.pad(frame[None, None], (0, pad_x, 0, pad_y), mode=mode)[0, 0]
+
+
+def _head_estimates(
+    denoiser: Denoiser,
+    features: torch.Tensor,
+    observations: torch.Tensor,
+    noise_model: NoiseModel | None,
+    outputs: Sequence[str],
+    chunk_elements: int,
+) -> dict[str, torch.Tensor]:
+    """Per-pixel estimates from (F, h, w) features and (h, w) observations (ADU)."""
+    height, width = observations.shape
+    weight, bias = denoiser.head_in_adu()
+    if denoiser.mode != "pn2v":
+        denoised = torch.einsum("kf,fhw->khw", weight, features)[0] + bias[0]
+        return {"denoised": denoised}
+    flat_features = features.reshape(features.shape[0], -1)
+    flat_observations = observations.reshape(-1)
+    result = {name: torch.empty(height * width, device=features.device) for name in outputs}
+    chunk = max(1, chunk_elements // denoiser.k)
+    for start in range(0, height * width, chunk):
+        part = slice(start, start + chunk)
+        samples = torch.addmm(bias, flat_features[:, part].T, weight.T)  # (chunk, K) ADU
+        for name, values in posterior_summaries(
+            samples, flat_observations[part], noise_model, outputs
+        ).items():
+            result[name][part] = values
+    return {name: values.reshape(height, width) for name, values in result.items()}
+
+
+def posterior_summaries(
+    samples: torch.Tensor,
+    observations: torch.Tensor,
+    noise_model: NoiseModel,
+    outputs: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """Eq. 10 on (P, K) prior samples: posterior mean, and optionally prior mean, posterior std."""
+    weights = torch.softmax(noise_model.log_likelihood(observations[:, None], samples), dim=1)
+    mmse = (weights * samples).sum(dim=1)
+    summaries = {"denoised": mmse}
+    if "prior_mean" in outputs:
+        summaries["prior_mean"] = samples.mean(dim=1)
+    if "posterior_std" in outputs:
+        second_moment = (weights * samples.square()).sum(dim=1)
+        summaries["posterior_std"] = (second_moment - mmse.square()).clamp_(min=0).sqrt_()
+    return {name: summaries[name] for name in outputs}

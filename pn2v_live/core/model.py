@@ -1,0 +1,63 @@
+"""A trained denoiser: the U-Net plus what is needed to apply it (mode, K, normalisation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pn2v_live.core.unet import UNet
+
+Mode = Literal["pn2v", "n2v", "supervised"]
+MODES: tuple[str, ...] = ("pn2v", "n2v", "supervised")
+
+
+@dataclass
+class Denoiser:
+    """`net` maps (x - mean) / std to outputs in the same normalised units.
+
+    For "pn2v" the K outputs are samples of the prior p(s | neighbourhood); for "n2v" and
+    "supervised" the single output is the estimate itself. `history` holds the training record.
+    """
+
+    net: UNet
+    mode: Mode
+    mean: float
+    std: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return self.net.out_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """ADU → network input units."""
+        return (x - self.mean) / self.std
+
+    def head_in_adu(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 1×1 head folded with de-normalisation: features (…, F) @ W.T + b → ADU, W (K, F)."""
+        weight = self.net.head.weight.flatten(1) * self.std
+        bias = self.net.head.bias * self.std + self.mean
+        return weight, bias
+
+
+def new_denoiser(
+    mode: Mode, mean: float, std: float, k: int = 800, depth: int = 3, features: int = 64
+) -> Denoiser:
+    """A freshly initialised denoiser; K applies to "pn2v" only (the others have 1 output)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    out_channels = k if mode == "pn2v" else 1
+    return Denoiser(UNet(out_channels, depth, features), mode, float(mean), float(max(std, 1e-6)))
+
+
+def normalisation_of(images: list[np.ndarray]) -> tuple[float, float]:
+    """Mean and standard deviation (ADU) over all pixels of `images`."""
+    values = np.concatenate([np.asarray(image, dtype=np.float32).ravel() for image in images])
+    return float(values.mean()), float(values.std())

@@ -1,0 +1,200 @@
+"""Training: patch sampling, one optimiser step per `Training.step`, and the whole `train` loop.
+
+Self-supervised modes ("pn2v", "n2v") mask pixels Noise2Void-style and evaluate the head and the
+loss at the masked pixels only; "supervised" regresses the whole patch onto ground truth.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pn2v_live.core.losses import mse, pn2v_loss
+from pn2v_live.core.masking import DEFAULT_FRACTION, n2v_mask
+from pn2v_live.core.model import Denoiser
+from pn2v_live.core.noise.base import NoiseModel
+
+VALIDATION_SEED = 12345
+
+
+def sample_patches(
+    frames: Sequence[np.ndarray],
+    n: int,
+    size: int,
+    rng: np.random.Generator,
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """`n` random square patches (n, C, size, size) float32, randomly rotated by 90° and flipped.
+
+    `frames` are (Y, X) or (C, Y, X) arrays (C aligned channels, e.g. raw and ground truth);
+    a frame is drawn with probability proportional to `weights` (uniform when None).
+    """
+    p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    patches = np.empty((n, *_channels_first(frames[0]).shape[:1], size, size), np.float32)
+    for i, index in enumerate(rng.choice(len(frames), size=n, p=p)):
+        frame = _channels_first(frames[index])
+        height, width = frame.shape[1:]
+        if height < size or width < size:
+            raise ValueError(f"patch size {size} exceeds frame size {height}×{width}")
+        y = rng.integers(0, height - size + 1)
+        x = rng.integers(0, width - size + 1)
+        patch = frame[:, y : y + size, x : x + size]
+        patch = np.rot90(patch, k=int(rng.integers(4)), axes=(1, 2))
+        patches[i] = patch[:, :, ::-1] if rng.integers(2) else patch
+    return torch.from_numpy(patches)
+
+
+def _channels_first(frame: np.ndarray) -> np.ndarray:
+    return frame[np.newaxis] if frame.ndim == 2 else frame
+
+
+class Training:
+    """Optimiser state for one denoiser: Adam + learning-rate decay on a validation plateau.
+
+    Batches are (B, 1, H, W) raw ADU patches, or (B, 2, H, W) raw + ground truth for
+    "supervised". Runs where the denoiser's parameters are; bf16 autocast for the U-Net body
+    on CUDA, head and likelihood in fp32.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        noise_model: NoiseModel | None = None,
+        lr: float = 4e-4,
+        fraction: float = DEFAULT_FRACTION,
+        seed: int = 0,
+    ):
+        if denoiser.mode == "pn2v" and noise_model is None:
+            raise ValueError("pn2v training needs a noise model")
+        self.denoiser, self.noise_model, self.fraction = denoiser, noise_model, fraction
+        self.optimizer = torch.optim.Adam(denoiser.net.parameters(), lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=0.5, patience=10
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def loss(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The mode's loss on one batch (see class docstring for shapes)."""
+        d = self.denoiser
+        batch = batch.to(d.device, non_blocking=True)
+        raw = batch[:, :1]
+        if d.mode == "supervised":
+            with self._autocast():
+                prediction = d.net(d.normalise(raw))
+            return mse(prediction.float(), d.normalise(batch[:, 1:2]))
+        masked, (b, y, x) = n2v_mask(raw, self.fraction, generator=generator)
+        with self._autocast():
+            features = d.net.body(d.normalise(masked))
+        features = features[b, :, y, x].float()  # (P, F) at the masked pixels only
+        observations = raw[b, 0, y, x]
+        if d.mode == "n2v":
+            head = d.net.head
+            prediction = features @ head.weight.flatten(1).T + head.bias
+            return mse(prediction[:, 0], d.normalise(observations))
+        weight, bias = d.head_in_adu()
+        samples = torch.addmm(bias, features, weight.T)  # (P, K) ADU
+        return pn2v_loss(samples, observations, self.noise_model)
+
+    def step(self, batch: torch.Tensor) -> float:
+        """One Adam update on `batch`; returns the loss before the update."""
+        self.denoiser.net.train()
+        loss = self.loss(batch, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss)
+
+    @torch.no_grad()
+    def validation_loss(self, batch: torch.Tensor) -> float:
+        """Loss on `batch` with a fixed mask, so values are comparable between calls."""
+        self.denoiser.net.eval()
+        return float(self.loss(batch, torch.Generator().manual_seed(VALIDATION_SEED)))
+
+    def _autocast(self) -> torch.autocast:
+        device_type = self.denoiser.device.type
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+
+
+def train(
+    denoiser: Denoiser,
+    frames: Sequence[np.ndarray],
+    noise_model: NoiseModel | None = None,
+    steps: int | None = None,
+    minutes: float | None = None,
+    batch_size: int = 16,
+    patch_size: int = 96,
+    lr: float = 4e-4,
+    val_fraction: float = 0.1,
+    validate_every: int = 25,
+    seed: int = 0,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train until `steps` updates or `minutes` of wall time (whichever comes first).
+
+    `frames` are (Y, X) raw frames, or (2, Y, X) raw + ground truth for "supervised". Frames
+    are split into training and validation sets (at least one of each when there are ≥ 2);
+    every `validate_every` steps the validation loss drives the learning-rate decay and the
+    best weights so far are kept. The denoiser ends with the best weights; returns the history
+    (also appended to `denoiser.history`).
+    """
+    if steps is None and minutes is None:
+        raise ValueError("give steps or minutes")
+    rng = np.random.default_rng(seed)
+    train_frames, val_frames = split_frames(frames, val_fraction, patch_size, rng)
+    val_batch = sample_patches(val_frames, max(batch_size, 16), patch_size, rng)
+    training = Training(denoiser, noise_model, lr=lr, seed=seed)
+    deadline = time.monotonic() + 60 * minutes if minutes is not None else float("inf")
+    best_loss, best_state = float("inf"), None
+    history, losses, step = [], [], 0
+    while (steps is None or step < steps) and time.monotonic() < deadline:
+        losses.append(training.step(sample_patches(train_frames, batch_size, patch_size, rng)))
+        step += 1
+        if step % validate_every == 0 or step == steps:
+            val_loss = training.validation_loss(val_batch)
+            training.scheduler.step(val_loss)
+            record = {
+                "step": step,
+                "training_loss": float(np.mean(losses)),
+                "validation_loss": val_loss,
+                "lr": training.optimizer.param_groups[0]["lr"],
+                "time": time.time(),
+            }
+            history.append(record)
+            losses = []
+            if val_loss < best_loss:
+                best_loss, best_state = val_loss, copy.deepcopy(denoiser.net.state_dict())
+            if progress is not None:
+                progress(record)
+    if best_state is not None:
+        denoiser.net.load_state_dict(best_state)
+    denoiser.history.extend(history)
+    return history
+
+
+def split_frames(
+    frames: Sequence[np.ndarray], val_fraction: float, patch_size: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Hold back about `val_fraction` of the frames (≥ 1 when there are ≥ 2 frames).
+
+    With a single frame, a bottom strip of rows (val_fraction of the height, at least one
+    patch high) is held back instead.
+    """
+    frames = list(frames)
+    if len(frames) >= 2:
+        order = rng.permutation(len(frames))
+        n_val = max(1, round(val_fraction * len(frames)))
+        return [frames[i] for i in order[n_val:]], [frames[i] for i in order[:n_val]]
+    frame = frames[0]
+    height = frame.shape[-2]
+    strip = max(round(val_fraction * height), patch_size)
+    if height - strip < patch_size:
+        raise ValueError(
+            f"one {height}-row frame cannot hold {patch_size}-pixel training and validation "
+            "patches: give more frames or a smaller patch size"
+        )
+    return [frame[..., : height - strip, :]], [frame[..., height - strip :, :]]

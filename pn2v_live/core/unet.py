@@ -1,0 +1,64 @@
+"""The U-Net of the paper: depth 3, 64/128/256 features, 3×3 convs + ReLU, transposed convs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """1 input channel → `out_channels` (K prior samples for PN2V, 1 for N2V/supervised).
+
+    `body` gives the last feature map (B, features, H, W); `head` is a 1×1 conv on it, kept
+    separate so training and inference can apply it only where needed. H and W must be
+    multiples of `size_multiple` (2 ** (depth - 1)).
+    """
+
+    def __init__(self, out_channels: int, depth: int = 3, features: int = 64):
+        super().__init__()
+        widths = [features * 2**level for level in range(depth)]
+        self.depth, self.features = depth, features
+        self.size_multiple = 2 ** (depth - 1)
+        self.down = nn.ModuleList(
+            _conv_block(1 if level == 0 else widths[level - 1], widths[level])
+            for level in range(depth)
+        )
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2)
+            for level in range(depth - 1)
+        )
+        self.merge = nn.ModuleList(
+            _conv_block(2 * widths[level], widths[level]) for level in range(depth - 1)
+        )
+        self.head = nn.Conv2d(features, out_channels, 1)
+
+    @property
+    def out_channels(self) -> int:
+        return self.head.out_channels
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) normalised input → (B, features, H, W) features."""
+        skips = []
+        for level, block in enumerate(self.down):
+            if level > 0:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        for level in reversed(range(self.depth - 1)):
+            x = self.up[level](x)
+            x = self.merge[level](torch.cat([x, skips[level]], dim=1))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) → (B, out_channels, H, W); materialises every output (use for K = 1)."""
+        return self.head(self.body(x))

@@ -1,0 +1,66 @@
+"""Denoiser checkpoint files: weights, mode, K, normalisation, training history and metadata."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pn2v_live.core.model import Denoiser, new_denoiser
+from pn2v_live.errors import UserError
+
+FORMAT = "pn2v-live denoiser 1"
+
+
+def save_denoiser(
+    denoiser: Denoiser, path: str | Path, metadata: dict[str, Any] | None = None
+) -> None:
+    """Write atomically (temp file, fsync, rename): a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = denoiser.net
+    state = {
+        "format": FORMAT,
+        "mode": denoiser.mode,
+        "k": denoiser.k,
+        "depth": net.depth,
+        "features": net.features,
+        "mean": denoiser.mean,
+        "std": denoiser.std,
+        "weights": {name: t.detach().cpu() for name, t in net.state_dict().items()},
+        "history": denoiser.history,
+        "metadata": dict(metadata or {}),
+    }
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
+    """Read a checkpoint written by `save_denoiser`; returns the denoiser and its metadata."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: model file not found") from None
+    except Exception as error:
+        raise UserError(f"{path}: not a pn2v-live model file ({error})") from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path}: not a pn2v-live model file")
+    denoiser = new_denoiser(
+        state["mode"], state["mean"], state["std"], state["k"], state["depth"], state["features"]
+    )
+    denoiser.net.load_state_dict(state["weights"])
+    denoiser.net.to(device)
+    denoiser.history = list(state["history"])
+    return denoiser, state["metadata"]

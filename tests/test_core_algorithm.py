@@ -1,0 +1,138 @@
+"""The algorithm core against closed forms and independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pn2v_live.core.inference import denoise, posterior_summaries
+from pn2v_live.core.losses import pn2v_loss
+from pn2v_live.core.masking import n2v_mask
+from pn2v_live.core.metrics import psnr, psnr_star
+from pn2v_live.core.model import new_denoiser
+from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.core.training import Training
+from pn2v_live.service.bench.naive import naive_mmse, naive_pn2v_loss
+
+
+def gaussian(sigma: float) -> PoissonGaussianNoiseModel:
+    """A signal-independent Gaussian p(x|s) = N(x; s, sigma²) (Poisson–Gaussian with gain 0)."""
+    return PoissonGaussianNoiseModel(gain=0.0, offset=0.0, read_noise=sigma, signal_range=(0, 1e3))
+
+
+def camera_model() -> PoissonGaussianNoiseModel:
+    return PoissonGaussianNoiseModel(gain=2.0, offset=100.0, read_noise=3.0, signal_range=(0, 1e3))
+
+
+def test_eq7_loss_equals_direct_numpy_evaluation():
+    rng = np.random.default_rng(1)
+    samples = rng.uniform(100, 400, size=(50, 64)).astype(np.float32)
+    observations = rng.uniform(100, 400, size=50).astype(np.float32)
+    gain, offset, read = 2.0, 100.0, 3.0
+    variance = gain * np.clip(samples - offset, 0, None) + read**2
+    density = np.exp(-0.5 * (observations[:, None] - samples) ** 2 / variance) / np.sqrt(
+        2 * np.pi * variance
+    )
+    expected = -np.mean(np.log(density.astype(np.float64).mean(axis=1)))
+    loss = pn2v_loss(torch.from_numpy(samples), torch.from_numpy(observations), camera_model())
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_gradient_matches_finite_differences():
+    rng = np.random.default_rng(2)
+    samples = torch.tensor(rng.uniform(150, 250, size=(6, 5)), dtype=torch.float32)
+    observations = torch.tensor(rng.uniform(150, 250, size=6), dtype=torch.float32)
+    model = camera_model()
+    samples.requires_grad_(True)
+    pn2v_loss(samples, observations, model).backward()
+    eps = 1e-2
+    for index in [(0, 0), (3, 2), (5, 4)]:
+        plus, minus = samples.detach().clone(), samples.detach().clone()
+        plus[index] += eps
+        minus[index] -= eps
+        numeric = (
+            pn2v_loss(plus.double(), observations.double(), model)
+            - pn2v_loss(minus.double(), observations.double(), model)
+        ) / (2 * eps)
+        assert float(samples.grad[index]) == pytest.approx(float(numeric), rel=2e-2, abs=1e-6)
+
+
+def test_mmse_equals_closed_form_gaussian_posterior_mean():
+    prior_mean, prior_sigma, noise_sigma = 200.0, 20.0, 15.0
+    generator = torch.Generator().manual_seed(3)
+    pixels, k = 64, 20000
+    samples = prior_mean + prior_sigma * torch.randn(pixels, k, generator=generator)
+    observations = torch.linspace(150, 260, pixels)
+    summary = posterior_summaries(
+        samples, observations, gaussian(noise_sigma), ("denoised", "prior_mean", "posterior_std")
+    )
+    weight = prior_sigma**2 / (prior_sigma**2 + noise_sigma**2)
+    expected = prior_mean + weight * (observations - prior_mean)
+    expected_std = math.sqrt(prior_sigma**2 * noise_sigma**2 / (prior_sigma**2 + noise_sigma**2))
+    # Monte-Carlo error of a self-normalised importance estimate with K = 20000 samples.
+    assert torch.allclose(summary["denoised"], expected, atol=0.6)
+    assert torch.allclose(summary["prior_mean"], torch.full((pixels,), prior_mean), atol=0.6)
+    assert summary["posterior_std"].mean().item() == pytest.approx(expected_std, rel=0.03)
+
+
+def test_masking_replaces_with_a_true_neighbour_at_target_density():
+    height = width = 96
+    batch = 4
+    patches = torch.arange(batch * height * width, dtype=torch.float32).view(
+        batch, 1, height, width
+    )
+    masked, (b, y, x) = n2v_mask(patches, generator=torch.Generator().manual_seed(4))
+    assert b.numel() / (batch * height * width) == pytest.approx(1 / 32, rel=0.05)
+    replaced = masked[b, 0, y, x].long()
+    source_y = (replaced % (height * width)) // width
+    source_x = replaced % width
+    assert torch.all(replaced != patches[b, 0, y, x].long())  # never its own value
+    assert torch.all((source_y - y).abs() <= 2) and torch.all((source_x - x).abs() <= 2)
+    assert torch.all(replaced // (height * width) == b)  # from the same patch
+    untouched = torch.ones_like(patches, dtype=torch.bool)
+    untouched[b, 0, y, x] = False
+    assert torch.equal(masked[untouched], patches[untouched])
+
+
+def test_tiled_denoising_matches_whole_frame():
+    torch.manual_seed(5)
+    denoiser = new_denoiser("pn2v", mean=200, std=40, k=32, features=8)
+    image = np.random.default_rng(5).normal(200, 40, size=(100, 90)).astype(np.float32)
+    outputs = ("denoised", "prior_mean", "posterior_std")
+    whole = denoise(denoiser, image, camera_model(), tile=200, outputs=outputs)
+    tiled = denoise(denoiser, image, camera_model(), tile=32, outputs=outputs, chunk_elements=500)
+    for name in outputs:
+        assert whole[name].shape == image.shape
+        np.testing.assert_allclose(tiled[name], whole[name], rtol=1e-4, atol=1e-4 * 200)
+
+
+def test_fused_mmse_equals_naive_formulation():
+    torch.manual_seed(6)
+    denoiser = new_denoiser("pn2v", mean=200, std=40, k=64, features=8)
+    image = np.random.default_rng(6).normal(200, 40, size=(64, 64)).astype(np.float32)
+    fused = denoise(denoiser, image, camera_model(), tile=32, chunk_elements=4096)["denoised"]
+    naive = naive_mmse(denoiser, image, camera_model())
+    np.testing.assert_allclose(fused, naive, rtol=1e-5)
+
+
+def test_masked_pixel_loss_equals_full_head_loss():
+    torch.manual_seed(7)
+    denoiser = new_denoiser("pn2v", mean=200, std=40, k=64, features=8)
+    batch = 200 + 40 * torch.randn(3, 1, 32, 32)
+    training = Training(denoiser, camera_model())
+    fused = training.loss(batch, torch.Generator().manual_seed(8))
+    naive = naive_pn2v_loss(
+        denoiser, batch, camera_model(), 1 / 32, torch.Generator().manual_seed(8)
+    )
+    assert fused.item() == pytest.approx(naive.item(), rel=1e-5)
+
+
+def test_psnr_closed_form_and_affine_invariance():
+    truth = np.random.default_rng(9).uniform(0, 255, size=(32, 32))
+    noisy = truth + 5.0
+    assert psnr(noisy, truth, 255) == pytest.approx(10 * np.log10(255**2 / 25))
+    assert psnr_star(2 * truth + 7, truth, 255) > 100  # an affine copy is perfect under PSNR*
+    assert psnr_star(noisy, truth, 255) >= psnr(noisy, truth, 255)
