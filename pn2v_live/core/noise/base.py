@@ -1,11 +1,15 @@
-"""The interface every noise model p(x | s) implements."""
+"""The interface every noise model p(x | s) implements, and rebuilding a model from its state."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+
+# Every concrete model registers its `kind` here so that `noise_model_from_state` can rebuild it.
+MODEL_KINDS: dict[str, type[NoiseModel]] = {}
 
 
 class NoiseModel(ABC):
@@ -17,21 +21,22 @@ class NoiseModel(ABC):
 
     kind: ClassVar[str]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            MODEL_KINDS[cls.kind] = cls
+
     def __init__(self, signal_range: tuple[float, float], metadata: dict[str, Any] | None = None):
         self.signal_range = (float(signal_range[0]), float(signal_range[1]))
         self.metadata = dict(metadata or {})
 
     @abstractmethod
     def log_likelihood(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
-        """log p(observation | signal), broadcasting the two tensors against each other.
+        """log p(observation | signal) as a density per ADU, broadcasting the two tensors.
 
         Both in ADU, float32, on the model's device; the result is finite everywhere and
         differentiable with respect to `signal`.
         """
-
-    @abstractmethod
-    def to(self, device: torch.device | str) -> NoiseModel:
-        """Move the model's tensors to `device` (in place) and return self."""
 
     @abstractmethod
     def state(self) -> dict[str, Any]:
@@ -42,6 +47,54 @@ class NoiseModel(ABC):
     def from_state(cls, state: dict[str, Any]) -> NoiseModel:
         """Rebuild a model from `state()`."""
 
+    def to(self, device: torch.device | str) -> NoiseModel:
+        """Move the model's tensors (and those of any model it wraps) to `device`; return self."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, NoiseModel):
+                value.to(device)
+        return self
+
     def out_of_range_fraction(self, signal: torch.Tensor) -> float:
         """Fraction of `signal` values above the calibrated maximum."""
         return float((signal > self.signal_range[1]).float().mean())
+
+    def nll(
+        self, signal: np.ndarray | torch.Tensor, observation: np.ndarray | torch.Tensor
+    ) -> float:
+        """Mean negative log-likelihood (nats per pixel) of observations given their signal."""
+        signal, observation = as_pairs(signal, observation)
+        device = next((v.device for v in vars(self).values() if isinstance(v, torch.Tensor)), None)
+        with torch.no_grad():
+            values = [
+                self.log_likelihood(x.to(device), s.to(device)).double().sum()
+                for s, x in zip(signal.split(1 << 20), observation.split(1 << 20), strict=True)
+            ]
+        return -float(sum(values)) / signal.numel()
+
+
+def noise_model_from_state(state: dict[str, Any]) -> NoiseModel:
+    """Rebuild any registered noise model from its `state()` dict (dispatch on `kind`)."""
+    kind = state.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown noise model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
+    return MODEL_KINDS[kind].from_state(state)
+
+
+def as_pairs(
+    signal: np.ndarray | torch.Tensor, observation: np.ndarray | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten (signal, observation) pairs into two float32 1-D CPU tensors of equal length.
+
+    `signal` broadcasts against `observation`, e.g. a clean image (Y, X) against frames (T, Y, X).
+    """
+    signal = torch.as_tensor(np.asarray(signal, dtype=np.float32))
+    observation = torch.as_tensor(np.asarray(observation, dtype=np.float32))
+    signal, observation = torch.broadcast_tensors(signal, observation)
+    return signal.reshape(-1), observation.reshape(-1)
+
+
+def is_integer_valued(values: torch.Tensor) -> bool:
+    """True when every value is a whole number (camera data before any scaling)."""
+    return bool(torch.all(values == values.round()))

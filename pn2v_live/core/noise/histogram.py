@@ -1,0 +1,145 @@
+"""The paper's histogram noise model: a 2-D histogram of (signal, observation) pairs."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from pn2v_live.core.noise.base import NoiseModel, as_pairs, is_integer_valued
+
+# Density (per ADU) of empty bins and of observations outside the table, so log never sees 0.
+DENSITY_FLOOR = 1e-10
+
+
+class BinnedTable:
+    """A bins × bins density table over one common [low, high) range for signal and observation.
+
+    Row r holds p(x | s = centre of signal bin r) as a density per ADU; `log_likelihood`
+    interpolates linearly between rows along the signal axis (clamped at the first/last row
+    centre) and picks the observation's column.
+    """
+
+    def __init__(self, density: torch.Tensor, value_range: tuple[float, float]):
+        self.density = density.float().contiguous()
+        self.bins = density.shape[0]
+        self.low, self.high = float(value_range[0]), float(value_range[1])
+        self.width = (self.high - self.low) / self.bins
+
+    def row_centres(self) -> torch.Tensor:
+        """Signal (ADU) at the centre of every row, shape (bins,)."""
+        return self.low + self.width * (torch.arange(self.bins, dtype=torch.float32) + 0.5)
+
+    def observation_inside(self, observation: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of observations that fall in a table column."""
+        return (observation >= self.low) & (observation < self.high)
+
+    def interpolated(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """Table density at (observation column, signal), linear in signal between row centres."""
+        n = self.bins
+        column = ((observation - self.low) / self.width).floor().clamp(0, n - 1).long()
+        position = ((signal - self.low) / self.width - 0.5).clamp(0, n - 1)
+        row = position.detach().floor().clamp(max=n - 2).long()
+        fraction = position - row
+        flat = row * n + column
+        table = self.density.view(-1)
+        below = table[flat]
+        above = table[flat + n]
+        return below + fraction * (above - below)
+
+
+def pair_counts(
+    signal: torch.Tensor, observation: torch.Tensor, bins: int, value_range: tuple[float, float]
+) -> torch.Tensor:
+    """2-D histogram (bins, bins) of pairs: rows index signal, columns observation; out-of-range
+    pairs are dropped."""
+    low, high = value_range
+    width = (high - low) / bins
+    inside = (signal >= low) & (signal < high) & (observation >= low) & (observation < high)
+    row = ((signal[inside] - low) / width).long().clamp(0, bins - 1)
+    column = ((observation[inside] - low) / width).long().clamp(0, bins - 1)
+    counts = torch.bincount(row * bins + column, minlength=bins * bins)
+    return counts.view(bins, bins).float()
+
+
+def common_range(signal: torch.Tensor, observation: torch.Tensor) -> tuple[float, float]:
+    """One [low, high) range covering signal and observations; for whole-number camera data
+    the top is max + 1 so that each bin holds whole values and the density is per ADU."""
+    low = float(torch.minimum(signal.min(), observation.min()))
+    high = float(torch.maximum(signal.max(), observation.max()))
+    if is_integer_valued(observation):
+        return np.floor(low), np.floor(high) + 1.0
+    return low, high + 1e-6 * max(1.0, high - low)
+
+
+class HistogramNoiseModel(NoiseModel):
+    """256 × 256 histogram of (signal, observation), rows normalised (Krull et al., PN2V).
+
+    Outside the table the model clamps: signals beyond the first/last row centre use that row,
+    observations outside [low, high) get `DENSITY_FLOOR`. Empty rows are flat at the floor, which
+    is why `HybridNoiseModel` exists.
+    """
+
+    kind: ClassVar[str] = "histogram"
+
+    def __init__(
+        self,
+        density: torch.Tensor,
+        value_range: tuple[float, float],
+        support: torch.Tensor,
+        signal_range: tuple[float, float],
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__(signal_range, metadata)
+        self.table = BinnedTable(density, value_range)
+        self.support = support.float()
+
+    @classmethod
+    def fit(
+        cls,
+        signal: np.ndarray | torch.Tensor,
+        observation: np.ndarray | torch.Tensor,
+        bins: int = 256,
+        value_range: tuple[float, float] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> HistogramNoiseModel:
+        """Histogram of pairs; `signal` broadcasts against `observation` (e.g. (Y,X) vs (T,Y,X))."""
+        signal, observation = as_pairs(signal, observation)
+        value_range = value_range or common_range(signal, observation)
+        counts = pair_counts(signal, observation, bins, value_range)
+        support = counts.sum(1)
+        width = (value_range[1] - value_range[0]) / bins
+        density = counts / support.clamp(min=1)[:, None] / width
+        signal_range = (float(signal.min()), float(signal.max()))
+        return cls(density.clamp(min=DENSITY_FLOOR), value_range, support, signal_range, metadata)
+
+    def log_likelihood(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        observation, signal = observation.float(), signal.float()
+        density = self.table.interpolated(observation, signal)
+        inside = self.table.observation_inside(observation)
+        return torch.where(inside, density, DENSITY_FLOOR).log()
+
+    def to(self, device: torch.device | str) -> HistogramNoiseModel:
+        self.table.density = self.table.density.to(device)
+        return self
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "density": self.table.density.cpu(),
+            "value_range": [self.table.low, self.table.high],
+            "support": self.support.cpu(),
+            "signal_range": list(self.signal_range),
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> HistogramNoiseModel:
+        return cls(
+            state["density"],
+            tuple(state["value_range"]),
+            state["support"],
+            tuple(state["signal_range"]),
+            state["metadata"],
+        )

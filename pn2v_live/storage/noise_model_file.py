@@ -1,0 +1,70 @@
+"""Noise-model files: one torch file per model, holding its state and metadata.
+
+Layout (read with `torch.load(path, weights_only=True)`, plain dicts, lists, numbers, strings and
+tensors only):
+
+    {"format": "pn2v-live noise model", "version": 1,
+     "state": {"kind": "hybrid" | "histogram" | "gmm" | "poisson-gaussian", ...tensors...,
+               "signal_range": [min, max], "metadata": {...}}}
+
+Written atomically (temporary file in the same folder, then rename), so a reader never sees a
+half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pn2v_live.core.noise import NoiseModel, noise_model_from_state
+from pn2v_live.errors import UserError
+
+FORMAT = "pn2v-live noise model"
+VERSION = 1
+
+
+def save_noise_model(model: NoiseModel, path: str | Path) -> Path:
+    """Write `model` (state + metadata) to `path` atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {"format": FORMAT, "version": VERSION, "state": model.state()}
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(content, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_noise_model(path: str | Path, device: torch.device | str = "cpu") -> NoiseModel:
+    """Read a noise model written by `save_noise_model`; UserError says why a file is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such noise-model file (create one with `pn2v-live calibrate`)")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise UserError(
+            f"{path}: not a readable noise-model file ({error}); recreate it with "
+            "`pn2v-live calibrate`"
+        ) from error
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        raise UserError(f"{path}: not a pn2v-live noise-model file")
+    if content.get("version") != VERSION:
+        raise UserError(
+            f"{path}: noise-model file version {content.get('version')} is not supported "
+            f"(this pn2v-live reads version {VERSION}); recalibrate"
+        )
+    try:
+        model = noise_model_from_state(content["state"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: damaged noise-model file ({error}); recalibrate") from error
+    return model.to(device)

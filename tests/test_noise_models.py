@@ -1,0 +1,179 @@
+"""Noise models against closed-form likelihoods: fit quality, finiteness, gradients, files."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from pn2v_live.core.noise import (
+    HistogramNoiseModel,
+    PoissonGaussianNoiseModel,
+    darkest_level,
+    noise_model_from_state,
+)
+from pn2v_live.errors import UserError
+from pn2v_live.storage.noise_model_file import load_noise_model, save_noise_model
+
+GAIN, OFFSET, READ_NOISE = 1.5, 20.0, 3.0
+
+
+def poisson_gaussian_pairs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Signals uniform in [OFFSET, OFFSET + 200] ADU, continuous Poisson–Gaussian observations."""
+    rng = np.random.default_rng(seed)
+    signal = rng.uniform(OFFSET, OFFSET + 200, n)
+    electrons = rng.poisson((signal - OFFSET) / GAIN)
+    observation = OFFSET + GAIN * electrons + rng.normal(0, READ_NOISE, n)
+    return signal.astype(np.float32), observation.astype(np.float32)
+
+
+def true_variance(signal: np.ndarray) -> np.ndarray:
+    return GAIN * (signal - OFFSET) + READ_NOISE**2
+
+
+@pytest.fixture(scope="module")
+def pairs() -> tuple[np.ndarray, np.ndarray]:
+    return poisson_gaussian_pairs(8_000_000)
+
+
+@pytest.fixture(scope="module")
+def histogram(pairs) -> HistogramNoiseModel:
+    return HistogramNoiseModel.fit(*pairs, bins=256)
+
+
+def true_bin_probabilities(edges: np.ndarray, signal_low: float, signal_high: float) -> np.ndarray:
+    """Exact Poisson–Gaussian probability of each observation bin, averaged over signals uniform
+    in [signal_low, signal_high) (one histogram row): Σ_k Poisson(k; λ) · Normal-CDF differences."""
+    electrons = np.arange(400)[:, None]
+    probabilities = []
+    for signal in np.linspace(signal_low, signal_high, 9)[:-1] + (signal_high - signal_low) / 16:
+        weights = stats.poisson.pmf(electrons, (signal - OFFSET) / GAIN)
+        cdf = stats.norm.cdf(edges[None, :], loc=OFFSET + GAIN * electrons, scale=READ_NOISE)
+        probabilities.append((weights * np.diff(cdf, axis=1)).sum(0))
+    return np.mean(probabilities, axis=0)
+
+
+def test_histogram_rows_match_true_bin_probabilities(histogram):
+    """KL(true ‖ histogram) of each row against the exact Poisson–Gaussian row."""
+    table = histogram.table
+    edges = table.low + table.width * np.arange(table.bins + 1)
+    rows = np.flatnonzero((edges[:-1] > OFFSET + 10) & (edges[1:] < OFFSET + 190))
+    divergences = []
+    for r in rows:
+        truth = true_bin_probabilities(edges, edges[r], edges[r + 1])
+        model = histogram.table.density[r].numpy() * table.width
+        keep = truth > 1e-12
+        divergences.append(np.sum(truth[keep] * np.log(truth[keep] / model[keep])))
+    # Sampling noise alone gives about (bins with mass) / (2 · pairs per row) ≈ 0.003 here; a
+    # 20 % error in the noise variance would add 0.009.
+    assert np.mean(divergences) < 0.006
+    assert np.max(divergences) < 0.015
+
+
+def test_histogram_log_likelihood_interpolates_rows_linearly(histogram):
+    """Between two row centres the density is the linear blend of the two rows."""
+    table = histogram.table
+    centres = table.row_centres()
+    r, t = 100, 0.3
+    signal = centres[r] + t * table.width
+    observation = torch.tensor([centres[r + 2].item()])
+    column = int((observation - table.low) / table.width)
+    expected = (1 - t) * table.density[r, column] + t * table.density[r + 1, column]
+    got = histogram.log_likelihood(observation, signal.reshape(1)).exp()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_poisson_gaussian_fit_recovers_parameters(pairs):
+    model = PoissonGaussianNoiseModel.fit(*pairs, offset=OFFSET)
+    assert model.gain == pytest.approx(GAIN, rel=0.02)
+    assert model.read_noise == pytest.approx(READ_NOISE, rel=0.02)
+
+
+def test_poisson_gaussian_log_likelihood_is_the_gaussian_density():
+    model = PoissonGaussianNoiseModel(GAIN, OFFSET, READ_NOISE, (OFFSET, OFFSET + 200))
+    rng = np.random.default_rng(1)
+    signal = rng.uniform(0, 300, (64, 8)).astype(np.float32)
+    observation = rng.uniform(0, 300, (64, 1)).astype(np.float32)
+    got = model.log_likelihood(torch.from_numpy(observation), torch.from_numpy(signal)).numpy()
+    variance = GAIN * np.clip(signal - OFFSET, 0, None) + READ_NOISE**2
+    expected = stats.norm.logpdf(observation, loc=signal, scale=np.sqrt(variance))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_darkest_level_is_unbiased_on_a_dark_background():
+    rng = np.random.default_rng(2)
+    scene = np.zeros((128, 128))
+    scene[32:96, 32:96] = 100.0
+    frames = OFFSET + rng.normal(0, READ_NOISE, (20, 128, 128)) + scene
+    # 5 % darkest of 16384 pixels, each measured on 10 frames: standard error 3/√(10·819) ≈ 0.03
+    assert darkest_level(frames) == pytest.approx(OFFSET, abs=0.15)
+
+
+def all_models(pairs, histogram):
+    return [histogram, PoissonGaussianNoiseModel.fit(*pairs, offset=OFFSET)]
+
+
+def test_log_likelihood_finite_with_finite_gradients_everywhere(pairs, histogram):
+    """Hot-loop shapes: observations (P, 1) against samples (P, K), far outside the range too."""
+    observation = torch.tensor([[-1e4], [0.0], [25.0], [120.0], [240.0], [1e5]])
+    for model in all_models(pairs, histogram):
+        signal = torch.tensor([-1e4, -5.0, 20.0, 60.0, 150.0, 221.0, 400.0, 1e5]).repeat(6, 1)
+        signal.requires_grad_(True)
+        log_p = model.log_likelihood(observation, signal)
+        assert log_p.shape == (6, 8) and log_p.dtype == torch.float32
+        assert torch.isfinite(log_p).all(), model.kind
+        log_p.sum().backward()
+        assert torch.isfinite(signal.grad).all(), model.kind
+
+
+def test_densities_integrate_to_one_over_observations(pairs, histogram):
+    """Densities are per ADU: integrating over observations gives 1 for an in-range signal."""
+    grid = torch.linspace(-60, 320, 38001)[:, None]
+    step = float(grid[1] - grid[0])
+    for model in all_models(pairs, histogram):
+        total = model.log_likelihood(grid, torch.tensor([[120.0]])).exp().sum() * step
+        assert float(total) == pytest.approx(1.0, abs=0.01), model.kind
+
+
+def test_save_load_round_trip_keeps_likelihood_and_metadata(pairs, histogram, tmp_path):
+    histogram.metadata.update(camera="test-camera", frames=50)
+    observation = torch.linspace(0, 250, 101)[:, None]
+    signal = torch.linspace(0, 250, 7)[None, :]
+    for model in all_models(pairs, histogram):
+        path = save_noise_model(model, tmp_path / f"{model.kind}.pt")
+        loaded = load_noise_model(path)
+        assert type(loaded) is type(model)
+        assert loaded.metadata == model.metadata
+        assert loaded.signal_range == model.signal_range
+        torch.testing.assert_close(
+            loaded.log_likelihood(observation, signal), model.log_likelihood(observation, signal)
+        )
+        rebuilt = noise_model_from_state(model.state())
+        torch.testing.assert_close(
+            rebuilt.log_likelihood(observation, signal), model.log_likelihood(observation, signal)
+        )
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_corrupt_or_foreign_file_is_refused_with_a_reason(tmp_path, histogram):
+    path = save_noise_model(histogram, tmp_path / "model.pt")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError, match="not a readable noise-model file"):
+        load_noise_model(path)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(UserError, match="not a pn2v-live noise-model file"):
+        load_noise_model(foreign)
+    with pytest.raises(UserError, match="no such noise-model file"):
+        load_noise_model(tmp_path / "missing.pt")
+
+
+def test_nll_of_the_true_model_is_the_gaussian_entropy(pairs):
+    """Mean NLL of data under its own model equals E[½ log(2πeσ²)] — an independent number."""
+    model = PoissonGaussianNoiseModel(GAIN, OFFSET, READ_NOISE, (OFFSET, OFFSET + 200))
+    signal, observation = pairs
+    expected = np.mean(0.5 * np.log(2 * math.pi * math.e * true_variance(signal)))
+    assert model.nll(signal, observation) == pytest.approx(expected, abs=0.01)
