@@ -1,0 +1,198 @@
+"""The ingest ledger: one SQLite database (WAL mode) per data root recording what is stored.
+
+Three tables:
+
+- `frames(acquisition, t)`: a raw frame counts as stored once its row exists. The store writes
+  the chunk first and this row second, so a crash between the two leaves an unrecorded chunk that
+  the next delivery of the same frame simply overwrites.
+- `items(source, key, ...)`: every source item (a file, or one ZeroMQ message identified by
+  acquisition and index) with its size, mtime, the frame range it maps to and its status:
+  `pending` (frame range reserved, being written), `stored`, or `rejected` with a reason.
+- `denoised(acquisition, t, version)`: which model version produced each denoised frame.
+
+All methods are thread-safe (one connection behind a lock).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LEDGER_FILE = "ingest-ledger.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    acquisition TEXT NOT NULL,
+    t INTEGER NOT NULL,
+    PRIMARY KEY (acquisition, t)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS items (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    acquisition TEXT,
+    size INTEGER,
+    mtime_ns INTEGER,
+    first_t INTEGER,
+    frames INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'stored', 'rejected')),
+    reason TEXT,
+    updated REAL NOT NULL,
+    PRIMARY KEY (source, key)
+);
+CREATE TABLE IF NOT EXISTS denoised (
+    acquisition TEXT NOT NULL,
+    t INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (acquisition, t)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source item: a file (key = absolute path) or a stream frame (key = "acq/index")."""
+
+    source: str
+    key: str
+    acquisition: str | None
+    size: int | None
+    mtime_ns: int | None
+    first_t: int | None
+    frames: int | None
+    status: str
+    reason: str | None
+
+
+class Ledger:
+    """The SQLite ledger at `<root>/ingest-ledger.sqlite` (created on first use)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / LEDGER_FILE
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a process crash loses nothing, a power cut at most the last commits.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _run(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # frames -----------------------------------------------------------------------------
+
+    def add_frame(self, acquisition: str, t: int) -> None:
+        """Record raw frame `t` of `acquisition` as stored (call after its chunk is written)."""
+        self._run("INSERT OR IGNORE INTO frames VALUES (?, ?)", (acquisition, t))
+
+    def forget_frames(self, acquisition: str, ts: list[int]) -> None:
+        """Drop frame rows whose chunks turned out to be missing (reconciliation)."""
+        with self._lock:
+            self._db.executemany(
+                "DELETE FROM frames WHERE acquisition = ? AND t = ?", [(acquisition, t) for t in ts]
+            )
+
+    def frames(self, acquisition: str) -> list[int]:
+        """Indices of the stored raw frames of `acquisition`, ascending."""
+        rows = self._run("SELECT t FROM frames WHERE acquisition = ? ORDER BY t", (acquisition,))
+        return [t for (t,) in rows]
+
+    # denoised versions ------------------------------------------------------------------
+
+    def set_denoised(self, acquisition: str, t: int, version: int) -> None:
+        """Record that denoised frame `t` was written by model `version` (after its chunk)."""
+        self._run("INSERT OR REPLACE INTO denoised VALUES (?, ?, ?)", (acquisition, t, version))
+
+    def denoised_versions(self, acquisition: str) -> dict[int, int]:
+        """{t: model version} of every denoised frame of `acquisition`."""
+        rows = self._run("SELECT t, version FROM denoised WHERE acquisition = ?", (acquisition,))
+        return dict(rows)
+
+    # source items -----------------------------------------------------------------------
+
+    def item(self, source: str, key: str) -> Item | None:
+        """The ledger row of one source item, or None when it was never seen."""
+        rows = self._run("SELECT * FROM items WHERE source = ? AND key = ?", (source, key))
+        return _item(rows[0]) if rows else None
+
+    def items(self, source: str, status: str | None = None) -> list[Item]:
+        """All items of `source` (optionally only those with `status`), in insertion order."""
+        if status is None:
+            rows = self._run("SELECT * FROM items WHERE source = ? ORDER BY rowid", (source,))
+        else:
+            rows = self._run(
+                "SELECT * FROM items WHERE source = ? AND status = ? ORDER BY rowid",
+                (source, status),
+            )
+        return [_item(row) for row in rows]
+
+    def reserve(
+        self, source: str, key: str, acquisition: str, size: int, mtime_ns: int, frames: int
+    ) -> int:
+        """Mark an item pending and give it the next free frame range; returns its first t.
+
+        The range starts after every stored or pending range of the acquisition, so a restart
+        re-ingests a pending item into exactly the same frames.
+        """
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT first_t FROM items WHERE source = ? AND key = ? AND status = 'pending'",
+                (source, key),
+            ).fetchone()
+            if row is not None:
+                return row[0]
+            (used,) = self._db.execute(
+                "SELECT max(coalesce((SELECT max(first_t + frames) FROM items "
+                "WHERE acquisition = ? AND status IN ('stored', 'pending')), 0), "
+                "coalesce((SELECT max(t) + 1 FROM frames WHERE acquisition = ?), 0))",
+                (acquisition, acquisition),
+            ).fetchone()
+            self._db.execute(
+                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?)",
+                (source, key, acquisition, size, mtime_ns, used, frames, time.time()),
+            )
+            return used
+
+    def mark_stored(
+        self,
+        source: str,
+        key: str,
+        acquisition: str,
+        first_t: int,
+        frames: int,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """Record an item whose frames [first_t, first_t + frames) are all stored."""
+        self._run(
+            "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, 'stored', NULL, ?)",
+            (source, key, acquisition, size, mtime_ns, first_t, frames, time.time()),
+        )
+
+    def mark_rejected(
+        self,
+        source: str,
+        key: str,
+        reason: str,
+        acquisition: str | None = None,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """Record an item that was refused, with a human-readable reason."""
+        self._run(
+            "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, NULL, NULL, 'rejected', ?, ?)",
+            (source, key, acquisition, size, mtime_ns, reason, time.time()),
+        )
+
+
+def _item(row: tuple) -> Item:
+    return Item(*row[:9])

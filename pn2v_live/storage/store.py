@@ -1,0 +1,360 @@
+"""The acquisition store: one OME-Zarr group per acquisition, growing one frame at a time.
+
+Layout under the data root::
+
+    <root>/ingest-ledger.sqlite          SQLite WAL ledger (see ledger.py)
+    <root>/<name>.ome.zarr/              group; attrs["pn2v_live"] = {valid_t, closed, ...}
+        raw/0        (T, 1, 1, Y, X) camera dtype (uint8/uint16), OME-NGFF multiscale image
+        denoised/0   (T, 1, 1, Y, X) float32, same layout; fill value 0 until denoised
+
+Axes are t, c, z, y, x; each chunk is one frame plane (1, 1, 1, Y, X), so appending a frame
+writes one new chunk file and rewrites only the small array metadata. Chunk files are written
+atomically (temporary file + rename) by zarr's LocalStore, so readers in other processes
+(napari, Fiji, dask) see either a whole frame or the fill value. A frame counts as stored only
+once its ledger row exists; `valid_t` (number of contiguous stored frames from t = 0) is what
+live readers should trust, not the array shape.
+
+Default is OME-NGFF 0.4 on Zarr format 2; `zarr_format=3` writes OME-NGFF 0.5 on Zarr v3.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import zarr
+from ome_zarr.format import FormatV04, FormatV05
+from ome_zarr.writer import write_multiscales_metadata
+from zarr.codecs import BloscCodec
+
+from pn2v_live.storage.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".ome.zarr"
+RAW_DTYPES = ("uint8", "uint16")
+AXES = ("t", "c", "z", "y", "x")
+IMAGES = ("raw", "denoised")
+GROW_STEP = 64  # frames added per array resize while acquiring; flush() trims the rest
+METADATA_INTERVAL_S = 0.5  # at most this stale: on-disk array length and valid_t
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_name(name: object) -> str:
+    """Return `name` if it is a safe acquisition name, else raise ValueError saying why.
+
+    Safe: 1-128 characters from letters, digits, '.', '_', '-', starting with a letter or digit,
+    no '..' (so it can never leave the data root) and not ending in '.ome.zarr'.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"acquisition name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit, without '..'"
+        )
+    if name.endswith(SUFFIX):
+        raise ValueError(f"acquisition name {name!r} must not end in {SUFFIX}")
+    return name
+
+
+def _compressor(zarr_format: int) -> object:
+    """Blosc lz4 with byte shuffle: fast enough for 2048² uint16 frames at 30+ frames/s."""
+    if zarr_format == 2:
+        return numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+class Acquisition:
+    """One acquisition: raw and denoised frames of shape `frame_shape` (Y, X).
+
+    Thread-safe: ingest threads may write raw frames while inference threads write denoised ones.
+    Created and opened through `Store`; do not construct directly.
+    """
+
+    def __init__(self, group: zarr.Group, name: str, path: Path, ledger: Ledger) -> None:
+        self.name = name
+        self.path = path
+        self._group = group
+        self._ledger = ledger
+        self._lock = threading.Lock()
+        self._raw = group["raw/0"]
+        self._denoised = group["denoised/0"]
+        self.frame_shape: tuple[int, int] = tuple(self._raw.shape[3:])
+        self.dtype = np.dtype(self._raw.dtype)
+        self._stored = set(self._reconcile())
+        self._in_flight: set[int] = set()
+        self._writing: set[int] = set()
+        self._published = 0.0
+        self._versions = ledger.denoised_versions(name)
+        self._valid_t = _contiguous(self._stored)
+        self.closed = bool(self._attrs().get("closed", False))
+        self.flush()
+
+    def __repr__(self) -> str:
+        return (
+            f"Acquisition({self.name!r}, frames={len(self._stored)}, valid_t={self._valid_t}, "
+            f"shape={self.frame_shape}, dtype={self.dtype})"
+        )
+
+    # reading ----------------------------------------------------------------------------
+
+    @property
+    def valid_t(self) -> int:
+        """Number of contiguous stored frames from t = 0 (frames [0, valid_t) are readable)."""
+        return self._valid_t
+
+    @property
+    def expected_frames(self) -> int | None:
+        """Total frame count announced by the sender's end marker, if any."""
+        return self._attrs().get("expected_frames")
+
+    def stored_frames(self) -> list[int]:
+        """Indices of every stored raw frame, ascending (may have gaps when out of order)."""
+        with self._lock:
+            return sorted(self._stored)
+
+    def is_stored(self, t: int) -> bool:
+        return t in self._stored
+
+    def read_raw(self, t: int) -> np.ndarray:
+        """Raw frame `t` as (Y, X) in the camera dtype; KeyError when it is not stored."""
+        if t not in self._stored:
+            raise KeyError(f"{self.name}: raw frame {t} is not stored")
+        return self._raw[t, 0, 0]
+
+    def read_denoised(self, t: int) -> np.ndarray | None:
+        """Denoised frame `t` as float32 (Y, X), or None when it has not been denoised yet."""
+        if t not in self._versions:
+            return None
+        return self._denoised[t, 0, 0]
+
+    def denoised_version(self, t: int) -> int | None:
+        """Model version that produced denoised frame `t`, or None."""
+        return self._versions.get(t)
+
+    def frames_to_denoise(self, current_version: int) -> list[int]:
+        """Stored frames without a denoised twin from `current_version` or newer, newest first."""
+        with self._lock:
+            stored = sorted(self._stored, reverse=True)
+        return [t for t in stored if self._versions.get(t, -1) < current_version]
+
+    # writing ----------------------------------------------------------------------------
+
+    def claim(self, t: int) -> bool:
+        """Reserve raw frame `t` for one writer; False when it is stored or being written."""
+        with self._lock:
+            if t in self._stored or t in self._in_flight:
+                return False
+            self._in_flight.add(t)
+            return True
+
+    def release(self, t: int) -> None:
+        """Give up a claim after a failed write so the frame can be delivered again."""
+        with self._lock:
+            self._in_flight.discard(t)
+
+    def write_raw(self, t: int, frame: np.ndarray) -> None:
+        """Store raw frame `t` (Y, X): chunk first, ledger row second.
+
+        Overwrites any earlier chunk at `t`; callers that must not store a frame twice use
+        `claim` first (the ingest sources do). The array shape and `valid_t` attribute on disk
+        follow at most `METADATA_INTERVAL_S` later, or at `flush()`.
+        """
+        if t < 0:
+            raise ValueError(f"{self.name}: frame index must be >= 0, got {t}")
+        self._check_frame(frame, self.dtype)
+        with self._lock:
+            self._writing.add(t)
+            self._ensure_length(t + 1)
+        try:
+            self._raw[t, 0, 0] = frame
+            self._ledger.add_frame(self.name, t)
+        finally:
+            with self._lock:
+                self._writing.discard(t)
+        with self._lock:
+            self._stored.add(t)
+            self._in_flight.discard(t)
+            while self._valid_t in self._stored:
+                self._valid_t += 1
+            due = time.monotonic() - self._published >= METADATA_INTERVAL_S
+        if due:
+            self.flush()
+
+    def write_denoised(self, t: int, frame: np.ndarray, model_version: int) -> None:
+        """Store the float32 denoised frame `t` (Y, X) produced by model `model_version`."""
+        if t not in self._stored:
+            raise KeyError(f"{self.name}: cannot denoise frame {t}, its raw frame is not stored")
+        self._check_frame(frame, np.dtype("float32"))
+        self._denoised[t, 0, 0] = frame
+        self._ledger.set_denoised(self.name, t, int(model_version))
+        self._versions[t] = int(model_version)
+
+    def close(self, expected_frames: int | None = None) -> None:
+        """Mark the acquisition finished (the sender's end marker); late frames still store."""
+        self.closed = True
+        extra = {} if expected_frames is None else {"expected_frames": int(expected_frames)}
+        self.flush(closed=True, **extra)
+
+    def flush(self, **attrs: object) -> None:
+        """Publish the exact array length (last stored frame + 1) and `valid_t` on disk."""
+        with self._lock:
+            busy = self._stored | self._writing | self._in_flight
+            length = max(busy, default=-1) + 1
+            if self._raw.shape[0] != length:
+                self._resize(length)
+            self._set_attrs(**attrs)
+            self._published = time.monotonic()
+
+    # internals --------------------------------------------------------------------------
+
+    def _check_frame(self, frame: np.ndarray, dtype: np.dtype) -> None:
+        if frame.shape != self.frame_shape or frame.dtype != dtype:
+            raise ValueError(
+                f"{self.name}: frame is {frame.shape} {frame.dtype}, "
+                f"the acquisition holds {self.frame_shape} {dtype}"
+            )
+
+    def _ensure_length(self, frames: int) -> None:
+        """Grow both images to hold `frames` frames, in steps of GROW_STEP (caller holds lock).
+
+        Growing rewrites array metadata only, never a chunk; stepping keeps that rare.
+        """
+        if self._raw.shape[0] < frames:
+            self._resize(frames + GROW_STEP - 1)
+
+    def _resize(self, frames: int) -> None:
+        shape = (frames, 1, 1, *self.frame_shape)
+        self._raw.resize(shape)
+        self._denoised.resize(shape)
+
+    def _attrs(self) -> dict:
+        return dict(self._group.attrs.get("pn2v_live", {}))
+
+    def _set_attrs(self, **values: object) -> None:
+        """Rewrite the group's `pn2v_live` attributes with the current `valid_t` (caller locks)."""
+        attrs = self._attrs() | values | {"valid_t": self._valid_t}
+        if attrs != self._attrs():
+            self._group.attrs["pn2v_live"] = attrs
+
+    def _reconcile(self) -> list[int]:
+        """Ledger frames whose chunk really exists; forget the others, drop stale temp files."""
+        root = Path(self._raw.store_path.store.root) / self._raw.store_path.path
+        for partial in root.rglob("*.partial"):
+            partial.unlink(missing_ok=True)
+        frames = self._ledger.frames(self.name)
+        encode = self._raw.metadata.encode_chunk_key
+        missing = [t for t in frames if not (root / encode((t, 0, 0, 0, 0))).is_file()]
+        if missing:
+            log.warning(
+                "%s: %d frame(s) recorded in the ledger have no chunk (power cut?); "
+                "they will be stored again when resent: %s",
+                self.name,
+                len(missing),
+                missing[:20],
+            )
+            self._ledger.forget_frames(self.name, missing)
+        return sorted(set(frames) - set(missing))
+
+
+class Store:
+    """All acquisitions under one data root, plus their ledger."""
+
+    def __init__(self, root: str | Path, zarr_format: int = 2) -> None:
+        if zarr_format not in (2, 3):
+            raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.zarr_format = zarr_format
+        self.ledger = Ledger(self.root)
+        self._lock = threading.Lock()
+        self._open: dict[str, Acquisition] = {}
+
+    def close(self) -> None:
+        """Flush every open acquisition's metadata and close the ledger."""
+        with self._lock:
+            for acquisition in self._open.values():
+                acquisition.flush()
+        self.ledger.close()
+
+    def acquisitions(self) -> list[str]:
+        """Names of all acquisitions under the root, sorted."""
+        names = (p.name[: -len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}"))
+        return sorted(n for n in names if (self.root / (n + SUFFIX) / "raw").is_dir())
+
+    def path(self, name: str) -> Path:
+        return self.root / (validate_name(name) + SUFFIX)
+
+    def acquisition(self, name: str) -> Acquisition:
+        """Open an existing acquisition; KeyError when there is none of that name."""
+        path = self.path(name)
+        with self._lock:
+            if name not in self._open:
+                if not (path / "raw").is_dir():
+                    raise KeyError(f"no acquisition {name!r} under {self.root}")
+                group = zarr.open_group(path, mode="r+")
+                self._open[name] = Acquisition(group, name, path, self.ledger)
+            return self._open[name]
+
+    def create(self, name: str, frame_shape: tuple[int, int], dtype: str | np.dtype) -> Acquisition:
+        """Create an acquisition of (Y, X) frames in camera `dtype`, or open it if it matches.
+
+        Raises ValueError when an acquisition of that name exists with another shape or dtype.
+        """
+        frame_shape = tuple(int(n) for n in frame_shape)
+        dtype = np.dtype(dtype)
+        if dtype.name not in RAW_DTYPES:
+            raise ValueError(f"raw frames must be one of {RAW_DTYPES}, got {dtype.name}")
+        if len(frame_shape) != 2 or min(frame_shape) < 1:
+            raise ValueError(f"frame shape must be (Y, X) with Y, X >= 1, got {frame_shape}")
+        path = self.path(name)
+        with self._lock:
+            if name not in self._open and not (path / "raw").is_dir():
+                self._create_group(path, frame_shape, dtype)
+        acquisition = self.acquisition(name)
+        if acquisition.frame_shape != frame_shape or acquisition.dtype != dtype:
+            raise ValueError(
+                f"acquisition {name!r} holds {acquisition.frame_shape} {acquisition.dtype} frames, "
+                f"not {frame_shape} {dtype}"
+            )
+        return acquisition
+
+    def _create_group(self, path: Path, frame_shape: tuple[int, int], dtype: np.dtype) -> None:
+        group = zarr.open_group(path, mode="w", zarr_format=self.zarr_format)
+        fmt = FormatV04() if self.zarr_format == 2 else FormatV05()
+        for image, image_dtype, fill in (("raw", dtype, 0), ("denoised", np.float32, 0.0)):
+            sub = group.create_group(image)
+            options = (
+                {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+                if self.zarr_format == 2
+                else {"dimension_names": AXES}
+            )
+            sub.create_array(
+                "0",
+                shape=(0, 1, 1, *frame_shape),
+                chunks=(1, 1, 1, *frame_shape),
+                dtype=image_dtype,
+                fill_value=fill,
+                compressors=_compressor(self.zarr_format),
+                **options,
+            )
+            write_multiscales_metadata(
+                sub,
+                [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1] * 5}]}],
+                fmt=fmt,
+                axes=list(AXES),
+                name=image,
+            )
+        group.attrs["pn2v_live"] = {"valid_t": 0, "closed": False}
+
+
+def _contiguous(frames: set[int]) -> int:
+    """Length of the run 0, 1, 2, ... contained in `frames`."""
+    n = 0
+    while n in frames:
+        n += 1
+    return n

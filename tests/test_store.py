@@ -1,0 +1,162 @@
+"""The OME-Zarr acquisition store: layout, growth, reopening, denoised versions, readers."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Reader
+
+from pn2v_live.storage.store import Store, validate_name
+
+
+def frames(n: int, shape=(32, 48), dtype="uint16", seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 4000, (n, *shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_frames_round_trip_and_open_in_ome_zarr_and_dask(tmp_path, zarr_format):
+    data = frames(5)
+    store = Store(tmp_path, zarr_format=zarr_format)
+    acq = store.create("cells_01", (32, 48), "uint16")
+    for t, frame in enumerate(data):
+        acq.write_raw(t, frame)
+    acq.close(expected_frames=5)
+    store.close()
+
+    reopened = Store(tmp_path, zarr_format=zarr_format).acquisition("cells_01")
+    assert reopened.valid_t == 5 and reopened.closed and reopened.expected_frames == 5
+    np.testing.assert_array_equal(np.stack([reopened.read_raw(t) for t in range(5)]), data)
+
+    nodes = list(Reader(parse_url(str(tmp_path / "cells_01.ome.zarr" / "raw")))())
+    image = nodes[0]
+    assert image.data[0].shape == (5, 1, 1, 32, 48)
+    assert image.data[0].dtype == np.uint16
+    assert [axis["name"] for axis in image.metadata["axes"]] == ["t", "c", "z", "y", "x"]
+    np.testing.assert_array_equal(np.asarray(image.data[0])[:, 0, 0], data)
+
+    lazy = da.from_zarr(str(tmp_path / "cells_01.ome.zarr" / "denoised" / "0"))
+    assert lazy.shape == (5, 1, 1, 32, 48) and lazy.dtype == np.float32
+    assert lazy.chunksize == (1, 1, 1, 32, 48)
+
+    version_key = "multiscales" if zarr_format == 2 else "ome"
+    group = zarr.open_group(tmp_path / "cells_01.ome.zarr" / "raw", mode="r")
+    assert version_key in group.attrs
+    assert group.metadata.zarr_format == zarr_format
+
+
+def test_one_chunk_file_per_frame_and_old_chunks_untouched(tmp_path):
+    acq = Store(tmp_path).create("a", (16, 16), "uint8")
+    data = frames(3, (16, 16), "uint8")
+    acq.write_raw(0, data[0])
+    chunk = tmp_path / "a.ome.zarr" / "raw" / "0" / "0" / "0" / "0" / "0" / "0"
+    before = (chunk.stat().st_ino, chunk.stat().st_mtime_ns)
+    acq.write_raw(1, data[1])
+    acq.write_raw(2, data[2])
+    assert (chunk.stat().st_ino, chunk.stat().st_mtime_ns) == before
+    chunks = sorted(p.relative_to(chunk.parents[4]) for p in chunk.parents[4].rglob("*/0/0/0/0"))
+    assert [str(p) for p in chunks] == ["0/0/0/0/0", "1/0/0/0/0", "2/0/0/0/0"]
+
+
+def test_valid_t_counts_contiguous_frames_and_attribute_is_published(tmp_path):
+    acq = Store(tmp_path).create("a", (8, 8), "uint16")
+    data = frames(6, (8, 8))
+    for t in (0, 1, 3, 5):
+        acq.write_raw(t, data[t])
+    assert acq.valid_t == 2 and acq.stored_frames() == [0, 1, 3, 5]
+    acq.flush()
+    attrs = json.loads((tmp_path / "a.ome.zarr" / ".zattrs").read_text())["pn2v_live"]
+    assert attrs["valid_t"] == 2
+    assert zarr.open_array(tmp_path / "a.ome.zarr" / "raw" / "0", mode="r").shape[0] == 6
+    acq.write_raw(2, data[2])
+    acq.write_raw(4, data[4])
+    acq.flush()
+    attrs = json.loads((tmp_path / "a.ome.zarr" / ".zattrs").read_text())["pn2v_live"]
+    assert acq.valid_t == 6 and attrs["valid_t"] == 6
+
+
+def test_denoised_versions_and_frames_to_denoise_newest_first(tmp_path):
+    store = Store(tmp_path)
+    acq = store.create("a", (8, 8), "uint16")
+    for t, frame in enumerate(frames(4, (8, 8))):
+        acq.write_raw(t, frame)
+    assert acq.frames_to_denoise(1) == [3, 2, 1, 0]
+    assert acq.read_denoised(2) is None and acq.denoised_version(2) is None
+    den = np.full((8, 8), 1.5, np.float32)
+    acq.write_denoised(2, den, model_version=1)
+    acq.write_denoised(3, den * 2, model_version=2)
+    assert acq.frames_to_denoise(1) == [1, 0]
+    assert acq.frames_to_denoise(2) == [2, 1, 0]
+    store.close()
+    again = Store(tmp_path).acquisition("a")
+    np.testing.assert_array_equal(again.read_denoised(3), den * 2)
+    assert again.denoised_version(2) == 1 and again.frames_to_denoise(2) == [2, 1, 0]
+    with pytest.raises(KeyError):
+        again.write_denoised(9, den, model_version=1)
+
+
+def test_create_opens_matching_and_refuses_mismatch(tmp_path):
+    store = Store(tmp_path)
+    first = store.create("a", (8, 8), "uint16")
+    assert store.create("a", (8, 8), "uint16") is first
+    with pytest.raises(ValueError, match="holds"):
+        store.create("a", (8, 9), "uint16")
+    with pytest.raises(ValueError, match="holds"):
+        Store(tmp_path).create("a", (8, 8), "uint8")
+    with pytest.raises(ValueError, match="raw frames"):
+        store.create("b", (8, 8), "float64")
+    with pytest.raises(ValueError, match="is \\(8, 9\\)"):
+        first.write_raw(0, np.zeros((8, 9), np.uint16))
+    with pytest.raises(KeyError):
+        store.acquisition("missing")
+    assert store.acquisitions() == ["a"]
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden", "x" * 129, "a..b", "a\x00", 5])
+def test_hostile_names_refused(tmp_path, name):
+    with pytest.raises(ValueError, match="not allowed"):
+        validate_name(name)
+    with pytest.raises(ValueError):
+        Store(tmp_path).create(name, (8, 8), "uint16")
+    assert not list(tmp_path.glob("*.ome.zarr")) and not (tmp_path.parent / "etc.ome.zarr").exists()
+
+
+def test_reopen_forgets_frames_whose_chunk_is_missing(tmp_path):
+    store = Store(tmp_path)
+    acq = store.create("a", (8, 8), "uint16")
+    data = frames(3, (8, 8))
+    for t, frame in enumerate(data):
+        acq.write_raw(t, frame)
+    store.close()
+    (tmp_path / "a.ome.zarr" / "raw" / "0" / "1" / "0" / "0" / "0" / "0").unlink()
+    stale = tmp_path / "a.ome.zarr" / "raw" / "0" / "2" / "0" / "0" / "0" / "0.abc.partial"
+    stale.write_bytes(b"half a chunk")
+    again = Store(tmp_path).acquisition("a")
+    assert again.stored_frames() == [0, 2] and again.valid_t == 1
+    assert not stale.exists()
+    assert again.claim(1) and not again.claim(2)
+
+
+def test_concurrent_writers_store_every_frame(tmp_path):
+    acq = Store(tmp_path).create("a", (16, 16), "uint16")
+    data = frames(120, (16, 16))
+
+    def write(ts):
+        for t in ts:
+            acq.write_raw(t, data[t])
+
+    threads = [threading.Thread(target=write, args=(range(k, 120, 3),)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    acq.flush()
+    assert acq.valid_t == 120
+    on_disk = zarr.open_array(tmp_path / "a.ome.zarr" / "raw" / "0", mode="r")
+    assert on_disk.shape[0] == 120
+    np.testing.assert_array_equal(on_disk[:, 0, 0], data)
