@@ -5,13 +5,15 @@ Labels stay low-cardinality: `source` is "folder" or "zmq", `reason` a short fix
 
 from prometheus_client import Counter, Gauge, Histogram
 
-FRAMES_INGESTED = Counter(
-    "pn2v_live_frames_ingested_total", "Raw frames stored", ["source"]
-)
+FRAMES_INGESTED = Counter("pn2v_live_frames_ingested_total", "Raw frames stored", ["source"])
 FRAMES_REJECTED = Counter(
     "pn2v_live_frames_rejected_total", "Source items or messages rejected", ["source", "reason"]
 )
-FRAMES_DENOISED = Counter("pn2v_live_frames_denoised_total", "Denoised frames written")
+FRAMES_DENOISED = Counter(
+    "pn2v_live_frames_denoised_total",
+    "Denoised frames written; kind is new (first twin) or backfill (re-denoised by a newer model)",
+    ["kind"],
+)
 BACKLOG = Gauge("pn2v_live_backlog_frames", "Stored raw frames still waiting for a denoised twin")
 INGEST_QUEUE = Gauge("pn2v_live_ingest_queue_frames", "Frames received but not yet stored")
 INFERENCE_SECONDS = Histogram(
