@@ -141,7 +141,7 @@ async function render() {
     $("denoised-caption").textContent = `t = ${t}`;
   }
   $("denoised-missing").hidden = Boolean(denoised);
-  $("frame-counter").textContent = `${t + 1} / ${acquisition.frames}`;
+  $("frame-counter").textContent = `t ${t} / ${acquisition.frames - 1}`;
   $("frame-counter").dataset.t = t;
 }
 

@@ -1,0 +1,174 @@
+"""The viewer page in a real headless Chromium while frames are being written to the store."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require
+
+from pn2v_live.service.viewer import ViewerServer
+from pn2v_live.storage.store import Store
+
+FRAME_SHAPE = (96, 128)
+BAR_WIDTH = 8
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,800",
+)
+# Pixel statistics of a panel's <img>, read back through a canvas (same-origin blob URLs).
+IMAGE_STATS_JS = """
+const img = document.getElementById(arguments[0]);
+if (!img.complete || !img.naturalWidth) return null;
+const canvas = document.createElement("canvas");
+[canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
+const g = canvas.getContext("2d");
+g.drawImage(img, 0, 0);
+const d = g.getImageData(0, 0, canvas.width, canvas.height).data;
+const columns = new Float64Array(canvas.width);
+let sum = 0, sum2 = 0;
+for (let i = 0; i < d.length; i += 4) {
+  sum += d[i]; sum2 += d[i] * d[i]; columns[(i / 4) % canvas.width] += d[i];
+}
+const n = d.length / 4, mean = sum / n;
+return {width: canvas.width, mean: mean, std: Math.sqrt(sum2 / n - mean * mean),
+        brightest_column: columns.indexOf(Math.max(...columns))};
+"""
+
+
+def bar_left(t: int) -> int:
+    return (6 * t) % (FRAME_SHAPE[1] - BAR_WIDTH)
+
+
+def clean_frame(t: int) -> np.ndarray:
+    """Float32 scene of frame t: dim gradient plus a bright vertical bar that moves with t."""
+    frame = np.tile(np.linspace(200, 400, FRAME_SHAPE[1], dtype=np.float32), (FRAME_SHAPE[0], 1))
+    frame[:, bar_left(t) : bar_left(t) + BAR_WIDTH] = 3000
+    return frame
+
+
+def write_frames(store: Store, stop: threading.Event, frames: int, fps: float) -> None:
+    """Play an acquisition: noisy raw frames, each followed shortly by its denoised twin."""
+    rng = np.random.default_rng(0)
+    acquisition = store.create("browser01", FRAME_SHAPE, "uint16")
+    for t in range(frames):
+        if stop.wait(1 / fps):
+            return
+        clean = clean_frame(t)
+        acquisition.write_raw(t, rng.poisson(clean).astype(np.uint16))
+        acquisition.write_denoised(t, clean, model_version=1)
+
+
+@pytest.fixture()
+def browser(tmp_path: Path):
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    require(
+        chromium is not None and chromedriver is not None,
+        "chromium and chromedriver not found: apt-get install -y chromium chromium-driver",
+    )
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(chromedriver))
+    yield driver
+    driver.quit()
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_page_follows_scrubs_and_changes_contrast_while_frames_stream(
+    tmp_path: Path, browser, artifacts_dir: Path
+) -> None:
+    store = Store(tmp_path / "store")
+    stop = threading.Event()
+    writer = threading.Thread(target=write_frames, args=(store, stop, 600, 8.0))
+    status = {
+        "model_version": 1,
+        "model_source": "pn2v",
+        "backlog": 0,
+        "loss_history": [
+            {"round": r, "time": r, "training_loss": 3 - r / 4, "validation_loss": 3.2 - r / 5}
+            for r in range(1, 6)
+        ],
+    }
+    server = ViewerServer(store, "127.0.0.1:0", status=lambda: status, poll_seconds=0.1)
+    server.start()
+    writer.start()
+    try:
+        browser.get(server.url)
+        browser.execute_script("window.notReloaded = true;")
+
+        def stats(panel: str) -> dict | None:
+            return browser.execute_script(IMAGE_STATS_JS, f"{panel}-image")
+
+        def shown_t() -> int | None:
+            text = browser.find_element("id", "frame-counter").get_attribute("data-t")
+            return int(text) if text else None
+
+        wait_for(lambda: stats("raw") and stats("denoised"), what="both panels to show a frame")
+        for panel in ("raw", "denoised"):
+            assert stats(panel)["std"] > 10, f"{panel} panel is blank"  # bar on a background
+
+        first = wait_for(shown_t, what="a frame number")
+        wait_for(lambda: shown_t() >= first + 3, what="the frame counter to advance")
+        assert browser.execute_script("return window.notReloaded === true;")
+        # The denoised panel shows the clean scene: far smoother than raw within the bar.
+        assert browser.find_element("id", "model-version").text == "1"
+
+        slider = browser.find_element("id", "t-slider")
+        browser.execute_script(
+            "arguments[0].value = 2; arguments[0].dispatchEvent(new Event('input'));", slider
+        )
+        wait_for(lambda: shown_t() == 2, what="the page to show frame 2 after scrubbing")
+        expected = bar_left(2) + BAR_WIDTH // 2
+        wait_for(
+            lambda: abs(stats("raw")["brightest_column"] - expected) <= BAR_WIDTH // 2,
+            what="the raw panel to show frame 2's bar position",
+        )
+        assert abs(stats("denoised")["brightest_column"] - expected) <= BAR_WIDTH // 2
+        time.sleep(0.5)
+        assert shown_t() == 2, "scrubbed-back view must not jump to the newest frame"
+
+        auto_mean = stats("raw")["mean"]
+        browser.find_element("id", "c-min").send_keys("0")
+        browser.find_element("id", "c-max").send_keys("20000")
+        browser.execute_script(
+            "document.getElementById('c-max').dispatchEvent(new Event('change'));"
+        )
+        wait_for(lambda: stats("raw")["mean"] < auto_mean / 2, what="manual contrast to apply")
+        assert stats("denoised")["mean"] < auto_mean / 2  # same window on both panels
+        assert "[0.000, 2.000e+4]" in browser.find_element("id", "contrast-used").text
+
+        # Back to auto contrast and live following for the screenshot a person looks at.
+        browser.find_element("css selector", "input[name=contrast][value=auto]").click()
+        browser.find_element("id", "follow").click()
+        wait_for(lambda: shown_t() > 2, what="following the newest frame again")
+        time.sleep(0.5)
+        browser.save_screenshot(str(artifacts_dir / "viewer.png"))
+    finally:
+        stop.set()
+        writer.join()
+        server.stop()
+        store.close()
