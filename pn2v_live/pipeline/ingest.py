@@ -1,0 +1,74 @@
+"""What both ingest sources share: matching frames to acquisitions and storing each exactly once."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from pn2v_live.metrics import FRAMES_INGESTED, FRAMES_REJECTED, LAST_FRAME_TIMESTAMP
+from pn2v_live.storage.store import RAW_DTYPES, Acquisition, Store
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """A source item that cannot be stored; `reason` is a short metric label, the text says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def reject(source: str, error: Rejected, what: str) -> None:
+    """Log and count a rejected item (`what` names it for the log line, never for the metric)."""
+    FRAMES_REJECTED.labels(source=source, reason=error.reason).inc()
+    log.warning("%s rejected %s (%s): %s", source, what, error.reason, error)
+
+
+def open_acquisition(
+    store: Store, name: str, frame_shape: tuple[int, ...], dtype: np.dtype
+) -> Acquisition:
+    """The acquisition `name` for (Y, X) frames of `dtype`, created on first use.
+
+    Raises Rejected("dtype"/"shape"/"name") when the frame cannot belong to it.
+    """
+    if np.dtype(dtype).name not in RAW_DTYPES:
+        raise Rejected(
+            "dtype", f"raw frames must be {' or '.join(RAW_DTYPES)}, got {np.dtype(dtype).name}"
+        )
+    try:
+        acquisition = store.acquisition(name)
+    except KeyError:
+        try:
+            return store.create(name, frame_shape, dtype)
+        except ValueError as error:
+            raise Rejected("name", str(error)) from error
+    if acquisition.frame_shape != tuple(frame_shape):
+        raise Rejected(
+            "shape",
+            f"frame is {tuple(frame_shape)}, acquisition {name!r} holds "
+            f"{acquisition.frame_shape} frames; send other sizes as another acquisition",
+        )
+    if acquisition.dtype != np.dtype(dtype):
+        raise Rejected(
+            "dtype",
+            f"frame is {np.dtype(dtype).name}, acquisition {name!r} holds "
+            f"{acquisition.dtype.name} frames",
+        )
+    return acquisition
+
+
+def store_frame(acquisition: Acquisition, t: int, pixels: np.ndarray, source: str) -> bool:
+    """Store raw frame `t` unless it is already stored or being stored; True when written."""
+    if not acquisition.claim(t):
+        return False
+    try:
+        acquisition.write_raw(t, pixels)
+    except BaseException:
+        acquisition.release(t)
+        raise
+    FRAMES_INGESTED.labels(source=source).inc()
+    LAST_FRAME_TIMESTAMP.set(time.time())
+    return True

@@ -1,0 +1,201 @@
+"""The ZeroMQ frame protocol: a message is [JSON header, pixel buffer].
+
+Header (UTF-8 JSON object, at most 64 KiB)::
+
+    {"acquisition": "cells_01",   # safe name: letters, digits, . _ -, no '..'
+     "index": 17,                 # frame number within the acquisition, >= 0
+     "dtype": "uint16",           # one of DTYPES, little-endian
+     "shape": [512, 512],         # [Y, X], each 1..MAX_SIDE
+     "timestamp": 1732580000.25,  # optional, Unix seconds when the camera took it
+     "c": 0, "z": 0}              # optional plane indices (channel, z-slice), default 0
+
+The buffer holds exactly Y*X*itemsize bytes in C order. End of an acquisition is a one-part
+message `{"acquisition": "cells_01", "end": true, "frames": 500}` (`frames`, the total count,
+is optional). `decode_message` checks every field and the buffer size from the header alone, so
+a hostile header can never make the receiver allocate what it claims.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pn2v_live.storage.store import validate_name
+
+DTYPES = ("uint8", "uint16", "int16", "uint32", "float32")
+MAX_SIDE = 32768
+MAX_PIXELS = 1 << 28  # 256 Mpixel: 1 GiB of float32, far beyond any camera frame
+MAX_HEADER_BYTES = 65536
+MAX_INDEX = 2**40
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; `reason` is a short label for metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FrameMessage:
+    """One decoded frame; `pixels` is a read-only (Y, X) view of the received buffer."""
+
+    acquisition: str
+    index: int
+    pixels: np.ndarray
+    timestamp: float
+    c: int = 0
+    z: int = 0
+
+
+@dataclass(frozen=True)
+class EndMessage:
+    """End of an acquisition; `frames` is the total frame count when the sender gave it."""
+
+    acquisition: str
+    frames: int | None = None
+
+
+def encode_frame(
+    acquisition: str,
+    index: int,
+    pixels: np.ndarray,
+    timestamp: float | None = None,
+    c: int = 0,
+    z: int = 0,
+) -> list[bytes | memoryview]:
+    """The two message parts for one (Y, X) frame; the buffer part is zero-copy when possible."""
+    pixels = np.ascontiguousarray(pixels)
+    dtype = pixels.dtype.newbyteorder("<") if pixels.dtype.byteorder == ">" else pixels.dtype
+    pixels = pixels.astype(dtype, copy=False)
+    header = {
+        "acquisition": acquisition,
+        "index": int(index),
+        "dtype": pixels.dtype.name,
+        "shape": list(pixels.shape),
+        "timestamp": time.time() if timestamp is None else float(timestamp),
+    }
+    if c or z:
+        header |= {"c": int(c), "z": int(z)}
+    _check_header(header)
+    return [json.dumps(header).encode(), memoryview(pixels).cast("B")]
+
+
+def encode_end(acquisition: str, frames: int | None = None) -> list[bytes]:
+    """The one-part message that closes `acquisition` (optionally saying how many frames)."""
+    header: dict = {"acquisition": acquisition, "end": True}
+    if frames is not None:
+        header["frames"] = int(frames)
+    _check_end(header)
+    return [json.dumps(header).encode()]
+
+
+def decode_message(parts: list[bytes]) -> FrameMessage | EndMessage:
+    """Validate and decode a received multipart message; raises ProtocolError saying why."""
+    if not parts or len(parts) > 2:
+        raise ProtocolError("parts", f"expected 1 or 2 message parts, got {len(parts)}")
+    raw_header = parts[0]
+    if len(raw_header) > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            "header", f"header is {len(raw_header)} bytes, limit {MAX_HEADER_BYTES}"
+        )
+    try:
+        header = json.loads(bytes(raw_header).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError("json", f"header is not valid JSON: {error}") from error
+    if not isinstance(header, dict):
+        raise ProtocolError("json", f"header must be a JSON object, got {type(header).__name__}")
+    if header.get("end") is not None:
+        _check_end(header)
+        if len(parts) == 2 and len(parts[1]):
+            raise ProtocolError("parts", "an end message carries no pixel buffer")
+        return EndMessage(header["acquisition"], header.get("frames"))
+    _check_header(header)
+    if len(parts) != 2:
+        raise ProtocolError("parts", "a frame message needs 2 parts: header and pixel buffer")
+    dtype = np.dtype(header["dtype"]).newbyteorder("<")
+    height, width = header["shape"]
+    expected = height * width * dtype.itemsize
+    buffer = parts[1]
+    if len(buffer) != expected:
+        raise ProtocolError(
+            "size",
+            f"buffer is {len(buffer)} bytes, header says {height}x{width} {dtype.name} "
+            f"= {expected} bytes",
+        )
+    pixels = np.frombuffer(buffer, dtype=dtype).reshape(height, width)
+    return FrameMessage(
+        acquisition=header["acquisition"],
+        index=header["index"],
+        pixels=pixels,
+        timestamp=header.get("timestamp", time.time()),
+        c=header.get("c", 0),
+        z=header.get("z", 0),
+    )
+
+
+def _check_header(header: dict) -> None:
+    missing = [k for k in ("acquisition", "index", "dtype", "shape") if k not in header]
+    if missing:
+        raise ProtocolError("field", f"header lacks {', '.join(missing)}")
+    unknown = set(header) - {"acquisition", "index", "dtype", "shape", "timestamp", "c", "z"}
+    if unknown:
+        raise ProtocolError("field", f"unknown header field(s): {', '.join(sorted(unknown))}")
+    _check_name(header["acquisition"])
+    _check_int(header, "index", MAX_INDEX)
+    for key in ("c", "z"):
+        if key in header:
+            _check_int(header, key, 65535)
+    if header["dtype"] not in DTYPES:
+        raise ProtocolError(
+            "dtype", f"dtype {header['dtype']!r} not allowed; use one of {', '.join(DTYPES)}"
+        )
+    shape = header["shape"]
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(_is_int(n) and 1 <= n <= MAX_SIDE for n in shape)
+    ):
+        raise ProtocolError("shape", f"shape must be [Y, X] with 1 <= Y, X <= {MAX_SIDE}: {shape}")
+    if shape[0] * shape[1] > MAX_PIXELS:
+        raise ProtocolError("shape", f"shape {shape} exceeds {MAX_PIXELS} pixels")
+    timestamp = header.get("timestamp", 0.0)
+    if not isinstance(timestamp, int | float) or isinstance(timestamp, bool):
+        raise ProtocolError("field", f"timestamp must be a number, got {timestamp!r}")
+    if not math.isfinite(timestamp) or timestamp < 0:
+        raise ProtocolError("field", f"timestamp must be finite and >= 0, got {timestamp}")
+
+
+def _check_end(header: dict) -> None:
+    if header.get("end") is not True:
+        raise ProtocolError("field", f"end must be true, got {header.get('end')!r}")
+    if "acquisition" not in header:
+        raise ProtocolError("field", "end message lacks acquisition")
+    unknown = set(header) - {"acquisition", "end", "frames", "timestamp"}
+    if unknown:
+        raise ProtocolError("field", f"unknown end-message field(s): {', '.join(sorted(unknown))}")
+    _check_name(header["acquisition"])
+    if "frames" in header:
+        _check_int(header, "frames", MAX_INDEX)
+
+
+def _check_name(name: object) -> None:
+    try:
+        validate_name(name)
+    except ValueError as error:
+        raise ProtocolError("name", str(error)) from error
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(header: dict, key: str, limit: int) -> None:
+    value = header[key]
+    if not _is_int(value) or not 0 <= value <= limit:
+        raise ProtocolError("field", f"{key} must be an integer 0..{limit}, got {value!r}")

@@ -1,0 +1,245 @@
+"""ZeroMQ ingest: a PULL socket for frames and a REP socket answering "what is stored?".
+
+One receiver thread owns both sockets. It decodes and validates each message and hands good
+frames to a bounded queue drained by writer threads. While the queue is full it stops reading
+the PULL socket, so messages pile up to the socket's high-water mark and then block the
+sender's PUSH: storage slower than acquisition slows the sender down instead of losing frames.
+The backlog is `health()["queue"]` and the `pn2v_live_ingest_queue_frames` gauge.
+
+Status requests (REP, JSON): `{"acquisition": name}` → `{"acquisition", "known", "stored":
+[[start, stop), ...], "valid_t", "closed", "queue"}`. A sender resumes by resending the frames
+missing from `stored` (see `sender.FrameSender`); a duplicate of a stored frame is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from urllib.parse import urlsplit
+
+import zmq
+
+from pn2v_live.errors import UserError
+from pn2v_live.metrics import FRAMES_REJECTED, INGEST_QUEUE
+from pn2v_live.pipeline.ingest import Rejected, open_acquisition, reject, store_frame
+from pn2v_live.pipeline.protocol import EndMessage, FrameMessage, ProtocolError, decode_message
+from pn2v_live.storage.store import Acquisition, Store, validate_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+SOURCE = "zmq"
+MAX_MESSAGE_BYTES = 1 << 30  # refused by libzmq before it is received: no huge allocation
+
+
+def status_endpoint(endpoint: str) -> str:
+    """The status (REP) endpoint paired with a frame endpoint: same host, port + 1."""
+    parts = urlsplit(endpoint)
+    if parts.scheme != "tcp" or parts.port is None:
+        raise UserError(
+            f"cannot derive a status endpoint from {endpoint!r}: give tcp://HOST:PORT "
+            "or name the status endpoint explicitly"
+        )
+    return f"tcp://{parts.hostname}:{parts.port + 1}"
+
+
+def stored_ranges(frames: list[int]) -> list[list[int]]:
+    """Sorted frame indices as half-open ranges: [0, 1, 2, 5] → [[0, 3], [5, 6]]."""
+    ranges: list[list[int]] = []
+    for t in frames:
+        if ranges and ranges[-1][1] == t:
+            ranges[-1][1] = t + 1
+        else:
+            ranges.append([t, t + 1])
+    return ranges
+
+
+class ZmqSource:
+    """Receives frames on `bind` (PULL) and answers status queries on `status_bind` (REP)."""
+
+    def __init__(
+        self,
+        store: Store,
+        bind: str = DEFAULT_BIND,
+        status_bind: str | None = None,
+        queue_frames: int = 64,
+        writers: int = 2,
+    ) -> None:
+        self.store = store
+        self.bind = bind
+        self.status_bind = status_bind or status_endpoint(bind)
+        self.writers = writers
+        self._queue: queue.Queue[FrameMessage | EndMessage] = queue.Queue(maxsize=queue_frames)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._context: zmq.Context | None = None
+        self._counts = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0}
+        self._counts_lock = threading.Lock()
+        self._touched: set[Acquisition] = set()
+        self._state = "stopped"
+        self._last_error: str | None = None
+
+    # lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind both sockets (UserError when an address is taken) and start the threads."""
+        self._context = zmq.Context()
+        pull = self._context.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, self._queue.maxsize)
+        pull.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        pull.setsockopt(zmq.LINGER, 0)
+        status = self._context.socket(zmq.REP)
+        status.setsockopt(zmq.LINGER, 0)
+        for socket, address in ((pull, self.bind), (status, self.status_bind)):
+            try:
+                socket.bind(address)
+            except zmq.ZMQError as error:
+                pull.close()
+                status.close()
+                self._context.term()
+                raise UserError(
+                    f"cannot listen on {address}: {error}; is another pn2v-live running? "
+                    "Choose another address."
+                ) from error
+        self._stop.clear()
+        self._state = "running"
+        self._threads = [
+            threading.Thread(target=self._receive, args=(pull, status), name="zmq-receive")
+        ] + [
+            threading.Thread(target=self._write, name=f"zmq-write-{k}") for k in range(self.writers)
+        ]
+        for thread in self._threads:
+            thread.start()
+        log.info("receiving frames on %s, status on %s", self.bind, self.status_bind)
+
+    def stop(self) -> None:
+        """Stop receiving, store what is queued, publish metadata, close the sockets."""
+        self._state = "stopping"
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        self._flush_all()
+        self._state = "stopped"
+
+    def health(self) -> dict:
+        """State ("running", "stopped", ...), queue length and message counts."""
+        with self._counts_lock:
+            counts = dict(self._counts)
+        return {
+            "state": self._state,
+            "queue": self._queue.qsize(),
+            **counts,
+            "last_error": self._last_error,
+        }
+
+    def _count(self, key: str) -> None:
+        with self._counts_lock:
+            self._counts[key] += 1
+
+    # receiver thread --------------------------------------------------------------------
+
+    def _receive(self, pull: zmq.Socket, status: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(status, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                # Read frames only while the queue has room: backpressure through the HWM.
+                poller.modify(pull, 0 if self._queue.full() else zmq.POLLIN)
+                events = dict(poller.poll(100))
+                if status in events:
+                    status.send_json(self._status(status.recv()))
+                if pull in events:
+                    self._accept(pull.recv_multipart(copy=False))
+        finally:
+            pull.close()
+            status.close()
+
+    def _accept(self, parts: list[zmq.Frame]) -> None:
+        self._count("received")
+        try:
+            message = decode_message([part.buffer for part in parts])
+        except ProtocolError as error:
+            self._count("rejected")
+            reject(SOURCE, Rejected(error.reason, str(error)), "message")
+            return
+        self._queue.put_nowait(message)
+        INGEST_QUEUE.set(self._queue.qsize())
+
+    def _status(self, request: bytes) -> dict:
+        """Answer one status query; never raises (a REP socket must always reply)."""
+        try:
+            name = validate_name(json.loads(request)["acquisition"])
+        except (ValueError, KeyError, TypeError) as error:
+            return {"error": f'status request must be {{"acquisition": NAME}}: {error}'}
+        reply = {"acquisition": name, "known": True, "queue": self._queue.qsize()}
+        try:
+            acquisition = self.store.acquisition(name)
+        except KeyError:
+            return reply | {"known": False, "stored": [], "valid_t": 0, "closed": False}
+        return reply | {
+            "stored": stored_ranges(acquisition.stored_frames()),
+            "valid_t": acquisition.valid_t,
+            "closed": acquisition.closed,
+        }
+
+    # writer threads ---------------------------------------------------------------------
+
+    def _write(self) -> None:
+        while True:
+            try:
+                message = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                self._flush_all()
+                continue
+            INGEST_QUEUE.set(self._queue.qsize())
+            try:
+                self._handle(message)
+            except Rejected as error:
+                self._count("rejected")
+                reject(SOURCE, error, f"a message for {message.acquisition}")
+            except Exception as error:  # disk full, permissions: keep running, sender resends
+                self._count("rejected")
+                self._last_error = f"{type(error).__name__}: {error}"
+                FRAMES_REJECTED.labels(source=SOURCE, reason="error").inc()
+                log.exception("could not store a frame of %s", message.acquisition)
+
+    def _handle(self, message: FrameMessage | EndMessage) -> None:
+        if isinstance(message, EndMessage):
+            try:
+                acquisition = self.store.acquisition(message.acquisition)
+            except KeyError:
+                raise Rejected(
+                    "unknown", f"end marker for {message.acquisition!r}, which has no frames"
+                ) from None
+            acquisition.close(message.frames)
+            log.info(
+                "%s closed by its sender (%s frames announced)", acquisition.name, message.frames
+            )
+            return
+        if message.c or message.z:
+            raise Rejected("plane", "only single-plane frames (c = 0, z = 0) are stored")
+        acquisition = open_acquisition(
+            self.store, message.acquisition, message.pixels.shape, message.pixels.dtype
+        )
+        if store_frame(acquisition, message.index, message.pixels, SOURCE):
+            with self._counts_lock:
+                self._touched.add(acquisition)
+            self._count("stored")
+        else:
+            self._count("duplicates")
+
+    def _flush_all(self) -> None:
+        """Publish array length and valid_t of the acquisitions written since the last flush."""
+        with self._counts_lock:
+            touched, self._touched = self._touched, set()
+        for acquisition in touched:
+            acquisition.flush()

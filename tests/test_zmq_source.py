@@ -1,0 +1,169 @@
+"""The ZeroMQ receiver with real sockets and a real store: good, bad, duplicate, blocked."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+import zmq
+from prometheus_client import REGISTRY
+
+from pn2v_live.errors import UserError
+from pn2v_live.pipeline.protocol import encode_frame
+from pn2v_live.pipeline.sender import FrameSender
+from pn2v_live.pipeline.zmq_source import ZmqSource, stored_ranges
+from pn2v_live.storage.store import Store
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rejected(reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "pn2v_live_frames_rejected_total", {"source": "zmq", "reason": reason}
+    )
+    return value or 0.0
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    frames_at = f"tcp://127.0.0.1:{free_port()}"
+    source = ZmqSource(Store(tmp_path), frames_at, f"tcp://127.0.0.1:{free_port()}", queue_frames=8)
+    source.start()
+    yield source
+    source.stop()
+
+
+@pytest.fixture
+def sender(receiver):
+    with FrameSender(receiver.bind, receiver.status_bind) as sender:
+        yield sender
+
+
+def stack(n: int, shape=(24, 32), dtype="uint16") -> np.ndarray:
+    return np.random.default_rng(n).integers(0, 60000, (n, *shape)).astype(dtype)
+
+
+def test_out_of_order_and_duplicate_frames_are_stored_once(receiver, sender):
+    data = stack(10)
+    order = [3, 0, 9, 1, 1, 2, 8, 4, 5, 6, 7, 3, 9]
+    for t in order:
+        sender.send_frame("cells_01", t, data[t])
+    sender.end("cells_01", frames=10)
+    wait_for(lambda: sender.missing("cells_01", 10) == [])
+    wait_for(lambda: receiver.store.acquisition("cells_01").closed)
+    acq = receiver.store.acquisition("cells_01")
+    assert acq.stored_frames() == list(range(10)) and acq.expected_frames == 10
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(10)]), data)
+    wait_for(lambda: receiver.health()["duplicates"] == 3)
+    assert receiver.health()["stored"] == 10 and receiver.health()["state"] == "running"
+    status = sender.status("cells_01")
+    assert status["stored"] == [[0, 10]] and status["valid_t"] == 10 and status["closed"]
+    assert sender.status("never_seen")["known"] is False
+
+
+def test_bad_messages_are_dropped_and_counted_while_good_frames_store(receiver, sender):
+    good = stack(3)
+    header = {"acquisition": "a", "index": 0, "dtype": "uint16", "shape": [24, 32]}
+    bad = {
+        "json": [b"{oops", b""],
+        "field": [json.dumps({"acquisition": "a", "dtype": "uint16"}).encode(), b""],
+        "size": [json.dumps(header).encode(), bytes(10)],
+        "shape": [json.dumps(header | {"shape": [99999, 99999]}).encode(), b"x"],
+        "name": [json.dumps(header | {"acquisition": "../../evil"}).encode(), bytes(24 * 32 * 2)],
+    }
+    before = {reason: rejected(reason) for reason in [*bad, "dtype"]}
+    push = sender._push
+    sender.send_frame("a", 0, good[0])
+    for parts in bad.values():
+        push.send_multipart(parts)
+    sender.send_frame("a", 1, good[1])
+    # right protocol, wrong frame for this acquisition: other size, then other dtype
+    sender.send_frame("a", 5, np.zeros((24, 33), np.uint16))
+    sender.send_frame("a", 6, np.zeros((24, 32), np.uint8))
+    sender.send_frame("a", 2, good[2])
+    wait_for(lambda: sender.missing("a", 3) == [])
+    wait_for(lambda: rejected("dtype") == before["dtype"] + 1)
+    for reason in bad:
+        expected = before[reason] + (2 if reason == "shape" else 1)
+        wait_for(lambda reason=reason, expected=expected: rejected(reason) == expected)
+    acq = receiver.store.acquisition("a")
+    assert acq.stored_frames() == [0, 1, 2]
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(3)]), good)
+    assert not (receiver.store.root.parent / "evil.ome.zarr").exists()
+    assert receiver.health()["state"] == "running"
+
+
+def test_storage_stall_blocks_the_sender_instead_of_dropping(receiver, tmp_path):
+    data = stack(300, (256, 256))
+    with FrameSender(receiver.bind, receiver.status_bind, high_water_mark=4) as sender:
+        sender.send_frame("slow", 0, data[0])
+        wait_for(lambda: sender.missing("slow", 1) == [])
+        acq = receiver.store.acquisition("slow")
+        sender._push.setsockopt(zmq.SNDTIMEO, 300)
+        sent = 1
+        with acq._lock:  # storage stalls: writers block inside write_raw
+            with pytest.raises(zmq.Again):
+                for t in range(1, 300):
+                    sender.send_frame("slow", t, data[t])
+                    sent += 1
+            assert receiver.health()["queue"] == 8  # the bounded queue is full, and visible
+        assert 8 < sent < 300
+        wait_for(lambda: sender.missing("slow", sent) == [])
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(sent)]), data[:sent])
+
+
+def test_ensure_stored_resends_what_the_receiver_lost(receiver, sender):
+    data = stack(30)
+    # frames 10..19 never reach the receiver, as if it had crashed with them in memory
+    sender.send_stack("lossy", data, indices=[*range(10), *range(20, 30)])
+    sender.ensure_stored("lossy", data, timeout=30, patience=0.3)
+    acq = receiver.store.acquisition("lossy")
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(30)]), data)
+
+
+def test_status_socket_answers_garbage_with_an_error(receiver):
+    context = zmq.Context.instance()
+    with context.socket(zmq.REQ) as request:
+        request.connect(receiver.status_bind)
+        request.send(b"hello")
+        assert "error" in request.recv_json()
+        request.send_json({"acquisition": "../x"})
+        assert "error" in request.recv_json()
+
+
+def test_address_in_use_is_a_user_error(receiver, tmp_path):
+    other = ZmqSource(Store(tmp_path / "other"), receiver.bind, f"tcp://127.0.0.1:{free_port()}")
+    with pytest.raises(UserError, match="cannot listen on"):
+        other.start()
+
+
+def test_stored_ranges():
+    assert stored_ranges([0, 1, 2, 5, 7, 8]) == [[0, 3], [5, 6], [7, 9]]
+    assert stored_ranges([]) == []
+
+
+def test_encode_frame_payload_is_the_pixel_bytes():
+    pixels = np.arange(6, dtype=np.uint16).reshape(2, 3)
+    header, payload = encode_frame("a", 0, pixels, timestamp=1.0)
+    assert bytes(payload) == pixels.tobytes()
+    assert json.loads(header) == {
+        "acquisition": "a",
+        "index": 0,
+        "dtype": "uint16",
+        "shape": [2, 3],
+        "timestamp": 1.0,
+    }
