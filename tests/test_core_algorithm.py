@@ -136,3 +136,16 @@ def test_psnr_closed_form_and_affine_invariance():
     assert psnr(noisy, truth, 255) == pytest.approx(10 * np.log10(255**2 / 25))
     assert psnr_star(2 * truth + 7, truth, 255) > 100  # an affine copy is perfect under PSNR*
     assert psnr_star(noisy, truth, 255) >= psnr(noisy, truth, 255)
+
+
+def test_compiled_mmse_equals_eager():
+    torch.manual_seed(10)
+    denoiser = new_denoiser("pn2v", mean=200, std=40, k=16, features=4)
+    image = np.random.default_rng(10).normal(200, 40, size=(24, 20)).astype(np.float32)
+    outputs = ("denoised", "posterior_std")
+    eager = denoise(denoiser, image, camera_model(), outputs=outputs, chunk_elements=1600)
+    fused = denoise(
+        denoiser, image, camera_model(), outputs=outputs, chunk_elements=1600, compiled=True
+    )
+    for name in outputs:
+        np.testing.assert_allclose(fused[name], eager[name], rtol=1e-4, atol=1e-3)

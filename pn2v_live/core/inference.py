@@ -7,8 +7,9 @@ K×H×W is never allocated for a frame or a tile.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from torch.nn import functional as F
 
 from pn2v_live.core.model import Denoiser
 from pn2v_live.core.noise.base import NoiseModel
+
+log = logging.getLogger(__name__)
 
 OUTPUTS = ("denoised", "prior_mean", "posterior_std")
 CHUNK_ELEMENTS = 2**21  # pixels × K per chunk: 8 MB per fp32 (chunk, K) buffer
@@ -57,12 +60,14 @@ def denoise(
     tile: int | None = None,
     outputs: Sequence[str] = ("denoised",),
     chunk_elements: int = CHUNK_ELEMENTS,
+    compiled: bool = False,
 ) -> dict[str, np.ndarray]:
     """Denoise one (Y, X) frame in ADU; returns float32 (Y, X) arrays keyed by `outputs`.
 
     "denoised" is the MMSE estimate for PN2V (the network output for N2V / supervised);
     "prior_mean" and "posterior_std" are PN2V only. `tile` is the core tile side in pixels
-    (None: chosen so the body's activations stay within TILE_MEMORY_BYTES).
+    (None: chosen so the body's activations stay within TILE_MEMORY_BYTES). `compiled` fuses
+    the per-pixel MMSE with torch.compile (slow first call, then several times faster).
     """
     unknown = set(outputs) - set(OUTPUTS)
     if unknown or (denoiser.mode != "pn2v" and set(outputs) != {"denoised"}):
@@ -89,7 +94,7 @@ def denoise(
             )
             features = features[:, inner[0], inner[1]].float()
             estimates = _head_estimates(
-                denoiser, features, piece[inner], noise_model, outputs, chunk_elements
+                denoiser, features, piece[inner], noise_model, outputs, chunk_elements, compiled
             )
             for name, values in estimates.items():
                 result[name][core_y, core_x] = values
@@ -112,6 +117,7 @@ def _head_estimates(
     noise_model: NoiseModel | None,
     outputs: Sequence[str],
     chunk_elements: int,
+    compiled: bool,
 ) -> dict[str, torch.Tensor]:
     """Per-pixel estimates from (F, h, w) features and (h, w) observations (ADU)."""
     height, width = observations.shape
@@ -119,18 +125,61 @@ def _head_estimates(
     if denoiser.mode != "pn2v":
         denoised = torch.einsum("kf,fhw->khw", weight, features)[0] + bias[0]
         return {"denoised": denoised}
-    flat_features = features.reshape(features.shape[0], -1)
-    flat_observations = observations.reshape(-1)
-    result = {name: torch.empty(height * width, device=features.device) for name in outputs}
+    pixels = height * width
     chunk = max(1, chunk_elements // denoiser.k)
-    for start in range(0, height * width, chunk):
+    # Pad to whole chunks: one static shape for the compiled kernel.
+    padded = math.ceil(pixels / chunk) * chunk
+    flat_features = F.pad(features.permute(1, 2, 0).reshape(pixels, -1), (0, 0, 0, padded - pixels))
+    flat_observations = F.pad(observations.reshape(-1), (0, padded - pixels))
+    summarise = _chunk_summaries(noise_model, tuple(outputs), compiled)
+    result = {name: torch.empty(padded, device=features.device) for name in outputs}
+    for start in range(0, padded, chunk):
         part = slice(start, start + chunk)
-        samples = torch.addmm(bias, flat_features[:, part].T, weight.T)  # (chunk, K) ADU
-        for name, values in posterior_summaries(
-            samples, flat_observations[part], noise_model, outputs
+        for name, values in summarise(
+            flat_features[part], weight, bias, flat_observations[part]
         ).items():
             result[name][part] = values
-    return {name: values.reshape(height, width) for name, values in result.items()}
+    return {name: values[:pixels].reshape(height, width) for name, values in result.items()}
+
+
+def _chunk_summaries(
+    noise_model: NoiseModel, outputs: tuple[str, ...], compiled: bool
+) -> Callable[..., dict[str, torch.Tensor]]:
+    """(chunk, F) features, head weight (K, F) and bias (K,), (chunk,) observations → summaries.
+
+    With `compiled`, the head, likelihood and weighted sums are fused by torch.compile into
+    one pass over each chunk; where compilation is unavailable it falls back to eager.
+    """
+
+    def summarise(features, weight, bias, observations):
+        samples = torch.addmm(bias, features, weight.T)  # (chunk, K) ADU
+        return posterior_summaries(samples, observations, noise_model, outputs)
+
+    if not compiled or _COMPILE_FAILED:
+        return summarise
+    key = (id(noise_model), outputs)
+    if key not in _COMPILED:
+        _COMPILED.clear()  # one noise model at a time: a hot-swapped model replaces the old kernel
+        _COMPILED[key] = _with_eager_fallback(torch.compile(summarise, dynamic=False), summarise)
+    return _COMPILED[key]
+
+
+_COMPILED: dict[tuple[int, tuple[str, ...]], Callable[..., dict[str, torch.Tensor]]] = {}
+_COMPILE_FAILED = False
+
+
+def _with_eager_fallback(compiled: Callable, eager: Callable) -> Callable:
+    def run(*args):
+        global _COMPILE_FAILED
+        if not _COMPILE_FAILED:
+            try:
+                return compiled(*args)
+            except Exception as error:  # no C++ compiler, unsupported op, ...: stay correct
+                _COMPILE_FAILED = True
+                log.warning("torch.compile unavailable (%s); using eager MMSE", error)
+        return eager(*args)
+
+    return run
 
 
 def posterior_summaries(

@@ -107,7 +107,7 @@ class Training:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss)
+        return loss.item()
 
     @torch.no_grad()
     def validation_loss(self, batch: torch.Tensor) -> float:

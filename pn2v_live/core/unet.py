@@ -41,13 +41,15 @@ class UNet(nn.Module):
             _conv_block(2 * widths[level], widths[level]) for level in range(depth - 1)
         )
         self.head = nn.Conv2d(features, out_channels, 1)
+        self.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
 
     @property
     def out_channels(self) -> int:
         return self.head.out_channels
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) normalised input → (B, features, H, W) features."""
+        """(B, 1, H, W) normalised input → (B, features, H, W) features (channels-last)."""
+        x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for level, block in enumerate(self.down):
             if level > 0:

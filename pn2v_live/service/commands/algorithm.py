@@ -1,0 +1,239 @@
+"""`pn2v-live train`, `denoise` and `evaluate`: the algorithm on files, without the daemon."""
+
+from __future__ import annotations
+
+import json
+import logging
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from pn2v_live.errors import UserError
+from pn2v_live.service.cli import app
+
+log = logging.getLogger("pn2v_live.cli")
+
+
+class TrainingMode(StrEnum):
+    pn2v = "pn2v"
+    n2v = "n2v"
+    supervised = "supervised"
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" → "cuda" when a GPU is usable, else "cpu"; an unusable "cuda" is a user error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is usable here; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return device
+
+
+def training_frames(images: list[Path], gt: list[Path] | None) -> list[np.ndarray]:
+    """All frames of `images` as float32 (Y, X), or (2, Y, X) raw + ground truth with `gt`."""
+    from pn2v_live.storage.images import read_image, read_stack
+
+    if gt is not None and len(gt) != len(images):
+        raise UserError(
+            f"--gt: give one ground-truth image per IMAGE ({len(images)}), not {len(gt)}"
+        )
+    frames = []
+    for index, path in enumerate(images):
+        stack = read_stack(path).astype(np.float32)
+        if gt is None:
+            frames.extend(stack)
+            continue
+        truth = read_image(gt[index]).astype(np.float32)
+        if truth.shape != stack.shape[1:]:
+            raise UserError(f"{gt[index]}: shape {truth.shape} differs from {path}'s frames")
+        frames.extend(np.stack([frame, truth]) for frame in stack)
+    return frames
+
+
+def warn_if_out_of_calibration(noise_model, frames: list[np.ndarray]) -> None:
+    """Log a warning when the data's estimated signal exceeds the calibrated range."""
+    from pn2v_live.core.coverage import out_of_calibration_fraction
+
+    fraction = max(out_of_calibration_fraction(noise_model, frame) for frame in frames[:20])
+    if fraction > 0.001:
+        log.warning(
+            "%.2f%% of pixels have an estimated signal above the noise model's calibrated "
+            "maximum %.1f ADU: the model extrapolates there; calibrate with brighter signal",
+            100 * fraction,
+            noise_model.signal_range[1],
+        )
+
+
+@app.command()
+def train(
+    images: Annotated[list[Path], typer.Argument(help="2-D TIFF/PNG images or multi-page stacks")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="model file to write")],
+    mode: Annotated[TrainingMode, typer.Option(help="pn2v, n2v or supervised")] = TrainingMode.pn2v,
+    noise_model: Annotated[
+        Path | None, typer.Option("--noise-model", help="noise-model file (pn2v)")
+    ] = None,
+    gt: Annotated[
+        list[Path] | None, typer.Option(help="ground truth per IMAGE (supervised)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="number of optimiser steps")] = None,
+    minutes: Annotated[float | None, typer.Option(help="wall-time budget")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    val_fraction: Annotated[float, typer.Option(help="frames held back for validation")] = 0.1,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    k: Annotated[int, typer.Option(help="prior samples per pixel (pn2v)")] = 800,
+    batch_size: Annotated[int, typer.Option(help="patches per step")] = 16,
+    patch_size: Annotated[int, typer.Option(help="patch side in pixels")] = 96,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 4e-4,
+) -> None:
+    """Train a PN2V, N2V or supervised denoiser on IMAGES and write it to OUTPUT."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pn2v_live.core.model import new_denoiser, normalisation_of
+    from pn2v_live.core.training import train as train_denoiser
+    from pn2v_live.storage.checkpoints import save_denoiser
+    from pn2v_live.storage.noise_model_file import load_noise_model
+
+    if steps is None and minutes is None:
+        raise UserError("give --steps N or --minutes M to bound training")
+    if (mode is TrainingMode.supervised) != (gt is not None):
+        raise UserError("--gt is required with --mode supervised and only allowed with it")
+    if mode is TrainingMode.pn2v and noise_model is None:
+        raise UserError(
+            "--mode pn2v needs --noise-model FILE (make one with `pn2v-live calibrate`)"
+        )
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    frames = training_frames(images, gt)
+    model = load_noise_model(noise_model, device) if noise_model else None
+    if model is not None:
+        warn_if_out_of_calibration(model, [f if f.ndim == 2 else f[0] for f in frames])
+    mean, std = normalisation_of([f if f.ndim == 2 else f[0] for f in frames])
+    denoiser = new_denoiser(mode.value, mean, std, k=k)
+    denoiser.net.to(device)
+    with Progress(
+        TextColumn("training"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn()
+    ) as bar:
+        task = bar.add_task("", total=steps)
+
+        def report(record: dict) -> None:
+            bar.update(
+                task,
+                completed=record["step"],
+                description=f"step {record['step']} val {record['validation_loss']:.4f}",
+            )
+
+        try:
+            train_denoiser(
+                denoiser, frames, model, steps=steps, minutes=minutes, batch_size=batch_size,
+                patch_size=patch_size, lr=lr, val_fraction=val_fraction, seed=seed,
+                progress=report,
+            )  # fmt: skip
+        except ValueError as error:
+            raise UserError(str(error)) from error
+    metadata = {
+        "images": [str(p) for p in images],
+        "noise_model": str(noise_model) if noise_model else None,
+        "noise_model_state": model.to("cpu").state() if model else None,
+    }
+    save_denoiser(denoiser, output, metadata)
+    last = denoiser.history[-1] if denoiser.history else {}
+    print(json.dumps({"model": str(output), "mode": mode.value, **last}))
+
+
+def parse_frames(frames: str | None, count: int) -> slice:
+    """ "A:B" (Python slice, either end optional) → slice over `count` frames."""
+    if frames is None:
+        return slice(0, count)
+    try:
+        start, stop = (int(part) if part else None for part in frames.split(":"))
+    except ValueError:
+        raise UserError(f"--frames must look like A:B (e.g. 0:5), not {frames!r}") from None
+    return slice(*slice(start, stop).indices(count)[:2])
+
+
+@app.command()
+def denoise(
+    input: Annotated[Path, typer.Argument(help="2-D image or multi-page stack")],
+    model: Annotated[Path, typer.Option("-m", "--model", help="model file from `train`")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="float32 TIFF to write")],
+    frames: Annotated[str | None, typer.Option(help="frame range A:B")] = None,
+    tile: Annotated[int | None, typer.Option(help="tile side in pixels (default: auto)")] = None,
+    noise_model: Annotated[
+        Path | None, typer.Option("--noise-model", help="override the model's noise model")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    uncertainty: Annotated[
+        Path | None, typer.Option(help="also write the posterior std (pn2v) to this TIFF")
+    ] = None,
+) -> None:
+    """Denoise INPUT with MODEL; OUTPUT has INPUT's leading shape, float32."""
+    from rich.progress import track
+
+    from pn2v_live.core.inference import denoise as denoise_frame
+    from pn2v_live.core.noise import noise_model_from_state
+    from pn2v_live.storage.checkpoints import load_denoiser
+    from pn2v_live.storage.images import read_stack, write_tiff
+    from pn2v_live.storage.noise_model_file import load_noise_model
+
+    device = resolve_device(device)
+    denoiser, metadata = load_denoiser(model, device)
+    noise = None
+    if denoiser.mode == "pn2v":
+        if noise_model is not None:
+            noise = load_noise_model(noise_model, device)
+        elif metadata.get("noise_model_state"):
+            noise = noise_model_from_state(metadata["noise_model_state"]).to(device)
+        else:
+            raise UserError(f"{model} carries no noise model: pass --noise-model FILE")
+    if uncertainty is not None and denoiser.mode != "pn2v":
+        raise UserError("--uncertainty needs a pn2v model")
+    stack = read_stack(input)
+    stack = stack[parse_frames(frames, len(stack))]
+    if noise is not None:
+        warn_if_out_of_calibration(noise, list(stack.astype(np.float32)))
+    outputs = ("denoised", "posterior_std") if uncertainty else ("denoised",)
+    results = [
+        denoise_frame(denoiser, frame, noise, tile=tile, outputs=outputs)
+        for frame in track(stack, description="denoising")
+    ]
+    shape = stack.shape if stack.shape[0] > 1 else stack.shape[1:]
+    write_tiff(output, np.stack([r["denoised"] for r in results]).reshape(shape))
+    if uncertainty:
+        write_tiff(uncertainty, np.stack([r["posterior_std"] for r in results]).reshape(shape))
+    print(json.dumps({"output": str(output), "frames": len(results)}))
+
+
+@app.command()
+def evaluate(
+    prediction: Annotated[Path, typer.Argument(help="denoised image or stack")],
+    ground_truth: Annotated[Path, typer.Argument(help="ground-truth image (or matching stack)")],
+    data_range: Annotated[float, typer.Option(help="PSNR data range")] = 255.0,
+) -> None:
+    """Print one JSON line with PSNR and PSNR* (means over frames for a stack)."""
+    from pn2v_live.core.metrics import psnr, psnr_star
+    from pn2v_live.storage.images import read_stack
+
+    predicted = read_stack(prediction).astype(np.float64)
+    truth = read_stack(ground_truth).astype(np.float64)
+    if truth.shape[0] == 1:
+        truth = np.broadcast_to(truth, predicted.shape)
+    if truth.shape != predicted.shape:
+        raise UserError(f"shapes differ: prediction {predicted.shape}, ground truth {truth.shape}")
+    scores = {
+        "psnr": float(
+            np.mean([psnr(p, t, data_range) for p, t in zip(predicted, truth, strict=True)])
+        ),
+        "psnr_star": float(
+            np.mean([psnr_star(p, t, data_range) for p, t in zip(predicted, truth, strict=True)])
+        ),
+        "frames": len(predicted),
+    }
+    print(json.dumps(scores))
