@@ -60,12 +60,17 @@ def open_acquisition(
     return acquisition
 
 
-def store_frame(acquisition: Acquisition, t: int, pixels: np.ndarray, source: str) -> bool:
-    """Store raw frame `t` unless it is already stored or being stored; True when written."""
+def store_frame(
+    acquisition: Acquisition, t: int, pixels: np.ndarray, source: str, publish: bool = True
+) -> bool:
+    """Store raw frame `t` unless it is already stored or being stored; True when written.
+
+    `publish` as in `Acquisition.write_raw`.
+    """
     if not acquisition.claim(t):
         return False
     try:
-        acquisition.write_raw(t, pixels)
+        acquisition.write_raw(t, pixels, publish)
     except BaseException:
         acquisition.release(t)
         raise

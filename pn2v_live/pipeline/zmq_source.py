@@ -17,6 +17,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from urllib.parse import urlsplit
 
 import zmq
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 SOURCE = "zmq"
+IDLE_SECONDS = 0.2  # a writer idle this long trims the arrays to their exact length
+PUBLISH_SECONDS = 0.25  # under load, valid_t on disk lags the stored frames by at most this
 MAX_MESSAGE_BYTES = 1 << 30  # refused by libzmq before it is received: no huge allocation
 
 
@@ -78,6 +81,7 @@ class ZmqSource:
         self._counts = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0}
         self._counts_lock = threading.Lock()
         self._touched: set[Acquisition] = set()
+        self._published = 0.0
         self._state = "stopped"
         self._last_error: str | None = None
 
@@ -124,7 +128,7 @@ class ZmqSource:
         if self._context is not None:
             self._context.term()
             self._context = None
-        self._flush_all()
+        self._flush_all(trim=True)
         self._state = "stopped"
 
     def health(self) -> dict:
@@ -194,11 +198,11 @@ class ZmqSource:
     def _write(self) -> None:
         while True:
             try:
-                message = self._queue.get(timeout=0.2)
+                message = self._queue.get(timeout=IDLE_SECONDS)
             except queue.Empty:
                 if self._stop.is_set():
                     return
-                self._flush_all()
+                self._flush_all(trim=True)
                 continue
             INGEST_QUEUE.set(self._queue.qsize())
             try:
@@ -211,6 +215,8 @@ class ZmqSource:
                 self._last_error = f"{type(error).__name__}: {error}"
                 FRAMES_REJECTED.labels(source=SOURCE, reason="error").inc()
                 log.exception("could not store a frame of %s", message.acquisition)
+            if time.monotonic() - self._published > PUBLISH_SECONDS:
+                self._flush_all(trim=False)
 
     def _handle(self, message: FrameMessage | EndMessage) -> None:
         if isinstance(message, EndMessage):
@@ -230,16 +236,19 @@ class ZmqSource:
         acquisition = open_acquisition(
             self.store, message.acquisition, message.pixels.shape, message.pixels.dtype
         )
-        if store_frame(acquisition, message.index, message.pixels, SOURCE):
+        if store_frame(acquisition, message.index, message.pixels, SOURCE, publish=False):
             with self._counts_lock:
                 self._touched.add(acquisition)
             self._count("stored")
         else:
             self._count("duplicates")
 
-    def _flush_all(self) -> None:
-        """Publish array length and valid_t of the acquisitions written since the last flush."""
+    def _flush_all(self, trim: bool) -> None:
+        """Write valid_t of the acquisitions stored to since the last call (see `flush`)."""
+        self._published = time.monotonic()
         with self._counts_lock:
-            touched, self._touched = self._touched, set()
-        for acquisition in touched:
-            acquisition.flush()
+            touched = self._touched
+            if trim:
+                self._touched = set()
+        for acquisition in list(touched):
+            acquisition.flush(trim=trim)

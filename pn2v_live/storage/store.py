@@ -8,7 +8,8 @@ Layout under the data root::
         denoised/0   (T, 1, 1, Y, X) float32, same layout; fill value 0 until denoised
 
 Axes are t, c, z, y, x; each chunk is one frame plane (1, 1, 1, Y, X), so appending a frame
-writes one new chunk file and rewrites only the small array metadata. Chunk files are written
+writes one new chunk file and never rewrites an old one. The arrays grow GROW_STEP frames at a
+time (a metadata-only resize) and `flush()` trims them to the exact length. Chunk files are written
 atomically (temporary file + rename) by zarr's LocalStore, so readers in other processes
 (napari, Fiji, dask) see either a whole frame or the fill value. A frame counts as stored only
 once its ledger row exists; `valid_t` (number of contiguous stored frames from t = 0) is what
@@ -22,7 +23,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from pathlib import Path
 
 import numcodecs
@@ -41,7 +41,6 @@ RAW_DTYPES = ("uint8", "uint16")
 AXES = ("t", "c", "z", "y", "x")
 IMAGES = ("raw", "denoised")
 GROW_STEP = 64  # frames added per array resize while acquiring; flush() trims the rest
-METADATA_INTERVAL_S = 0.5  # at most this stale: on-disk array length and valid_t
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -81,14 +80,16 @@ class Acquisition:
         self._group = group
         self._ledger = ledger
         self._lock = threading.Lock()
-        self._raw = group["raw/0"]
-        self._denoised = group["denoised/0"]
+        # Every frame gets its chunk, even one equal to the fill value (an all-dark frame is data;
+        # reconciliation checks chunk files), and zarr skips its per-write fill-value scan.
+        always_write = {"write_empty_chunks": True}
+        self._raw = group["raw/0"].with_config(always_write)
+        self._denoised = group["denoised/0"].with_config(always_write)
         self.frame_shape: tuple[int, int] = tuple(self._raw.shape[3:])
         self.dtype = np.dtype(self._raw.dtype)
         self._stored = set(self._reconcile())
         self._in_flight: set[int] = set()
         self._writing: set[int] = set()
-        self._published = 0.0
         self._versions = ledger.denoised_versions(name)
         self._valid_t = _contiguous(self._stored)
         self.closed = bool(self._attrs().get("closed", False))
@@ -157,12 +158,14 @@ class Acquisition:
         with self._lock:
             self._in_flight.discard(t)
 
-    def write_raw(self, t: int, frame: np.ndarray) -> None:
+    def write_raw(self, t: int, frame: np.ndarray, publish: bool = True) -> None:
         """Store raw frame `t` (Y, X): chunk first, ledger row second.
 
         Overwrites any earlier chunk at `t`; callers that must not store a frame twice use
-        `claim` first (the ingest sources do). The array shape and `valid_t` attribute on disk
-        follow at most `METADATA_INTERVAL_S` later, or at `flush()`.
+        `claim` first (the ingest sources do). When this returns, the on-disk `valid_t` counts
+        the frame, unless `publish` is False: sources under load skip that metadata write per
+        frame and call `flush(trim=False)` every fraction of a second instead. The arrays grow
+        in steps of GROW_STEP frames, trimmed to the exact length by `flush()`.
         """
         if t < 0:
             raise ValueError(f"{self.name}: frame index must be >= 0, got {t}")
@@ -181,9 +184,8 @@ class Acquisition:
             self._in_flight.discard(t)
             while self._valid_t in self._stored:
                 self._valid_t += 1
-            due = time.monotonic() - self._published >= METADATA_INTERVAL_S
-        if due:
-            self.flush()
+            if publish:
+                self._set_attrs()
 
     def write_denoised(self, t: int, frame: np.ndarray, model_version: int) -> None:
         """Store the float32 denoised frame `t` (Y, X) produced by model `model_version`."""
@@ -200,15 +202,18 @@ class Acquisition:
         extra = {} if expected_frames is None else {"expected_frames": int(expected_frames)}
         self.flush(closed=True, **extra)
 
-    def flush(self, **attrs: object) -> None:
-        """Publish the exact array length (last stored frame + 1) and `valid_t` on disk."""
+    def flush(self, trim: bool = True, **attrs: object) -> None:
+        """Write `valid_t` (and `attrs`) to disk; with `trim`, also cut both arrays to the exact
+        length (last stored frame + 1) so readers see no empty frames at the end.
+
+        Ingest sources trim when they fall idle; `close()` and `Store.close()` do too.
+        """
         with self._lock:
             busy = self._stored | self._writing | self._in_flight
             length = max(busy, default=-1) + 1
-            if self._raw.shape[0] != length:
+            if trim and self._raw.shape[0] != length:
                 self._resize(length)
             self._set_attrs(**attrs)
-            self._published = time.monotonic()
 
     # internals --------------------------------------------------------------------------
 

@@ -1,0 +1,66 @@
+"""Sustained ZeroMQ ingest throughput through the real receiver and store, default compressor."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pn2v_live.pipeline.sender import FrameSender
+from pn2v_live.pipeline.zmq_source import ZmqSource
+from pn2v_live.storage.store import Store
+
+BENCH_PORT = 5575  # frames; status on 5576
+
+
+def camera_frames(size: int, dtype: str, count: int = 8, seed: int = 0) -> np.ndarray:
+    """`count` distinct Poisson-noisy frames (size, size) of a smooth scene, like a camera gives.
+
+    Compression ratio matters for throughput, so the bench avoids all-zero or uniform noise.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size] / size
+    scene = 200 + 150 * np.sin(6 * x) * np.cos(4 * y) + 100 * x
+    scale = 1 if np.dtype(dtype) == np.uint8 else 8
+    peak = np.iinfo(dtype).max
+    return np.stack(
+        [np.clip(rng.poisson(scene * scale / 4) + 100, 0, peak) for _ in range(count)]
+    ).astype(dtype)
+
+
+def run_ingest(size: int, frames: int, dtype: str = "uint16", root: Path | None = None) -> dict:
+    """Send `frames` frames of size×size `dtype` as fast as possible; time until all are stored.
+
+    Returns {"frames", "seconds", "frames_per_s", "megabytes_per_s", "size", "dtype",
+    "compression_ratio"}. Uses a temporary data root unless `root` is given.
+    """
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        store = Store(tmp)
+        source = ZmqSource(store, f"tcp://127.0.0.1:{BENCH_PORT}")
+        source.start()
+        pool = camera_frames(size, dtype)
+        try:
+            with FrameSender(source.bind, source.status_bind) as sender:
+                start = time.perf_counter()
+                for t in range(frames):
+                    sender.send_frame("bench", t, pool[t % len(pool)])
+                while source.health()["stored"] < frames:
+                    time.sleep(0.005)
+                seconds = time.perf_counter() - start
+        finally:
+            source.stop()
+            store.close()
+        chunks = Path(tmp, "bench.ome.zarr", "raw", "0")
+        on_disk = sum(p.stat().st_size for p in chunks.rglob("*") if p.is_file())
+    raw_bytes = frames * pool[0].nbytes
+    return {
+        "frames": frames,
+        "size": size,
+        "dtype": dtype,
+        "seconds": round(seconds, 3),
+        "frames_per_s": round(frames / seconds, 1),
+        "megabytes_per_s": round(raw_bytes / seconds / 1e6, 1),
+        "compression_ratio": round(raw_bytes / on_disk, 2),
+    }
