@@ -195,6 +195,6 @@ def posterior_summaries(
     if "prior_mean" in outputs:
         summaries["prior_mean"] = samples.mean(dim=1)
     if "posterior_std" in outputs:
-        second_moment = (weights * samples.square()).sum(dim=1)
-        summaries["posterior_std"] = (second_moment - mmse.square()).clamp_(min=0).sqrt_()
+        variance = (weights * (samples - mmse[:, None]).square()).sum(dim=1)
+        summaries["posterior_std"] = variance.sqrt()
     return {name: summaries[name] for name in outputs}
