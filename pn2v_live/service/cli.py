@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported.
-COMMAND_MODULES = ("algorithm",)
+COMMAND_MODULES = ("algorithm", "serve")
 
 for _module in COMMAND_MODULES:
     importlib.import_module(f"pn2v_live.service.commands.{_module}")

@@ -40,7 +40,7 @@ def _check_host_port(value: str) -> str:
 
 def _check_zmq_endpoint(value: str) -> str:
     """Accept "" (off) or a ZeroMQ tcp:// or ipc:// endpoint."""
-    if value == "" or value.startswith(("tcp://", "ipc://")):
+    if not value or value.startswith(("tcp://", "ipc://")):
         return value
     raise ValueError('expected tcp://host:port or ipc://path (or "" for off)')
 
@@ -62,7 +62,8 @@ class FolderIngestConfig(Section):
 
 class ZmqIngestConfig(Section):
     bind: str = "tcp://127.0.0.1:5555"
-    _check = field_validator("bind")(_check_zmq_endpoint)
+    status_bind: str | None = None  # REP socket for "what is stored?"; default: bind's port + 1
+    _check = field_validator("bind", "status_bind")(_check_zmq_endpoint)
 
 
 class IngestConfig(Section):
@@ -114,7 +115,7 @@ class ViewerConfig(Section):
 
 
 class PublishConfig(Section):
-    bind: str = "tcp://127.0.0.1:5556"
+    bind: str = "tcp://127.0.0.1:5557"
     _check = field_validator("bind")(_check_zmq_endpoint)
 
 

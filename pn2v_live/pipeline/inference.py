@@ -1,0 +1,170 @@
+"""The inference stage: MMSE-denoises every stored raw frame with the promoted model, via dask.
+
+Each pass picks up to `max_in_flight` frames and runs one dask task per frame (MMSE of one
+frame with the current model); the stage reads the raw chunks before and writes the denoised
+chunks with the model version after. Frames without a denoised twin come first, newest first
+(open acquisitions before closed ones), so the live view stays current while the rest catch up;
+only when none is left are frames denoised by an older model re-denoised (back-fill). A newly
+promoted model is picked up between passes (hot swap). Before the first model exists, frames
+wait in the store and `waiting_for_model` is set.
+
+`scheduler` is "local" (dask's threaded scheduler inside the daemon) or the address of a
+dask.distributed scheduler; the model and noise model are then sent to the workers once per
+version and only frames travel per task.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dask
+import numpy as np
+import torch
+
+from pn2v_live.core.inference import denoise
+from pn2v_live.core.model import Denoiser
+from pn2v_live.core.noise.base import NoiseModel
+from pn2v_live.errors import UserError
+from pn2v_live.metrics import BACKLOG, FRAMES_DENOISED, INFERENCE_SECONDS, MODEL_VERSION
+from pn2v_live.pipeline.stage import Stage
+from pn2v_live.storage.registry import ModelInfo, ModelRegistry
+from pn2v_live.storage.store import Acquisition, Store
+
+# Called after each denoised frame is written: (acquisition, t, denoised float32 (Y, X), version).
+FrameListener = Callable[[Acquisition, int, np.ndarray, int], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    acquisition: Acquisition
+    t: int
+    backfill: bool
+
+
+def denoise_frame(
+    denoiser: Denoiser, noise_model: NoiseModel, raw: np.ndarray, tile: int | None
+) -> np.ndarray:
+    """The dask task: MMSE estimate (float32, Y × X) of one raw frame (Y, X) in ADU."""
+    return denoise(denoiser, raw, noise_model, tile=tile)["denoised"]
+
+
+class InferenceScheduler(Stage):
+    """Denoises frames as they are stored; `idle` is set while no fresh frame waits."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: ModelRegistry,
+        noise_model: NoiseModel,
+        device: torch.device,
+        scheduler: str = "local",
+        max_in_flight: int = 4,
+        tile: int | None = None,
+        on_frame: FrameListener | None = None,
+    ):
+        super().__init__("inference", idle_seconds=0.1)
+        self.store, self.registry, self.device = store, registry, device
+        self.noise_model, self.tile, self.max_in_flight = noise_model, tile, max_in_flight
+        self.on_frame = on_frame
+        self.idle = threading.Event()
+        self.model: ModelInfo | None = None
+        self.waiting_for_model = True
+        self.backlog = 0
+        self._denoiser: Denoiser | None = None
+        self._client = None
+        self._remote: tuple | None = None  # (denoiser, noise model) futures on the cluster
+        if scheduler != "local":
+            self._client = connect(scheduler)
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Finish the frames in flight (up to `timeout` seconds), then disconnect from dask."""
+        ended = super().stop(timeout)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        return ended
+
+    def work(self) -> bool:
+        self._swap_model()
+        jobs, self.backlog = self._next_jobs()
+        BACKLOG.set(self.backlog)
+        fresh_waiting = self.backlog > 0 and self._denoiser is not None
+        if fresh_waiting:
+            self.idle.clear()
+        else:
+            self.idle.set()
+        if not jobs or self._denoiser is None:
+            return False
+        self._run(jobs)
+        return True
+
+    def _swap_model(self) -> None:
+        """Load the promoted model if it changed since the last pass."""
+        current = self.registry.current()
+        if current is None or current == self.model:
+            return
+        denoiser, info = self.registry.load(current.version)
+        denoiser.net.to(self.device)
+        self._denoiser, self.model, self.waiting_for_model = denoiser, info, False
+        if self._client is not None:
+            self._remote = tuple(
+                self._client.scatter([denoiser, self.noise_model], broadcast=True, hash=False)
+            )
+        MODEL_VERSION.set(info.version)
+        self.log.info("now denoising with model version %d (%s)", info.version, info.source)
+
+    def _next_jobs(self) -> tuple[list[Job], int]:
+        """Up to `max_in_flight` frames to denoise next, and the number of frames with no twin."""
+        version = self.model.version if self.model else 1
+        acquisitions = [self.store.acquisition(name) for name in self.store.acquisitions()]
+        acquisitions.sort(key=lambda a: a.closed)  # open (live) acquisitions first
+        fresh, stale = [], []
+        for acquisition in acquisitions:
+            for t in acquisition.frames_to_denoise(version):
+                missing = acquisition.denoised_version(t) is None
+                (fresh if missing else stale).append(Job(acquisition, t, not missing))
+        return (fresh or stale)[: self.max_in_flight], len(fresh)
+
+    def _run(self, jobs: list[Job]) -> None:
+        """Denoise `jobs` as parallel dask tasks, then write each result with the model version."""
+        started = time.monotonic()
+        raws = [job.acquisition.read_raw(job.t) for job in jobs]
+        if self._client is None:
+            tasks = [
+                dask.delayed(denoise_frame)(self._denoiser, self.noise_model, raw, self.tile)
+                for raw in raws
+            ]
+            results = dask.compute(*tasks, scheduler="threads", num_workers=len(jobs))
+        else:
+            remote_denoiser, remote_noise = self._remote
+            futures = [
+                self._client.submit(
+                    denoise_frame, remote_denoiser, remote_noise, raw, self.tile, pure=False
+                )
+                for raw in raws
+            ]
+            results = self._client.gather(futures)
+        version = self.model.version
+        for job, denoised in zip(jobs, results, strict=True):
+            job.acquisition.write_denoised(job.t, denoised, version)
+            INFERENCE_SECONDS.observe(time.monotonic() - started)
+            FRAMES_DENOISED.labels("backfill" if job.backfill else "new").inc()
+            if self.on_frame is not None:
+                self.on_frame(job.acquisition, job.t, denoised, version)
+        self.beat()
+
+
+def connect(address: str, timeout: float = 5.0):
+    """A dask.distributed Client for `address`; UserError when no scheduler answers there."""
+    from distributed import Client  # imported here: the local scheduler does not need it
+
+    try:
+        return Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as error:
+        raise UserError(
+            f"inference.scheduler {address}: no dask scheduler answers there ({error}); start "
+            'it (dask scheduler) or set inference.scheduler = "local"'
+        ) from error

@@ -1,0 +1,208 @@
+"""The trainer stage: keeps fine-tuning PN2V on the accumulated raw frames, in bounded rounds.
+
+A round starts after `every_frames` new frames, or after `every_seconds` if any frame arrived.
+It trains the working model for `steps_per_round` steps on patches from the most active
+acquisition's recent frames (newer frames drawn more often), then compares the working model
+with the promoted one on the same validation batch from held-back frames (t % 8 == 3, never
+trained on) and promotes it through the registry only if it is better. Before every step it
+waits until inference has no fresh frame waiting, so training never delays denoising.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pn2v_live.core.model import new_denoiser, normalisation_of
+from pn2v_live.core.noise.base import NoiseModel
+from pn2v_live.core.training import Training, sample_patches
+from pn2v_live.metrics import TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
+from pn2v_live.pipeline.stage import Stage
+from pn2v_live.storage.registry import ModelRegistry
+from pn2v_live.storage.store import Acquisition, Store
+
+VALIDATION_PERIOD = 8  # frames t with t % 8 == 3 are held back for validation
+VALIDATION_PHASE = 3
+VALIDATION_PATCHES = 32
+WINDOW_FRAMES = 400  # newest frames a round samples from ...
+WINDOW_BYTES = 512 * 2**20  # ... as long as they fit in this much memory
+HALF_LIFE_FRAMES = 100  # a frame this much older than the newest is drawn half as often
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    every_frames: int
+    every_seconds: float
+    steps_per_round: int
+    patch_size: int
+    batch_size: int
+    k: int
+    learning_rate: float
+
+
+class Trainer(Stage):
+    """Bounded fine-tuning rounds on `device`; `history` lists one record per finished round."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: ModelRegistry,
+        noise_model: NoiseModel,
+        noise_model_id: str,
+        settings: TrainerSettings,
+        device: torch.device,
+        inference_idle: threading.Event,  # set while no fresh frame waits for inference
+        seed: int = 0,
+    ):
+        super().__init__("trainer", idle_seconds=0.5)
+        self.store, self.registry, self.settings, self.device = store, registry, settings, device
+        self.noise_model, self.noise_model_id = noise_model, noise_model_id
+        self.inference_idle = inference_idle
+        self.rng = np.random.default_rng(seed)
+        self.history: list[dict] = []
+        self._training: Training | None = None
+        self._steps_since_promotion = 0
+        self._seen: dict[str, int] = {}  # frames per acquisition at the last round
+        self._last_round = time.monotonic()
+
+    def work(self) -> bool:
+        counts = {
+            name: len(self.store.acquisition(name).stored_frames())
+            for name in self.store.acquisitions()
+        }
+        growth = {name: n - self._seen.get(name, 0) for name, n in counts.items()}
+        new_frames = sum(growth.values())
+        overdue = time.monotonic() - self._last_round >= self.settings.every_seconds
+        if new_frames < self.settings.every_frames and not (overdue and new_frames > 0):
+            return False
+        name = max(growth, key=lambda n: (growth[n], counts[n]))
+        train_frames, weights, val_frames = self._frames(self.store.acquisition(name))
+        if not train_frames or not val_frames:
+            return False  # too few frames yet for a held-back one
+        self._seen, self._last_round = counts, time.monotonic()
+        try:
+            self._round(name, train_frames, weights, val_frames)
+        except Exception:
+            TRAINING_ROUNDS.labels("failed").inc()
+            raise
+        return True
+
+    def _frames(
+        self, acquisition: Acquisition
+    ) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+        """Recent training frames with recency weights, and the held-back validation frames."""
+        frame_bytes = acquisition.dtype.itemsize * int(np.prod(acquisition.frame_shape))
+        window = min(WINDOW_FRAMES, max(2, WINDOW_BYTES // frame_bytes))
+        recent = acquisition.stored_frames()[-window:]
+        held_back = [t for t in recent if t % VALIDATION_PERIOD == VALIDATION_PHASE]
+        trained = [t for t in recent if t % VALIDATION_PERIOD != VALIDATION_PHASE]
+        weights = (
+            0.5 ** ((recent[-1] - np.asarray(trained, dtype=float)) / HALF_LIFE_FRAMES)
+            if trained
+            else np.empty(0)
+        )
+        return (
+            [acquisition.read_raw(t) for t in trained],
+            weights,
+            [acquisition.read_raw(t) for t in held_back],
+        )
+
+    def _round(
+        self,
+        name: str,
+        train_frames: list[np.ndarray],
+        weights: np.ndarray,
+        val_frames: list[np.ndarray],
+    ) -> None:
+        s = self.settings
+        patch = min(s.patch_size, *(side - side % 8 for side in train_frames[0].shape))
+        training = self._working_model(train_frames)
+        losses = []
+        started = time.monotonic()
+        for _ in range(s.steps_per_round):
+            if not self._wait_for_turn():
+                return  # stopping: abandon the round, nothing is promoted
+            batch = sample_patches(train_frames, s.batch_size, patch, self.rng, weights)
+            losses.append(training.step(batch))
+            self.beat()
+        self._steps_since_promotion += s.steps_per_round
+        val_batch = sample_patches(val_frames, VALIDATION_PATCHES, patch, np.random.default_rng(0))
+        val_loss = training.validation_loss(val_batch)
+        baseline = self._promoted_loss(val_batch)
+        training.scheduler.step(val_loss)
+        promoted = self.registry.promote(
+            training.denoiser,
+            validation_loss=val_loss,
+            baseline_loss=baseline,
+            training_frames=len(train_frames),
+            training_steps=self._steps_since_promotion,
+            noise_model_id=self.noise_model_id,
+        )
+        if promoted is not None:
+            self._steps_since_promotion = 0
+        outcome = "promoted" if promoted else "kept"
+        TRAINING_ROUNDS.labels(outcome).inc()
+        TRAINING_LOSS.set(float(np.mean(losses)))
+        VALIDATION_LOSS.set(val_loss)
+        record = {
+            "round": len(self.history) + 1,
+            "time": time.time(),
+            "acquisition": name,
+            "training_loss": float(np.mean(losses)),
+            "validation_loss": val_loss,
+            "promoted_loss": baseline,
+            "promoted_version": promoted.version if promoted else None,
+            "seconds": time.monotonic() - started,
+        }
+        self.history.append(record)
+        self.log.info(
+            "round %d on %d frames: training loss %.4f, validation loss %.4f "
+            "(promoted model %s) -> %s",
+            record["round"],
+            len(train_frames),
+            record["training_loss"],
+            val_loss,
+            "none" if baseline is None else f"{baseline:.4f}",
+            f"version {promoted.version}" if promoted else "kept current model",
+            extra={"acquisition": name},
+        )
+
+    def _working_model(self, train_frames: list[np.ndarray]) -> Training:
+        """The model being fine-tuned: kept across rounds, started from the promoted one."""
+        if self._training is None:
+            denoiser = self.registry.load()[0] if self.registry.current() is not None else None
+            if denoiser is None or denoiser.mode != "pn2v":  # none yet, or an N2V initial model
+                mean, std = normalisation_of(train_frames)
+                denoiser = new_denoiser("pn2v", mean, std, k=self.settings.k)
+            denoiser.net.to(self.device)
+            self._training = Training(denoiser, self.noise_model, lr=self.settings.learning_rate)
+        return self._training
+
+    def _promoted_loss(self, val_batch: torch.Tensor) -> float | None:
+        """The promoted model's loss on `val_batch` (None when nothing is promoted yet)."""
+        if self.registry.current() is None:
+            return None
+        denoiser, _ = self.registry.load()
+        denoiser.net.to(self.device)
+        if denoiser.mode != "pn2v":
+            return None  # an initial N2V/supervised model: any PN2V model replaces it
+        return Training(denoiser, self.noise_model).validation_loss(val_batch)
+
+    def _wait_for_turn(self) -> bool:
+        """Block while inference has fresh frames; False when the stage is stopping."""
+        while not self.inference_idle.wait(0.5):
+            self.beat()
+            if self.stopping:
+                return False
+        return not self.stopping
+
+
+def pick_device(name: str) -> torch.device:
+    """ "auto" → the first CUDA device when present, else the CPU; other names as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,259 @@
+"""The daemon's lifecycle: start every part from the config, report to systemd, drain on SIGTERM.
+
+Start order: noise model and devices → store and model registry (importing `[model] initial`
+when nothing is promoted yet) → dask scheduler → metrics, publisher and viewer sockets →
+ingest sources → inference and trainer → READY=1. Any failure before READY is a UserError with
+one line saying what and how to fix it. SIGTERM/SIGINT drain: sources stop accepting (what they
+already received is stored), the trainer abandons its round, inference finishes the frames in
+flight, then the store and ledger are closed and `run` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+import torch
+from prometheus_client import start_http_server
+
+from pn2v_live.errors import UserError
+from pn2v_live.pipeline.inference import InferenceScheduler
+from pn2v_live.pipeline.publisher import DenoisedPublisher
+from pn2v_live.pipeline.stage import Stage
+from pn2v_live.pipeline.trainer import Trainer, TrainerSettings, pick_device
+from pn2v_live.pipeline.zmq_source import ZmqSource
+from pn2v_live.service.config import Config
+from pn2v_live.service.notify import SystemdNotifier
+from pn2v_live.service.viewer import ViewerServer
+from pn2v_live.storage.checkpoints import load_denoiser
+from pn2v_live.storage.noise_model_file import load_noise_model
+from pn2v_live.storage.registry import ModelRegistry, content_id
+from pn2v_live.storage.store import Store
+
+log = logging.getLogger("pn2v_live.daemon")
+
+TICK_SECONDS = 2.0  # status and health check period
+UNWATCHED_SILENCE = 300.0  # a stage silent this long is stuck (without systemd's watchdog)
+
+
+class Daemon:
+    """Everything `pn2v-live serve` runs; `start()` then `run()` (blocks until a signal)."""
+
+    def __init__(self, config: Config, notifier: SystemdNotifier | None = None):
+        self.config = config
+        self.notifier = notifier or SystemdNotifier()
+        self._stop = threading.Event()
+        self._closers: list[Callable[[], object]] = []  # run in reverse order at shutdown
+        self.store: Store | None = None
+        self.inference: InferenceScheduler | None = None
+        self.trainer: Trainer | None = None
+        self.viewer = None
+        self.sources: list = []
+
+    # ---- start --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bring every part up; UserError (after undoing what started) if one cannot start."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        c = self.config
+        trainer_device = _device(c.trainer.device, "trainer.device")
+        inference_device = _device(c.inference.device, "inference.device")
+        noise_path = c.noise_model.path
+        trainer_noise = load_noise_model(noise_path, trainer_device)
+        inference_noise = load_noise_model(noise_path, inference_device)
+        self.store = Store(c.store.root, c.store.zarr_format)
+        self._closers.append(self.store.close)
+        registry = ModelRegistry(c.store.root / "models")
+        self._import_initial_model(registry)
+        self.inference = InferenceScheduler(
+            self.store,
+            registry,
+            inference_noise,
+            inference_device,
+            scheduler=c.inference.scheduler,
+            max_in_flight=c.inference.max_in_flight,
+            tile=c.inference.tile,
+        )
+        self._closers.append(self.inference.stop)  # closes the dask client if start fails
+        self.trainer = Trainer(
+            self.store,
+            registry,
+            trainer_noise,
+            content_id(noise_path),
+            TrainerSettings(**c.trainer.model_dump(exclude={"device"})),
+            trainer_device,
+            self.inference.idle,
+        )
+        self._start_metrics()
+        self._start_publisher()
+        self._start_viewer()
+        # Closers run last-in first-out: at shutdown the sources stop accepting first, then the
+        # trainer abandons its round, then inference finishes its in-flight frames.
+        self._closers += [self.inference.stop, self.trainer.stop]
+        self._start_sources()
+        self.inference.start()
+        self.trainer.start()
+        log.info("serving store %s; %s", c.store.root, self.status_line())
+        self.notifier.ready(self.status_line())
+
+    def _import_initial_model(self, registry: ModelRegistry) -> None:
+        """Make `[model] initial` version 1 when the registry has no promoted model yet."""
+        initial = self.config.model.initial
+        if initial is None or registry.current() is not None:
+            return
+        denoiser, _ = load_denoiser(initial)
+        info = registry.promote(
+            denoiser,
+            validation_loss=None,
+            training_frames=0,
+            training_steps=0,
+            noise_model_id=None,
+            source=str(initial),
+        )
+        log.info("imported initial model %s as version %d", initial, info.version)
+
+    def _start_metrics(self) -> None:
+        bind = self.config.metrics.bind
+        if not bind:
+            return
+        host, port = _host_port(bind)
+        try:
+            server, _ = start_http_server(port, addr=host)
+        except OSError as error:
+            raise UserError(
+                f"metrics.bind {bind}: cannot listen ({error.strerror or error}); choose another "
+                "port or stop the program using it"
+            ) from error
+        self._closers += [server.server_close, server.shutdown]  # shutdown runs first
+
+    def _start_publisher(self) -> None:
+        """ZeroMQ PUB of denoised frames ([publish] bind); inference hands it every frame."""
+        if not self.config.publish.bind:
+            return
+        publisher = DenoisedPublisher(self.config.publish.bind)
+        publisher.start()
+        self._closers.append(publisher.stop)
+        self.inference.on_frame = publisher.publish
+
+    def _start_viewer(self) -> None:
+        if not self.config.viewer.bind:
+            return
+        self.viewer = ViewerServer(self.store, self.config.viewer.bind, self.status)
+        self.viewer.start()
+        self._closers.append(self.viewer.stop)
+
+    def _start_sources(self) -> None:
+        """The ZeroMQ receiver and folder watcher, each only when configured."""
+        ingest = self.config.ingest
+        if ingest.zmq.bind:
+            self.sources.append(ZmqSource(self.store, ingest.zmq.bind, ingest.zmq.status_bind))
+        if ingest.folder.paths:
+            from pn2v_live.pipeline.folder_source import FolderSource
+
+            self.sources.append(
+                FolderSource(
+                    self.store,
+                    ingest.folder.paths,
+                    polling=ingest.folder.polling,
+                    stable_seconds=ingest.folder.stable_seconds,
+                )
+            )
+        for source in self.sources:
+            source.start()
+            self._closers.append(source.stop)
+
+    # ---- run ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or `request_stop`), then drain and close."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self._stop.set())
+        interval = self.notifier.watchdog_interval
+        tick = min(TICK_SECONDS, interval) if interval else TICK_SECONDS
+        max_silence = 2 * interval if interval else UNWATCHED_SILENCE
+        last_status = None
+        while not self._stop.wait(tick):
+            if all(stage.alive(max_silence) for stage in self._stages()):
+                self.notifier.watchdog()
+            else:
+                log.error("a stage stopped making progress; not pinging the watchdog")
+            status = self.status_line()
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+        self.drain()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def drain(self) -> None:
+        """Stop accepting, finish in-flight frames, flush and close everything."""
+        self.notifier.stopping("draining: finishing in-flight frames")
+        log.info("draining")
+        self.close()
+        log.info("stopped")
+
+    def close(self) -> None:
+        """Undo everything started so far (idempotent)."""
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception:
+                log.exception("while shutting down")
+        self.notifier.close()
+
+    # ---- status -------------------------------------------------------------------------
+
+    def _stages(self) -> list[Stage]:
+        return [s for s in (self.inference, self.trainer) if s is not None]
+
+    def status(self) -> dict:
+        """What the viewer's /api/status shows."""
+        inference, trainer = self.inference, self.trainer
+        model = inference.model if inference else None
+        return {
+            "model_version": model.version if model else None,
+            "model_source": (model.source if model else "waiting for the first trained model"),
+            "waiting_for_model": inference.waiting_for_model if inference else True,
+            "backlog": inference.backlog if inference else 0,
+            "training_rounds": len(trainer.history) if trainer else 0,
+            "loss_history": list(trainer.history) if trainer else [],
+        }
+
+    def status_line(self) -> str:
+        status = self.status()
+        model = (
+            f"model v{status['model_version']}"
+            if status["model_version"]
+            else "waiting for the first model"
+        )
+        return f"{model}, backlog {status['backlog']} frames, {status['training_rounds']} rounds"
+
+
+def _device(name: str, key: str) -> torch.device:
+    """The torch device for a config value; UserError when CUDA is asked for but absent."""
+    device = pick_device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f'{key} = {name!r} but no CUDA GPU is visible; use "auto" or "cpu"')
+    return device
+
+
+def _host_port(bind: str) -> tuple[str, int]:
+    host, _, port = bind.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def serve(config: Config) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns after a clean drain."""
+    daemon = Daemon(config)
+    daemon.start()
+    daemon.run()
