@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -329,7 +330,11 @@ class Store:
         return acquisition
 
     def _create_group(self, path: Path, frame_shape: tuple[int, int], dtype: np.dtype) -> None:
-        group = zarr.open_group(path, mode="w", zarr_format=self.zarr_format)
+        """Build the empty acquisition beside `path` and rename it into place, so readers never
+        see a half-made one (a leftover from a crash mid-creation is replaced)."""
+        building = path.with_name(f".{path.name}.creating")
+        shutil.rmtree(building, ignore_errors=True)
+        group = zarr.open_group(building, mode="w", zarr_format=self.zarr_format)
         fmt = FormatV04() if self.zarr_format == 2 else FormatV05()
         for image, image_dtype, fill in (("raw", dtype, 0), ("denoised", np.float32, 0.0)):
             sub = group.create_group(image)
@@ -355,6 +360,7 @@ class Store:
                 name=image,
             )
         group.attrs["pn2v_live"] = {"valid_t": 0, "closed": False}
+        building.rename(path)
 
 
 def _contiguous(frames: set[int]) -> int:
