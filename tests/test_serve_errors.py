@@ -1,0 +1,130 @@
+"""`pn2v-live serve` refuses to start on a bad setup with one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.storage.noise_model_file import save_noise_model
+
+CLI = Path(sys.executable).with_name("pn2v-live")
+SOCKETS_OFF = {
+    "ingest.zmq.bind": '""',
+    "metrics.bind": '""',
+    "viewer.bind": '""',
+    "publish.bind": '""',
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve(
+    tmp_path: Path, settings: dict[str, str], noise_model: bool = True
+) -> subprocess.CompletedProcess:
+    """Run `serve` with a config built from dotted `settings` (TOML values); it must exit."""
+    if noise_model:
+        model = PoissonGaussianNoiseModel(
+            gain=1.0, offset=0.0, read_noise=2.0, signal_range=(0, 255)
+        )
+        save_noise_model(model, tmp_path / "nm.pt")
+    lines = [f'store.root = "{tmp_path / "store"}"', 'noise_model.path = "nm.pt"']
+    lines += [f"{key} = {value}" for key, value in {**SOCKETS_OFF, **settings}.items()]
+    config = tmp_path / "serve.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return subprocess.run(
+        [CLI, "serve", "--config", config], capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+    return errors[0]
+
+
+def test_bad_config_value(tmp_path):
+    result = serve(tmp_path, {"trainer.steps_per_round": "-5"})
+    assert_one_line_error(result, "trainer.steps_per_round", "greater than 0")
+    assert not (tmp_path / "store").exists()  # refused before touching anything
+
+
+def test_unknown_config_key(tmp_path):
+    result = serve(tmp_path, {"trainer.stepz": "5"})
+    assert_one_line_error(result, "trainer.stepz", "unknown key")
+
+
+def test_bad_override_flag(tmp_path):
+    config = tmp_path / "serve.toml"
+    config.write_text("")
+    result = subprocess.run(
+        [CLI, "serve", "--config", config, "--set", "inference.max_in_flight=many"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert_one_line_error(result, "inference.max_in_flight", "valid integer")
+
+
+def test_missing_noise_model(tmp_path):
+    result = serve(tmp_path, {}, noise_model=False)
+    assert_one_line_error(result, "nm.pt", "pn2v-live calibrate")
+
+
+def test_corrupt_noise_model(tmp_path):
+    (tmp_path / "nm.pt").write_bytes(b"this is not a noise model")
+    result = subprocess.run(
+        [
+            CLI,
+            "serve",
+            "--set",
+            f'store.root="{tmp_path / "store"}"',
+            "--set",
+            f'noise_model.path="{tmp_path / "nm.pt"}"',
+        ]
+        + [arg for key, value in SOCKETS_OFF.items() for arg in ("--set", f"{key}={value}")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert_one_line_error(result, "nm.pt", "noise-model")
+
+
+def test_unreachable_dask_scheduler(tmp_path):
+    result = serve(tmp_path, {"inference.scheduler": f'"tcp://127.0.0.1:{free_port()}"'})
+    assert_one_line_error(result, "inference.scheduler", "no dask scheduler answers")
+
+
+@pytest.mark.parametrize(
+    ("key", "template"),
+    [
+        ("metrics.bind", '"127.0.0.1:{port}"'),
+        ("viewer.bind", '"127.0.0.1:{port}"'),
+        ("ingest.zmq.bind", '"tcp://127.0.0.1:{port}"'),
+        ("publish.bind", '"tcp://127.0.0.1:{port}"'),
+    ],
+)
+def test_port_in_use(tmp_path, key, template):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve(tmp_path, {key: template.format(port=port)})
+    assert_one_line_error(result, str(port))
+
+
+def test_missing_initial_model(tmp_path):
+    result = serve(tmp_path, {"model.initial": '"start.pt"'})
+    assert_one_line_error(result, "start.pt", "not found")
