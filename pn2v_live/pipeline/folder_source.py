@@ -1,0 +1,324 @@
+"""Folder ingest: TIFF / OME-TIFF files appearing under watched folders become stored frames.
+
+Each watched folder holds one sub-folder per acquisition (`<watched>/<acquisition>/*.tif`, the
+default `pattern`); files are taken in natural name order, each page one frame. A file is taken
+once it is complete: closed after writing (inotify close-write, local disks) with its size and
+mtime unchanged since, or unchanged for `stable_seconds` (always the rule with `polling=True`,
+for network shares where no events arrive). A rescan every `rescan_seconds` compares the folders
+with the ledger and picks up whatever the events missed, and the files of an interrupted run.
+
+Source files are only ever opened for reading. Empty, non-TIFF, truncated or inconsistent
+files (other frame shape or dtype than their acquisition) are rejected with a reason in the
+ledger, a log line and a metric; a rejected file that changes later is tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from pn2v_live.errors import UserError
+from pn2v_live.pipeline.ingest import Rejected, open_acquisition, reject, store_frame
+from pn2v_live.pipeline.stage import Stage
+from pn2v_live.storage.store import Acquisition, Store, validate_name
+
+log = logging.getLogger(__name__)
+
+SOURCE = "folder"
+SUFFIXES = (".tif", ".tiff")
+DEFAULT_PATTERN = r"(?P<acquisition>[^/]+)/[^/]+"
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def natural_key(path: str) -> list:
+    """Sort key putting img_2.tif before img_10.tif."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def read_tiff_frames(path: Path) -> np.ndarray:
+    """All frames of a (multi-page, OME-)TIFF as (T, Y, X); raises Rejected saying why not.
+
+    Truncation is caught three ways: pages whose data lie beyond the end of the file, errors
+    tifffile logs while following the page chain, and pixel data that fail to decode.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise Rejected("empty", "file is empty")
+    with path.open("rb") as file:
+        if file.read(4) not in TIFF_MAGIC:
+            raise Rejected("not_image", "not a TIFF file (no TIFF header)")
+    problems = _TifffileProblems()
+    try:
+        with problems, tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                ends = np.add(page.dataoffsets, page.databytecounts, dtype=np.int64)
+                if len(ends) and ends.max() > size:
+                    raise Rejected(
+                        "truncated", f"page data run past the end of the file ({size} B)"
+                    )
+            if len(tif.series) != 1:
+                raise Rejected("layout", f"holds {len(tif.series)} image series, expected one")
+            if "S" in tif.series[0].axes:
+                raise Rejected("shape", "colour (RGB/multi-sample) image; expected grayscale")
+            data = tif.series[0].asarray()
+    except Rejected:
+        raise
+    except Exception as error:  # tifffile and its codecs raise many types for damaged files
+        raise Rejected("truncated", f"unreadable TIFF ({type(error).__name__}: {error})") from error
+    if problems.messages:
+        raise Rejected("truncated", f"damaged TIFF: {problems.messages[0]}")
+    data = np.squeeze(data)
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    if data.ndim != 3:
+        raise Rejected("shape", f"expected 2-D frames or a stack of them, found shape {data.shape}")
+    return data
+
+
+class _TifffileProblems(logging.Handler):
+    """Collects what tifffile logs at WARNING or above while a file is read."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _TifffileProblems:
+        logging.getLogger("tifffile").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("tifffile").removeHandler(self)
+
+
+@dataclass
+class _Candidate:
+    """A file seen but not yet taken: its last stat, since when unchanged, stat when closed."""
+
+    root: Path
+    stat: tuple[int, int]
+    since: float
+    closed_stat: tuple[int, int] | None = None
+
+
+class _Events(FileSystemEventHandler):
+    def __init__(self, source: FolderSource, root: Path) -> None:
+        self.source, self.root = source, root
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        self.source.notice(self.root, event.src_path)
+
+    on_modified = on_created
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        self.source.notice(self.root, event.dest_path)
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        self.source.notice(self.root, event.src_path, closed=True)
+
+
+class FolderSource(Stage):
+    """Watches `paths` and stores every complete TIFF under them exactly once."""
+
+    def __init__(
+        self,
+        store: Store,
+        paths: list[Path] | Path,
+        polling: bool = False,
+        stable_seconds: float = 2.0,
+        rescan_seconds: float = 10.0,
+        pattern: str = DEFAULT_PATTERN,
+    ) -> None:
+        super().__init__("folder-source", idle_seconds=0.1)
+        self.store = store
+        self.roots = [Path(p).resolve() for p in ([paths] if isinstance(paths, Path) else paths)]
+        self.polling = polling
+        self.stable_seconds = stable_seconds
+        self.rescan_seconds = rescan_seconds
+        self.pattern = re.compile(pattern)
+        self._candidates: dict[str, _Candidate] = {}
+        self._lock = threading.Lock()
+        self._observer = None
+        self._next_rescan = 0.0
+        self._touched: set[Acquisition] = set()
+        self.counts = {"stored_files": 0, "stored_frames": 0, "rejected_files": 0}
+
+    # lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check the folders exist, start the observer and the worker thread."""
+        for root in self.roots:
+            if not root.is_dir():
+                raise UserError(f"watched folder {root} does not exist; create it or fix the path")
+        self._observer = PollingObserver(timeout=1) if self.polling else Observer()
+        for root in self.roots:
+            self._observer.schedule(_Events(self, root), str(root), recursive=True)
+        self._observer.start()
+        self._next_rescan = 0.0  # first work() scans everything, resuming an interrupted run
+        super().start()
+        log.info(
+            "watching %s (%s)",
+            ", ".join(map(str, self.roots)),
+            "polling" if self.polling else "events",
+        )
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Stop watching; the file being stored is finished first."""
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+            self._observer = None
+        return super().stop(timeout)
+
+    def health(self) -> dict:
+        with self._lock:
+            waiting = len(self._candidates)
+        running = self._thread is not None and self._thread.is_alive()
+        return {
+            "state": "running" if running else "stopped",
+            "waiting_files": waiting,
+            **self.counts,
+            "last_error": self.last_error,
+        }
+
+    # events -----------------------------------------------------------------------------
+
+    def notice(self, root: Path, path: str | bytes, closed: bool = False) -> None:
+        """Remember a file that may be new or changed (called from the observer thread)."""
+        path = os.fsdecode(path)
+        name = os.path.basename(path)
+        if not name.lower().endswith(SUFFIXES) or name.startswith((".", "~")):
+            return
+        try:
+            stat = _stat(path)
+        except FileNotFoundError:
+            return
+        now = time.monotonic()
+        with self._lock:
+            candidate = self._candidates.get(path)
+            if candidate is None:
+                candidate = self._candidates[path] = _Candidate(root, stat, now)
+            elif candidate.stat != stat:
+                candidate.stat, candidate.since = stat, now
+            if closed:
+                candidate.closed_stat = stat
+
+    # worker -----------------------------------------------------------------------------
+
+    def work(self) -> bool:
+        """Store every file that became ready; rescan the folders when due."""
+        if time.monotonic() >= self._next_rescan:
+            self.rescan()
+            self._next_rescan = time.monotonic() + self.rescan_seconds
+        ready = self._ready()
+        for path, candidate in ready:
+            if self.stopping:
+                break
+            self._ingest(Path(path), candidate)
+        for acquisition in self._touched:
+            acquisition.flush()
+        self._touched = set()
+        return bool(ready)
+
+    def rescan(self) -> None:
+        """Queue every TIFF under the roots that the ledger does not hold as stored (or as
+        rejected with the same size and mtime)."""
+        known = {item.key: item for item in self.store.ledger.items(SOURCE)}
+        for root in self.roots:
+            for folder, _, files in os.walk(root):
+                for name in files:
+                    path = os.path.join(folder, name)
+                    item = known.get(path)
+                    if item is not None and item.status == "stored":
+                        continue
+                    if item is not None and item.status == "rejected":
+                        try:
+                            if (item.size, item.mtime_ns) == _stat(path):
+                                continue
+                        except FileNotFoundError:
+                            continue
+                    self.notice(root, path)
+
+    def _ready(self) -> list[tuple[str, _Candidate]]:
+        """Candidates that are complete, removed from the waiting set, in natural name order."""
+        now = time.monotonic()
+        wall = time.time()
+        ready = []
+        with self._lock:
+            for path, candidate in list(self._candidates.items()):
+                try:
+                    stat = _stat(path)
+                except FileNotFoundError:
+                    del self._candidates[path]
+                    continue
+                if stat != candidate.stat:
+                    candidate.stat, candidate.since = stat, now
+                    continue
+                closed = candidate.closed_stat == stat and not self.polling
+                stable = now - candidate.since >= self.stable_seconds
+                old = (
+                    wall - stat[1] / 1e9 >= self.stable_seconds
+                )  # untouched since before we looked
+                if closed or stable or old:
+                    ready.append((path, self._candidates.pop(path)))
+        return sorted(ready, key=lambda item: natural_key(item[0]))
+
+    def _ingest(self, path: Path, candidate: _Candidate) -> None:
+        key = str(path)
+        size, mtime_ns = candidate.stat
+        ledger = self.store.ledger
+        previous = ledger.item(SOURCE, key)
+        if previous is not None and previous.status == "stored":
+            if (previous.size, previous.mtime_ns) != (size, mtime_ns):
+                log.warning("%s changed after it was stored; the stored frames are kept", path)
+            return
+        name = None
+        try:
+            name = self._acquisition_name(path, candidate.root)
+            frames = read_tiff_frames(path)
+            acquisition = open_acquisition(self.store, name, frames.shape[1:], frames.dtype)
+            first_t = ledger.reserve(SOURCE, key, name, size, mtime_ns, len(frames))
+            for offset, frame in enumerate(frames):
+                store_frame(acquisition, first_t + offset, frame, SOURCE, publish=False)
+            ledger.mark_stored(SOURCE, key, name, first_t, len(frames), size, mtime_ns)
+        except Rejected as error:
+            ledger.mark_rejected(SOURCE, key, f"{error.reason}: {error}", name, size, mtime_ns)
+            reject(SOURCE, error, str(path))
+            self.counts["rejected_files"] += 1
+            return
+        self._touched.add(acquisition)
+        self.counts["stored_files"] += 1
+        self.counts["stored_frames"] += len(frames)
+        log.debug("%s → %s frames %d..%d", path, name, first_t, first_t + len(frames) - 1)
+
+    def _acquisition_name(self, path: Path, root: Path) -> str:
+        relative = path.relative_to(root).as_posix()
+        match = self.pattern.fullmatch(relative)
+        if match is None:
+            raise Rejected(
+                "pattern",
+                f"{relative} is not inside an acquisition folder (pattern {self.pattern.pattern})",
+            )
+        try:
+            return validate_name(match["acquisition"])
+        except ValueError as error:
+            raise Rejected("name", str(error)) from error
+
+
+def _stat(path: str) -> tuple[int, int]:
+    """(size in bytes, mtime in ns) of `path`."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns

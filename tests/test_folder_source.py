@@ -1,0 +1,213 @@
+"""The folder watcher with a real observer, real TIFF files and a real store."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from prometheus_client import REGISTRY
+
+from pn2v_live.pipeline.folder_source import FolderSource, read_tiff_frames
+from pn2v_live.pipeline.ingest import Rejected
+from pn2v_live.storage.store import Store
+
+SHAPE = (24, 32)
+
+
+def stack(n: int, seed: int, dtype="uint16", shape=SHAPE) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 250, (n, *shape)).astype(dtype)
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def rejected(reason: str) -> float:
+    labels = {"source": "folder", "reason": reason}
+    return REGISTRY.get_sample_value("pn2v_live_frames_rejected_total", labels) or 0.0
+
+
+def fingerprint(folder: Path) -> dict:
+    return {
+        p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def watched(tmp_path):
+    folder = tmp_path / "scope"
+    folder.mkdir()
+    return folder
+
+
+def run_source(store, folder, **options):
+    source = FolderSource(store, [folder], stable_seconds=0.5, rescan_seconds=1.0, **options)
+    source.start()
+    return source
+
+
+def item_status(store, path: Path):
+    item = store.ledger.item("folder", str(path))
+    return None if item is None else item.status
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_single_multi_page_and_ome_tiffs_stored_in_order_files_untouched(
+    tmp_path, watched, polling
+):
+    store = Store(tmp_path / "store")
+    acq_dir = watched / "cells"
+    acq_dir.mkdir()
+    parts = [stack(1, 0), stack(3, 1), stack(2, 2), stack(2, 3)]
+    # present before the watcher starts: taken in natural name order (img_2 before img_10)
+    tifffile.imwrite(acq_dir / "img_10.ome.tif", parts[2], ome=True, metadata={"axes": "TYX"})
+    tifffile.imwrite(acq_dir / "img_2.tif", parts[1], photometric="minisblack")
+    tifffile.imwrite(acq_dir / "img_1.tif", parts[0][0])  # single page
+    source = run_source(store, watched, polling=polling)
+    try:
+        wait_for(lambda: source.counts["stored_frames"] == 6)
+        # arriving while watched: appended after the others
+        tifffile.imwrite(acq_dir / "img_11.tif", parts[3], photometric="minisblack")
+        (acq_dir / "notes.txt").write_text("objective 60x")
+        before = fingerprint(watched)
+        wait_for(lambda: source.counts["stored_frames"] == 8)
+        acq = store.acquisition("cells")
+        assert acq.stored_frames() == list(range(8))
+        stored = np.stack([acq.read_raw(t) for t in range(8)])
+        np.testing.assert_array_equal(stored, np.concatenate(parts))
+        assert fingerprint(watched) == before
+        assert item_status(store, acq_dir / "img_10.ome.tif") == "stored"
+        assert item_status(store, acq_dir / "notes.txt") is None
+        assert source.health()["state"] == "running"
+    finally:
+        source.stop()
+
+
+def test_bad_files_are_rejected_with_reasons_and_good_ones_still_stored(tmp_path, watched):
+    store = Store(tmp_path / "store")
+    acq_dir = watched / "run1"
+    acq_dir.mkdir()
+    good = stack(4, 3)
+    tifffile.imwrite(acq_dir / "a_000.tif", good[:2])
+    full = acq_dir.parent / "full.bin"
+    tifffile.imwrite(full, stack(5, 9), compression="zlib")
+    truncated_bytes = full.read_bytes()[: full.stat().st_size // 3]
+    full.unlink()
+    bad = {
+        "a_001_truncated.tif": ("truncated", truncated_bytes),
+        "a_002_empty.tif": ("empty", b""),
+        "a_003_text.tif": ("not_image", b"this is not an image\n" * 20),
+    }
+    for name, (_, content) in bad.items():
+        (acq_dir / name).write_bytes(content)
+    tifffile.imwrite(acq_dir / "a_004_shape.tif", stack(1, 4, shape=(24, 33))[0])
+    tifffile.imwrite(acq_dir / "a_005_dtype.tif", stack(1, 5, dtype="uint8")[0])
+    tifffile.imwrite(acq_dir / "a_006_float.tif", stack(1, 6).astype("float64")[0])
+    tifffile.imwrite(watched / "loose.tif", good[0])  # not inside an acquisition folder
+    (watched / "bad name").mkdir()
+    tifffile.imwrite(watched / "bad name" / "x.tif", good[0])
+    tifffile.imwrite(acq_dir / "a_007.tif", good[2:])
+    reasons = ["truncated", "empty", "not_image", "shape", "dtype", "pattern", "name"]
+    counted = {reason: rejected(reason) for reason in reasons}
+
+    source = run_source(store, watched)
+    try:
+        wait_for(
+            lambda: source.counts["rejected_files"] == 8 and source.counts["stored_files"] == 2
+        )
+    finally:
+        source.stop()
+    acq = store.acquisition("run1")
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(4)]), good)
+    assert acq.stored_frames() == [0, 1, 2, 3]
+    for name, (reason, _) in bad.items():
+        item = store.ledger.item("folder", str(acq_dir / name))
+        assert item.status == "rejected" and item.reason.startswith(reason), (name, item)
+    assert store.ledger.item("folder", str(acq_dir / "a_004_shape.tif")).reason.startswith("shape")
+    assert "(24, 33)" in store.ledger.item("folder", str(acq_dir / "a_004_shape.tif")).reason
+    assert store.ledger.item("folder", str(acq_dir / "a_006_float.tif")).reason.startswith("dtype")
+    assert store.ledger.item("folder", str(watched / "loose.tif")).reason.startswith("pattern")
+    assert rejected("dtype") == counted["dtype"] + 2
+    for reason in ("truncated", "empty", "not_image", "shape", "pattern", "name"):
+        assert rejected(reason) == counted[reason] + 1, reason
+    assert store.acquisitions() == ["run1"]
+
+
+def test_file_still_being_written_is_taken_only_when_complete(tmp_path, watched):
+    store = Store(tmp_path / "store")
+    (watched / "slow").mkdir()
+    data = stack(6, 7)
+    target = watched / "slow" / "movie.tif"
+    tifffile.imwrite(tmp_path / "movie.tif", data)
+    content = (tmp_path / "movie.tif").read_bytes()
+    before = rejected("truncated")
+    source = run_source(store, watched)
+    try:
+        with target.open("wb") as writer:  # a camera writing one file in pieces
+            for start in range(0, len(content), len(content) // 8 + 1):
+                writer.write(content[start : start + len(content) // 8 + 1])
+                writer.flush()
+                time.sleep(0.25)  # shorter than the stability window, longer than a poll
+                assert source.counts["stored_frames"] == 0
+                assert item_status(store, target) is None
+        wait_for(lambda: source.counts["stored_frames"] == 6)
+    finally:
+        source.stop()
+    acq = store.acquisition("slow")
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(6)]), data)
+    assert rejected("truncated") == before
+
+
+def test_rejected_file_fixed_later_is_stored_and_restart_stores_nothing_twice(tmp_path, watched):
+    store = Store(tmp_path / "store")
+    (watched / "acq").mkdir()
+    data = stack(3, 8)
+    broken = watched / "acq" / "f1.tif"
+    broken.write_bytes(b"II*\x00garbage")
+    tifffile.imwrite(watched / "acq" / "f0.tif", data[0])
+    source = run_source(store, watched)
+    try:
+        wait_for(lambda: item_status(store, broken) == "rejected")
+        tifffile.imwrite(broken, data[1])  # the user re-exports it
+        wait_for(lambda: item_status(store, broken) == "stored")
+    finally:
+        source.stop()
+    tifffile.imwrite(watched / "acq" / "f2.tif", data[2])  # arrives while nothing watches
+    store.close()
+    store = Store(tmp_path / "store")
+    source = run_source(store, watched)
+    try:
+        wait_for(lambda: item_status(store, watched / "acq" / "f2.tif") == "stored")
+        time.sleep(1.5)  # a full rescan more: nothing is taken twice
+    finally:
+        source.stop()
+    acq = store.acquisition("acq")
+    assert acq.stored_frames() == [0, 1, 2]
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(3)]), data)
+
+
+@pytest.mark.parametrize(
+    "shape, photometric", [((2, 3, 8, 8), "minisblack"), ((8, 8, 3), "rgb"), ((3, 8, 8), "rgb")]
+)
+def test_read_tiff_frames_refuses_multi_channel_and_colour_images(tmp_path, shape, photometric):
+    path = tmp_path / "colour.tif"
+    tifffile.imwrite(path, np.zeros(shape, np.uint8), photometric=photometric)
+    with pytest.raises(Rejected) as error:
+        read_tiff_frames(path)
+    assert error.value.reason == "shape"
+
+
+def test_missing_watched_folder_is_a_user_error(tmp_path):
+    from pn2v_live.errors import UserError
+
+    with pytest.raises(UserError, match="does not exist"):
+        FolderSource(Store(tmp_path / "s"), [tmp_path / "nope"]).start()
