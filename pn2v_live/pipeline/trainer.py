@@ -1,6 +1,6 @@
 """The trainer stage: keeps fine-tuning PN2V on the accumulated raw frames, in bounded rounds.
 
-A round starts after `every_frames` new frames, or after `every_seconds` if any frame arrived.
+A round starts after `every_frames` new frames or `every_seconds` after the previous round.
 It trains the working model for `steps_per_round` steps on patches from the most active
 acquisition's recent frames (newer frames drawn more often), then compares the working model
 with the promoted one on the same validation batch from held-back frames (t % 8 == 3, never
@@ -77,7 +77,7 @@ class Trainer(Stage):
         growth = {name: n - self._seen.get(name, 0) for name, n in counts.items()}
         new_frames = sum(growth.values())
         overdue = time.monotonic() - self._last_round >= self.settings.every_seconds
-        if new_frames < self.settings.every_frames and not (overdue and new_frames > 0):
+        if not counts or (new_frames < self.settings.every_frames and not overdue):
             return False
         name = max(growth, key=lambda n: (growth[n], counts[n]))
         train_frames, weights, val_frames = self._frames(self.store.acquisition(name))

@@ -19,6 +19,7 @@ import torch
 from prometheus_client import start_http_server
 
 from pn2v_live.errors import UserError
+from pn2v_live.pipeline.folder_source import FolderSource
 from pn2v_live.pipeline.inference import InferenceScheduler
 from pn2v_live.pipeline.publisher import DenoisedPublisher
 from pn2v_live.pipeline.stage import Stage
@@ -156,8 +157,6 @@ class Daemon:
         if ingest.zmq.bind:
             self.sources.append(ZmqSource(self.store, ingest.zmq.bind, ingest.zmq.status_bind))
         if ingest.folder.paths:
-            from pn2v_live.pipeline.folder_source import FolderSource
-
             self.sources.append(
                 FolderSource(
                     self.store,
@@ -214,7 +213,8 @@ class Daemon:
     # ---- status -------------------------------------------------------------------------
 
     def _stages(self) -> list[Stage]:
-        return [s for s in (self.inference, self.trainer) if s is not None]
+        stages = [self.inference, self.trainer, *self.sources]
+        return [s for s in stages if isinstance(s, Stage)]
 
     def status(self) -> dict:
         """What the viewer's /api/status shows."""
