@@ -253,10 +253,13 @@ class FolderSource(Stage):
                     self.notice(root, path)
 
     def _ready(self) -> list[tuple[str, _Candidate]]:
-        """Candidates that are complete, removed from the waiting set, in natural name order."""
-        now = time.monotonic()
-        wall = time.time()
-        ready = []
+        """Complete candidates, removed from the waiting set, in natural name order.
+
+        Frames are numbered in the order files are taken, so a file also waits while an
+        earlier-named file in its folder is still incomplete.
+        """
+        now, wall = time.monotonic(), time.time()
+        complete, waiting = [], {}
         with self._lock:
             for path, candidate in list(self._candidates.items()):
                 try:
@@ -266,14 +269,21 @@ class FolderSource(Stage):
                     continue
                 if stat != candidate.stat:
                     candidate.stat, candidate.since = stat, now
-                    continue
                 closed = candidate.closed_stat == stat and not self.polling
                 stable = now - candidate.since >= self.stable_seconds
-                old = (
-                    wall - stat[1] / 1e9 >= self.stable_seconds
-                )  # untouched since before we looked
+                old = wall - stat[1] / 1e9 >= self.stable_seconds  # untouched before we looked
                 if closed or stable or old:
-                    ready.append((path, self._candidates.pop(path)))
+                    complete.append(path)
+                else:
+                    folder = os.path.dirname(path)
+                    key = natural_key(path)
+                    waiting[folder] = min(waiting.get(folder, key), key)
+            ready = [
+                (path, self._candidates.pop(path))
+                for path in complete
+                if os.path.dirname(path) not in waiting
+                or natural_key(path) < waiting[os.path.dirname(path)]
+            ]
         return sorted(ready, key=lambda item: natural_key(item[0]))
 
     def _ingest(self, path: Path, candidate: _Candidate) -> None:

@@ -29,13 +29,24 @@ log = logging.getLogger(__name__)
 class FrameSender:
     """PUSH frames to `to` and query the receiver's status socket (default: port + 1)."""
 
-    def __init__(self, to: str, status: str | None = None, high_water_mark: int = 64) -> None:
+    def __init__(
+        self,
+        to: str,
+        status: str | None = None,
+        high_water_mark: int = 64,
+        send_timeout: float | None = None,
+    ) -> None:
+        """`send_timeout`: seconds a frame may wait for the receiver before TimeoutError
+        (default: wait as long as backpressure lasts)."""
         self.to = to
+        self.send_timeout = send_timeout
         self.status_address = status or status_endpoint(to)
         self._context = zmq.Context()
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, high_water_mark)
         self._push.setsockopt(zmq.LINGER, 2000)
+        if send_timeout is not None:
+            self._push.setsockopt(zmq.SNDTIMEO, int(send_timeout * 1000))
         self._push.connect(to)
         self._request: zmq.Socket | None = None
 
@@ -56,7 +67,7 @@ class FrameSender:
         self, acquisition: str, index: int, frame: np.ndarray, timestamp: float | None = None
     ) -> None:
         """Queue one (Y, X) frame; blocks while the receiver applies backpressure."""
-        self._push.send_multipart(encode_frame(acquisition, index, frame, timestamp), copy=False)
+        self._send(encode_frame(acquisition, index, frame, timestamp))
 
     def send_stack(
         self,
@@ -75,7 +86,15 @@ class FrameSender:
 
     def end(self, acquisition: str, frames: int | None = None) -> None:
         """Tell the receiver the acquisition is complete (optionally with its frame count)."""
-        self._push.send_multipart(encode_end(acquisition, frames))
+        self._send(encode_end(acquisition, frames))
+
+    def _send(self, parts: list) -> None:
+        try:
+            self._push.send_multipart(parts, copy=False)
+        except zmq.Again:
+            raise TimeoutError(
+                f"no receiver at {self.to} took a frame within {self.send_timeout} s"
+            ) from None
 
     def status(self, acquisition: str, timeout: float = 2.0) -> dict | None:
         """The receiver's status of `acquisition`, or None when it does not answer in time."""

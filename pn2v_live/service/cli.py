@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported.
-COMMAND_MODULES = ("algorithm", "serve")
+COMMAND_MODULES = ("algorithm", "bench", "ingest", "serve")
 
 for _module in COMMAND_MODULES:
     importlib.import_module(f"pn2v_live.service.commands.{_module}")
@@ -38,3 +38,4 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+

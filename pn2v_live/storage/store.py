@@ -29,8 +29,6 @@ from pathlib import Path
 import numcodecs
 import numpy as np
 import zarr
-from ome_zarr.format import FormatV04, FormatV05
-from ome_zarr.writer import write_multiscales_metadata
 from zarr.codecs import BloscCodec
 
 from pn2v_live.storage.ledger import Ledger
@@ -332,6 +330,10 @@ class Store:
     def _create_group(self, path: Path, frame_shape: tuple[int, int], dtype: np.dtype) -> None:
         """Build the empty acquisition beside `path` and rename it into place, so readers never
         see a half-made one (a leftover from a crash mid-creation is replaced)."""
+        # ome-zarr pulls in dask and more (~2 s); only creating an acquisition needs it.
+        from ome_zarr.format import FormatV04, FormatV05
+        from ome_zarr.writer import write_multiscales_metadata
+
         building = path.with_name(f".{path.name}.creating")
         shutil.rmtree(building, ignore_errors=True)
         group = zarr.open_group(building, mode="w", zarr_format=self.zarr_format)
