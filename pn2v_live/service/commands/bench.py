@@ -1,0 +1,70 @@
+"""`pn2v-live bench`: timings and peak memory as one JSON line per part."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from pn2v_live.errors import UserError
+from pn2v_live.service.cli import app
+
+
+class Part(StrEnum):
+    predict = "predict"
+    train = "train"
+    ingest = "ingest"
+    pipeline = "pipeline"
+
+
+@app.command()
+def bench(
+    part: Annotated[list[Part], typer.Option(help="what to measure (repeatable)")] = [  # noqa: B006
+        Part.predict
+    ],
+    size: Annotated[
+        int | None, typer.Option(help="frame side (predict, ingest) or patch side (train)")
+    ] = None,
+    k: Annotated[int, typer.Option(help="prior samples per pixel")] = 800,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    repeats: Annotated[int, typer.Option(help="timed repeats after one warm-up")] = 3,
+    baseline: Annotated[
+        str | None, typer.Option(help="'naive': also time the straightforward formulation")
+    ] = None,
+    frames: Annotated[int, typer.Option(help="frames to stream (ingest, pipeline)")] = 500,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+) -> None:
+    """Measure PARTs; each prints one JSON line (median/min seconds, throughput, peak memory,
+    device, torch threads, dtype; with --baseline naive also the ratio to the naive formulation)."""
+    import torch
+
+    from pn2v_live.service.bench.algorithm import bench_predict, bench_train
+    from pn2v_live.service.bench.measure import device_facts
+    from pn2v_live.service.commands.algorithm import resolve_device
+
+    if baseline not in (None, "naive"):
+        raise UserError(f"--baseline must be 'naive', not {baseline!r}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch_device = torch.device(resolve_device(device))
+    facts = {**device_facts(torch_device), "dtype": "float32"}
+    for name in part:
+        if name is Part.predict:
+            side = size or 512
+            result = bench_predict(side, k, torch_device, repeats, baseline)
+        elif name is Part.train:
+            side = size or 100
+            result = bench_train(side, k, torch_device, repeats, baseline)
+        elif name is Part.ingest:
+            from pn2v_live.service.bench.ingest import run_ingest
+
+            side = size or 512
+            result = run_ingest(side, frames)
+        else:
+            from pn2v_live.service.bench.pipeline import run_pipeline
+
+            side = size or 256
+            result = run_pipeline(side, frames, k, torch_device)
+        print(json.dumps({"part": name.value, "size": side, "k": k, **facts, **result}), flush=True)
