@@ -84,9 +84,23 @@ class FrameSender:
                 time.sleep(max(0.0, start + n / fps - time.monotonic()))
             self.send_frame(acquisition, t, stack[t])
 
-    def end(self, acquisition: str, frames: int | None = None) -> None:
-        """Tell the receiver the acquisition is complete (optionally with its frame count)."""
+    def end(
+        self, acquisition: str, frames: int | None = None, confirm_timeout: float | None = None
+    ) -> None:
+        """Tell the receiver the acquisition is complete (optionally with its frame count).
+
+        With `confirm_timeout`, wait until the receiver reports it closed (TimeoutError if not).
+        """
         self._send(encode_end(acquisition, frames))
+        if confirm_timeout is None:
+            return
+        deadline = time.monotonic() + confirm_timeout
+        while time.monotonic() < deadline:
+            reply = self.status(acquisition, timeout=max(0.1, deadline - time.monotonic()))
+            if reply is not None and reply["closed"]:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{acquisition}: the receiver did not confirm the end marker")
 
     def _send(self, parts: list) -> None:
         try:

@@ -197,9 +197,9 @@ class Acquisition:
 
     def close(self, expected_frames: int | None = None) -> None:
         """Mark the acquisition finished (the sender's end marker); late frames still store."""
-        self.closed = True
         extra = {} if expected_frames is None else {"expected_frames": int(expected_frames)}
         self.flush(closed=True, **extra)
+        self.closed = True
 
     def flush(self, trim: bool = True, **attrs: object) -> None:
         """Write `valid_t` (and `attrs`) to disk; with `trim`, also cut both arrays to the exact

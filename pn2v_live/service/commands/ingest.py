@@ -97,7 +97,7 @@ def send(
         except TimeoutError as error:
             raise UserError(f"{error}; is pn2v-live serve or ingest running there?") from error
         _confirm(sender, name, stack, timeout)
-        sender.end(name, frames=len(stack))
+        sender.end(name, frames=len(stack), confirm_timeout=timeout)
     typer.echo(f"{name}: all {len(stack)} frames stored by the receiver at {to}")
 
 
