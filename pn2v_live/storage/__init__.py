@@ -1,1 +1,2 @@
-"""Storage: acquisition store (OME-Zarr + ledger), model registry, image, checkpoint and noise-model files."""
+"""Storage: acquisition store (OME-Zarr + ledger), model registry, image, checkpoint and
+noise-model files."""
