@@ -28,11 +28,18 @@ from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.errors import UserError
-from pn2v_live.metrics import BACKLOG, FRAMES_DENOISED, INFERENCE_SECONDS, MODEL_VERSION
+from pn2v_live.metrics import (
+    BACKLOG,
+    FRAMES_DENOISED,
+    INFERENCE_SECONDS,
+    MODEL_VERSION,
+    SIGNAL_OUT_OF_CALIBRATION,
+)
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelInfo, ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
 
+OUT_OF_RANGE_WARNING = 0.01  # warn when over 1 % of a frame's signal is above calibration
 # Called after each denoised frame is written: (acquisition, t, denoised float32 (Y, X), version).
 FrameListener = Callable[[Acquisition, int, np.ndarray, int], None]
 
@@ -76,6 +83,7 @@ class InferenceScheduler(Stage):
         self._denoiser: Denoiser | None = None
         self._client = None
         self._remote: tuple | None = None  # (denoiser, noise model) futures on the cluster
+        self._warned: set[str] = set()  # acquisitions already warned about uncalibrated signal
         if scheduler != "local":
             self._client = connect(scheduler)
 
@@ -152,9 +160,25 @@ class InferenceScheduler(Stage):
             job.acquisition.write_denoised(job.t, denoised, version)
             INFERENCE_SECONDS.observe(time.monotonic() - started)
             FRAMES_DENOISED.labels("backfill" if job.backfill else "new").inc()
+            if not job.backfill:
+                self._check_calibration(job.acquisition, denoised)
             if self.on_frame is not None:
                 self.on_frame(job.acquisition, job.t, denoised, version)
         self.beat()
+
+    def _check_calibration(self, acquisition: Acquisition, denoised: np.ndarray) -> None:
+        """Export the fraction of signal above the calibrated range; warn once per acquisition."""
+        fraction = self.noise_model.out_of_range_fraction(torch.from_numpy(denoised))
+        SIGNAL_OUT_OF_CALIBRATION.set(fraction)
+        if fraction > OUT_OF_RANGE_WARNING and acquisition.name not in self._warned:
+            self._warned.add(acquisition.name)
+            self.log.warning(
+                "%.1f %% of the signal lies above the noise model's calibrated maximum %.0f ADU; "
+                "recalibrate with brighter test-pattern frames for the best denoising",
+                100 * fraction,
+                self.noise_model.signal_range[1],
+                extra={"acquisition": acquisition.name},
+            )
 
 
 def connect(address: str, timeout: float = 5.0):

@@ -129,6 +129,8 @@ class Trainer(Stage):
             batch = sample_patches(train_frames, s.batch_size, patch, self.rng, weights)
             losses.append(training.step(batch))
             self.beat()
+        if self.stopping:
+            return
         self._steps_since_promotion += s.steps_per_round
         val_batch = sample_patches(val_frames, VALIDATION_PATCHES, patch, np.random.default_rng(0))
         val_loss = training.validation_loss(val_batch)
