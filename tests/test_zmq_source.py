@@ -168,3 +168,26 @@ def test_encode_frame_payload_is_the_pixel_bytes():
         "shape": [2, 3],
         "timestamp": 1.0,
     }
+
+
+def test_acquisition_damaged_on_disk_fails_alone(tmp_path):
+    store = Store(tmp_path)
+    store.create("damaged", (24, 32), "uint16")
+    store.close()
+    (tmp_path / "damaged.ome.zarr" / "raw" / "0" / ".zarray").write_text("{ not json")
+    source = ZmqSource(Store(tmp_path), f"tcp://127.0.0.1:{free_port()}", queue_frames=8)
+    source.start()
+    before = rejected("error")
+    try:
+        with FrameSender(source.bind) as sender:
+            data = stack(2)
+            sender.send_frame("damaged", 0, data[0])
+            sender.send_frame("fine", 0, data[1])
+            wait_for(lambda: sender.missing("fine", 1) == [])
+            with pytest.raises(ValueError, match="refused the status request"):
+                sender.status("damaged")
+        wait_for(lambda: rejected("error") == before + 1)
+        assert source.health()["state"] == "running"
+        np.testing.assert_array_equal(source.store.acquisition("fine").read_raw(0), data[1])
+    finally:
+        source.stop()

@@ -132,11 +132,12 @@ class ZmqSource:
         self._state = "stopped"
 
     def health(self) -> dict:
-        """State ("running", "stopped", ...), queue length and message counts."""
+        """State ("running", "stopped", "failed", ...), queue length and message counts."""
         with self._counts_lock:
             counts = dict(self._counts)
+        dead = self._state == "running" and not all(t.is_alive() for t in self._threads)
         return {
-            "state": self._state,
+            "state": "failed" if dead else self._state,
             "queue": self._queue.qsize(),
             **counts,
             "last_error": self._last_error,
@@ -158,7 +159,13 @@ class ZmqSource:
                 poller.modify(pull, 0 if self._queue.full() else zmq.POLLIN)
                 events = dict(poller.poll(100))
                 if status in events:
-                    status.send_json(self._status(status.recv()))
+                    request = status.recv()
+                    try:
+                        reply = self._status(request)
+                    except Exception as error:  # e.g. an acquisition damaged on disk
+                        log.exception("status request failed")
+                        reply = {"error": f"{type(error).__name__}: {error}"}
+                    status.send_json(reply)
                 if pull in events:
                     self._accept(pull.recv_multipart(copy=False))
         finally:
@@ -177,7 +184,7 @@ class ZmqSource:
         INGEST_QUEUE.set(self._queue.qsize())
 
     def _status(self, request: bytes) -> dict:
-        """Answer one status query; never raises (a REP socket must always reply)."""
+        """Answer one status query (a malformed one gets {"error": ...})."""
         try:
             name = validate_name(json.loads(request)["acquisition"])
         except (ValueError, KeyError, TypeError) as error:
