@@ -1,0 +1,109 @@
+"""The inference stage on a real store: order of work, back-fill, hot swap, exact MMSE output."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pn2v_live.core.inference import denoise
+from pn2v_live.core.model import new_denoiser
+from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.pipeline.inference import InferenceScheduler
+from pn2v_live.storage.registry import ModelRegistry
+from pn2v_live.storage.store import Store
+
+SHAPE = (32, 40)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    store = Store(tmp_path / "store")
+    registry = ModelRegistry(tmp_path / "store" / "models")
+    noise = PoissonGaussianNoiseModel(gain=2.0, offset=10.0, read_noise=3.0, signal_range=(0, 200))
+    acquisition = store.create("cells", SHAPE, "uint16")
+    rng = np.random.default_rng(0)
+    frames = rng.integers(10, 200, size=(10, *SHAPE)).astype(np.uint16)
+    for t, frame in enumerate(frames):
+        acquisition.write_raw(t, frame)
+    published = []
+    stage = InferenceScheduler(
+        store,
+        registry,
+        noise,
+        torch.device("cpu"),
+        max_in_flight=3,
+        on_frame=lambda acq, t, frame, version: published.append((acq.name, t, version)),
+    )
+    yield store, registry, noise, acquisition, frames, stage, published
+    store.close()
+
+
+def tiny_model(seed: int):
+    torch.manual_seed(seed)
+    return new_denoiser("pn2v", mean=100.0, std=50.0, k=4, depth=2, features=8)
+
+
+def promote(registry, denoiser, loss):
+    return registry.promote(
+        denoiser, validation_loss=loss, training_frames=1, training_steps=1, noise_model_id=None
+    )
+
+
+def test_frames_wait_for_the_first_model_without_blocking_training(setup):
+    store, registry, noise, acquisition, frames, stage, published = setup
+    assert stage.work() is False
+    assert stage.waiting_for_model and stage.backlog == 10
+    assert stage.idle.is_set()  # nothing inference can do: the trainer may use the device
+    assert all(acquisition.denoised_version(t) is None for t in range(10))
+
+
+def test_newest_first_exact_mmse_then_backfill_after_promotion(setup):
+    store, registry, noise, acquisition, frames, stage, published = setup
+    first = tiny_model(0)
+    promote(registry, first, 2.0)
+    assert stage.work() is True
+    assert not stage.idle.is_set()  # fresh frames were waiting: training must yield
+    assert [t for _, t, _ in published] == [9, 8, 7]
+    expected = denoise(first, frames[9], noise)["denoised"]
+    np.testing.assert_array_equal(acquisition.read_denoised(9), expected)
+    while stage.work():
+        pass
+    assert stage.backlog == 0 and stage.idle.is_set()
+    assert sorted(t for _, t, _ in published) == list(range(10))
+    assert {acquisition.denoised_version(t) for t in range(10)} == {1}
+
+    # A better model arrives and, meanwhile, a new frame: the new frame comes first, then the
+    # older frames are re-denoised newest first with the new version.
+    second = tiny_model(1)
+    promote(registry, second, 1.0)
+    acquisition.write_raw(10, frames[0])
+    published.clear()
+    stage.work()
+    assert published == [("cells", 10, 2)]
+    stage.work()
+    assert [t for _, t, _ in published[1:]] == [9, 8, 7]
+    while stage.work():
+        pass
+    assert {acquisition.denoised_version(t) for t in range(11)} == {2}
+    np.testing.assert_array_equal(
+        acquisition.read_denoised(0), denoise(second, frames[0], noise)["denoised"]
+    )
+
+
+def test_stage_thread_denoises_and_stops_cleanly(setup):
+    store, registry, noise, acquisition, frames, stage, published = setup
+    promote(registry, tiny_model(0), 2.0)
+    stage.start()
+    try:
+        start = time.monotonic()
+        while stage.backlog or acquisition.denoised_version(0) is None:
+            assert time.monotonic() - start < 60
+            time.sleep(0.05)
+        assert stage.alive(max_silence=30)
+    finally:
+        assert stage.stop(timeout=30)
+    assert not stage.alive(max_silence=30)
+    assert len(published) == 10
