@@ -46,13 +46,15 @@ def compare(
     target: str = "fov03",
     supervised_fields: tuple[str, ...] = ("fov01", "fov02"),
     modes: tuple[str, ...] = ("n2v", "pn2v", "supervised"),
-    minutes: float = 25.0,
+    minutes: float | None = 25.0,
+    steps: int | None = None,
     k: int = 800,
     evaluate_frames: int = 5,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Train each mode (PN2V once per noise model) for `minutes` and score the target's frames.
+    """Train each mode (PN2V once per noise model) for `minutes` (or `steps`, whichever ends
+    first) and score the target's frames.
 
     Returns {"raw": dB, "n2v": dB, "pn2v[<noise model name>]": dB, "supervised": dB, ...}.
     """
@@ -75,7 +77,7 @@ def compare(
         mean, std = normalisation_of([f if f.ndim == 2 else f[0] for f in frames])
         denoiser = new_denoiser(mode, mean, std, k=k)
         started = time.monotonic()
-        history = train(denoiser, frames, noise_model, minutes=minutes, seed=seed)
+        history = train(denoiser, frames, noise_model, steps=steps, minutes=minutes, seed=seed)
         trained = time.monotonic() - started
         denoised = np.stack(
             [denoise(denoiser, f, noise_model, compiled=True)["denoised"] for f in test_frames]
