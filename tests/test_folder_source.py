@@ -211,3 +211,26 @@ def test_missing_watched_folder_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="does not exist"):
         FolderSource(Store(tmp_path / "s"), [tmp_path / "nope"]).start()
+
+
+def test_custom_pattern_groups_flat_files_by_name_prefix(tmp_path, watched):
+    store = Store(tmp_path / "store")
+    data = stack(4, 11)
+    for n, prefix in enumerate(["expA", "expB", "expA", "expB"]):
+        tifffile.imwrite(watched / f"{prefix}_t{n:03d}.tif", data[n])
+    source = run_source(store, watched, pattern=r"(?P<acquisition>[^/_]+)_t\d+\.tif")
+    try:
+        wait_for(lambda: source.counts["stored_frames"] == 4)
+    finally:
+        source.stop()
+    assert store.acquisitions() == ["expA", "expB"]
+    np.testing.assert_array_equal(store.acquisition("expA").read_raw(1), data[2])
+    np.testing.assert_array_equal(store.acquisition("expB").read_raw(0), data[1])
+
+
+@pytest.mark.parametrize("pattern, message", [("(", "not a regular"), (r"[^/]+", "group named")])
+def test_bad_pattern_is_a_user_error(tmp_path, watched, pattern, message):
+    from pn2v_live.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        FolderSource(Store(tmp_path / "s"), [watched], pattern=pattern)

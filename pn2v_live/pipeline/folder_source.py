@@ -86,6 +86,23 @@ def read_tiff_frames(path: Path) -> np.ndarray:
     return data
 
 
+def compile_pattern(pattern: str) -> re.Pattern:
+    """The regular expression mapping a file's path (relative to its watched folder, with '/')
+    to its acquisition: it must match the whole path and have a group named `acquisition`."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise UserError(
+            f"acquisition pattern {pattern!r} is not a regular expression: {error}"
+        ) from error
+    if "acquisition" not in compiled.groupindex:
+        raise UserError(
+            f"acquisition pattern {pattern!r} needs a group named acquisition, "
+            r"e.g. (?P<acquisition>[^/]+)/[^/]+"
+        )
+    return compiled
+
+
 class _TifffileProblems(logging.Handler):
     """Collects what tifffile logs at WARNING or above while a file is read."""
 
@@ -148,7 +165,7 @@ class FolderSource(Stage):
         self.polling = polling
         self.stable_seconds = stable_seconds
         self.rescan_seconds = rescan_seconds
-        self.pattern = re.compile(pattern)
+        self.pattern = compile_pattern(pattern)
         self._candidates: dict[str, _Candidate] = {}
         self._lock = threading.Lock()
         self._observer = None

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from pn2v_live.errors import UserError
+from pn2v_live.pipeline.folder_source import DEFAULT_PATTERN
 from pn2v_live.service.cli import app
 
 log = logging.getLogger("pn2v_live.cli")
@@ -150,6 +151,10 @@ def ingest(
     ] = None,
     polling: Annotated[bool, typer.Option(help="poll folders (network shares)")] = False,
     stable_seconds: Annotated[float, typer.Option(help="file unchanged this long = done")] = 2.0,
+    pattern: Annotated[
+        str,
+        typer.Option(help="regex: file path in a watched folder → (?P<acquisition>…)"),
+    ] = DEFAULT_PATTERN,
     zarr_format: Annotated[int, typer.Option(help="2 (NGFF 0.4) or 3 (NGFF 0.5)")] = 2,
 ) -> None:
     """Store frames from ZeroMQ and/or folders, without denoising, until SIGTERM or Ctrl-C."""
@@ -166,7 +171,7 @@ def ingest(
     if zmq is not None:
         sources.append(ZmqSource(store, zmq, status))
     if folder:
-        sources.append(FolderSource(store, folder, polling, stable_seconds))
+        sources.append(FolderSource(store, folder, polling, stable_seconds, pattern=pattern))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
