@@ -1,0 +1,104 @@
+"""`pn2v-live train`, `denoise`, `evaluate` on real files, in real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from pn2v_live.core.inference import denoise
+from pn2v_live.core.metrics import psnr, psnr_star
+from pn2v_live.core.model import new_denoiser
+from pn2v_live.core.noise import HistogramNoiseModel
+from pn2v_live.core.synthetic import Camera, acquisition
+from pn2v_live.storage.checkpoints import load_denoiser, save_denoiser
+from pn2v_live.storage.noise_model_file import save_noise_model
+
+
+def pn2v_live(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pn2v_live", *args]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if check:
+        assert completed.returncode == 0, completed.stderr
+    return completed
+
+
+@pytest.fixture(scope="module")
+def camera_data(tmp_path_factory) -> dict[str, Path]:
+    """A small synthetic acquisition: noisy stack, clean truth and a fitted noise model."""
+    folder = tmp_path_factory.mktemp("camera")
+    camera = Camera(gain=2.0, offset=100.0, read_noise=3.0)
+    frames, clean = acquisition(camera, frames=6, shape=(64, 64), seed=3)
+    tifffile.imwrite(folder / "raw.tif", frames)
+    tifffile.imwrite(folder / "gt.tif", clean)
+    save_noise_model(HistogramNoiseModel.fit(clean, frames), folder / "camera.pt")
+    return {"raw": folder / "raw.tif", "gt": folder / "gt.tif", "noise": folder / "camera.pt"}
+
+
+def test_train_denoise_evaluate_round_trip(camera_data, tmp_path):
+    model, output, std = tmp_path / "m.pt", tmp_path / "den.tif", tmp_path / "std.tif"
+    trained = pn2v_live("train", str(camera_data["raw"]), "-o", str(model), "--mode", "pn2v",
+                        "--noise-model", str(camera_data["noise"]), "--steps", "4", "--k", "16",
+                        "--batch-size", "2", "--patch-size", "32")  # fmt: skip
+    assert json.loads(trained.stdout.strip().splitlines()[-1])["step"] == 4
+    pn2v_live("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(output),
+              "--frames", "1:3", "--uncertainty", str(std), "--device", "cpu")  # fmt: skip
+    denoised = tifffile.imread(output)
+    assert denoised.shape == (2, 64, 64) and denoised.dtype == np.float32
+    assert tifffile.imread(std).shape == (2, 64, 64)
+    # The file equals what the library computes with the saved model.
+    denoiser, metadata = load_denoiser(model)
+    raw = tifffile.imread(camera_data["raw"])
+    noise = HistogramNoiseModel.from_state(metadata["noise_model_state"])
+    np.testing.assert_allclose(denoised[0], denoise(denoiser, raw[1], noise)["denoised"], rtol=1e-5)
+    scores = json.loads(pn2v_live("evaluate", str(output), str(camera_data["gt"])).stdout)
+    truth = tifffile.imread(camera_data["gt"])
+    assert scores["frames"] == 2
+    assert scores["psnr"] == pytest.approx(np.mean([psnr(d, truth, 255) for d in denoised]))
+    assert scores["psnr_star"] == pytest.approx(
+        np.mean([psnr_star(d, truth, 255) for d in denoised])
+    )
+
+
+def test_user_mistakes_give_one_line_errors(camera_data, tmp_path):
+    missing = pn2v_live("train", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "m.pt"),
+                        "--mode", "n2v", "--steps", "1", check=False)  # fmt: skip
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error:") and "nope.tif" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    no_budget = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
+                          "--mode", "n2v", check=False)  # fmt: skip
+    assert no_budget.returncode == 2 and "--steps" in no_budget.stderr
+    no_noise = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
+                         "--steps", "1", check=False)  # fmt: skip
+    assert no_noise.returncode == 2 and "--noise-model" in no_noise.stderr
+    not_model = pn2v_live("denoise", str(camera_data["raw"]), "-m", str(camera_data["raw"]),
+                          "-o", str(tmp_path / "x.tif"), check=False)  # fmt: skip
+    assert not_model.returncode == 2 and "not a pn2v-live model file" in not_model.stderr
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_checkpoint_round_trip_keeps_weights_normalisation_and_history(tmp_path):
+    torch.manual_seed(0)
+    denoiser = new_denoiser("n2v", mean=12.5, std=3.0, features=8)
+    denoiser.history = [{"step": 1, "validation_loss": 0.5}]
+    save_denoiser(denoiser, tmp_path / "model.pt", {"note": "x"})
+    loaded, metadata = load_denoiser(tmp_path / "model.pt")
+    assert (loaded.mode, loaded.mean, loaded.std, loaded.k) == ("n2v", 12.5, 3.0, 1)
+    assert loaded.history == denoiser.history and metadata == {"note": "x"}
+    for name, tensor in denoiser.net.state_dict().items():
+        assert torch.equal(tensor, loaded.net.state_dict()[name])
+
+
+def test_synthetic_camera_has_the_stated_mean_and_variance():
+    camera = Camera(gain=2.0, offset=100.0, read_noise=3.0)
+    signal = np.full((200, 200), 300.0)
+    frames = np.stack([camera.expose(signal, np.random.default_rng(i)) for i in range(5)])
+    assert frames.mean() == pytest.approx(300, abs=0.3)
+    assert frames.astype(float).var() == pytest.approx(2.0 * 200 + 9 + 1 / 12, rel=0.03)
