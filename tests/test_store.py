@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 
 import dask.array as da
 import numpy as np
@@ -134,11 +136,14 @@ def test_reopen_forgets_frames_whose_chunk_is_missing(tmp_path):
         acq.write_raw(t, frame)
     store.close()
     (tmp_path / "a.ome.zarr" / "raw" / "0" / "1" / "0" / "0" / "0" / "0").unlink()
-    stale = tmp_path / "a.ome.zarr" / "raw" / "0" / "2" / "0" / "0" / "0" / "0.abc.partial"
-    stale.write_bytes(b"half a chunk")
+    chunk_folder = tmp_path / "a.ome.zarr" / "raw" / "0" / "2" / "0" / "0" / "0"
+    stale, fresh = chunk_folder / "0.abc.partial", chunk_folder / "0.def.partial"
+    stale.write_bytes(b"half a chunk, from a crash")
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    fresh.write_bytes(b"being written by a live process")
     again = Store(tmp_path).acquisition("a")
     assert again.stored_frames() == [0, 2] and again.valid_t == 1
-    assert not stale.exists()
+    assert not stale.exists() and fresh.exists()
     assert again.claim(1) and not again.claim(2)
 
 
@@ -160,3 +165,19 @@ def test_concurrent_writers_store_every_frame(tmp_path):
     on_disk = zarr.open_array(tmp_path / "a.ome.zarr" / "raw" / "0", mode="r")
     assert on_disk.shape[0] == 120
     np.testing.assert_array_equal(on_disk[:, 0, 0], data)
+
+
+def test_opening_the_store_again_while_it_is_written_changes_nothing(tmp_path):
+    writer = Store(tmp_path).create("live", (8, 8), "uint16")
+    data = frames(10, (8, 8))
+    for t in range(5):
+        writer.write_raw(t, data[t])
+    raw = tmp_path / "live.ome.zarr" / "raw" / "0"
+    before = sorted(p.relative_to(raw) for p in raw.rglob("*"))
+    reader = Store(tmp_path).acquisition("live")  # e.g. a notebook beside the daemon
+    assert reader.valid_t == 5
+    assert sorted(p.relative_to(raw) for p in raw.rglob("*")) == before
+    for t in range(5, 10):
+        writer.write_raw(t, data[t])
+    writer.flush()
+    np.testing.assert_array_equal(zarr.open_array(raw, mode="r")[:, 0, 0], data)

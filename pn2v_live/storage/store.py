@@ -20,10 +20,12 @@ Default is OME-NGFF 0.4 on Zarr format 2; `zarr_format=3` writes OME-NGFF 0.5 on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numcodecs
@@ -39,6 +41,7 @@ SUFFIX = ".ome.zarr"
 RAW_DTYPES = ("uint8", "uint16")
 AXES = ("t", "c", "z", "y", "x")
 IMAGES = ("raw", "denoised")
+STALE_PARTIAL_S = 60  # a chunk's temporary file this old was left by a crash
 GROW_STEP = 64  # frames added per array resize while acquiring; flush() trims the rest
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -92,7 +95,9 @@ class Acquisition:
         self._versions = ledger.denoised_versions(name)
         self._valid_t = _contiguous(self._stored)
         self.closed = bool(self._attrs().get("closed", False))
-        self.flush()
+        if self._valid_t > self._attrs().get("valid_t", 0):  # a crash before it was published
+            with self._lock:
+                self._set_attrs()
 
     def __repr__(self) -> str:
         return (
@@ -116,9 +121,6 @@ class Acquisition:
         """Indices of every stored raw frame, ascending (may have gaps when out of order)."""
         with self._lock:
             return sorted(self._stored)
-
-    def is_stored(self, t: int) -> bool:
-        return t in self._stored
 
     def read_raw(self, t: int) -> np.ndarray:
         """Raw frame `t` as (Y, X) in the camera dtype; KeyError when it is not stored."""
@@ -246,10 +248,17 @@ class Acquisition:
             self._group.attrs["pn2v_live"] = attrs
 
     def _reconcile(self) -> list[int]:
-        """Ledger frames whose chunk really exists; forget the others, drop stale temp files."""
+        """Ledger frames whose chunk really exists; forget the others, drop stale temp files.
+
+        Safe while another process writes the acquisition: a ledger row always follows its
+        chunk, and only temporary files older than STALE_PARTIAL_S are removed.
+        """
         root = Path(self._raw.store_path.store.root) / self._raw.store_path.path
+        stale = time.time() - STALE_PARTIAL_S
         for partial in root.rglob("*.partial"):
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if partial.stat().st_mtime < stale:
+                    partial.unlink()
         frames = self._ledger.frames(self.name)
         encode = self._raw.metadata.encode_chunk_key
         missing = [t for t in frames if not (root / encode((t, 0, 0, 0, 0))).is_file()]
