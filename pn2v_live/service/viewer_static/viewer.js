@@ -60,6 +60,8 @@ function drawAcquisitionTable() {
 
 function selectAcquisition(name) {
   state.selected = name;
+  state.denoisedT = undefined;
+  for (const panel of ["raw", "denoised"]) showImage(panel, "", "");
   state.follow = true;
   $("follow").checked = true;
   resetView();
@@ -135,12 +137,18 @@ async function render() {
     fetchImage(`${base}/denoised/${t}?${query}`),
   ]);
   if (raw) showImage("raw", raw.url, `t = ${t}`);
+  const missing = $("denoised-missing");
   if (denoised) {
     showImage("denoised", denoised.url, `t = ${t}, model v${denoised.version}`);
+    state.denoisedT = t;
   } else {
     $("denoised-caption").textContent = `t = ${t}`;
+    missing.textContent = state.denoisedT === undefined
+      ? "not denoised yet"
+      : `not denoised yet (showing t = ${state.denoisedT})`;
   }
-  $("denoised-missing").hidden = Boolean(denoised);
+  missing.hidden = Boolean(denoised);
+  $("denoised-image").classList.toggle("stale", !denoised);
   $("frame-counter").textContent = `t ${t} / ${acquisition.frames - 1}`;
   $("frame-counter").dataset.t = t;
 }
@@ -165,9 +173,11 @@ async function fetchImage(url) {
 }
 
 function showImage(panel, url, caption) {
+  // url "" clears the panel.
   const img = $(panel + "-image");
   const old = img.src;
-  img.src = url;
+  if (url) img.src = url;
+  else img.removeAttribute("src");
   if (old.startsWith("blob:")) URL.revokeObjectURL(old);
   $(panel + "-caption").textContent = caption;
 }
