@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ VALIDATION_PATCHES = 32
 WINDOW_FRAMES = 400  # newest frames a round samples from ...
 WINDOW_BYTES = 512 * 2**20  # ... as long as they fit in this much memory
 HALF_LIFE_FRAMES = 100  # a frame this much older than the newest is drawn half as often
+HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class TrainerSettings:
 
 
 class Trainer(Stage):
-    """Bounded fine-tuning rounds on `device`; `history` lists one record per finished round."""
+    """Bounded fine-tuning rounds on `device`; `history` holds the latest rounds' records."""
 
     def __init__(
         self,
@@ -63,7 +65,8 @@ class Trainer(Stage):
         self.noise_model, self.noise_model_id = noise_model, noise_model_id
         self.inference_idle = inference_idle
         self.rng = np.random.default_rng(seed)
-        self.history: list[dict] = []
+        self.rounds = 0
+        self.history: deque[dict] = deque(maxlen=HISTORY_ROUNDS)
         self._training: Training | None = None
         self._steps_since_promotion = 0
         self._seen: dict[str, int] = {}  # frames per acquisition at the last round
@@ -150,8 +153,9 @@ class Trainer(Stage):
         TRAINING_ROUNDS.labels(outcome).inc()
         TRAINING_LOSS.set(float(np.mean(losses)))
         VALIDATION_LOSS.set(val_loss)
+        self.rounds += 1
         record = {
-            "round": len(self.history) + 1,
+            "round": self.rounds,
             "time": time.time(),
             "acquisition": name,
             "training_loss": float(np.mean(losses)),

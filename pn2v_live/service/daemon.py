@@ -225,7 +225,7 @@ class Daemon:
             "model_source": (model.source if model else "waiting for the first trained model"),
             "waiting_for_model": inference.waiting_for_model if inference else True,
             "backlog": inference.backlog if inference else 0,
-            "training_rounds": len(trainer.history) if trainer else 0,
+            "training_rounds": trainer.rounds if trainer else 0,
             "loss_history": list(trainer.history) if trainer else [],
         }
 
