@@ -174,9 +174,13 @@ def test_opening_the_store_again_while_it_is_written_changes_nothing(tmp_path):
         writer.write_raw(t, data[t])
     raw = tmp_path / "live.ome.zarr" / "raw" / "0"
     before = sorted(p.relative_to(raw) for p in raw.rglob("*"))
-    reader = Store(tmp_path).acquisition("live")  # e.g. a notebook beside the daemon
-    assert reader.valid_t == 5
+    length = zarr.open_array(raw, mode="r").shape[0]
+    assert length > 5  # grown ahead of the frames, as while acquiring
+    reader_store = Store(tmp_path)  # e.g. a notebook beside the daemon
+    assert reader_store.acquisition("live").valid_t == 5
+    reader_store.close()
     assert sorted(p.relative_to(raw) for p in raw.rglob("*")) == before
+    assert zarr.open_array(raw, mode="r").shape[0] == length
     for t in range(5, 10):
         writer.write_raw(t, data[t])
     writer.flush()

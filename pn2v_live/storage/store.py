@@ -92,6 +92,7 @@ class Acquisition:
         self._stored = set(self._reconcile())
         self._in_flight: set[int] = set()
         self._writing: set[int] = set()
+        self.wrote = False  # raw frames written through this object (then close() trims)
         self._versions = ledger.denoised_versions(name)
         self._valid_t = _contiguous(self._stored)
         self.closed = bool(self._attrs().get("closed", False))
@@ -172,6 +173,7 @@ class Acquisition:
             raise ValueError(f"{self.name}: frame index must be >= 0, got {t}")
         self._check_frame(frame, self.dtype)
         with self._lock:
+            self.wrote = True
             self._writing.add(t)
             self._ensure_length(t + 1)
         try:
@@ -288,10 +290,11 @@ class Store:
         self._open: dict[str, Acquisition] = {}
 
     def close(self) -> None:
-        """Flush every open acquisition's metadata and close the ledger."""
+        """Flush the acquisitions this process wrote raw frames to and close the ledger."""
         with self._lock:
             for acquisition in self._open.values():
-                acquisition.flush()
+                if acquisition.wrote:
+                    acquisition.flush()
         self.ledger.close()
 
     def acquisitions(self) -> list[str]:
