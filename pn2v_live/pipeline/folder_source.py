@@ -245,6 +245,7 @@ class FolderSource(Stage):
             if self.stopping:
                 break
             self._ingest(Path(path), candidate)
+            self.beat()  # a long backlog is progress, not a hang
         for acquisition in self._touched:
             acquisition.flush()
         self._touched = set()
