@@ -195,3 +195,15 @@ def test_address_in_use_is_a_clear_user_error(viewer) -> None:
         second.start()
     with pytest.raises(UserError, match="host:port"):
         ViewerServer(server.store, "8080")
+
+
+def test_finished_acquisition_summary_updates_when_a_late_frame_arrives(viewer) -> None:
+    server, acquisition = viewer
+    for t in range(3):
+        acquisition.write_denoised(t, frame_at(t).astype(np.float32), model_version=1)
+    acquisition.close()
+    [summary] = json.loads(get(server, "/api/acquisitions")[2])
+    assert (summary["frames"], summary["lag"], summary["closed"]) == (3, 0, True)
+    acquisition.write_raw(3, frame_at(3))  # a late frame after the end marker is still stored
+    [summary] = json.loads(get(server, "/api/acquisitions")[2])
+    assert (summary["frames"], summary["denoised"], summary["lag"]) == (4, 3, 1)

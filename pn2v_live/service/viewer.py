@@ -120,6 +120,7 @@ class ViewerServer:
         self.poll_seconds = poll_seconds
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="viewer-render")
         self._clients: set[asyncio.Queue] = set()
+        self._finished: dict[str, dict] = {}  # summaries of complete acquisitions
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -241,7 +242,18 @@ class ViewerServer:
         return web.json_response(await self._in_thread(self._summaries))
 
     def _summaries(self) -> list[dict]:
-        return [acquisition_summary(self.store.acquisition(n)) for n in self.store.acquisitions()]
+        """Summaries of every acquisition; one that was complete (closed, every frame denoised)
+        and has not grown is not re-counted, so a store of many old acquisitions stays cheap."""
+        summaries = []
+        for name in self.store.acquisitions():
+            acquisition = self.store.acquisition(name)
+            cached = self._finished.get(name)
+            if cached is None or cached["frames"] != acquisition.valid_t:
+                cached = acquisition_summary(acquisition)
+                if cached["closed"] and cached["lag"] == 0:
+                    self._finished[name] = cached
+            summaries.append(cached)
+        return summaries
 
     async def _limits(self, request: web.Request) -> web.Response:
         acquisition = self._acquisition(request)
