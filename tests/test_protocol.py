@@ -56,6 +56,7 @@ def test_end_marker_round_trip():
         (message({k: v for k, v in GOOD.items() if k != "shape"}), "field"),
         (message(GOOD | {"colour": "red"}), "field"),
         (message(GOOD | {"index": -1}), "field"),
+        (message(GOOD | {"index": 2**24}), "field"),
         (message(GOOD | {"index": 2.5}), "field"),
         (message(GOOD | {"index": True}), "field"),
         (message(GOOD | {"timestamp": "noon"}), "field"),

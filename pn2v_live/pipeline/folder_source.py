@@ -257,6 +257,7 @@ class FolderSource(Stage):
         known = {item.key: item for item in self.store.ledger.items(SOURCE)}
         for root in self.roots:
             for folder, _, files in os.walk(root):
+                self.beat()
                 for name in files:
                     path = os.path.join(folder, name)
                     item = known.get(path)

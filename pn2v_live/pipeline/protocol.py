@@ -30,7 +30,7 @@ DTYPES = ("uint8", "uint16", "int16", "uint32", "float32")
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 256 Mpixel: 1 GiB of float32, far beyond any camera frame
 MAX_HEADER_BYTES = 65536
-MAX_INDEX = 2**40
+MAX_INDEX = 2**24 - 1  # 16.7 million frames: days at 100 frames/s; bounds array length
 
 
 class ProtocolError(ValueError):
