@@ -57,7 +57,12 @@ def viewer(tmp_path: Path):
     acquisition = store.create("live01", FRAME_SHAPE, "uint16")
     for t in range(3):
         acquisition.write_raw(t, frame_at(t))
-    status = {"model_version": 2, "model_source": "pn2v", "backlog": 1, "loss_history": []}
+    status = {
+        "model_version": 2,
+        "model_source": "pn2v",
+        "backlog": 1,
+        "loss_history": [{"round": 1, "training_loss": float("nan"), "validation_loss": 2.5}],
+    }
     server = ViewerServer(store, "127.0.0.1:0", status=lambda: status, poll_seconds=0.05)
     server.start()
     yield server, acquisition
@@ -83,7 +88,8 @@ def test_acquisition_list_counts_frames_and_lag(viewer) -> None:
     [summary] = json.loads(body)
     assert summary["name"] == "live01" and summary["shape"] == list(FRAME_SHAPE)
     assert (summary["frames"], summary["denoised"], summary["lag"]) == (3, 1, 2)
-    assert json.loads(get(server, "/api/status")[2])["model_version"] == 2
+    status = json.loads(get(server, "/api/status")[2])  # strict JSON: a NaN loss is null
+    assert status["model_version"] == 2 and status["loss_history"][0]["training_loss"] is None
 
 
 def test_rendering_is_the_contrast_window_of_the_stored_frame(viewer) -> None:

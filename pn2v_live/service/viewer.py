@@ -53,6 +53,21 @@ def parse_bind(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def to_json(data: object) -> str:
+    """JSON a browser can parse: NaN and ±inf (e.g. a diverged loss) become null."""
+
+    def finite(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(data))
+
+
 def _bad_request(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
 
@@ -236,10 +251,10 @@ class ViewerServer:
         return web.Response(text=text, content_type=STATIC_FILES[name])
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._in_thread(self.status))
+        return web.json_response(await self._in_thread(self.status), dumps=to_json)
 
     async def _acquisitions(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._in_thread(self._summaries))
+        return web.json_response(await self._in_thread(self._summaries), dumps=to_json)
 
     def _summaries(self) -> list[dict]:
         """Summaries of every acquisition; one that was complete (closed, every frame denoised)
@@ -318,7 +333,7 @@ class ViewerServer:
                 if event is None:
                     break
                 kind, data = event
-                await response.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+                await response.write(f"event: {kind}\ndata: {to_json(data)}\n\n".encode())
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
