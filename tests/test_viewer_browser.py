@@ -161,6 +161,19 @@ def test_page_follows_scrubs_and_changes_contrast_while_frames_stream(
         assert stats("denoised")["mean"] < auto_mean / 2  # same window on both panels
         assert "[0.000, 2.000e+4]" in browser.find_element("id", "contrast-used").text
 
+        # Zooming one panel zooms both, by the same transform.
+        browser.execute_script(
+            "document.getElementById('raw-viewport').dispatchEvent(new WheelEvent('wheel', "
+            "{deltaY: -300, clientX: 500, clientY: 400, bubbles: true, cancelable: true}));"
+        )
+        transforms = [
+            browser.find_element("id", f"{panel}-image").value_of_css_property("transform")
+            for panel in ("raw", "denoised")
+        ]
+        assert transforms[0] == transforms[1] and transforms[0] not in ("none", "")
+        assert not transforms[0].startswith("matrix(1, 0, 0, 1,")  # scaled, not only moved
+        browser.find_element("id", "reset-view").click()
+
         # Back to auto contrast and live following for the screenshot a person looks at.
         browser.find_element("css selector", "input[name=contrast][value=auto]").click()
         browser.find_element("id", "follow").click()
