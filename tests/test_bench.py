@@ -9,10 +9,11 @@ import sys
 
 def test_bench_reports_fused_and_naive_side_by_side():
     command = [sys.executable, "-m", "pn2v_live", "bench", "--part", "predict", "--part", "train",
-               "--size", "32", "--k", "16", "--repeats", "1", "--baseline", "naive",
-               "--threads", "1"]  # fmt: skip
+               "--part", "pipeline", "--frames", "4", "--size", "32", "--k", "16",
+               "--repeats", "1", "--baseline", "naive", "--threads", "1"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
-    predict, train = (json.loads(line) for line in completed.stdout.strip().splitlines())
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    predict, train, pipeline = (json.loads(line) for line in lines)
     assert predict["part"] == "predict" and predict["device"] == "cpu"
     assert predict["max_relative_difference"] < 1e-5
     assert predict["speedup"] == round(predict["baseline"]["median_s"] / predict["median_s"], 2)
@@ -20,3 +21,5 @@ def test_bench_reports_fused_and_naive_side_by_side():
     assert train["part"] == "train"
     assert train["loss_relative_difference"] < 1e-5
     assert train["patches_per_s"] > 0 and train["baseline"]["median_s"] > 0
+    assert pipeline["part"] == "pipeline" and pipeline["frames"] == 4
+    assert pipeline["frames_per_s"] == round(4 / pipeline["seconds"], 3)
