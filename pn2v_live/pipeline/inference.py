@@ -96,7 +96,7 @@ class InferenceScheduler(Stage):
         return ended
 
     def work(self) -> bool:
-        self._swap_model()
+        self.load_current_model()
         jobs, self.backlog = self._next_jobs()
         BACKLOG.set(self.backlog)
         fresh_waiting = self.backlog > 0 and self._denoiser is not None
@@ -109,7 +109,7 @@ class InferenceScheduler(Stage):
         self._run(jobs)
         return True
 
-    def _swap_model(self) -> None:
+    def load_current_model(self) -> None:
         """Load the promoted model if it changed since the last pass."""
         current = self.registry.current()
         if current is None or current == self.model:

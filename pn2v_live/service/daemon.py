@@ -2,10 +2,10 @@
 
 Start order: noise model and devices → store and model registry (importing `[model] initial`
 when nothing is promoted yet) → dask scheduler → metrics, publisher and viewer sockets →
-ingest sources → inference and trainer → READY=1. Any failure before READY is a UserError with
-one line saying what and how to fix it. SIGTERM/SIGINT drain: sources stop accepting (what they
-already received is stored), the trainer abandons its round, inference finishes the frames in
-flight, then the store and ledger are closed and `run` returns.
+promoted model loaded → ingest sources → inference and trainer → READY=1. Any failure before
+READY is a UserError with one line saying what and how to fix it. SIGTERM/SIGINT drain: sources
+stop accepting (what they already received is stored), the trainer abandons its round,
+inference finishes the frames in flight, then the store and ledger are closed and `run` returns.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class Daemon:
         # Closers run last-in first-out: at shutdown the sources stop accepting first, then the
         # trainer abandons its round, then inference finishes its in-flight frames.
         self._closers += [self.inference.stop, self.trainer.stop]
+        self.inference.load_current_model()
         self._start_sources()
         self.inference.start()
         self.trainer.start()
