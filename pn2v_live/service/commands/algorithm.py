@@ -59,16 +59,13 @@ def training_frames(images: list[Path], gt: list[Path] | None) -> list[np.ndarra
 
 def warn_if_out_of_calibration(noise_model, frames: list[np.ndarray]) -> None:
     """Log a warning when the data's estimated signal exceeds the calibrated range."""
-    from pn2v_live.core.coverage import out_of_calibration_fraction
+    from pn2v_live.core.noise import coverage_warning
 
-    fraction = max(out_of_calibration_fraction(noise_model, frame) for frame in frames[:20])
-    if fraction > 0.001:
-        log.warning(
-            "%.2f%% of pixels have an estimated signal above the noise model's calibrated "
-            "maximum %.1f ADU: the model extrapolates there; calibrate with brighter signal",
-            100 * fraction,
-            noise_model.signal_range[1],
-        )
+    for frame in frames[:20]:
+        message = coverage_warning(noise_model, frame)
+        if message:
+            log.warning(message)
+            return
 
 
 @app.command()
