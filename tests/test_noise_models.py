@@ -10,11 +10,15 @@ import torch
 from scipy import stats
 
 from pn2v_live.core.noise import (
+    GaussianMixtureNoiseModel,
     HistogramNoiseModel,
+    HybridNoiseModel,
     PoissonGaussianNoiseModel,
+    coverage_warning,
     darkest_level,
     noise_model_from_state,
 )
+from pn2v_live.core.noise.hybrid import FLOOR_RATIO, bin_probabilities
 from pn2v_live.errors import UserError
 from pn2v_live.storage.noise_model_file import load_noise_model, save_noise_model
 
@@ -112,14 +116,113 @@ def test_darkest_level_is_unbiased_on_a_dark_background():
     assert darkest_level(frames) == pytest.approx(OFFSET, abs=0.15)
 
 
-def all_models(pairs, histogram):
-    return [histogram, PoissonGaussianNoiseModel.fit(*pairs, offset=OFFSET)]
+@pytest.fixture(scope="module")
+def gmm() -> GaussianMixtureNoiseModel:
+    return GaussianMixtureNoiseModel.fit(*poisson_gaussian_pairs(1_000_000, seed=7))
 
 
-def test_log_likelihood_finite_with_finite_gradients_everywhere(pairs, histogram):
+@pytest.fixture(scope="module")
+def sparse_pairs() -> tuple[np.ndarray, np.ndarray]:
+    """Dense pairs with signal below OFFSET + 100 plus 20 bright ones (OFFSET + 150 or more):
+    the coverage of a dim calibration pattern."""
+    signal, observation = poisson_gaussian_pairs(1_000_000, seed=8)
+    dim = np.flatnonzero(signal < OFFSET + 100)
+    bright = np.flatnonzero(signal > OFFSET + 150)[:20]
+    keep = np.concatenate([dim, bright])
+    return signal[keep], observation[keep]
+
+
+SPARSE_TABLE_RANGE = (0.0, OFFSET + 300)
+
+
+@pytest.fixture(scope="module")
+def sparse_hybrid(sparse_pairs, gmm) -> HybridNoiseModel:
+    """Hybrid from `sparse_pairs` over a table reaching OFFSET + 300."""
+    return HybridNoiseModel.fit(*sparse_pairs, gmm, value_range=SPARSE_TABLE_RANGE)
+
+
+@pytest.fixture(scope="module")
+def models(pairs, histogram, gmm, sparse_hybrid):
+    poisson_gaussian = PoissonGaussianNoiseModel.fit(*pairs, offset=OFFSET)
+    return [histogram, poisson_gaussian, gmm, sparse_hybrid]
+
+
+def test_gmm_matches_the_true_model_on_poisson_gaussian_data(pairs, gmm):
+    signal, observation = (a[:200_000] for a in poisson_gaussian_pairs(200_000, seed=5))
+    truth = PoissonGaussianNoiseModel(GAIN, OFFSET, READ_NOISE, (OFFSET, OFFSET + 200))
+    assert gmm.nll(signal, observation) == pytest.approx(truth.nll(signal, observation), abs=0.01)
+
+
+def test_gmm_captures_skewed_noise_that_poisson_gaussian_cannot():
+    """Noise = 0.7·N(−3, 1) + 0.3·N(7, 1) (mean zero) at every signal: the mixture finds it."""
+    rng = np.random.default_rng(3)
+    n = 200_000
+    signal = rng.uniform(0, 100, n).astype(np.float32)
+    upper = rng.random(n) < 0.3
+    noise = np.where(upper, rng.normal(7, 1, n), rng.normal(-3, 1, n)).astype(np.float32)
+    observation = signal + noise
+    true_nll = -np.mean(
+        np.log(0.7 * stats.norm.pdf(noise, -3, 1) + 0.3 * stats.norm.pdf(noise, 7, 1))
+    )
+    gmm = GaussianMixtureNoiseModel.fit(signal, observation)
+    poisson_gaussian = PoissonGaussianNoiseModel.fit(signal, observation)
+    assert gmm.nll(signal, observation) == pytest.approx(true_nll, abs=0.02)
+    assert poisson_gaussian.nll(signal, observation) > true_nll + 0.3
+
+
+def test_hybrid_is_never_below_the_documented_floor_of_the_parametric_model(sparse_hybrid, gmm):
+    """Dense, sparse and empty rows alike: p_hybrid ≥ FLOOR_RATIO · p_parametric (bin-averaged,
+    so allow 5 % for the density varying inside one bin)."""
+    rng = np.random.default_rng(4)
+    signal = torch.from_numpy(rng.uniform(0, OFFSET + 299, (4000, 1)).astype(np.float32))
+    observation = signal + torch.from_numpy(rng.normal(0, 25, (4000, 1)).astype(np.float32))
+    log_ratio = sparse_hybrid.log_likelihood(observation, signal) - gmm.log_likelihood(
+        observation, signal
+    )
+    assert float(log_ratio.min()) > np.log(FLOOR_RATIO) - 0.05
+
+
+def test_hybrid_follows_the_histogram_in_dense_rows_and_the_parametric_model_in_empty_rows(
+    sparse_pairs, sparse_hybrid, gmm
+):
+    table = sparse_hybrid.table
+    centres = table.row_centres()
+    dense_rows = (centres > OFFSET + 20) & (centres < OFFSET + 90)
+    empty_rows = sparse_hybrid.support == 0
+    assert dense_rows.sum() > 50 and empty_rows.sum() > 50
+    histogram = HistogramNoiseModel.fit(*sparse_pairs, value_range=SPARSE_TABLE_RANGE)
+    expected = histogram.table.density * table.width
+    hybrid = table.density * table.width
+    # Dense rows hold ~4000 pairs each: the blend with 1000 pseudo-pairs stays near the counts.
+    assert torch.allclose(hybrid[dense_rows], expected[dense_rows], atol=0.01)
+    parametric = bin_probabilities(gmm, table)
+    torch.testing.assert_close(hybrid[empty_rows], parametric[empty_rows])
+
+
+def test_outside_the_table_the_hybrid_is_the_parametric_model(sparse_hybrid, gmm):
+    observation = torch.tensor([[10.0], [400.0], [900.0], [-50.0]])
+    signal = torch.tensor([[330.0, 500.0, 1e4]]).expand(4, 3)
+    torch.testing.assert_close(
+        sparse_hybrid.log_likelihood(observation, signal), gmm.log_likelihood(observation, signal)
+    )
+
+
+def test_coverage_warning_fires_on_a_bright_image_only(sparse_hybrid):
+    """Calibrated up to ~OFFSET + 100 (+ a few sparse bright pairs up to OFFSET + 200)."""
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[:128, :128]
+    blob = np.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / (2 * 15**2))
+    in_range = OFFSET + 5 + 150 * blob
+    bright = OFFSET + 5 + 400 * blob
+    assert coverage_warning(sparse_hybrid, rng.poisson(in_range)) is None
+    message = coverage_warning(sparse_hybrid, rng.poisson(bright))
+    assert message is not None and "above the noise model's calibrated range" in message
+
+
+def test_log_likelihood_finite_with_finite_gradients_everywhere(models):
     """Hot-loop shapes: observations (P, 1) against samples (P, K), far outside the range too."""
     observation = torch.tensor([[-1e4], [0.0], [25.0], [120.0], [240.0], [1e5]])
-    for model in all_models(pairs, histogram):
+    for model in models:
         signal = torch.tensor([-1e4, -5.0, 20.0, 60.0, 150.0, 221.0, 400.0, 1e5]).repeat(6, 1)
         signal.requires_grad_(True)
         log_p = model.log_likelihood(observation, signal)
@@ -129,20 +232,20 @@ def test_log_likelihood_finite_with_finite_gradients_everywhere(pairs, histogram
         assert torch.isfinite(signal.grad).all(), model.kind
 
 
-def test_densities_integrate_to_one_over_observations(pairs, histogram):
+def test_densities_integrate_to_one_over_observations(models):
     """Densities are per ADU: integrating over observations gives 1 for an in-range signal."""
     grid = torch.linspace(-60, 320, 38001)[:, None]
     step = float(grid[1] - grid[0])
-    for model in all_models(pairs, histogram):
+    for model in models:
         total = model.log_likelihood(grid, torch.tensor([[120.0]])).exp().sum() * step
         assert float(total) == pytest.approx(1.0, abs=0.01), model.kind
 
 
-def test_save_load_round_trip_keeps_likelihood_and_metadata(pairs, histogram, tmp_path):
+def test_save_load_round_trip_keeps_likelihood_and_metadata(models, histogram, tmp_path):
     histogram.metadata.update(camera="test-camera", frames=50)
     observation = torch.linspace(0, 250, 101)[:, None]
     signal = torch.linspace(0, 250, 7)[None, :]
-    for model in all_models(pairs, histogram):
+    for model in models:
         path = save_noise_model(model, tmp_path / f"{model.kind}.pt")
         loaded = load_noise_model(path)
         assert type(loaded) is type(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -63,13 +64,21 @@ def pair_counts(
     return counts.view(bins, bins).float()
 
 
-def common_range(signal: torch.Tensor, observation: torch.Tensor) -> tuple[float, float]:
-    """One [low, high) range covering signal and observations; for whole-number camera data
-    the top is max + 1 so that each bin holds whole values and the density is per ADU."""
+def common_range(
+    signal: torch.Tensor, observation: torch.Tensor, bins: int = 256
+) -> tuple[float, float]:
+    """One [low, high) range covering signal and observations.
+
+    For whole-number camera data the bins are a whole number of ADU wide and centred on whole
+    numbers, so every bin holds the same count of possible values (the density per ADU is not
+    distorted by binning) and dequantised values stay in their bin.
+    """
     low = float(torch.minimum(signal.min(), observation.min()))
     high = float(torch.maximum(signal.max(), observation.max()))
     if is_integer_valued(observation):
-        return np.floor(low), np.floor(high) + 1.0
+        low = math.floor(low) - 0.5
+        width = math.ceil((high - low) / bins)
+        return low, low + bins * width
     return low, high + 1e-6 * max(1.0, high - low)
 
 
@@ -106,7 +115,7 @@ class HistogramNoiseModel(NoiseModel):
     ) -> HistogramNoiseModel:
         """Histogram of pairs; `signal` broadcasts against `observation` (e.g. (Y,X) vs (T,Y,X))."""
         signal, observation = as_pairs(signal, observation)
-        value_range = value_range or common_range(signal, observation)
+        value_range = value_range or common_range(signal, observation, bins)
         counts = pair_counts(signal, observation, bins, value_range)
         support = counts.sum(1)
         width = (value_range[1] - value_range[0]) / bins

@@ -1,0 +1,144 @@
+"""Signal-dependent Gaussian mixture noise model, after Prakash et al. ("Fully unsupervised
+probabilistic Noise2Void"), built around a Poisson–Gaussian fit.
+
+Each of C components has a weight, a mean offset and a variance factor given by polynomials of
+the normalised signal u = (s − low) / (high − low); offsets and variances are relative to the
+Poisson–Gaussian noise level σ(s), and the mixture mean is shifted to equal s exactly. Beyond the
+calibrated range (u outside [0, 1]) the mixture's shape stays at its boundary value while σ(s)
+follows the Poisson–Gaussian mean–variance line, so extrapolation stays sane.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pn2v_live.core.noise.base import NoiseModel, as_pairs, dequantised
+from pn2v_live.core.noise.histogram import common_range
+from pn2v_live.core.noise.poisson_gaussian import PoissonGaussianNoiseModel
+
+# Smallest component variance relative to the Poisson–Gaussian variance.
+RELATIVE_VARIANCE_FLOOR = 1e-3
+
+
+def polynomial(coefficients: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Evaluate C polynomials (C, degree + 1; constant term first) at u (...) → (..., C)."""
+    value = coefficients[:, -1].expand(*u.shape, -1)
+    for c in coefficients.unbind(1)[-2::-1]:
+        value = value * u[..., None] + c
+    return value
+
+
+def cell_averages(
+    signal: torch.Tensor, observation: torch.Tensor, bins: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compress 1-D pairs into the occupied cells of a bins × bins (signal, observation) grid.
+
+    Returns each cell's mean signal, mean observation and pair count (1-D, same length): a few
+    thousand weighted points stand in for millions of pairs when fitting.
+    """
+    low, high = common_range(signal, observation)
+    width = (high - low) / bins
+    row = ((signal - low) / width).long().clamp(0, bins - 1)
+    column = ((observation - low) / width).long().clamp(0, bins - 1)
+    occupied, cell = torch.unique(row * bins + column, return_inverse=True)
+    count = torch.bincount(cell, minlength=len(occupied)).double()
+    mean_signal = torch.bincount(cell, signal.double(), minlength=len(occupied)) / count
+    mean_observation = torch.bincount(cell, observation.double(), minlength=len(occupied)) / count
+    return mean_signal.float(), mean_observation.float(), count.float()
+
+
+class GaussianMixtureNoiseModel(NoiseModel):
+    """p(x | s) = Σ_c w_c(u) · Normal(x; s + σ(s)·d_c(u), σ(s)²·v_c(u)); see the module docstring.
+
+    `weights`, `offsets`, `variances`: (C, degree + 1) polynomial coefficients of the component
+    logits, the mean offsets d_c (before centring) and the pre-softplus variance factors v_c.
+    `base` is the Poisson–Gaussian model giving σ(s).
+    """
+
+    kind: ClassVar[str] = "gmm"
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        offsets: torch.Tensor,
+        variances: torch.Tensor,
+        base: PoissonGaussianNoiseModel,
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__(base.signal_range, metadata)
+        self.weights, self.offsets, self.variances, self.base = weights, offsets, variances, base
+
+    @classmethod
+    def fit(
+        cls,
+        signal: np.ndarray | torch.Tensor,
+        observation: np.ndarray | torch.Tensor,
+        base: PoissonGaussianNoiseModel | None = None,
+        components: int = 3,
+        degree: int = 2,
+        steps: int = 200,
+        metadata: dict[str, Any] | None = None,
+    ) -> GaussianMixtureNoiseModel:
+        """Maximum likelihood by L-BFGS over all (dequantised) pairs, compressed by
+        `cell_averages`; `base` defaults to a Poisson–Gaussian fit of the same pairs."""
+        signal, observation = as_pairs(signal, observation)
+        base = base or PoissonGaussianNoiseModel.fit(signal, observation)
+        shape = (components, degree + 1)
+        weights, offsets, variances = (torch.zeros(shape) for _ in range(3))
+        offsets[:, 0] = torch.linspace(-0.5, 0.5, components)
+        variances[:, 0] = math.log(math.e - 1)  # softplus⁻¹(1): start at the base variance
+        model = cls(weights, offsets, variances, base, metadata)
+        signal, observation, count = cell_averages(signal, dequantised(observation))
+        weight = count / count.sum()
+        parameters = [model.weights, model.offsets, model.variances]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.LBFGS(
+            parameters, lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = -(weight * model.log_likelihood(observation, signal)).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        return model
+
+    def log_likelihood(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        signal = signal.float()
+        low, high = self.signal_range
+        u = ((signal - low) / max(high - low, 1e-6)).clamp(0, 1)
+        log_weights = torch.log_softmax(polynomial(self.weights, u), dim=-1)
+        offsets = polynomial(self.offsets, u)
+        offsets = offsets - (log_weights.exp() * offsets).sum(-1, keepdim=True)
+        base_variance = self.base.variance(signal)[..., None]
+        relative = F.softplus(polynomial(self.variances, u)) + RELATIVE_VARIANCE_FLOOR
+        variances = base_variance * relative
+        residual = (observation - signal)[..., None] - offsets * base_variance.sqrt()
+        log_components = -0.5 * (residual**2 / variances + torch.log(2 * math.pi * variances))
+        return torch.logsumexp(log_weights + log_components, dim=-1)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "weights": self.weights.detach().cpu(),
+            "offsets": self.offsets.detach().cpu(),
+            "variances": self.variances.detach().cpu(),
+            "base": self.base.state(),
+            "signal_range": list(self.signal_range),
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> GaussianMixtureNoiseModel:
+        base = PoissonGaussianNoiseModel.from_state(state["base"])
+        return cls(state["weights"], state["offsets"], state["variances"], base, state["metadata"])

@@ -1,0 +1,121 @@
+"""Hybrid noise model: the paper's histogram where calibration data is dense, a parametric model
+(Gaussian mixture or Poisson–Gaussian) where it is sparse, empty or out of range.
+
+Each histogram row r with n_r calibration pairs (pixel × frame) becomes
+
+    p_r = (1 − f) · (counts_r + n₀ · q_r) / (n_r + n₀) + f · q_r
+
+where q_r are the parametric model's bin probabilities at the row's signal, n₀ = `prior_pairs`
+(a row with n₀ pairs is half histogram, half parametric) and f = `floor_ratio`. So an empty row
+is exactly parametric, and no entry is ever below f times the parametric probability of its bin.
+Signals or observations outside the table use the parametric model (extrapolation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from pn2v_live.core.noise.base import NoiseModel, as_pairs, noise_model_from_state
+from pn2v_live.core.noise.histogram import BinnedTable, common_range, pair_counts
+
+PRIOR_PAIRS = 1000.0
+FLOOR_RATIO = 0.01
+
+
+def bin_probabilities(model: NoiseModel, table: BinnedTable, points: int = 8) -> torch.Tensor:
+    """(bins, bins) probability of each observation bin at each row-centre signal under `model`,
+    averaging the density over `points` evenly spaced observations inside each bin."""
+    centres = table.row_centres()
+    inside = (torch.arange(points, dtype=torch.float32) + 0.5) / points
+    edges = table.low + table.width * torch.arange(table.bins, dtype=torch.float32)
+    observations = (edges[:, None] + table.width * inside).reshape(-1)
+    with torch.no_grad():
+        log_p = model.log_likelihood(observations[None, :], centres[:, None])
+    return log_p.exp().view(table.bins, table.bins, points).mean(-1) * table.width
+
+
+class HybridNoiseModel(NoiseModel):
+    """Histogram blended with `parametric` by row support; see the module docstring."""
+
+    kind: ClassVar[str] = "hybrid"
+
+    def __init__(
+        self,
+        density: torch.Tensor,
+        value_range: tuple[float, float],
+        support: torch.Tensor,
+        parametric: NoiseModel,
+        signal_range: tuple[float, float],
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__(signal_range, metadata)
+        self.table = BinnedTable(density, value_range)
+        self.support = support.float()
+        self.parametric = parametric
+
+    @classmethod
+    def fit(
+        cls,
+        signal: np.ndarray | torch.Tensor,
+        observation: np.ndarray | torch.Tensor,
+        parametric: NoiseModel,
+        bins: int = 256,
+        value_range: tuple[float, float] | None = None,
+        prior_pairs: float = PRIOR_PAIRS,
+        floor_ratio: float = FLOOR_RATIO,
+        metadata: dict[str, Any] | None = None,
+    ) -> HybridNoiseModel:
+        """Histogram of the pairs blended with `parametric` (already fitted to the same pairs)."""
+        signal, observation = as_pairs(signal, observation)
+        value_range = value_range or common_range(signal, observation, bins)
+        counts = pair_counts(signal, observation, bins, value_range)
+        support = counts.sum(1)
+        table = BinnedTable(counts, value_range)
+        q = bin_probabilities(parametric, table)
+        blend = (counts + prior_pairs * q) / (support + prior_pairs)[:, None]
+        density = ((1 - floor_ratio) * blend + floor_ratio * q) / table.width
+        metadata = {"prior_pairs": prior_pairs, "floor_ratio": floor_ratio, **(metadata or {})}
+        signal_range = (float(signal.min()), float(signal.max()))
+        return cls(density, value_range, support, parametric, signal_range, metadata)
+
+    def log_likelihood(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        observation, signal = observation.float(), signal.float()
+        density = self.table.interpolated(observation, signal)
+        inside = (
+            self.table.observation_inside(observation)
+            & (signal >= self.table.low)
+            & (signal < self.table.high)
+        )
+        parametric = self.parametric.log_likelihood(observation, signal)
+        # The table never holds zeros, but keep log() away from the values we do not use.
+        return torch.where(inside, density.clamp(min=1e-30).log(), parametric)
+
+    def to(self, device: torch.device | str) -> HybridNoiseModel:
+        self.table.density = self.table.density.to(device)
+        self.parametric.to(device)
+        return self
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "density": self.table.density.cpu(),
+            "value_range": [self.table.low, self.table.high],
+            "support": self.support.cpu(),
+            "parametric": self.parametric.state(),
+            "signal_range": list(self.signal_range),
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> HybridNoiseModel:
+        return cls(
+            state["density"],
+            tuple(state["value_range"]),
+            state["support"],
+            noise_model_from_state(state["parametric"]),
+            tuple(state["signal_range"]),
+            state["metadata"],
+        )
