@@ -1,0 +1,98 @@
+"""The trainer stage on a real store: bounded rounds, held-back validation, promotion, priority."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
+from pn2v_live.storage.registry import ModelRegistry
+from pn2v_live.storage.store import Store
+
+SETTINGS = TrainerSettings(
+    every_frames=4,
+    every_seconds=3600,
+    steps_per_round=2,
+    patch_size=16,
+    batch_size=2,
+    k=8,
+    learning_rate=1e-3,
+)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    store = Store(tmp_path / "store")
+    registry = ModelRegistry(tmp_path / "store" / "models")
+    noise = PoissonGaussianNoiseModel(gain=1.0, offset=0.0, read_noise=2.0, signal_range=(0, 100))
+    acquisition = store.create("cells", (24, 24), "uint8")
+    rng = np.random.default_rng(0)
+    scene = rng.uniform(20, 80, size=(24, 24))
+
+    def add_frames(n: int) -> None:
+        start = len(acquisition.stored_frames())
+        for t in range(start, start + n):
+            acquisition.write_raw(t, rng.poisson(scene).astype(np.uint8))
+
+    idle = threading.Event()
+    idle.set()
+    trainer = Trainer(store, registry, noise, "nm-id", SETTINGS, torch.device("cpu"), idle)
+    yield trainer, registry, add_frames, idle
+    trainer.stop(timeout=60)
+    store.close()
+
+
+def test_round_promotes_first_model_with_metadata_and_holds_back_frames(setup):
+    trainer, registry, add_frames, idle = setup
+    add_frames(3)
+    assert trainer.work() is False  # 3 frames: none held back yet (t % 8 == 3)
+    add_frames(9)  # frames 0..11: 3 and 11 are held back
+    assert trainer.work() is True
+    info = registry.current()
+    assert (info.version, info.parent, info.noise_model_id) == (1, None, "nm-id")
+    assert info.training_frames == 10 and info.training_steps == SETTINGS.steps_per_round
+    assert np.isfinite(info.validation_loss)
+    record = trainer.history[-1]
+    assert record["promoted_version"] == 1 and record["promoted_loss"] is None
+    assert registry.load()[0].k == SETTINGS.k
+    assert trainer.work() is False  # no new frames and not overdue: no round
+
+
+def test_later_rounds_promote_only_improvements(setup):
+    trainer, registry, add_frames, idle = setup
+    add_frames(12)
+    trainer.work()
+    for _ in range(3):
+        add_frames(SETTINGS.every_frames)
+        assert trainer.work() is True
+        record = trainer.history[-1]
+        if record["promoted_version"] is not None:
+            assert record["validation_loss"] < record["promoted_loss"]
+            assert registry.current().version == record["promoted_version"]
+            assert registry.current().parent == record["promoted_version"] - 1
+        else:
+            assert record["validation_loss"] >= record["promoted_loss"]
+    assert trainer.rounds == 4
+    versions = registry.versions()
+    assert [v.version for v in versions] == list(range(1, len(versions) + 1))
+
+
+def test_training_waits_while_inference_has_fresh_frames(setup):
+    trainer, registry, add_frames, idle = setup
+    idle.clear()  # inference busy with new frames
+    add_frames(12)
+    trainer.start()
+    time.sleep(3)
+    assert trainer.rounds == 0 and registry.current() is None
+    assert trainer.alive(max_silence=2)  # waiting is progress for the watchdog
+    idle.set()
+    deadline = time.monotonic() + 120
+    while trainer.rounds == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert registry.current().version == 1
