@@ -10,6 +10,7 @@ on a dask.distributed LocalCluster.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,10 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
 from prometheus_client.parser import text_string_to_metric_families
 
 from pn2v_live.core.metrics import psnr
+from pn2v_live.core.model import new_denoiser
+from pn2v_live.storage.checkpoints import save_denoiser
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 
@@ -330,3 +334,60 @@ def test_sigkill_mid_training_and_inference_loses_nothing_on_a_local_cluster(
     assert registry.load(promoted)[1].version == promoted  # promoted before the kill: kept
     # The frames were denoised by the cluster's worker process, not in the daemon.
     assert local_cluster.scheduler.task_prefixes["denoise_frame"].duration_average > 0
+
+
+def test_folder_ingest_denoised_by_the_initial_model_before_any_training(tmp_path, data):
+    """Frames written into a watched folder are denoised by `[model] initial` meanwhile."""
+    torch.manual_seed(0)
+    save_denoiser(new_denoiser("pn2v", 60.0, 30.0, k=8, depth=2, features=8), tmp_path / "start.pt")
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    serve = Serve(tmp_path, data)
+    text = serve.config.read_text().replace("every_frames = 50", "every_frames = 1000")
+    text = text.replace("every_seconds = 1", "every_seconds = 3600")
+    serve.config.write_text(
+        text + f'[ingest.folder]\npaths = ["{incoming}"]\n[model]\ninitial = "start.pt"\n'
+    )
+    serve.start()
+    try:
+        writer = subprocess.run(
+            [
+                CLI,
+                "simulate",
+                "--folder",
+                incoming,
+                "--source",
+                data["stack"],
+                "--frames",
+                "12",
+                "--fps",
+                "50",
+                "--acquisition",
+                "folder-run",
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert writer.returncode == 0, writer.stderr
+        url = f"http://127.0.0.1:{serve.viewer_port}/api/acquisitions"
+
+        def all_denoised():
+            with urllib.request.urlopen(url, timeout=5) as response:
+                summary = {a["name"]: a for a in json.load(response)}
+            run = summary.get("folder-run", {})
+            return run.get("frames") == 12 and run.get("lag") == 0
+
+        wait_for(all_denoised, 120, "12 folder frames denoised", serve)
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve.viewer_port}/api/status") as r:
+            status = json.load(r)
+        assert status["model_version"] == 1
+        assert status["model_source"].endswith("start.pt")
+        m = serve.metrics()
+        assert m["pn2v_live_frames_ingested_total{source=folder}"] == 12
+        assert m["pn2v_live_frames_denoised_total{kind=new}"] == 12
+        assert serve.stop() == 0
+    finally:
+        serve.kill()
+    assert sorted(p.name for p in incoming.rglob("*.tif*"))  # sources are left in place
