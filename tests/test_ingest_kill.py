@@ -57,6 +57,12 @@ class Receiver:
         self.process.wait()
 
     def stop(self) -> None:
+        """SIGTERM once it runs (a process still importing just dies); it must exit cleanly."""
+        log = self.root.parent / f"receiver-{self.starts}.log"
+        deadline = time.monotonic() + 60
+        while "ingesting into" not in log.read_text():
+            assert time.monotonic() < deadline and self.process.poll() is None, self.logs()
+            time.sleep(0.05)
         self.process.send_signal(signal.SIGTERM)
         assert self.process.wait(60) == 0, self.logs()
 
