@@ -46,6 +46,8 @@ FrameListener = Callable[[Acquisition, int, np.ndarray, int], None]
 
 @dataclass(frozen=True)
 class Job:
+    """One frame to denoise; `backfill` when it has a twin from an older model already."""
+
     acquisition: Acquisition
     t: int
     backfill: bool

@@ -192,6 +192,7 @@ class Daemon:
         self.drain()
 
     def request_stop(self) -> None:
+        """Make `run` drain and return, as SIGTERM does (callable from any thread)."""
         self._stop.set()
 
     def drain(self) -> None:
