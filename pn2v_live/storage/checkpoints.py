@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +9,7 @@ import torch
 
 from pn2v_live.core.model import Denoiser, new_denoiser
 from pn2v_live.errors import UserError
+from pn2v_live.storage.atomic import write_atomically
 
 FORMAT = "pn2v-live denoiser 1"
 
@@ -19,8 +18,6 @@ def save_denoiser(
     denoiser: Denoiser, path: str | Path, metadata: dict[str, Any] | None = None
 ) -> None:
     """Write atomically (temp file, fsync, rename): a crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     net = denoiser.net
     state = {
         "format": FORMAT,
@@ -34,16 +31,7 @@ def save_denoiser(
         "history": denoiser.history,
         "metadata": dict(metadata or {}),
     }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda file: torch.save(state, file))
 
 
 def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:

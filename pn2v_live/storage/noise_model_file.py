@@ -13,14 +13,13 @@ half-written model.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from pn2v_live.core.noise import NoiseModel, noise_model_from_state
 from pn2v_live.errors import UserError
+from pn2v_live.storage.atomic import write_atomically
 
 FORMAT = "pn2v-live noise model"
 VERSION = 1
@@ -28,20 +27,8 @@ VERSION = 1
 
 def save_noise_model(model: NoiseModel, path: str | Path) -> Path:
     """Write `model` (state + metadata) to `path` atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     content = {"format": FORMAT, "version": VERSION, "state": model.state()}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(content, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda file: torch.save(content, file))
 
 
 def load_noise_model(path: str | Path, device: torch.device | str = "cpu") -> NoiseModel:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pn2v_live.core.model import Denoiser
+from pn2v_live.storage.atomic import write_atomically
 from pn2v_live.storage.checkpoints import load_denoiser, save_denoiser
 
 POINTER = "current"
@@ -114,8 +114,8 @@ class ModelRegistry:
                 source=source,
             )
             save_denoiser(denoiser, self._path(info.version, ".pt"), asdict(info))  # atomic
-            _write_atomically(self._path(info.version, ".json"), json.dumps(asdict(info)))
-            _write_atomically(self.folder / POINTER, f"{info.version}\n")
+            write_atomically(self._path(info.version, ".json"), _writer(json.dumps(asdict(info))))
+            write_atomically(self.folder / POINTER, _writer(f"{info.version}\n"))
             return info
 
     def _next_version(self) -> int:
@@ -132,16 +132,6 @@ def content_id(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` via a fsynced temporary file, then fsync the folder."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+def _writer(text: str):
+    """A `write_atomically` callback writing `text` as UTF-8."""
+    return lambda file: file.write(text.encode())
