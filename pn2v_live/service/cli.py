@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported.
-COMMAND_MODULES = ("algorithm", "bench", "ingest", "serve")
+COMMAND_MODULES = ("algorithm", "bench", "calibrate", "demo", "ingest", "serve")
 
 for _module in COMMAND_MODULES:
     importlib.import_module(f"pn2v_live.service.commands.{_module}")

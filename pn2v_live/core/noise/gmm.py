@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from pn2v_live.core.noise.base import NoiseModel, as_pairs, dequantised
-from pn2v_live.core.noise.histogram import common_range
 from pn2v_live.core.noise.poisson_gaussian import PoissonGaussianNoiseModel
 
 # Smallest component variance relative to the Poisson–Gaussian variance.
@@ -31,25 +30,6 @@ def polynomial(coefficients: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     for c in coefficients.unbind(1)[-2::-1]:
         value = value * u[..., None] + c
     return value
-
-
-def cell_averages(
-    signal: torch.Tensor, observation: torch.Tensor, bins: int = 256
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compress 1-D pairs into the occupied cells of a bins × bins (signal, observation) grid.
-
-    Returns each cell's mean signal, mean observation and pair count (1-D, same length): a few
-    thousand weighted points stand in for millions of pairs when fitting.
-    """
-    low, high = common_range(signal, observation)
-    width = (high - low) / bins
-    row = ((signal - low) / width).long().clamp(0, bins - 1)
-    column = ((observation - low) / width).long().clamp(0, bins - 1)
-    occupied, cell = torch.unique(row * bins + column, return_inverse=True)
-    count = torch.bincount(cell, minlength=len(occupied)).double()
-    mean_signal = torch.bincount(cell, signal.double(), minlength=len(occupied)) / count
-    mean_observation = torch.bincount(cell, observation.double(), minlength=len(occupied)) / count
-    return mean_signal.float(), mean_observation.float(), count.float()
 
 
 class GaussianMixtureNoiseModel(NoiseModel):
@@ -82,10 +62,12 @@ class GaussianMixtureNoiseModel(NoiseModel):
         components: int = 3,
         degree: int = 2,
         steps: int = 200,
+        max_pairs: int = 200_000,
+        seed: int = 0,
         metadata: dict[str, Any] | None = None,
     ) -> GaussianMixtureNoiseModel:
-        """Maximum likelihood by L-BFGS over all (dequantised) pairs, compressed by
-        `cell_averages`; `base` defaults to a Poisson–Gaussian fit of the same pairs."""
+        """Maximum likelihood by L-BFGS (full batch) on up to `max_pairs` random dequantised
+        pairs; `base` defaults to a Poisson–Gaussian fit of all the pairs."""
         signal, observation = as_pairs(signal, observation)
         base = base or PoissonGaussianNoiseModel.fit(signal, observation)
         shape = (components, degree + 1)
@@ -93,8 +75,11 @@ class GaussianMixtureNoiseModel(NoiseModel):
         offsets[:, 0] = torch.linspace(-0.5, 0.5, components)
         variances[:, 0] = math.log(math.e - 1)  # softplus⁻¹(1): start at the base variance
         model = cls(weights, offsets, variances, base, metadata)
-        signal, observation, count = cell_averages(signal, dequantised(observation))
-        weight = count / count.sum()
+        generator = torch.Generator().manual_seed(seed)
+        if signal.numel() > max_pairs:
+            pick = torch.randperm(signal.numel(), generator=generator)[:max_pairs]
+            signal, observation = signal[pick], observation[pick]
+        observation = dequantised(observation, seed)
         parameters = [model.weights, model.offsets, model.variances]
         for parameter in parameters:
             parameter.requires_grad_(True)
@@ -104,7 +89,7 @@ class GaussianMixtureNoiseModel(NoiseModel):
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = -(weight * model.log_likelihood(observation, signal)).sum()
+            loss = -model.log_likelihood(observation, signal).mean()
             loss.backward()
             return loss
 

@@ -1,0 +1,371 @@
+"""The calibration workflow: static-scene acquisitions → checks → (signal, observation) pairs →
+noise models compared by held-out NLL → the chosen model, a report figure and a JSON summary.
+
+The signal is each acquisition's per-pixel mean over all its frames (or a given clean image, or
+N2V predictions in bootstrap mode). The last HELD_OUT_FRACTION of every acquisition's frames
+are held back from fitting and score the models (mean NLL in nats per pixel, whole-number data
+dequantised). Every check that fails raises UserError before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pn2v_live.core.noise import (
+    GaussianMixtureNoiseModel,
+    HistogramNoiseModel,
+    HybridNoiseModel,
+    NoiseModel,
+    PoissonGaussianNoiseModel,
+    as_pairs,
+    darkest_level,
+)
+from pn2v_live.core.noise.histogram import common_range, pair_counts
+from pn2v_live.errors import UserError
+from pn2v_live.storage.images import read_stack
+from pn2v_live.storage.noise_model_file import save_noise_model
+
+log = logging.getLogger(__name__)
+
+KINDS = ("hybrid", "histogram", "gmm", "poisson-gaussian")
+DEFAULT_KIND = "hybrid"  # lowest held-out NLL on the shared confocal data, robust out of range
+HELD_OUT_FRACTION = 0.2
+MIN_FRAMES = 8  # below this the per-pixel mean is too noisy to serve as the signal
+MIN_PAIRS_PER_ROW = 100  # average calibration pairs per occupied histogram row
+MAX_SHIFT_PX = 1.5  # a frame displaced this much against the others means the scene moved
+WARN_SHIFT_PX = 0.5  # sub-pixel drift: accepted with a warning
+MAX_SATURATED_FRACTION = 1e-3  # pixels at the camera's maximum (or minimum)
+MIN_SIGNAL_SPAN_SIGMAS = 4  # signal range in units of the noise std at the brightest level
+SUPPORT_PAIRS = 1000  # rows with at least this many pairs count as well calibrated
+
+
+@dataclass
+class Acquisition:
+    """One calibration input: a name for messages and its frames (T, Y, X), camera dtype."""
+
+    name: str
+    frames: np.ndarray
+
+
+@dataclass
+class CalibrationResult:
+    """Fitted models (kind → model), which one is chosen, the Poisson–Gaussian fit (always made),
+    the fitting pairs (1-D signal, observation), the summary numbers and warnings."""
+
+    models: dict[str, NoiseModel]
+    chosen: str
+    poisson_gaussian: PoissonGaussianNoiseModel
+    pairs: tuple[torch.Tensor, torch.Tensor]
+    summary: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_acquisition(path: str | Path) -> Acquisition:
+    """Frames of a TIFF/OME-TIFF stack, a folder of frames, or a `<name>.ome.zarr` acquisition of
+    the project's store (its stored frames [0, valid_t))."""
+    path = Path(path)
+    if path.name.endswith(".ome.zarr"):
+        from pn2v_live.storage.store import SUFFIX, Store
+
+        store = Store(path.parent)
+        try:
+            acquisition = store.acquisition(path.name[: -len(SUFFIX)])
+            frames = np.stack([acquisition.read_raw(t) for t in range(acquisition.valid_t)])
+        except (KeyError, ValueError) as error:
+            raise UserError(f"{path}: not a readable acquisition of the store ({error})") from error
+        finally:
+            store.close()
+        return Acquisition(path.name[: -len(SUFFIX)], frames)
+    return Acquisition(path.name, read_stack(path))
+
+
+def frame_shift(frames: np.ndarray) -> tuple[int, tuple[float, float]]:
+    """Largest displacement (frame index, (dy, dx) px) of any frame against the mean of the
+    others: the peak of their FFT cross-correlation, refined to sub-pixel by a parabola."""
+    frames = frames.astype(np.float32)
+    total = frames.sum(0)
+    worst: tuple[int, tuple[float, float]] = (0, (0.0, 0.0))
+    for index, frame in enumerate(frames):
+        others = (total - frame) / (len(frames) - 1)
+        spectrum = np.fft.rfft2(frame - frame.mean()) * np.conj(
+            np.fft.rfft2(others - others.mean())
+        )
+        correlation = np.fft.fftshift(np.fft.irfft2(spectrum, s=frame.shape))
+        peak = np.unravel_index(np.argmax(correlation), correlation.shape)
+        shift = []
+        for axis, p in enumerate(peak):
+            n = correlation.shape[axis]
+            before, at, after = (
+                correlation[tuple((p + d) % n if a == axis else q for a, q in enumerate(peak))]
+                for d in (-1, 0, 1)
+            )
+            curvature = before - 2 * at + after
+            vertex = 0.5 * (before - after) / curvature if curvature < 0 else 0.0
+            shift.append(float(p - n // 2 + vertex))
+        if max(map(abs, shift)) > max(map(abs, worst[1])):
+            worst = (index, (shift[0], shift[1]))
+    return worst
+
+
+def clipped_fraction(frames: np.ndarray) -> tuple[float, float]:
+    """Fractions of pixels at the camera dtype's maximum and minimum (0 for float data)."""
+    if not np.issubdtype(frames.dtype, np.integer):
+        return 0.0, 0.0
+    info = np.iinfo(frames.dtype)
+    return float(np.mean(frames == info.max)), float(np.mean(frames == info.min))
+
+
+def check_acquisitions(acquisitions: list[Acquisition], bins: int, bootstrap: bool) -> list[str]:
+    """Refuse inputs that cannot give a trustworthy noise model (UserError says what to do);
+    returns warnings about inputs that are usable but not ideal."""
+    warnings = []
+    shapes = {a.frames.shape[1:] for a in acquisitions}
+    dtypes = {str(a.frames.dtype) for a in acquisitions}
+    if len(dtypes) > 1:
+        found = ", ".join(f"{a.name}: {a.frames.dtype}" for a in acquisitions)
+        raise UserError(
+            f"inputs mix camera data types ({found}); calibrate each camera setting separately"
+        )
+    if len(shapes) > 1 and not bootstrap:
+        found = ", ".join(f"{a.name}: {a.frames.shape[1:]}" for a in acquisitions)
+        raise UserError(f"inputs mix frame shapes ({found}); use one sensor region per calibration")
+    for a in acquisitions:
+        minimum = 2 if bootstrap else MIN_FRAMES
+        if len(a.frames) < minimum:
+            raise UserError(
+                f"{a.name}: {len(a.frames)} frame(s); calibration needs at least {minimum} frames "
+                "of a static scene (50 or more recommended), or use --bootstrap on noisy images"
+            )
+        high, low = clipped_fraction(a.frames)
+        if max(high, low) > MAX_SATURATED_FRACTION:
+            level, fraction = ("maximum", high) if high >= low else ("minimum", low)
+            raise UserError(
+                f"{a.name}: {fraction:.2%} of the pixels sit at the camera's {level} "
+                f"({np.iinfo(a.frames.dtype).max if level == 'maximum' else 0}); clipped pixels "
+                "distort the noise model — lower the exposure/gain (or raise the offset) and "
+                "acquire again"
+            )
+        if not bootstrap:
+            index, shift = frame_shift(a.frames)
+            found = f"frame {index} is shifted by {shift[0]:+.1f}, {shift[1]:+.1f} px (y, x)"
+            if max(map(abs, shift)) >= MAX_SHIFT_PX:
+                raise UserError(
+                    f"{a.name}: the scene is not static — {found} against the others; fix the "
+                    "stage or focus drift and acquire again, or use --bootstrap"
+                )
+            if max(map(abs, shift)) >= WARN_SHIFT_PX:
+                warnings.append(
+                    f"{a.name}: slight drift — {found} against the others; edges of structures "
+                    "will look noisier than they are"
+                )
+    pixels = sum(a.frames.size for a in acquisitions) * (1 - HELD_OUT_FRACTION)
+    if pixels / bins < MIN_PAIRS_PER_ROW:
+        raise UserError(
+            f"{pixels:.0f} calibration pairs are too few for {bins} signal bins (need about "
+            f"{MIN_PAIRS_PER_ROW} per bin, {MIN_PAIRS_PER_ROW * bins}); acquire more frames or "
+            "pass fewer --bins"
+        )
+    return warnings
+
+
+def split(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frames for fitting and the held-back last HELD_OUT_FRACTION (at least one)."""
+    held = max(1, round(HELD_OUT_FRACTION * len(frames)))
+    return frames[:-held], frames[-held:]
+
+
+def gather_pairs(
+    acquisitions: list[Acquisition], signals: list[np.ndarray]
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(signal, observation) 1-D pairs for fitting and for held-out scoring, all acquisitions.
+
+    Each signal is (Y, X) for a static scene or (T, Y, X) per frame (bootstrap)."""
+    fit, held = [], []
+    for acquisition, signal in zip(acquisitions, signals, strict=True):
+        fit_frames, held_frames = split(acquisition.frames)
+        fit_signal, held_signal = split(signal) if signal.ndim == 3 else (signal, signal)
+        fit.append(as_pairs(fit_signal, fit_frames))
+        held.append(as_pairs(held_signal, held_frames))
+    concatenated = [
+        tuple(torch.cat(part) for part in zip(*group, strict=True)) for group in (fit, held)
+    ]
+    return concatenated[0], concatenated[1]
+
+
+def fit_models(
+    kinds: tuple[str, ...],
+    signal: torch.Tensor,
+    observation: torch.Tensor,
+    bins: int,
+    offset: float | None,
+    signal_frames: int | None,
+) -> dict[str, NoiseModel]:
+    """Fit the requested kinds on 1-D pairs (the parametric parts first: others build on them);
+    the result also holds the Poisson–Gaussian and GMM fits the others were built on."""
+    models: dict[str, NoiseModel] = {}
+    models["poisson-gaussian"] = PoissonGaussianNoiseModel.fit(
+        signal, observation, offset=offset, signal_frames=signal_frames
+    )
+    if {"gmm", "hybrid"} & set(kinds):
+        log.info("fitting the Gaussian mixture model")
+        models["gmm"] = GaussianMixtureNoiseModel.fit(
+            signal, observation, base=models["poisson-gaussian"]
+        )
+    value_range = common_range(signal, observation, bins)
+    if "histogram" in kinds:
+        models["histogram"] = HistogramNoiseModel.fit(signal, observation, bins, value_range)
+    if "hybrid" in kinds:
+        models["hybrid"] = HybridNoiseModel.fit(
+            signal, observation, models["gmm"], bins, value_range
+        )
+    return models
+
+
+def check_signal_span(model: PoissonGaussianNoiseModel) -> None:
+    """Refuse a signal range too narrow to tell signal-dependent noise apart."""
+    low, high = model.signal_range
+    sigma = float(model.variance(torch.tensor(high)).sqrt())
+    if high - low < MIN_SIGNAL_SPAN_SIGMAS * sigma:
+        raise UserError(
+            f"the calibration signal spans only {low:.1f}–{high:.1f} ADU, less than "
+            f"{MIN_SIGNAL_SPAN_SIGMAS} noise standard deviations ({sigma:.1f} ADU); image a "
+            "pattern with dark and bright areas (or several exposures) covering the intensities "
+            "of your experiments"
+        )
+
+
+def calibrate(
+    acquisitions: list[Acquisition],
+    kind: str = DEFAULT_KIND,
+    bins: int = 256,
+    camera: str = "",
+    signal: np.ndarray | None = None,
+    offset: float | None = None,
+    bootstrap_signals: list[np.ndarray] | None = None,
+) -> CalibrationResult:
+    """Check the inputs, fit the models and score them on held-out frames.
+
+    `kind` is one of KINDS or "all" (fit every kind, choose the lowest held-out NLL). `signal` is
+    a clean (Y, X) image for every acquisition instead of their means; `bootstrap_signals` are
+    per-frame (T, Y, X) signal estimates (see `bootstrap_signal`). `offset` is the camera's black
+    level in ADU (default: the level of the scene's darkest pixels).
+    """
+    if kind != "all" and kind not in KINDS:
+        raise UserError(f"--kind must be one of {', '.join(KINDS)} or all, not {kind!r}")
+    bootstrap = bootstrap_signals is not None
+    warnings = check_acquisitions(acquisitions, bins, bootstrap)
+    if signal is not None and signal.shape != acquisitions[0].frames.shape[1:]:
+        raise UserError(
+            f"--signal: clean image shape {signal.shape} differs from the frames' "
+            f"{acquisitions[0].frames.shape[1:]}"
+        )
+    if bootstrap:
+        signals = bootstrap_signals
+    elif signal is not None:
+        signals = [signal.astype(np.float32)] * len(acquisitions)
+    else:
+        signals = [a.frames.mean(0, dtype=np.float64).astype(np.float32) for a in acquisitions]
+    if offset is None and min(len(a.frames) for a in acquisitions) >= 2:
+        offset = min(darkest_level(a.frames) for a in acquisitions)
+    signal_frames = None if (bootstrap or signal is not None) else len(acquisitions[0].frames)
+    (fit_s, fit_x), (held_s, held_x) = gather_pairs(acquisitions, signals)
+    kinds = KINDS if kind == "all" else (kind,)
+    fitted = fit_models(kinds, fit_s, fit_x, bins, offset, signal_frames)
+    poisson_gaussian = fitted["poisson-gaussian"]
+    check_signal_span(poisson_gaussian)
+    models = {k: fitted[k] for k in kinds}
+    held_out_nll = {k: round(m.nll(held_s, held_x), 5) for k, m in models.items()}
+    chosen = min(held_out_nll, key=held_out_nll.get)
+    low, high = common_range(fit_s, fit_x, bins)
+    support = pair_counts(fit_s, fit_x, bins, (low, high)).sum(1)
+    edges = np.linspace(low, high, bins + 1)
+    well_supported = np.flatnonzero(support.numpy() >= SUPPORT_PAIRS)
+    summary = {
+        "camera": camera,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "inputs": [a.name for a in acquisitions],
+        "frames": sum(len(split(a.frames)[0]) for a in acquisitions),
+        "held_out_frames": sum(len(split(a.frames)[1]) for a in acquisitions),
+        "pixels": int(sum(np.prod(a.frames.shape[1:]) for a in acquisitions)),
+        "pairs": int(fit_s.numel()),
+        "signal_range": [round(float(fit_s.min()), 3), round(float(fit_s.max()), 3)],
+        "observation_range": [float(fit_x.min()), float(fit_x.max())],
+        "well_supported_signal_max": (
+            round(float(edges[well_supported.max() + 1]), 3) if len(well_supported) else None
+        ),
+        "held_out_nll": held_out_nll,
+        "gain": round(poisson_gaussian.gain, 5),
+        "offset": round(poisson_gaussian.offset, 5),
+        "read_noise": round(poisson_gaussian.read_noise, 5),
+        "bootstrapped": bootstrap,
+        "chosen": chosen,
+    }
+    if summary["well_supported_signal_max"] is not None:
+        top = summary["well_supported_signal_max"]
+        if top < 0.5 * summary["signal_range"][1]:
+            warnings.append(
+                f"signal rows above {top:.0f} ADU hold fewer than {SUPPORT_PAIRS} pairs each; "
+                "there the model leans on its parametric part — include brighter areas for a "
+                "better calibration"
+            )
+    for model in models.values():
+        model.metadata.update(summary, row_support=support.tolist(), kind=model.kind)
+    for message in warnings:
+        log.warning(message)
+    return CalibrationResult(models, chosen, poisson_gaussian, (fit_s, fit_x), summary, warnings)
+
+
+def bootstrap_signal(
+    acquisitions: list[Acquisition], steps: int | None, minutes: float | None, seed: int = 0
+) -> list[np.ndarray]:
+    """Signal estimates (T, Y, X) per acquisition from an N2V network trained on the noisy frames
+    themselves (Prakash et al.'s bootstrap), for calibrating without a test pattern."""
+    from pn2v_live.core.inference import denoise
+    from pn2v_live.core.model import new_denoiser
+    from pn2v_live.core.training import train
+
+    frames = [f.astype(np.float32) for a in acquisitions for f in a.frames]
+    values = np.concatenate([f.ravel() for f in frames])
+    denoiser = new_denoiser("n2v", mean=float(values.mean()), std=float(values.std()))
+    log.info("bootstrap: training N2V on %d noisy frames", len(frames))
+    train(denoiser, frames, steps=steps, minutes=minutes, seed=seed)
+    denoiser.eval()
+    return [
+        np.stack([denoise(denoiser, f.astype(np.float32))["denoised"] for f in a.frames])
+        for a in acquisitions
+    ]
+
+
+def write_outputs(
+    result: CalibrationResult, output: Path, report: Path | None, everything: bool
+) -> dict[str, Any]:
+    """Save the chosen model at `output` (with `everything`, the others beside it as
+    `<stem>.<kind><suffix>`), the report figure, and return the summary with the paths."""
+    save_noise_model(result.models[result.chosen], output)
+    written = {result.chosen: str(output)}
+    if everything:
+        for kind, model in result.models.items():
+            if kind != result.chosen:
+                path = output.with_name(f"{output.stem}.{kind}{output.suffix}")
+                written[kind] = str(save_noise_model(model, path))
+    summary = dict(result.summary, output=str(output), files=written, warnings=result.warnings)
+    if report is not None:
+        from pn2v_live.pipeline.calibration_report import write_report
+
+        write_report(result, report)
+        summary["report"] = str(report)
+    return summary
+
+
+def calibrate_stack(frames: np.ndarray, path: str | Path, camera: str = "") -> CalibrationResult:
+    """Calibrate the default model from one static-scene stack (T, Y, X) and save it at `path`."""
+    result = calibrate([Acquisition("calibration", frames)], camera=camera)
+    save_noise_model(result.models[result.chosen], path)
+    return result
