@@ -41,6 +41,7 @@ MIN_FRAMES = 8  # below this the per-pixel mean is too noisy to serve as the sig
 MIN_PAIRS_PER_ROW = 100  # average calibration pairs per occupied histogram row
 MAX_SHIFT_PX = 1.5  # a frame displaced this much against the others means the scene moved
 WARN_SHIFT_PX = 0.5  # sub-pixel drift: accepted with a warning
+MIN_CORRELATION = 0.2  # frame-to-mean correlation needed to measure motion at all
 MAX_SATURATED_FRACTION = 1e-3  # pixels at the camera's maximum (or minimum)
 MIN_SIGNAL_SPAN_SIGMAS = 4  # signal range in units of the noise std at the brightest level
 SUPPORT_PAIRS = 1000  # rows with at least this many pairs count as well calibrated
@@ -86,19 +87,23 @@ def read_acquisition(path: str | Path) -> Acquisition:
     return Acquisition(path.name, read_stack(path))
 
 
-def frame_shift(frames: np.ndarray) -> tuple[int, tuple[float, float]]:
+def frame_shift(frames: np.ndarray) -> tuple[int, tuple[float, float]] | None:
     """Largest displacement (frame index, (dy, dx) px) of any frame against the mean of the
-    others: the peak of their FFT cross-correlation, refined to sub-pixel by a parabola."""
+    others: the peak of their FFT cross-correlation, refined to sub-pixel by a parabola.
+
+    Frames whose correlation with the others stays below MIN_CORRELATION are skipped (a scene
+    without structure cannot be registered); None when no frame could be registered."""
     frames = frames.astype(np.float32)
     total = frames.sum(0)
-    worst: tuple[int, tuple[float, float]] = (0, (0.0, 0.0))
+    worst: tuple[int, tuple[float, float]] | None = None
     for index, frame in enumerate(frames):
         others = (total - frame) / (len(frames) - 1)
-        spectrum = np.fft.rfft2(frame - frame.mean()) * np.conj(
-            np.fft.rfft2(others - others.mean())
-        )
+        frame, others = frame - frame.mean(), others - others.mean()
+        spectrum = np.fft.rfft2(frame) * np.conj(np.fft.rfft2(others))
         correlation = np.fft.fftshift(np.fft.irfft2(spectrum, s=frame.shape))
         peak = np.unravel_index(np.argmax(correlation), correlation.shape)
+        if correlation[peak] < MIN_CORRELATION * np.sqrt((frame**2).sum() * (others**2).sum()):
+            continue
         shift = []
         for axis, p in enumerate(peak):
             n = correlation.shape[axis]
@@ -109,7 +114,7 @@ def frame_shift(frames: np.ndarray) -> tuple[int, tuple[float, float]]:
             curvature = before - 2 * at + after
             vertex = 0.5 * (before - after) / curvature if curvature < 0 else 0.0
             shift.append(float(p - n // 2 + vertex))
-        if max(map(abs, shift)) > max(map(abs, worst[1])):
+        if worst is None or max(map(abs, shift)) > max(map(abs, worst[1])):
             worst = (index, (shift[0], shift[1]))
     return worst
 
@@ -136,13 +141,21 @@ def check_acquisitions(acquisitions: list[Acquisition], bins: int, bootstrap: bo
     if len(shapes) > 1 and not bootstrap:
         found = ", ".join(f"{a.name}: {a.frames.shape[1:]}" for a in acquisitions)
         raise UserError(f"inputs mix frame shapes ({found}); use one sensor region per calibration")
+    minimum = 2 if bootstrap else MIN_FRAMES
     for a in acquisitions:
-        minimum = 2 if bootstrap else MIN_FRAMES
         if len(a.frames) < minimum:
             raise UserError(
                 f"{a.name}: {len(a.frames)} frame(s); calibration needs at least {minimum} frames "
                 "of a static scene (50 or more recommended), or use --bootstrap on noisy images"
             )
+    pixels = sum(a.frames.size for a in acquisitions) * (1 - HELD_OUT_FRACTION)
+    if pixels / bins < MIN_PAIRS_PER_ROW:
+        raise UserError(
+            f"{pixels:.0f} calibration pairs are too few for {bins} signal bins (need about "
+            f"{MIN_PAIRS_PER_ROW} per bin, {MIN_PAIRS_PER_ROW * bins}); acquire more frames or "
+            "pass fewer --bins"
+        )
+    for a in acquisitions:
         high, low = clipped_fraction(a.frames)
         if max(high, low) > MAX_SATURATED_FRACTION:
             level, fraction = ("maximum", high) if high >= low else ("minimum", low)
@@ -152,26 +165,27 @@ def check_acquisitions(acquisitions: list[Acquisition], bins: int, bootstrap: bo
                 "distort the noise model — lower the exposure/gain (or raise the offset) and "
                 "acquire again"
             )
-        if not bootstrap:
-            index, shift = frame_shift(a.frames)
-            found = f"frame {index} is shifted by {shift[0]:+.1f}, {shift[1]:+.1f} px (y, x)"
-            if max(map(abs, shift)) >= MAX_SHIFT_PX:
-                raise UserError(
-                    f"{a.name}: the scene is not static — {found} against the others; fix the "
-                    "stage or focus drift and acquire again, or use --bootstrap"
-                )
-            if max(map(abs, shift)) >= WARN_SHIFT_PX:
-                warnings.append(
-                    f"{a.name}: slight drift — {found} against the others; edges of structures "
-                    "will look noisier than they are"
-                )
-    pixels = sum(a.frames.size for a in acquisitions) * (1 - HELD_OUT_FRACTION)
-    if pixels / bins < MIN_PAIRS_PER_ROW:
-        raise UserError(
-            f"{pixels:.0f} calibration pairs are too few for {bins} signal bins (need about "
-            f"{MIN_PAIRS_PER_ROW} per bin, {MIN_PAIRS_PER_ROW * bins}); acquire more frames or "
-            "pass fewer --bins"
-        )
+        if bootstrap:
+            continue
+        motion = frame_shift(a.frames)
+        if motion is None:
+            warnings.append(
+                f"{a.name}: too little structure to check the scene for motion; make sure the "
+                "sample and stage did not move"
+            )
+            continue
+        index, shift = motion
+        found = f"frame {index} is shifted by {shift[0]:+.1f}, {shift[1]:+.1f} px (y, x)"
+        if max(map(abs, shift)) >= MAX_SHIFT_PX:
+            raise UserError(
+                f"{a.name}: the scene is not static — {found} against the others; fix the "
+                "stage or focus drift and acquire again, or use --bootstrap"
+            )
+        if max(map(abs, shift)) >= WARN_SHIFT_PX:
+            warnings.append(
+                f"{a.name}: slight drift — {found} against the others; edges of structures "
+                "will look noisier than they are"
+            )
     return warnings
 
 
@@ -213,6 +227,7 @@ def fit_models(
     models["poisson-gaussian"] = PoissonGaussianNoiseModel.fit(
         signal, observation, offset=offset, signal_frames=signal_frames
     )
+    check_signal_span(models["poisson-gaussian"])
     if {"gmm", "hybrid"} & set(kinds):
         log.info("fitting the Gaussian mixture model")
         models["gmm"] = GaussianMixtureNoiseModel.fit(
@@ -279,7 +294,6 @@ def calibrate(
     kinds = KINDS if kind == "all" else (kind,)
     fitted = fit_models(kinds, fit_s, fit_x, bins, offset, signal_frames)
     poisson_gaussian = fitted["poisson-gaussian"]
-    check_signal_span(poisson_gaussian)
     models = {k: fitted[k] for k in kinds}
     held_out_nll = {k: round(m.nll(held_s, held_x), 5) for k, m in models.items()}
     chosen = min(held_out_nll, key=held_out_nll.get)
@@ -323,10 +337,15 @@ def calibrate(
 
 
 def bootstrap_signal(
-    acquisitions: list[Acquisition], steps: int | None, minutes: float | None, seed: int = 0
+    acquisitions: list[Acquisition],
+    steps: int | None,
+    minutes: float | None,
+    seed: int = 0,
+    **training: Any,
 ) -> list[np.ndarray]:
     """Signal estimates (T, Y, X) per acquisition from an N2V network trained on the noisy frames
-    themselves (Prakash et al.'s bootstrap), for calibrating without a test pattern."""
+    themselves (Prakash et al.'s bootstrap), for calibrating without a test pattern. `training`
+    goes to `core.training.train` (e.g. batch_size, patch_size)."""
     from pn2v_live.core.inference import denoise
     from pn2v_live.core.model import new_denoiser
     from pn2v_live.core.training import train
@@ -335,8 +354,7 @@ def bootstrap_signal(
     values = np.concatenate([f.ravel() for f in frames])
     denoiser = new_denoiser("n2v", mean=float(values.mean()), std=float(values.std()))
     log.info("bootstrap: training N2V on %d noisy frames", len(frames))
-    train(denoiser, frames, steps=steps, minutes=minutes, seed=seed)
-    denoiser.eval()
+    train(denoiser, frames, steps=steps, minutes=minutes, seed=seed, **training)
     return [
         np.stack([denoise(denoiser, f.astype(np.float32))["denoised"] for f in a.frames])
         for a in acquisitions
