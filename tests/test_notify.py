@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,9 @@ import pytest
 from conftest import PROJECT_ROOT, require
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.pipeline.stage import Stage
+from pn2v_live.service.config import load_config
+from pn2v_live.service.daemon import Daemon
 from pn2v_live.service.notify import SystemdNotifier
 from pn2v_live.storage.noise_model_file import save_noise_model
 
@@ -157,3 +162,48 @@ def test_systemd_analyze_accepts_the_unit(tmp_path):
         "ReadWritePaths=",
     ):
         assert key in text
+
+
+class StallingStage(Stage):
+    """A real stage whose loop makes progress for `healthy_seconds`, then hangs in work()."""
+
+    def __init__(self, healthy_seconds: float):
+        super().__init__("stalling", idle_seconds=0.02)
+        self.until = time.monotonic() + healthy_seconds
+        self.release = threading.Event()
+
+    def work(self) -> bool:
+        if time.monotonic() > self.until:
+            self.release.wait()  # stuck: no more beats
+        return False
+
+
+def test_watchdog_pings_stop_when_a_loop_stops_making_progress(notify_socket):
+    path, server = notify_socket
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+    daemon = Daemon(load_config(None), notifier)
+    stage = StallingStage(healthy_seconds=1.0)
+    daemon.sources.append(stage)
+    pings: list[float] = []
+    done = threading.Event()
+
+    def record() -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                if server.recv(4096) == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+
+    stage.start()
+    started = time.monotonic()
+    recorder = threading.Thread(target=record)
+    recorder.start()
+    threading.Timer(3.5, daemon.request_stop).start()
+    try:
+        daemon.run()  # main thread: installs the signal handlers, checks every 0.2 s
+    finally:
+        stage.release.set()
+        done.set()
+        recorder.join()
+    assert len(pings) >= 3, pings  # while the loop made progress (its first second)
+    # Silent for 2 × interval = 0.4 s after its last beat at 1.0 s: no ping after ~1.6 s.
+    assert max(pings) - started < 2.2, [round(p - started, 2) for p in pings]
