@@ -208,7 +208,7 @@ class Trainer(Stage):
 
 
 def pick_device(name: str) -> torch.device:
-    """ "auto" → the first CUDA device when present, else the CPU; other names as given."""
+    """The torch device for a config value: "auto" is CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
