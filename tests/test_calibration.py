@@ -181,7 +181,10 @@ def test_fov01_and_fov02_calibrations_agree(data_dir):
     """Issue acceptance: gain within 10 %, read noise within 20 %, and each model's held-out
     NLL on the other field of view within 2 % of that field's own model."""
     folder = data_dir / "fmd_confocal_bpae"
-    fovs = {name: read_acquisition(folder / name / "raw.tif") for name in ("fov01", "fov02")}
+    fovs = {}
+    for name in ("fov01", "fov02"):  # every second pixel in y and x: 4× faster, same statistics
+        frames = read_acquisition(folder / name / "raw.tif").frames[:, ::2, ::2]
+        fovs[name] = Acquisition(name, np.ascontiguousarray(frames))
     results = {name: calibrate([a], kind="hybrid") for name, a in fovs.items()}
     one, two = (results[name].poisson_gaussian for name in fovs)
     assert one.gain == pytest.approx(two.gain, rel=0.10)

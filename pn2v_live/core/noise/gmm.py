@@ -62,7 +62,7 @@ class GaussianMixtureNoiseModel(NoiseModel):
         components: int = 3,
         degree: int = 2,
         steps: int = 200,
-        max_pairs: int = 200_000,
+        max_pairs: int = 50_000,
         seed: int = 0,
         metadata: dict[str, Any] | None = None,
     ) -> GaussianMixtureNoiseModel:

@@ -89,6 +89,8 @@ class HybridNoiseModel(NoiseModel):
             & (signal >= self.table.low)
             & (signal < self.table.high)
         )
+        if bool(inside.all()):  # the usual case: skip the costlier parametric evaluation
+            return density.log()
         parametric = self.parametric.log_likelihood(observation, signal)
         # The table never holds zeros, but keep log() away from the values we do not use.
         return torch.where(inside, density.clamp(min=1e-30).log(), parametric)
