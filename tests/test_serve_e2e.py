@@ -71,7 +71,7 @@ def data(data_dir, tmp_path_factory):
     tifffile.imwrite(folder / "fov03.tif", raw)
     noise_model = folder / "noise-model.pt"
     subprocess.run(
-        [CLI, "calibrate", fmd / "fov01" / "raw.tif", "-o", noise_model],
+        [CLI, "calibrate", fmd / "fov01" / "raw.tif", "-o", noise_model, "--kind", "histogram"],
         check=True,
         env=ENV,
         capture_output=True,

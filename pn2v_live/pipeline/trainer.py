@@ -137,6 +137,12 @@ class Trainer(Stage):
         self._steps_since_promotion += s.steps_per_round
         val_batch = sample_patches(val_frames, VALIDATION_PATCHES, patch, np.random.default_rng(0))
         val_loss = training.validation_loss(val_batch)
+        if not np.isfinite(val_loss) or not np.all(np.isfinite(losses)):
+            self._training = None  # diverged: the next round restarts from the promoted model
+            raise FloatingPointError(
+                f"training diverged (non-finite loss) on {name}; restarting from the promoted "
+                "model next round. Check the noise model: its log-likelihood must stay finite."
+            )
         baseline = self._promoted_loss(val_batch)
         training.scheduler.step(val_loss)
         promoted = self.registry.promote(
