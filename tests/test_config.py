@@ -88,6 +88,8 @@ def test_overrides_win_over_the_file(tmp_path):
         ("[publish]\nbind = 'http://x'\n", [], "publish.bind: expected tcp://"),
         ("[inference]\nscheduler = 'cluster'\n", [], "inference.scheduler: expected"),
         ("[store]\nzarr_format = 4\n", [], "store.zarr_format: Input should be 2 or 3"),
+        ("[ingest.folder]\npattern = '(.*'\n", [], "ingest.folder.pattern: acquisition pattern"),
+        ("[ingest.folder]\npattern = '.*'\n", [], "needs a group named acquisition"),
         ("", ["trainer.every_frames=0"], "trainer.every_frames: Input should be greater than 0"),
         (
             "[trainer]\nsteps_per_round = 5\n",

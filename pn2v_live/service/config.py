@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pn2v_live.errors import UserError
+from pn2v_live.pipeline.folder_source import DEFAULT_PATTERN, compile_pattern
 
 
 def _check_device(value: str) -> str:
@@ -58,6 +59,16 @@ class FolderIngestConfig(Section):
     paths: list[Path] = []
     polling: bool = False
     stable_seconds: float = Field(2.0, gt=0)
+    pattern: str = DEFAULT_PATTERN  # file path inside a watched folder → acquisition name
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            compile_pattern(value)
+        except UserError as error:
+            raise ValueError(str(error)) from None
+        return value
 
 
 class ZmqIngestConfig(Section):

@@ -164,6 +164,7 @@ class Daemon:
                     ingest.folder.paths,
                     polling=ingest.folder.polling,
                     stable_seconds=ingest.folder.stable_seconds,
+                    pattern=ingest.folder.pattern,
                 )
             )
         for source in self.sources:
