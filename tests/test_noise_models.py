@@ -199,6 +199,17 @@ def test_hybrid_follows_the_histogram_in_dense_rows_and_the_parametric_model_in_
     torch.testing.assert_close(hybrid[empty_rows], parametric[empty_rows])
 
 
+def test_hybrid_far_tails_inside_the_table_stay_finite(sparse_hybrid):
+    """Pairs all inside the table (the fast path) but where the parametric probability
+    underflows: the table's floor keeps the log-likelihood finite."""
+    observation = torch.tensor([[310.0], [1.0]])
+    signal = torch.tensor([[5.0, 20.0], [300.0, 310.0]], requires_grad=True)
+    log_p = sparse_hybrid.log_likelihood(observation, signal)
+    assert torch.isfinite(log_p).all()
+    log_p.sum().backward()
+    assert torch.isfinite(signal.grad).all()
+
+
 def test_outside_the_table_the_hybrid_is_the_parametric_model(sparse_hybrid, gmm):
     observation = torch.tensor([[10.0], [400.0], [900.0], [-50.0]])
     signal = torch.tensor([[330.0, 500.0, 1e4]]).expand(4, 3)

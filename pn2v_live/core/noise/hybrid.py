@@ -7,7 +7,8 @@ Each histogram row r with n_r calibration pairs (pixel × frame) becomes
 
 where q_r are the parametric model's bin probabilities at the row's signal, n₀ = `prior_pairs`
 (a row with n₀ pairs is half histogram, half parametric) and f = `floor_ratio`. So an empty row
-is exactly parametric, and no entry is ever below f times the parametric probability of its bin.
+is exactly parametric, and no entry is ever below f times the parametric probability of its bin
+(nor below the histogram's DENSITY_FLOOR, where the parametric probability underflows).
 Signals or observations outside the table use the parametric model (extrapolation).
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from pn2v_live.core.noise.base import NoiseModel, as_pairs, noise_model_from_state
-from pn2v_live.core.noise.histogram import BinnedTable, common_range, pair_counts
+from pn2v_live.core.noise.histogram import DENSITY_FLOOR, BinnedTable, common_range, pair_counts
 
 PRIOR_PAIRS = 1000.0
 FLOOR_RATIO = 0.01
@@ -77,6 +78,8 @@ class HybridNoiseModel(NoiseModel):
         q = bin_probabilities(parametric, table)
         blend = (counts + prior_pairs * q) / (support + prior_pairs)[:, None]
         density = ((1 - floor_ratio) * blend + floor_ratio * q) / table.width
+        # Far tails where even the parametric probability underflows get the histogram's floor.
+        density = density.clamp(min=DENSITY_FLOOR)
         metadata = {"prior_pairs": prior_pairs, "floor_ratio": floor_ratio, **(metadata or {})}
         signal_range = (float(signal.min()), float(signal.max()))
         return cls(density, value_range, support, parametric, signal_range, metadata)
@@ -92,8 +95,7 @@ class HybridNoiseModel(NoiseModel):
         if bool(inside.all()):  # the usual case: skip the costlier parametric evaluation
             return density.log()
         parametric = self.parametric.log_likelihood(observation, signal)
-        # The table never holds zeros, but keep log() away from the values we do not use.
-        return torch.where(inside, density.clamp(min=1e-30).log(), parametric)
+        return torch.where(inside, density.log(), parametric)
 
     def to(self, device: torch.device | str) -> HybridNoiseModel:
         self.table.density = self.table.density.to(device)
