@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.storage.noise_model_file import save_noise_model
@@ -42,7 +44,9 @@ def wait_for_line(lines: list[str], pattern: str, process, timeout: float) -> re
     raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(lines))
 
 
-def test_demo_reaches_denoising_live_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+def test_demo_reaches_denoising_live_and_stops_cleanly_on_ctrl_c(
+    tmp_path: Path, artifacts_dir: Path
+) -> None:
     # Tiny budget: 64² frames, short rounds, K = 16; still real PN2V through the real daemon.
     command = [sys.executable, "-c", "from pn2v_live.service.cli import main; main()", "demo"]
     command += ["--size", "64", "--frames", "2000", "--fps", "4", "--steps", "40", "--k", "16"]
@@ -60,6 +64,21 @@ def test_demo_reaches_denoising_live_and_stops_cleanly_on_ctrl_c(tmp_path: Path)
 
         [summary] = json.load(urllib.request.urlopen(f"{viewer}api/acquisitions", timeout=10))
         assert summary["name"] == "demo" and summary["frames"] > 0 and summary["denoised"] > 0
+        # What the viewer shows for the live frame, side by side for a person to look at.
+        t = int(re.search(r"frame (\d+)", live[0])[1])
+        panels = [
+            Image.open(io.BytesIO(urllib.request.urlopen(
+                f"{viewer}api/acquisitions/demo/{kind}/{t}?lo=100&hi=230", timeout=10).read()))
+            for kind in ("raw", "denoised")
+        ]  # fmt: skip
+        side_by_side = Image.new("L", (2 * panels[0].width + 4, panels[0].height))
+        for i, panel in enumerate(panels):
+            side_by_side.paste(panel, (i * (panel.width + 4), 0))
+        side_by_side.resize((4 * side_by_side.width, 4 * side_by_side.height)).save(
+            artifacts_dir / "demo_raw_vs_denoised.png"
+        )
+        roughness = [np.abs(np.diff(np.asarray(p, float), axis=1)).mean() for p in panels]
+        assert roughness[1] < roughness[0] / 2, "the denoised rendering must be visibly smoother"
         exposition = urllib.request.urlopen(metrics, timeout=10).read().decode()
         assert re.search(r"^pn2v_live_model_version [1-9]", exposition, re.M)
 
