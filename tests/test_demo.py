@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import zmq
 from PIL import Image
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.pipeline.protocol import decode_message
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
 
@@ -58,6 +60,7 @@ def test_demo_reaches_denoising_live_and_stops_cleanly_on_ctrl_c(
     try:
         viewer = wait_for_line(lines, r"viewer: +(http://\S+)", process, 120)[1]
         metrics = wait_for_line(lines, r"metrics: +(http://\S+)", process, 10)[1]
+        publish = wait_for_line(lines, r"published on (tcp://\S+)", process, 10)[1]
         live = wait_for_line(lines, LIVE.pattern, process, 300)
         raw_db, denoised_db = float(live[1]), float(live[2])
         assert denoised_db > raw_db + 3, "denoised frames must be clearly cleaner than raw"
@@ -81,6 +84,16 @@ def test_demo_reaches_denoising_live_and_stops_cleanly_on_ctrl_c(
         assert roughness[1] < roughness[0] / 2, "the denoised rendering must be visibly smoother"
         exposition = urllib.request.urlopen(metrics, timeout=10).read().decode()
         assert re.search(r"^pn2v_live_model_version [1-9]", exposition, re.M)
+
+        # The daemon's PUB socket streams the denoised frames as they are written.
+        subscriber = zmq.Context.instance().socket(zmq.SUB)
+        subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+        subscriber.connect(publish)
+        assert subscriber.poll(30_000), "no denoised frame published within 30 s"
+        message = decode_message(subscriber.recv_multipart())
+        subscriber.close()
+        assert message.acquisition == "demo" and message.pixels.dtype == np.float32
+        assert message.pixels.shape == (64, 64) and 0 <= message.index < 2000
 
         process.send_signal(signal.SIGINT)  # what Ctrl-C does
         assert process.wait(60) == 0
