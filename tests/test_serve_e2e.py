@@ -110,6 +110,7 @@ k = 64
 scheduler = "{scheduler}"
 max_in_flight = 4
 device = "cpu"
+compile = {"true" if scheduler == "local" else "false"}
 [metrics]
 bind = "127.0.0.1:{self.metrics_port}"
 [viewer]

@@ -27,6 +27,7 @@ import torch
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import Denoiser
 from pn2v_live.core.noise.base import NoiseModel
+from pn2v_live.core.noise.coverage import WARN_FRACTION
 from pn2v_live.errors import UserError
 from pn2v_live.metrics import (
     BACKLOG,
@@ -39,7 +40,6 @@ from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelInfo, ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
 
-OUT_OF_RANGE_WARNING = 0.01  # warn when over 1 % of a frame's signal is above calibration
 # Called after each denoised frame is written: (acquisition, t, denoised float32 (Y, X), version).
 FrameListener = Callable[[Acquisition, int, np.ndarray, int], None]
 
@@ -54,10 +54,14 @@ class Job:
 
 
 def denoise_frame(
-    denoiser: Denoiser, noise_model: NoiseModel, raw: np.ndarray, tile: int | None
+    denoiser: Denoiser,
+    noise_model: NoiseModel,
+    raw: np.ndarray,
+    tile: int | None,
+    compiled: bool = False,
 ) -> np.ndarray:
     """The dask task: MMSE estimate (float32, Y × X) of one raw frame (Y, X) in ADU."""
-    return denoise(denoiser, raw, noise_model, tile=tile)["denoised"]
+    return denoise(denoiser, raw, noise_model, tile=tile, compiled=compiled)["denoised"]
 
 
 class InferenceScheduler(Stage):
@@ -73,10 +77,12 @@ class InferenceScheduler(Stage):
         max_in_flight: int = 4,
         tile: int | None = None,
         on_frame: FrameListener | None = None,
+        compiled: bool = False,
     ):
         super().__init__("inference", idle_seconds=0.1)
         self.store, self.registry, self.device = store, registry, device
         self.noise_model, self.tile, self.max_in_flight = noise_model, tile, max_in_flight
+        self.compiled = compiled
         self.on_frame = on_frame
         self.idle = threading.Event()
         self.model: ModelInfo | None = None
@@ -144,7 +150,9 @@ class InferenceScheduler(Stage):
         raws = [job.acquisition.read_raw(job.t) for job in jobs]
         if self._client is None:
             tasks = [
-                dask.delayed(denoise_frame)(self._denoiser, self.noise_model, raw, self.tile)
+                dask.delayed(denoise_frame)(
+                    self._denoiser, self.noise_model, raw, self.tile, self.compiled
+                )
                 for raw in raws
             ]
             results = dask.compute(*tasks, scheduler="threads", num_workers=len(jobs))
@@ -152,7 +160,13 @@ class InferenceScheduler(Stage):
             remote_denoiser, remote_noise = self._remote
             futures = [
                 self._client.submit(
-                    denoise_frame, remote_denoiser, remote_noise, raw, self.tile, pure=False
+                    denoise_frame,
+                    remote_denoiser,
+                    remote_noise,
+                    raw,
+                    self.tile,
+                    self.compiled,
+                    pure=False,
                 )
                 for raw in raws
             ]
@@ -172,7 +186,7 @@ class InferenceScheduler(Stage):
         """Export the fraction of signal above the calibrated range; warn once per acquisition."""
         fraction = self.noise_model.out_of_range_fraction(torch.from_numpy(denoised))
         SIGNAL_OUT_OF_CALIBRATION.set(fraction)
-        if fraction > OUT_OF_RANGE_WARNING and acquisition.name not in self._warned:
+        if fraction > WARN_FRACTION and acquisition.name not in self._warned:
             self._warned.add(acquisition.name)
             self.log.warning(
                 "%.1f %% of the signal lies above the noise model's calibrated maximum %.0f ADU; "

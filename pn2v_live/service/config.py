@@ -106,6 +106,7 @@ class InferenceConfig(Section):
     max_in_flight: int = Field(4, gt=0)
     device: Device = "auto"
     tile: int | None = Field(None, ge=32)
+    compile: bool = True
 
     @field_validator("scheduler")
     @classmethod

@@ -82,6 +82,7 @@ class Daemon:
             scheduler=c.inference.scheduler,
             max_in_flight=c.inference.max_in_flight,
             tile=c.inference.tile,
+            compiled=c.inference.compile,
         )
         self._closers.append(self.inference.stop)  # closes the dask client if start fails
         self.trainer = Trainer(
