@@ -43,7 +43,7 @@ MAX_SHIFT_PX = 1.5  # a frame displaced this much against the others means the s
 WARN_SHIFT_PX = 0.5  # sub-pixel drift: accepted with a warning
 MIN_CORRELATION = 0.2  # frame-to-mean correlation needed to measure motion at all
 MAX_SATURATED_FRACTION = 1e-3  # pixels at the camera's maximum (or minimum)
-MIN_SIGNAL_SPAN_SIGMAS = 4  # signal range in units of the noise std at the brightest level
+MIN_SIGNAL_SPAN_SIGMAS = 3  # signal range in units of the noise std at the brightest level
 SUPPORT_PAIRS = 1000  # rows with at least this many pairs count as well calibrated
 
 
