@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,13 +110,30 @@ def assert_stored_once_and_identical(root: Path, name: str, data: np.ndarray) ->
     store.close()
 
 
-def test_zmq_receiver_killed_repeatedly_stores_every_frame_once(tmp_path):
+def survive_kills(receiver: Receiver, feed: Callable[[], None], settle: Callable[[], None]):
+    """Start the receiver, run `feed` in a thread while killing the receiver at random moments,
+    then `settle` (assert everything arrived) and stop the receiver cleanly."""
     seed = random.randrange(1 << 30)
     print(f"kill-moment seed {seed}")
+    receiver.start()
+    try:
+        feeding = threading.Thread(target=feed)
+        feeding.start()
+        counts = kill_at_random_moments(receiver, random.Random(seed))
+        feeding.join(150)
+        settle()
+        receiver.stop()
+    finally:
+        if receiver.process.poll() is None:
+            receiver.kill()
+    print("stored at each kill:", counts)
+    assert any(0 < n < FRAMES for n in counts), f"no kill hit mid-stream: {counts}"
+
+
+def test_zmq_receiver_killed_repeatedly_stores_every_frame_once(tmp_path):
     data = movie()
     frames_at, status_at = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
     receiver = Receiver(tmp_path / "store", ["--zmq", frames_at, "--status", status_at])
-    receiver.start()
     outcome = []
 
     def stream() -> None:
@@ -126,18 +144,10 @@ def test_zmq_receiver_killed_repeatedly_stores_every_frame_once(tmp_path):
             sender.end("stream", frames=FRAMES)
         outcome.append("all stored")
 
-    try:
-        streaming = threading.Thread(target=stream)
-        streaming.start()
-        counts = kill_at_random_moments(receiver, random.Random(seed))
-        streaming.join(150)
+    def settle() -> None:
         assert outcome == ["all stored"], receiver.logs()
-        receiver.stop()
-    finally:
-        if receiver.process.poll() is None:
-            receiver.kill()
-    print("stored at each kill:", counts)
-    assert any(0 < n < FRAMES for n in counts), f"no kill hit mid-stream: {counts}"
+
+    survive_kills(receiver, stream, settle)
     assert_stored_once_and_identical(tmp_path / "store", "stream", data)
 
 
@@ -164,27 +174,17 @@ def write_files(folder: Path, data: np.ndarray, fps: float) -> None:
 
 
 def test_folder_receiver_killed_repeatedly_stores_every_frame_once(tmp_path):
-    seed = random.randrange(1 << 30)
-    print(f"kill-moment seed {seed}")
     data = movie()
     watched = tmp_path / "scope"
     (watched / "timelapse").mkdir(parents=True)
     root = tmp_path / "store"
     receiver = Receiver(root, ["--folder", str(watched), "--stable-seconds", "0.3"])
-    receiver.start()
-    try:
-        writer = threading.Thread(target=write_files, args=(watched / "timelapse", data, 120))
-        writer.start()
-        counts = kill_at_random_moments(receiver, random.Random(seed))
-        writer.join()
+
+    def settle() -> None:
         deadline = time.monotonic() + 90
         while stored_count(root) < FRAMES:
             assert time.monotonic() < deadline, receiver.logs()
             time.sleep(0.2)
-        receiver.stop()
-    finally:
-        if receiver.process.poll() is None:
-            receiver.kill()
-    print("stored at each kill:", counts)
-    assert any(0 < n < FRAMES for n in counts), f"no kill hit mid-stream: {counts}"
+
+    survive_kills(receiver, lambda: write_files(watched / "timelapse", data, 120), settle)
     assert_stored_once_and_identical(root, "timelapse", data)

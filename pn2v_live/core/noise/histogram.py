@@ -145,10 +145,15 @@ class HistogramNoiseModel(NoiseModel):
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> HistogramNoiseModel:
-        return cls(
-            state["density"],
-            tuple(state["value_range"]),
-            state["support"],
-            tuple(state["signal_range"]),
-            state["metadata"],
-        )
+        return cls(*table_arguments(state))
+
+
+def table_arguments(state: dict[str, Any]) -> tuple:
+    """(density, value_range, support, signal_range, metadata) of a saved histogram table."""
+    return (
+        state["density"],
+        tuple(state["value_range"]),
+        state["support"],
+        tuple(state["signal_range"]),
+        state["metadata"],
+    )

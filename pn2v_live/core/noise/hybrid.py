@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from pn2v_live.core.noise.base import NoiseModel, as_pairs, noise_model_from_state
-from pn2v_live.core.noise.histogram import DENSITY_FLOOR, BinnedTable, common_range, pair_counts
+from pn2v_live.core.noise.histogram import (
+    DENSITY_FLOOR,
+    BinnedTable,
+    HistogramNoiseModel,
+    common_range,
+    pair_counts,
+    table_arguments,
+)
 
 PRIOR_PAIRS = 1000.0
 FLOOR_RATIO = 0.01
@@ -38,7 +45,7 @@ def bin_probabilities(model: NoiseModel, table: BinnedTable, points: int = 8) ->
     return log_p.exp().view(table.bins, table.bins, points).mean(-1) * table.width
 
 
-class HybridNoiseModel(NoiseModel):
+class HybridNoiseModel(HistogramNoiseModel):
     """Histogram blended with `parametric` by row support; see the module docstring."""
 
     kind: ClassVar[str] = "hybrid"
@@ -48,13 +55,12 @@ class HybridNoiseModel(NoiseModel):
         density: torch.Tensor,
         value_range: tuple[float, float],
         support: torch.Tensor,
-        parametric: NoiseModel,
         signal_range: tuple[float, float],
         metadata: dict[str, Any] | None = None,
+        *,
+        parametric: NoiseModel,
     ):
-        super().__init__(signal_range, metadata)
-        self.table = BinnedTable(density, value_range)
-        self.support = support.float()
+        super().__init__(density, value_range, support, signal_range, metadata)
         self.parametric = parametric
 
     @classmethod
@@ -82,7 +88,7 @@ class HybridNoiseModel(NoiseModel):
         density = density.clamp(min=DENSITY_FLOOR)
         metadata = {"prior_pairs": prior_pairs, "floor_ratio": floor_ratio, **(metadata or {})}
         signal_range = (float(signal.min()), float(signal.max()))
-        return cls(density, value_range, support, parametric, signal_range, metadata)
+        return cls(density, value_range, support, signal_range, metadata, parametric=parametric)
 
     def log_likelihood(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         observation, signal = observation.float(), signal.float()
@@ -98,28 +104,14 @@ class HybridNoiseModel(NoiseModel):
         return torch.where(inside, density.log(), parametric)
 
     def to(self, device: torch.device | str) -> HybridNoiseModel:
-        self.table.density = self.table.density.to(device)
+        super().to(device)
         self.parametric.to(device)
         return self
 
     def state(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "density": self.table.density.cpu(),
-            "value_range": [self.table.low, self.table.high],
-            "support": self.support.cpu(),
-            "parametric": self.parametric.state(),
-            "signal_range": list(self.signal_range),
-            "metadata": self.metadata,
-        }
+        return {**super().state(), "parametric": self.parametric.state()}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> HybridNoiseModel:
-        return cls(
-            state["density"],
-            tuple(state["value_range"]),
-            state["support"],
-            noise_model_from_state(state["parametric"]),
-            tuple(state["signal_range"]),
-            state["metadata"],
-        )
+        parametric = noise_model_from_state(state["parametric"])
+        return cls(*table_arguments(state), parametric=parametric)
