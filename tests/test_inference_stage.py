@@ -11,7 +11,7 @@ import torch
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.pipeline.inference import InferenceScheduler
+from pn2v_live.pipeline.inference import InferenceScheduler, default_in_flight
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 
@@ -107,3 +107,17 @@ def test_stage_thread_denoises_and_stops_cleanly(setup):
         assert stage.stop(timeout=30)
     assert not stage.alive(max_silence=30)
     assert len(published) == 10
+
+
+def test_local_cpu_default_denoises_one_frame_at_a_time(setup):
+    store, registry, noise, acquisition, frames, _, _ = setup
+    published = []
+    stage = InferenceScheduler(
+        store, registry, noise, torch.device("cpu"),
+        on_frame=lambda acq, t, frame, version: published.append(t),
+    )  # fmt: skip
+    promote(registry, tiny_model(0), 2.0)
+    assert stage.work() is True
+    assert published == [9]  # torch already spreads one frame over every core
+    assert default_in_flight("local", torch.device("cuda")) == 4
+    assert default_in_flight("tcp://gpu-box:8786", torch.device("cpu")) == 4

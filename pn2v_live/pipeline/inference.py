@@ -64,6 +64,12 @@ def denoise_frame(
     return denoise(denoiser, raw, noise_model, tile=tile, compiled=compiled)["denoised"]
 
 
+def default_in_flight(scheduler: str, device: torch.device) -> int:
+    """Frames denoised at once when the config leaves it open: 1 on the local CPU (torch already
+    uses every core for one frame; more would only multiply memory), 4 on a GPU or a cluster."""
+    return 1 if scheduler == "local" and device.type == "cpu" else 4
+
+
 class InferenceScheduler(Stage):
     """Denoises frames as they are stored; `idle` is set while no fresh frame waits."""
 
@@ -74,14 +80,15 @@ class InferenceScheduler(Stage):
         noise_model: NoiseModel,
         device: torch.device,
         scheduler: str = "local",
-        max_in_flight: int = 4,
+        max_in_flight: int | None = None,
         tile: int | None = None,
         on_frame: FrameListener | None = None,
         compiled: bool = False,
     ):
         super().__init__("inference", idle_seconds=0.1)
         self.store, self.registry, self.device = store, registry, device
-        self.noise_model, self.tile, self.max_in_flight = noise_model, tile, max_in_flight
+        self.noise_model, self.tile = noise_model, tile
+        self.max_in_flight = max_in_flight or default_in_flight(scheduler, device)
         self.compiled = compiled
         self.on_frame = on_frame
         self.idle = threading.Event()

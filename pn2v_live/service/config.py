@@ -103,7 +103,7 @@ class TrainerConfig(Section):
 
 class InferenceConfig(Section):
     scheduler: str = "local"
-    max_in_flight: int = Field(4, gt=0)
+    max_in_flight: int | None = Field(None, gt=0)
     device: Device = "auto"
     tile: int | None = Field(None, ge=32)
     compile: bool = True
