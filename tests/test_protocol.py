@@ -60,6 +60,8 @@ def test_end_marker_round_trip():
         (message(GOOD | {"index": 2.5}), "field"),
         (message(GOOD | {"index": True}), "field"),
         (message(GOOD | {"timestamp": "noon"}), "field"),
+        (message(GOOD | {"model_version": -3}), "field"),
+        (message(GOOD | {"model_version": "v3"}), "field"),
         (message(GOOD | {"dtype": "float64"}), "dtype"),
         (message(GOOD | {"dtype": "object"}), "dtype"),
         (message(GOOD | {"shape": [4]}), "shape"),

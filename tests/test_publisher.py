@@ -62,11 +62,11 @@ def test_subscriber_receives_denoised_frames_bit_identical_to_the_store(
     while subscriber.poll(200):  # drain the extra copies of frame 0
         subscriber.recv_multipart()
     for t in range(1, 6):
-        publisher.publish(acquisition, t, acquisition.read_denoised(t), 4)
+        publisher.publish(acquisition, t, acquisition.read_denoised(t), 3 + t)
     for t in range(1, 6):
         message = decode_message(subscriber.recv_multipart())
         assert isinstance(message, FrameMessage)
-        assert (message.acquisition, message.index) == ("pub01", t)
+        assert (message.acquisition, message.index, message.model_version) == ("pub01", t, 3 + t)
         stored = acquisition.read_denoised(t)
         assert message.pixels.dtype == np.float32 and message.pixels.shape == FRAME_SHAPE
         assert message.pixels.tobytes() == stored.tobytes()
@@ -92,7 +92,9 @@ def test_example_subscriber_prints_and_saves_the_frames(acquisition, publisher, 
         process.kill()
     assert process.returncode == 0
     lines = output.splitlines()
-    assert len(lines) == 3 and all(line.startswith("pub01 t=") for line in lines)
+    assert len(lines) == 3 and all(
+        line.startswith("pub01 t=") and " model v4 " in line for line in lines
+    )
     saved = sorted((tmp_path / "out").glob("pub01_*.tif"))
     assert len(saved) == 3
     for path in saved:

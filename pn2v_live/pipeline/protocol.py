@@ -7,7 +7,8 @@ Header (UTF-8 JSON object, at most 64 KiB)::
      "dtype": "uint16",           # one of DTYPES, little-endian
      "shape": [512, 512],         # [Y, X], each 1..MAX_SIDE
      "timestamp": 1732580000.25,  # optional, Unix seconds when the camera took it
-     "c": 0, "z": 0}              # optional plane indices (channel, z-slice), default 0
+     "c": 0, "z": 0,              # optional plane indices (channel, z-slice), default 0
+     "model_version": 3}          # optional; set on denoised frames (the model that made them)
 
 The buffer holds exactly Y*X*itemsize bytes in C order. End of an acquisition is a one-part
 message `{"acquisition": "cells_01", "end": true, "frames": 500}` (`frames`, the total count,
@@ -51,6 +52,7 @@ class FrameMessage:
     timestamp: float
     c: int = 0
     z: int = 0
+    model_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ def encode_frame(
     timestamp: float | None = None,
     c: int = 0,
     z: int = 0,
+    model_version: int | None = None,
 ) -> list[bytes | memoryview]:
     """The two message parts for one (Y, X) frame; the buffer part is zero-copy when possible."""
     pixels = np.ascontiguousarray(pixels)
@@ -82,6 +85,8 @@ def encode_frame(
     }
     if c or z:
         header |= {"c": int(c), "z": int(z)}
+    if model_version is not None:
+        header["model_version"] = int(model_version)
     _check_header(header)
     return [json.dumps(header).encode(), memoryview(pixels).cast("B")]
 
@@ -136,6 +141,7 @@ def decode_message(parts: list[bytes]) -> FrameMessage | EndMessage:
         timestamp=header.get("timestamp", time.time()),
         c=header.get("c", 0),
         z=header.get("z", 0),
+        model_version=header.get("model_version"),
     )
 
 
@@ -143,14 +149,15 @@ def _check_header(header: dict) -> None:
     missing = [k for k in ("acquisition", "index", "dtype", "shape") if k not in header]
     if missing:
         raise ProtocolError("field", f"header lacks {', '.join(missing)}")
-    unknown = set(header) - {"acquisition", "index", "dtype", "shape", "timestamp", "c", "z"}
+    known = {"acquisition", "index", "dtype", "shape", "timestamp", "c", "z", "model_version"}
+    unknown = set(header) - known
     if unknown:
         raise ProtocolError("field", f"unknown header field(s): {', '.join(sorted(unknown))}")
     _check_name(header["acquisition"])
     _check_int(header, "index", MAX_INDEX)
-    for key in ("c", "z"):
+    for key, limit in (("c", 65535), ("z", 65535), ("model_version", 2**31 - 1)):
         if key in header:
-            _check_int(header, key, 65535)
+            _check_int(header, key, limit)
     if header["dtype"] not in DTYPES:
         raise ProtocolError(
             "dtype", f"dtype {header['dtype']!r} not allowed; use one of {', '.join(DTYPES)}"

@@ -2,9 +2,10 @@
 
 Each denoised frame goes out as [JSON header, float32 pixel buffer] exactly as
 `protocol.encode_frame` builds it (acquisition, index = frame number t, dtype "float32", shape,
-timestamp = when it was denoised), so `protocol.decode_message` reads it back. Subscribers
-subscribe to everything (topic b"") and filter on the header's `acquisition`. A PUB socket never
-blocks the daemon: a subscriber too slow to keep up loses frames beyond the high-water mark.
+timestamp = when it was denoised, model_version = the model that denoised it), so
+`protocol.decode_message` reads it back. Subscribers subscribe to everything (topic b"") and
+filter on the header's `acquisition`. A PUB socket never blocks the daemon: a subscriber too
+slow to keep up loses frames beyond the high-water mark.
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ class DenoisedPublisher:
     def publish(
         self, acquisition: Acquisition, t: int, frame: np.ndarray, model_version: int
     ) -> None:
-        """Send denoised frame `t` (float32, Y × X) of `acquisition`; dropped if not started.
-
-        The protocol header has no model version; subscribers that need it ask the store.
-        """
+        """Send denoised frame `t` (float32, Y × X) of `acquisition`, made by model
+        `model_version` (in the header); dropped if not started."""
         if self._socket is None:
             return
-        parts = encode_frame(acquisition.name, t, np.asarray(frame, np.float32))
+        parts = encode_frame(
+            acquisition.name, t, np.asarray(frame, np.float32), model_version=model_version
+        )
         with self._lock:
             self._socket.send_multipart(parts)
 

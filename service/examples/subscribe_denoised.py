@@ -40,7 +40,8 @@ def main() -> None:
         received += 1
         frame = message.pixels
         print(
-            f"{message.acquisition} t={message.index} {frame.shape[0]}x{frame.shape[1]} "
+            f"{message.acquisition} t={message.index} model v{message.model_version} "
+            f"{frame.shape[0]}x{frame.shape[1]} "
             f"mean={frame.mean():.2f} min={frame.min():.2f} max={frame.max():.2f}",
             flush=True,
         )
