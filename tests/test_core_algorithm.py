@@ -13,7 +13,12 @@ from pn2v_live.core.losses import pn2v_loss
 from pn2v_live.core.masking import n2v_mask
 from pn2v_live.core.metrics import psnr, psnr_star
 from pn2v_live.core.model import new_denoiser
-from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.core.noise import (
+    GaussianMixtureNoiseModel,
+    HybridNoiseModel,
+    PoissonGaussianNoiseModel,
+)
+from pn2v_live.core.synthetic import Camera, acquisition
 from pn2v_live.core.training import Training
 from pn2v_live.service.bench.naive import naive_mmse, naive_pn2v_loss
 
@@ -138,14 +143,21 @@ def test_psnr_closed_form_and_affine_invariance():
     assert psnr_star(noisy, truth, 255) >= psnr(noisy, truth, 255)
 
 
-def test_compiled_mmse_equals_eager():
+def dim_hybrid_model() -> HybridNoiseModel:
+    """The default model kind, calibrated on 120–260 ADU: many prior samples fall outside."""
+    frames, clean = acquisition(Camera(2.0, 100.0, 3.0), 8, (32, 32), background=120, peak=260)
+    parametric = GaussianMixtureNoiseModel.fit(clean, frames, steps=20)
+    return HybridNoiseModel.fit(clean, frames, parametric, bins=32)
+
+
+@pytest.mark.parametrize("noise_model", [camera_model, dim_hybrid_model])
+def test_compiled_mmse_equals_eager(noise_model):
     torch.manual_seed(10)
     denoiser = new_denoiser("pn2v", mean=200, std=40, k=16, features=4)
     image = np.random.default_rng(10).normal(200, 40, size=(24, 20)).astype(np.float32)
     outputs = ("denoised", "posterior_std")
-    eager = denoise(denoiser, image, camera_model(), outputs=outputs, chunk_elements=1600)
-    fused = denoise(
-        denoiser, image, camera_model(), outputs=outputs, chunk_elements=1600, compiled=True
-    )
+    model = noise_model()
+    eager = denoise(denoiser, image, model, outputs=outputs, chunk_elements=1600)
+    fused = denoise(denoiser, image, model, outputs=outputs, chunk_elements=1600, compiled=True)
     for name in outputs:
         np.testing.assert_allclose(fused[name], eager[name], rtol=1e-4, atol=1e-3)
