@@ -10,6 +10,7 @@ follows the Poisson–Gaussian mean–variance line, so extrapolation stays sane
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -24,12 +25,25 @@ from pn2v_live.core.noise.poisson_gaussian import PoissonGaussianNoiseModel
 RELATIVE_VARIANCE_FLOOR = 1e-3
 
 
-def polynomial(coefficients: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Evaluate C polynomials (C, degree + 1; constant term first) at u (...) → (..., C)."""
-    value = coefficients[:, -1].expand(*u.shape, -1)
-    for c in coefficients.unbind(1)[-2::-1]:
-        value = value * u[..., None] + c
-    return value
+def polynomials(coefficients: torch.Tensor, u: torch.Tensor) -> list[torch.Tensor]:
+    """Evaluate C polynomials (C, degree + 1; constant term first) at u: C tensors shaped like u.
+
+    One tensor per component (not a trailing C axis) keeps every later step elementwise over the
+    pixels × samples, which torch.compile fuses into one vectorised loop.
+    """
+    values = []
+    for row in coefficients:
+        value = row[-1].expand_as(u)
+        for c in row.flip(0)[1:]:
+            value = value * u + c
+        values.append(value)
+    return values
+
+
+def logsumexp(terms: list[torch.Tensor]) -> torch.Tensor:
+    """log Σ exp(terms), elementwise over a list of equally shaped tensors."""
+    peak = functools.reduce(torch.maximum, terms).detach()
+    return peak + sum((term - peak).exp() for term in terms).log()
 
 
 class GaussianMixtureNoiseModel(NoiseModel):
@@ -102,15 +116,23 @@ class GaussianMixtureNoiseModel(NoiseModel):
         signal = signal.float()
         low, high = self.signal_range
         u = ((signal - low) / max(high - low, 1e-6)).clamp(0, 1)
-        log_weights = torch.log_softmax(polynomial(self.weights, u), dim=-1)
-        offsets = polynomial(self.offsets, u)
-        offsets = offsets - (log_weights.exp() * offsets).sum(-1, keepdim=True)
-        base_variance = self.base.variance(signal)[..., None]
-        relative = F.softplus(polynomial(self.variances, u)) + RELATIVE_VARIANCE_FLOOR
-        variances = base_variance * relative
-        residual = (observation - signal)[..., None] - offsets * base_variance.sqrt()
-        log_components = -0.5 * (residual**2 / variances + torch.log(2 * math.pi * variances))
-        return torch.logsumexp(log_weights + log_components, dim=-1)
+        logits = polynomials(self.weights, u)
+        log_normaliser = logsumexp(logits)
+        log_weights = [logit - log_normaliser for logit in logits]
+        offsets = polynomials(self.offsets, u)
+        mean_offset = sum(w.exp() * d for w, d in zip(log_weights, offsets, strict=True))
+        base_variance = self.base.variance(signal)
+        base_sigma = base_variance.sqrt()
+        difference = observation - signal
+        log_components = []
+        for log_weight, offset, factor in zip(
+            log_weights, offsets, polynomials(self.variances, u), strict=True
+        ):
+            variance = base_variance * (F.softplus(factor) + RELATIVE_VARIANCE_FLOOR)
+            residual = difference - (offset - mean_offset) * base_sigma
+            log_normal = -0.5 * (residual**2 / variance + torch.log(2 * math.pi * variance))
+            log_components.append(log_weight + log_normal)
+        return logsumexp(log_components)
 
     def state(self) -> dict[str, Any]:
         return {

@@ -98,14 +98,10 @@ class HybridNoiseModel(HistogramNoiseModel):
             & (signal >= self.table.low)
             & (signal < self.table.high)
         )
-        # The usual case skips the costlier parametric evaluation; torch.cond keeps the branch
-        # inside one compiled graph (a Python `if` would break the fused MMSE in two).
-        return torch.cond(
-            inside.all(),
-            lambda o, s, d, i: d.log(),
-            lambda o, s, d, i: torch.where(i, d.log(), self.parametric.log_likelihood(o, s)),
-            (observation, signal, density, inside),
-        )
+        if bool(inside.all()):  # the usual case: skip the costlier parametric evaluation
+            return density.log()
+        parametric = self.parametric.log_likelihood(observation, signal)
+        return torch.where(inside, density.log(), parametric)
 
     def to(self, device: torch.device | str) -> HybridNoiseModel:
         super().to(device)
