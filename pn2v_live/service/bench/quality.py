@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import psnr
@@ -75,6 +76,7 @@ def compare(
         else:
             frames = list(raw)
         mean, std = normalisation_of([f if f.ndim == 2 else f[0] for f in frames])
+        torch.manual_seed(seed)  # the same initial weights for every run: differences are real
         denoiser = new_denoiser(mode, mean, std, k=k)
         started = time.monotonic()
         history = train(denoiser, frames, noise_model, steps=steps, minutes=minutes, seed=seed)
