@@ -91,17 +91,18 @@ class HybridNoiseModel(HistogramNoiseModel):
         return cls(density, value_range, support, signal_range, metadata, parametric=parametric)
 
     def log_likelihood(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
-        observation, signal = observation.float(), signal.float()
-        density = self.table.interpolated(observation, signal)
-        inside = (
+        observation, signal = torch.broadcast_tensors(observation.float(), signal.float())
+        log_density = self.table.interpolated(observation, signal).log()
+        outside = ~(
             self.table.observation_inside(observation)
             & (signal >= self.table.low)
             & (signal < self.table.high)
         )
-        if bool(inside.all()):  # the usual case: skip the costlier parametric evaluation
-            return density.log()
-        parametric = self.parametric.log_likelihood(observation, signal)
-        return torch.where(inside, density.log(), parametric)
+        if not bool(outside.any()):  # the usual case: no parametric evaluation at all
+            return log_density
+        # Only the (few) pairs outside the table pay for the costlier parametric model.
+        parametric = self.parametric.log_likelihood(observation[outside], signal[outside])
+        return log_density.index_put((outside,), parametric)
 
     def to(self, device: torch.device | str) -> HybridNoiseModel:
         super().to(device)
