@@ -18,6 +18,7 @@ from pn2v_live.core.noise import (
     darkest_level,
     noise_model_from_state,
 )
+from pn2v_live.core.noise.gmm import balanced_pick
 from pn2v_live.core.noise.hybrid import FLOOR_RATIO, bin_probabilities
 from pn2v_live.errors import UserError
 from pn2v_live.storage.noise_model_file import load_noise_model, save_noise_model
@@ -291,3 +292,14 @@ def test_nll_of_the_true_model_is_the_gaussian_entropy(pairs):
     signal, observation = pairs
     expected = np.mean(0.5 * np.log(2 * math.pi * math.e * true_variance(signal)))
     assert model.nll(signal, observation) == pytest.approx(expected, abs=0.01)
+
+
+def test_gmm_fit_draws_pairs_evenly_across_the_signal_range():
+    # 99 % dark background, 1 % bright: a uniform draw of 640 would hold about 6 bright pairs.
+    signal = torch.cat([torch.full((99_000,), 5.0), torch.linspace(100, 163, 1000)])
+    pick = balanced_pick(signal, 640, 64, torch.Generator().manual_seed(0))
+    assert len(pick) == len(set(pick.tolist()))  # no pair twice
+    available = np.histogram(signal.numpy(), bins=64, range=(5.0, 163.0))[0]
+    drawn = np.histogram(signal[pick].numpy(), bins=64, range=(5.0, 163.0))[0]
+    np.testing.assert_array_equal(drawn, np.minimum(available, 640 // 64))
+    assert drawn[0] == 10 and drawn[1:].sum() > 200  # vs about 6 bright in a uniform draw

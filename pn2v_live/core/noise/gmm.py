@@ -23,6 +23,27 @@ from pn2v_live.core.noise.poisson_gaussian import PoissonGaussianNoiseModel
 
 # Smallest component variance relative to the Poisson–Gaussian variance.
 RELATIVE_VARIANCE_FLOOR = 1e-3
+# Equal-width signal bins that share the fitted pairs evenly.
+SIGNAL_BINS = 64
+
+
+def balanced_pick(
+    signal: torch.Tensor, count: int, bins: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Indices of up to `count` random pairs, at most count // bins from each of `bins`
+    equal-width signal bins (all of a bin that holds fewer).
+
+    Calibration pairs are mostly dark background; drawn uniformly, the few bright pairs would
+    barely shape the fit, yet bright signals dominate the denoising error and are where the
+    hybrid model leans on this one (sparse rows, extrapolation).
+    """
+    order = torch.randperm(signal.numel(), generator=generator)
+    low, high = float(signal.min()), float(signal.max())
+    bin_of = ((signal[order] - low) / max(high - low, 1e-6) * bins).long().clamp(max=bins - 1)
+    sorted_bins, position = torch.sort(bin_of, stable=True)
+    counts = torch.bincount(sorted_bins, minlength=bins)
+    rank = torch.arange(len(sorted_bins)) - (torch.cumsum(counts, 0) - counts)[sorted_bins]
+    return order[position[rank < max(1, count // bins)]]
 
 
 def polynomials(coefficients: torch.Tensor, u: torch.Tensor) -> list[torch.Tensor]:
@@ -80,8 +101,9 @@ class GaussianMixtureNoiseModel(NoiseModel):
         seed: int = 0,
         metadata: dict[str, Any] | None = None,
     ) -> GaussianMixtureNoiseModel:
-        """Maximum likelihood by L-BFGS (full batch) on up to `max_pairs` random dequantised
-        pairs; `base` defaults to a Poisson–Gaussian fit of all the pairs."""
+        """Maximum likelihood by L-BFGS (full batch) on up to `max_pairs` dequantised pairs drawn
+        evenly across the signal range (`balanced_pick`); `base` defaults to a Poisson–Gaussian
+        fit of all the pairs."""
         signal, observation = as_pairs(signal, observation)
         base = base or PoissonGaussianNoiseModel.fit(signal, observation)
         shape = (components, degree + 1)
@@ -90,9 +112,8 @@ class GaussianMixtureNoiseModel(NoiseModel):
         variances[:, 0] = math.log(math.e - 1)  # softplus⁻¹(1): start at the base variance
         model = cls(weights, offsets, variances, base, metadata)
         generator = torch.Generator().manual_seed(seed)
-        if signal.numel() > max_pairs:
-            pick = torch.randperm(signal.numel(), generator=generator)[:max_pairs]
-            signal, observation = signal[pick], observation[pick]
+        pick = balanced_pick(signal, max_pairs, SIGNAL_BINS, generator)
+        signal, observation = signal[pick], observation[pick]
         observation = dequantised(observation, seed)
         parameters = [model.weights, model.offsets, model.variances]
         for parameter in parameters:
