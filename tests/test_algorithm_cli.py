@@ -18,7 +18,7 @@ from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import HistogramNoiseModel
 from pn2v_live.core.synthetic import Camera, acquisition
 from pn2v_live.storage.checkpoints import load_denoiser, save_denoiser
-from pn2v_live.storage.noise_model_file import save_noise_model
+from pn2v_live.storage.noise_model_file import load_noise_model, save_noise_model
 
 
 def pn2v_live(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -102,3 +102,21 @@ def test_synthetic_camera_has_the_stated_mean_and_variance():
     frames = np.stack([camera.expose(signal, np.random.default_rng(i)) for i in range(5)])
     assert frames.mean() == pytest.approx(300, abs=0.3)
     assert frames.astype(float).var() == pytest.approx(2.0 * 200 + 9 + 1 / 12, rel=0.03)
+
+
+@pytest.mark.parametrize("kind", ["histogram", "poisson-gaussian", "gmm", "hybrid"])
+def test_fit_noise_model_writes_the_kind_and_reports_its_likelihood(camera_data, kind, tmp_path):
+    output = tmp_path / f"{kind}.pt"
+    completed = pn2v_live(
+        "fit-noise-model", "--signal", str(camera_data["gt"]), "--observations",
+        str(camera_data["raw"]), "-o", str(output), "--kind", kind, "--bins", "64",
+    )  # fmt: skip
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    model = load_noise_model(output)
+    assert summary["kind"] == model.kind == kind and summary["output"] == str(output)
+    frames, clean = tifffile.imread(camera_data["raw"]), tifffile.imread(camera_data["gt"])
+    assert summary["nll"] == pytest.approx(model.nll(clean, frames), abs=1e-5)
+    if kind == "poisson-gaussian":  # the synthetic camera: variance 2·(s − 100) + 3²
+        levels = torch.tensor([float(clean.min()), float(clean.max())])
+        expected = 2.0 * (levels - 100.0) + 9.0
+        np.testing.assert_allclose(model.variance(levels), expected, rtol=0.15)

@@ -218,21 +218,18 @@ def fit_models(
     signal: torch.Tensor,
     observation: torch.Tensor,
     bins: int,
-    offset: float | None,
-    signal_frames: int | None,
+    poisson_gaussian: PoissonGaussianNoiseModel | None = None,
 ) -> dict[str, NoiseModel]:
     """Fit the requested kinds on 1-D pairs (the parametric parts first: others build on them);
-    the result also holds the Poisson–Gaussian and GMM fits the others were built on."""
+    the result also holds the Poisson–Gaussian and GMM fits the others were built on.
+    `poisson_gaussian` is fitted from the pairs when not given and a kind needs it."""
     models: dict[str, NoiseModel] = {}
-    models["poisson-gaussian"] = PoissonGaussianNoiseModel.fit(
-        signal, observation, offset=offset, signal_frames=signal_frames
-    )
-    check_signal_span(models["poisson-gaussian"])
+    if {"poisson-gaussian", "gmm", "hybrid"} & set(kinds):
+        poisson_gaussian = poisson_gaussian or PoissonGaussianNoiseModel.fit(signal, observation)
+        models["poisson-gaussian"] = poisson_gaussian
     if {"gmm", "hybrid"} & set(kinds):
         log.info("fitting the Gaussian mixture model")
-        models["gmm"] = GaussianMixtureNoiseModel.fit(
-            signal, observation, base=models["poisson-gaussian"]
-        )
+        models["gmm"] = GaussianMixtureNoiseModel.fit(signal, observation, base=poisson_gaussian)
     value_range = common_range(signal, observation, bins)
     if "histogram" in kinds:
         models["histogram"] = HistogramNoiseModel.fit(signal, observation, bins, value_range)
@@ -292,8 +289,11 @@ def calibrate(
     signal_frames = None if (bootstrap or signal is not None) else len(acquisitions[0].frames)
     (fit_s, fit_x), (held_s, held_x) = gather_pairs(acquisitions, signals)
     kinds = KINDS if kind == "all" else (kind,)
-    fitted = fit_models(kinds, fit_s, fit_x, bins, offset, signal_frames)
-    poisson_gaussian = fitted["poisson-gaussian"]
+    poisson_gaussian = PoissonGaussianNoiseModel.fit(
+        fit_s, fit_x, offset=offset, signal_frames=signal_frames
+    )
+    check_signal_span(poisson_gaussian)  # before the costlier fits
+    fitted = fit_models(kinds, fit_s, fit_x, bins, poisson_gaussian)
     models = {k: fitted[k] for k in kinds}
     held_out_nll = {k: round(m.nll(held_s, held_x), 5) for k, m in models.items()}
     chosen = min(held_out_nll, key=held_out_nll.get)

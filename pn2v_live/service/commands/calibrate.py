@@ -108,13 +108,8 @@ def fit_noise_model(
 ) -> None:
     """Fit one noise model to all (signal, observation) pairs, without checks or held-out frames;
     prints a one-line JSON summary. `calibrate` is the checked workflow."""
-    from pn2v_live.core.noise import (
-        GaussianMixtureNoiseModel,
-        HistogramNoiseModel,
-        HybridNoiseModel,
-        PoissonGaussianNoiseModel,
-        as_pairs,
-    )
+    from pn2v_live.core.noise import as_pairs
+    from pn2v_live.pipeline.calibration import fit_models
     from pn2v_live.storage.images import read_stack
     from pn2v_live.storage.noise_model_file import save_noise_model
 
@@ -127,14 +122,7 @@ def fit_noise_model(
             f"stack {frames.shape}"
         )
     pairs = as_pairs(clean, frames)
-    if kind == FitKind.histogram:
-        model = HistogramNoiseModel.fit(*pairs, bins=bins)
-    elif kind == FitKind.poisson_gaussian:
-        model = PoissonGaussianNoiseModel.fit(*pairs)
-    else:
-        model = GaussianMixtureNoiseModel.fit(*pairs)
-        if kind == FitKind.hybrid:
-            model = HybridNoiseModel.fit(*pairs, model, bins=bins)
+    model = fit_models((kind.value,), *pairs, bins)[kind.value]
     model.metadata.update(inputs=[str(signal), str(observations)], pairs=int(pairs[0].numel()))
     save_noise_model(model, output)
     summary = {"output": str(output), "kind": model.kind, "signal_range": model.signal_range}
