@@ -161,3 +161,22 @@ def test_compiled_mmse_equals_eager(noise_model):
     fused = denoise(denoiser, image, model, outputs=outputs, chunk_elements=1600, compiled=True)
     for name in outputs:
         np.testing.assert_allclose(fused[name], eager[name], rtol=1e-4, atol=1e-3)
+
+
+def test_compiled_mmse_compiles_once_whatever_leaves_the_table():
+    """Each frame has a different count of samples outside the hybrid's table; the compiled MMSE
+    must not recompile for each count (it would hit torch's recompile limit in the daemon)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(11)
+    denoiser = new_denoiser("pn2v", mean=200, std=40, k=16, features=4)
+    model = dim_hybrid_model()
+    rng = np.random.default_rng(11)
+    images = [rng.normal(200, 60, size=(24, 20)).astype(np.float32) for _ in range(10)]
+    denoise(denoiser, images[0], model, chunk_elements=1600, compiled=True)
+    compiled_before = counters["frames"]["total"]
+    for image in images[1:]:
+        fused = denoise(denoiser, image, model, chunk_elements=1600, compiled=True)
+        eager = denoise(denoiser, image, model, chunk_elements=1600)
+        np.testing.assert_allclose(fused["denoised"], eager["denoised"], rtol=1e-4, atol=1e-3)
+    assert counters["frames"]["total"] - compiled_before <= 2

@@ -100,6 +100,9 @@ class HybridNoiseModel(HistogramNoiseModel):
         )
         if not bool(outside.any()):  # the usual case: no parametric evaluation at all
             return log_density
+        if torch.compiler.is_compiling():  # static shapes: a new count would recompile
+            parametric = self.parametric.log_likelihood(observation, signal)
+            return torch.where(outside, parametric, log_density)
         # Only the (few) pairs outside the table pay for the costlier parametric model.
         parametric = self.parametric.log_likelihood(observation[outside], signal[outside])
         return log_density.index_put((outside,), parametric)
