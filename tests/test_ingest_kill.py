@@ -105,8 +105,10 @@ def assert_stored_once_and_identical(root: Path, name: str, data: np.ndarray) ->
     assert acquisition.stored_frames() == list(range(FRAMES))
     stored = np.stack([acquisition.read_raw(t) for t in range(FRAMES)])
     np.testing.assert_array_equal(stored, data)
-    chunks = [p for p in (root / f"{name}.ome.zarr" / "raw" / "0").rglob("*") if p.is_file()]
-    assert len([p for p in chunks if not p.name.startswith(".z")]) == FRAMES  # no stray chunks
+    raw = root / f"{name}.ome.zarr" / "raw" / "0"
+    chunks = {p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()}
+    chunks = {c for c in chunks if not c.startswith(".z")}
+    assert chunks == {f"{t}/0/0/0/0" for t in range(FRAMES)}, "stray chunk files"
     store.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.storage.noise_model_file import save_noise_model
+from pn2v_live.storage.store import Store
 
 CLI = Path(sys.executable).with_name("pn2v-live")
 SOCKETS_OFF = {
@@ -128,3 +130,10 @@ def test_port_in_use(tmp_path, key, template):
 def test_missing_initial_model(tmp_path):
     result = serve(tmp_path, {"model.initial": '"start.pt"'})
     assert_one_line_error(result, "start.pt", "not found")
+
+
+def test_store_root_already_written_by_another_process(tmp_path):
+    holder = Store(tmp_path / "store", writer=True)
+    result = serve(tmp_path, {})
+    holder.close()
+    assert_one_line_error(result, str(tmp_path / "store"), f"pid {os.getpid()}", "stop it first")

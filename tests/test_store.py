@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,6 +16,7 @@ import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 
+from pn2v_live.errors import UserError
 from pn2v_live.storage.store import Store, validate_name
 
 
@@ -141,10 +144,36 @@ def test_reopen_forgets_frames_whose_chunk_is_missing(tmp_path):
     stale.write_bytes(b"half a chunk, from a crash")
     os.utime(stale, (time.time() - 120, time.time() - 120))
     fresh.write_bytes(b"being written by a live process")
-    again = Store(tmp_path).acquisition("a")
+    reader = Store(tmp_path).acquisition("a")
+    assert reader.stored_frames() == [0, 2] and reader.valid_t == 1
+    assert stale.exists() and fresh.exists()  # a reader never deletes what a writer may finish
+    again = Store(tmp_path, writer=True).acquisition("a")
     assert again.stored_frames() == [0, 2] and again.valid_t == 1
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and not fresh.exists()  # the one writer knows nobody else writes
     assert again.claim(1) and not again.claim(2)
+
+
+def test_a_second_writer_process_is_refused_until_the_first_closes(tmp_path):
+    first = Store(tmp_path, writer=True)
+    open_writer = (
+        "import sys; from pn2v_live.storage.store import Store; "
+        "Store(sys.argv[1], writer=True).close()"
+    )
+    refused = subprocess.run(
+        [sys.executable, "-c", open_writer, tmp_path], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0
+    assert f"already being written by another pn2v-live process (pid {os.getpid()})" in (
+        refused.stderr
+    )
+    with pytest.raises(UserError, match="already being written"):
+        Store(tmp_path, writer=True)  # the lock is per open file, so this process too
+    Store(tmp_path).close()  # readers are always welcome
+    first.close()
+    accepted = subprocess.run(
+        [sys.executable, "-c", open_writer, tmp_path], capture_output=True, text=True, timeout=60
+    )
+    assert accepted.returncode == 0, accepted.stderr
 
 
 def test_concurrent_writers_store_every_frame(tmp_path):

@@ -70,7 +70,7 @@ class Daemon:
         noise_path = c.noise_model.path
         trainer_noise = load_noise_model(noise_path, trainer_device)
         inference_noise = load_noise_model(noise_path, inference_device)
-        self.store = Store(c.store.root, c.store.zarr_format)
+        self.store = Store(c.store.root, c.store.zarr_format, writer=True)
         self._closers.append(self.store.close)
         registry = ModelRegistry(c.store.root / "models")
         self._import_initial_model(registry)

@@ -15,17 +15,22 @@ atomically (temporary file + rename) by zarr's LocalStore, so readers in other p
 once its ledger row exists; `valid_t` (number of contiguous stored frames from t = 0) is what
 live readers should trust, not the array shape.
 
+One process writes a data root at a time: `Store(root, writer=True)` (ingest, serve) holds an
+exclusive lock on `<root>/writer.lock` and refuses to open while another process holds it. Only the
+writer removes the temporary chunk files (`*.partial`) a killed writer left behind; other processes
+(calibrate, viewers) open the store without touching them.
+
 Default is OME-NGFF 0.4 on Zarr format 2; `zarr_format=3` writes OME-NGFF 0.5 on Zarr v3.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import logging
+import os
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import numcodecs
@@ -33,6 +38,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from pn2v_live.errors import UserError
 from pn2v_live.storage.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -41,7 +47,7 @@ SUFFIX = ".ome.zarr"
 RAW_DTYPES = ("uint8", "uint16")
 AXES = ("t", "c", "z", "y", "x")
 IMAGES = ("raw", "denoised")
-STALE_PARTIAL_S = 60  # a chunk's temporary file this old was left by a crash
+WRITER_LOCK = "writer.lock"
 GROW_STEP = 64  # frames added per array resize while acquiring; flush() trims the rest
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -76,7 +82,9 @@ class Acquisition:
     Created and opened through `Store`; do not construct directly.
     """
 
-    def __init__(self, group: zarr.Group, name: str, path: Path, ledger: Ledger) -> None:
+    def __init__(
+        self, group: zarr.Group, name: str, path: Path, ledger: Ledger, writer: bool
+    ) -> None:
         self.name = name
         self.path = path
         self._group = group
@@ -89,6 +97,8 @@ class Acquisition:
         self._denoised = group["denoised/0"].with_config(always_write)
         self.frame_shape: tuple[int, int] = tuple(self._raw.shape[3:])
         self.dtype = np.dtype(self._raw.dtype)
+        if writer:
+            self._sweep_partials()
         self._stored = set(self._reconcile())
         self._in_flight: set[int] = set()
         self._writing: set[int] = set()
@@ -249,18 +259,23 @@ class Acquisition:
         if attrs != self._attrs():
             self._group.attrs["pn2v_live"] = attrs
 
-    def _reconcile(self) -> list[int]:
-        """Ledger frames whose chunk really exists; forget the others, drop stale temp files.
+    def _sweep_partials(self) -> None:
+        """Remove the temporary chunk files (`*.partial`) of writes a killed writer never finished.
 
-        Safe while another process writes the acquisition: a ledger row always follows its
-        chunk, and only temporary files older than STALE_PARTIAL_S are removed.
+        Only the store's one writer calls this, before it writes here, so none is still in use.
+        """
+        partials = list(self.path.rglob("*.partial"))
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        if partials:
+            log.info("%s: removed %d unfinished chunk write(s)", self.name, len(partials))
+
+    def _reconcile(self) -> list[int]:
+        """Ledger frames whose chunk really exists; forget the others.
+
+        Safe while another process writes the acquisition: a ledger row always follows its chunk.
         """
         root = Path(self._raw.store_path.store.root) / self._raw.store_path.path
-        stale = time.time() - STALE_PARTIAL_S
-        for partial in root.rglob("*.partial"):
-            with contextlib.suppress(FileNotFoundError):
-                if partial.stat().st_mtime < stale:
-                    partial.unlink()
         frames = self._ledger.frames(self.name)
         encode = self._raw.metadata.encode_chunk_key
         missing = [t for t in frames if not (root / encode((t, 0, 0, 0, 0))).is_file()]
@@ -279,23 +294,31 @@ class Acquisition:
 class Store:
     """All acquisitions under one data root, plus their ledger."""
 
-    def __init__(self, root: str | Path, zarr_format: int = 2) -> None:
+    def __init__(self, root: str | Path, zarr_format: int = 2, *, writer: bool = False) -> None:
+        """Open (or create) the data root. `writer=True` makes this process the root's one writer:
+        UserError when another process already is."""
         if zarr_format not in (2, 3):
             raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.zarr_format = zarr_format
+        self.writer = writer
+        self._writer_lock = _lock_writer(self.root) if writer else None
         self.ledger = Ledger(self.root)
         self._lock = threading.Lock()
         self._open: dict[str, Acquisition] = {}
 
     def close(self) -> None:
-        """Flush the acquisitions this process wrote raw frames to and close the ledger."""
+        """Flush the acquisitions this process wrote raw frames to, close the ledger and give up
+        the writer lock."""
         with self._lock:
             for acquisition in self._open.values():
                 if acquisition.wrote:
                     acquisition.flush()
         self.ledger.close()
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)  # closing the descriptor releases the lock
+            self._writer_lock = None
 
     def acquisitions(self) -> list[str]:
         """Names of all acquisitions under the root, sorted."""
@@ -313,7 +336,7 @@ class Store:
                 if not (path / "raw").is_dir():
                     raise KeyError(f"no acquisition {name!r} under {self.root}")
                 group = zarr.open_group(path, mode="r+")
-                self._open[name] = Acquisition(group, name, path, self.ledger)
+                self._open[name] = Acquisition(group, name, path, self.ledger, self.writer)
             return self._open[name]
 
     def create(self, name: str, frame_shape: tuple[int, int], dtype: str | np.dtype) -> Acquisition:
@@ -375,6 +398,25 @@ class Store:
             )
         group.attrs["pn2v_live"] = {"valid_t": 0, "closed": False}
         building.rename(path)
+
+
+def _lock_writer(root: Path) -> int:
+    """Take the root's exclusive writer lock (released by the kernel when the process dies);
+    returns the lock file's descriptor. UserError naming the holder when it is taken."""
+    path = root / WRITER_LOCK
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 64).decode(errors="replace").strip() or "unknown"
+        os.close(descriptor)
+        raise UserError(
+            f"{root} is already being written by another pn2v-live process (pid {holder}); "
+            "stop it first, or give this one another store root"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
 
 
 def _contiguous(frames: set[int]) -> int:

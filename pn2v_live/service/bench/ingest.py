@@ -37,7 +37,7 @@ def run_ingest(size: int, frames: int, dtype: str = "uint16", root: Path | None 
     "compression_ratio"}. Uses a temporary data root unless `root` is given.
     """
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        store = Store(tmp)
+        store = Store(tmp, writer=True)
         source = ZmqSource(store, f"tcp://127.0.0.1:{BENCH_PORT}")
         source.start()
         pool = camera_frames(size, dtype)

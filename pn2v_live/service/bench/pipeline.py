@@ -26,7 +26,7 @@ def run_pipeline(
     denoiser, noise_model, frame = synthetic_setup(size, k, torch.device("cpu"))
     raw = np.clip(np.rint(frame), 0, 65535).astype(np.uint16)
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "data")
+        store = Store(Path(tmp) / "data", writer=True)
         acquisition = store.create("bench", raw.shape, raw.dtype)
         for t in range(frames):
             acquisition.write_raw(t, np.roll(raw, t, axis=1))

@@ -166,7 +166,7 @@ def ingest(
         raise UserError("nothing to ingest: give --zmq tcp://HOST:PORT and/or --folder DIR")
     if zarr_format not in (2, 3):
         raise UserError(f"--zarr-format must be 2 or 3, not {zarr_format}")
-    store = Store(data, zarr_format)
+    store = Store(data, zarr_format, writer=True)
     sources = []
     if zmq is not None:
         sources.append(ZmqSource(store, zmq, status))
