@@ -61,13 +61,16 @@ def denoise(
     outputs: Sequence[str] = ("denoised",),
     chunk_elements: int = CHUNK_ELEMENTS,
     compiled: bool = False,
+    bf16: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Denoise one (Y, X) frame in ADU; returns float32 (Y, X) arrays keyed by `outputs`.
 
     "denoised" is the MMSE estimate for PN2V (the network output for N2V / supervised);
     "prior_mean" and "posterior_std" are PN2V only. `tile` is the core tile side in pixels
     (None: chosen so the body's activations stay within TILE_MEMORY_BYTES). `compiled` fuses
-    the per-pixel MMSE with torch.compile (slow first call, then several times faster).
+    the per-pixel MMSE with torch.compile (slow first call, then several times faster). The
+    U-Net body runs in bfloat16 when `bf16` (None: where the device computes it natively, see
+    `native_bf16`); head and MMSE always in float32.
     """
     unknown = set(outputs) - set(OUTPUTS)
     if unknown or (denoiser.mode != "pn2v" and set(outputs) != {"denoised"}):
@@ -86,7 +89,7 @@ def denoise(
     for core_y, in_y in tiles(padded.shape[0], tile, margin, multiple):
         for core_x, in_x in tiles(padded.shape[1], tile, margin, multiple):
             piece = padded[in_y, in_x]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with denoiser.body_autocast(bf16):
                 features = net.body(denoiser.normalise(piece)[None, None])[0]
             inner = (
                 slice(core_y.start - in_y.start, core_y.stop - in_y.start),

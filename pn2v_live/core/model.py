@@ -40,11 +40,29 @@ class Denoiser:
         """ADU → network input units."""
         return (x - self.mean) / self.std
 
+    def body_autocast(self, bf16: bool | None = None) -> torch.autocast:
+        """Context for running the U-Net body: bfloat16 when `bf16` is True, float32 when False,
+        None: bfloat16 where the device computes it natively (see `native_bf16`)."""
+        device = self.device
+        enabled = native_bf16(device) if bf16 is None else bf16
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
     def head_in_adu(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The 1×1 head folded with de-normalisation: features (…, F) @ W.T + b → ADU, W (K, F)."""
         weight = self.net.head.weight.flatten(1) * self.std
         bias = self.net.head.bias * self.std + self.mean
         return weight, bias
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively: CUDA, or a CPU with AMX or AVX512-BF16
+    (there oneDNN runs the U-Net body 3.5-4× faster than in float32). Elsewhere bfloat16 is
+    emulated and slower, so the body stays float32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 def new_denoiser(

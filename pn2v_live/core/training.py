@@ -57,8 +57,8 @@ class Training:
     """Optimiser state for one denoiser: Adam + learning-rate decay on a validation plateau.
 
     Batches are (B, 1, H, W) raw ADU patches, or (B, 2, H, W) raw + ground truth for
-    "supervised". Runs where the denoiser's parameters are; bf16 autocast for the U-Net body
-    on CUDA, head and likelihood in fp32.
+    "supervised". Runs where the denoiser's parameters are; the U-Net body in bfloat16 when
+    `bf16` (None: where the device computes it natively), head and likelihood in float32.
     """
 
     def __init__(
@@ -68,10 +68,12 @@ class Training:
         lr: float = 4e-4,
         fraction: float = DEFAULT_FRACTION,
         seed: int = 0,
+        bf16: bool | None = None,
     ):
         if denoiser.mode == "pn2v" and noise_model is None:
             raise ValueError("pn2v training needs a noise model")
         self.denoiser, self.noise_model, self.fraction = denoiser, noise_model, fraction
+        self.bf16 = bf16
         self.optimizer = torch.optim.Adam(denoiser.net.parameters(), lr=lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=0.5, patience=10
@@ -84,11 +86,11 @@ class Training:
         batch = batch.to(d.device, non_blocking=True)
         raw = batch[:, :1]
         if d.mode == "supervised":
-            with self._autocast():
+            with d.body_autocast(self.bf16):
                 prediction = d.net(d.normalise(raw))
             return mse(prediction.float(), d.normalise(batch[:, 1:2]))
         masked, (b, y, x) = n2v_mask(raw, self.fraction, generator=generator)
-        with self._autocast():
+        with d.body_autocast(self.bf16):
             features = d.net.body(d.normalise(masked))
         features = features[b, :, y, x].float()  # (P, F) at the masked pixels only
         observations = raw[b, 0, y, x]
@@ -115,10 +117,6 @@ class Training:
         self.denoiser.net.eval()
         return float(self.loss(batch, torch.Generator().manual_seed(VALIDATION_SEED)))
 
-    def _autocast(self) -> torch.autocast:
-        device_type = self.denoiser.device.type
-        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
-
 
 def train(
     denoiser: Denoiser,
@@ -133,13 +131,14 @@ def train(
     validate_every: int = 25,
     seed: int = 0,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    bf16: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Train until `steps` updates or `minutes` of wall time (whichever comes first).
 
     `frames` are (Y, X) raw frames, or (2, Y, X) raw + ground truth for "supervised". Frames
     are split into training and validation sets (at least one of each when there are ≥ 2);
     every `validate_every` steps the validation loss drives the learning-rate decay and the
-    best weights so far are kept. The denoiser ends with the best weights; returns the history
+    best weights so far are kept. `bf16`: see `Training`. The denoiser ends with the best weights; returns the history
     (also appended to `denoiser.history`).
     """
     if steps is None and minutes is None:
@@ -147,7 +146,7 @@ def train(
     rng = np.random.default_rng(seed)
     train_frames, val_frames = split_frames(frames, val_fraction, patch_size, rng)
     val_batch = sample_patches(val_frames, max(batch_size, 16), patch_size, rng)
-    training = Training(denoiser, noise_model, lr=lr, seed=seed)
+    training = Training(denoiser, noise_model, lr=lr, seed=seed, bf16=bf16)
     deadline = time.monotonic() + 60 * minutes if minutes is not None else float("inf")
     best_loss, best_state = float("inf"), None
     history, losses, step = [], [], 0
