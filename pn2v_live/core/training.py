@@ -138,8 +138,8 @@ def train(
     `frames` are (Y, X) raw frames, or (2, Y, X) raw + ground truth for "supervised". Frames
     are split into training and validation sets (at least one of each when there are ≥ 2);
     every `validate_every` steps the validation loss drives the learning-rate decay and the
-    best weights so far are kept. `bf16`: see `Training`. The denoiser ends with the best weights; returns the history
-    (also appended to `denoiser.history`).
+    best weights so far are kept. `bf16`: see `Training`. The denoiser ends with the best
+    weights; returns the history (also appended to `denoiser.history`).
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes")
