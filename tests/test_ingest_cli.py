@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
 import pytest
 import tifffile
+from conftest import free_port
 from typer.testing import CliRunner
 
 from pn2v_live.errors import UserError
@@ -18,12 +18,6 @@ from pn2v_live.service.cli import app
 from pn2v_live.storage.store import Store
 
 runner = CliRunner()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

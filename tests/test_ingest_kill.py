@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from conftest import free_port
 
 from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.ledger import LEDGER_FILE
@@ -25,12 +25,6 @@ from pn2v_live.storage.store import Store
 FRAMES = 500
 SHAPE = (64, 64)
 KILLS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def movie() -> np.ndarray:

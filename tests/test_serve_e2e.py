@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from pn2v_live.core.metrics import psnr
@@ -43,22 +43,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 
 # Minutes on a busy 2-core machine: over the suite's default per-test timeout.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
-
-
-def free_port(pairs: bool = False) -> int:
-    """A free TCP port on 127.0.0.1 (with `pairs`, port + 1 is free too, for the status socket)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if not pairs:
-            return port
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
 
 
 @pytest.fixture(scope="module")

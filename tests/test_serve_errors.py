@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.storage.noise_model_file import save_noise_model
@@ -21,12 +22,6 @@ SOCKETS_OFF = {
     "viewer.bind": '""',
     "publish.bind": '""',
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def serve(

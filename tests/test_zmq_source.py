@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import numpy as np
 import pytest
 import zmq
+from conftest import free_port
 from prometheus_client import REGISTRY
 
 from pn2v_live.errors import UserError
@@ -16,12 +16,6 @@ from pn2v_live.pipeline.protocol import encode_frame
 from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.pipeline.zmq_source import ZmqSource, stored_ranges
 from pn2v_live.storage.store import Store
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rejected(reason: str) -> float:
