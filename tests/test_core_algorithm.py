@@ -181,9 +181,11 @@ def test_compiled_mmse_equals_eager(noise_model):
 
 def test_compiled_mmse_compiles_once_whatever_leaves_the_table():
     """Each frame has a different count of samples outside the hybrid's table; the compiled MMSE
-    must not recompile for each count (it would hit torch's recompile limit in the daemon)."""
+    must stay one graph (no break) and not recompile for each count (it would hit torch's
+    recompile limit in the daemon and fall back to the slow path)."""
     from torch._dynamo.utils import counters
 
+    counters.clear()
     torch.manual_seed(11)
     denoiser = new_denoiser("pn2v", mean=200, std=40, k=16, features=4)
     model = dim_hybrid_model()
@@ -196,3 +198,4 @@ def test_compiled_mmse_compiles_once_whatever_leaves_the_table():
         eager = denoise(denoiser, image, model, chunk_elements=1600)
         np.testing.assert_allclose(fused["denoised"], eager["denoised"], rtol=1e-4, atol=1e-3)
     assert counters["frames"]["total"] - compiled_before <= 2
+    assert not counters["graph_break"], list(counters["graph_break"])

@@ -98,11 +98,11 @@ class HybridNoiseModel(HistogramNoiseModel):
             & (signal >= self.table.low)
             & (signal < self.table.high)
         )
-        if not bool(outside.any()):  # the usual case: no parametric evaluation at all
-            return log_density
-        if torch.compiler.is_compiling():  # static shapes: a new count would recompile
+        if torch.compiler.is_compiling():  # one graph, static shapes: no break, no recompiling
             parametric = self.parametric.log_likelihood(observation, signal)
             return torch.where(outside, parametric, log_density)
+        if not bool(outside.any()):  # the usual case: no parametric evaluation at all
+            return log_density
         # Only the (few) pairs outside the table pay for the costlier parametric model.
         parametric = self.parametric.log_likelihood(observation[outside], signal[outside])
         return log_density.index_put((outside,), parametric)
