@@ -179,7 +179,10 @@ def ingest(
         for started in sources:
             started.start()
         log.info("ingesting into %s; stop with Ctrl-C or SIGTERM", store.root)
-        stop.wait()
+        # Timed waits: the kernel may deliver SIGTERM to any thread, and Python runs the handler
+        # only when the main thread wakes, which an untimed wait never does (shutdown hung).
+        while not stop.wait(0.5):
+            pass
     finally:
         for source in sources:
             source.stop()
