@@ -14,6 +14,7 @@ const state = {
   zoom: 1,
   panX: 0,
   panY: 0,
+  modelVersion: undefined, // of the last status message
 };
 let rendering = false;
 let renderAgain = false;
@@ -79,15 +80,24 @@ function fillSelect(axis, size) {
 }
 
 function onSelectedChanged(acquisition) {
+  // Fetch images only when the shown frame changes or still waits for its denoised twin:
+  // a scrubbed-back view stays put (and costs nothing) while new frames arrive.
   const slider = $("t-slider");
   slider.max = Math.max(0, acquisition.frames - 1);
-  if (state.follow) state.t = Math.max(0, acquisition.frames - 1);
-  slider.value = state.t;
+  const t = state.follow ? Math.max(0, acquisition.frames - 1) : state.t;
+  const stale = t !== state.t || state.denoisedT !== t;
+  state.t = t;
+  slider.value = t;
   $("lag").textContent = acquisition.lag;
-  requestRender();
+  if (stale) requestRender();
 }
 
 function updateStatus(status) {
+  // A newly promoted model re-denoises frames in the background: show the newest rendering.
+  if (state.modelVersion !== undefined && status.model_version !== state.modelVersion) {
+    requestRender();
+  }
+  state.modelVersion = status.model_version;
   $("model-version").textContent = status.model_version ?? "none yet";
   $("model-source").textContent = status.model_source ? `(${status.model_source})` : "";
   $("backlog").textContent = status.backlog ?? "–";
@@ -290,6 +300,7 @@ function setupControls() {
   for (const axis of ["c", "z"]) {
     $(axis + "-select").addEventListener("change", (e) => {
       state[axis] = parseInt(e.target.value, 10);
+      state.denoisedT = undefined;
       requestRender();
     });
   }
