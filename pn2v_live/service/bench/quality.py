@@ -19,8 +19,9 @@ import torch
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import psnr
 from pn2v_live.core.model import new_denoiser, normalisation_of
-from pn2v_live.core.noise.base import NoiseModel
+from pn2v_live.core.noise.base import NoiseModel, as_pairs
 from pn2v_live.core.training import train
+from pn2v_live.pipeline.calibration import fit_models
 from pn2v_live.storage.images import read_image, read_stack
 
 FMD = "fmd_confocal_bpae"
@@ -85,6 +86,21 @@ def compare(
             [denoise(denoiser, f, noise_model, compiled=True)["denoised"] for f in test_frames]
         )
         results[name] = score(denoised, truth)
-        steps = history[-1]["step"] if history else 0
-        log(json.dumps({"run": name, "psnr": results[name], "steps": steps, "seconds": trained}))
+        done = history[-1]["step"] if history else 0
+        log(json.dumps({"run": name, "psnr": results[name], "steps": done, "seconds": trained}))
     return results
+
+
+def calibrated_models(
+    data_dir: Path,
+    fields: tuple[str, ...] = ("fov01", "fov02"),
+    kinds: tuple[str, ...] = ("histogram", "hybrid"),
+    bins: int = 256,
+) -> dict[str, NoiseModel]:
+    """Noise models of `kinds` fitted on `fields` (each field's 50-frame mean as its signal)."""
+    stacks = [load_field(data_dir, field)[0] for field in fields]
+    pairs = [as_pairs(stack.mean(0), stack) for stack in stacks]
+    signal = torch.cat([p[0] for p in pairs])
+    observation = torch.cat([p[1] for p in pairs])
+    fitted = fit_models(kinds, signal, observation, bins)
+    return {kind: fitted[kind] for kind in kinds}

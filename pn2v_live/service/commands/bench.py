@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +19,7 @@ class Part(StrEnum):
     train = "train"
     ingest = "ingest"
     pipeline = "pipeline"
+    quality = "quality"
 
 
 @app.command()
@@ -35,9 +38,24 @@ def bench(
     ] = None,
     frames: Annotated[int, typer.Option(help="frames to stream (ingest, pipeline)")] = 500,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    minutes: Annotated[
+        float, typer.Option(help="quality: training budget per model, wall-clock minutes")
+    ] = 20.0,
+    steps: Annotated[
+        int | None, typer.Option(help="quality: stop each model after this many steps")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="quality: folder holding fmd_confocal_bpae/", envvar="PN2V_LIVE_TEST_DATA"
+        ),
+    ] = None,
 ) -> None:
     """Measure PARTs; each prints one JSON line (median/min seconds, throughput, peak memory,
-    device, torch threads, dtype; with --baseline naive also the ratio to the naive formulation)."""
+    device, torch threads, dtype; with --baseline naive also the ratio to the naive formulation).
+    `quality` trains N2V, PN2V (histogram and hybrid noise models from fov01 + fov02) and
+    supervised on the shared FMD confocal data, each for the same budget, and reports the PSNR
+    (dB) of fov03's first 5 frames against its ground truth."""
     import torch
 
     from pn2v_live.service.bench.algorithm import bench_predict, bench_train
@@ -62,9 +80,28 @@ def bench(
 
             side = size or 512
             result = run_ingest(side, frames)
+        elif name is Part.quality:
+            result, side = run_quality(data, minutes, steps, k), 512
         else:
             from pn2v_live.service.bench.pipeline import run_pipeline
 
             side = size or 256
             result = run_pipeline(side, frames, k, torch_device)
         print(json.dumps({"part": name.value, "size": side, "k": k, **facts, **result}), flush=True)
+
+
+def run_quality(data: Path | None, minutes: float, steps: int | None, k: int) -> dict:
+    """PSNR of raw and of every trained model on fov03 (see `bench`), with the budget used."""
+    from pn2v_live.service.bench.quality import FMD, calibrated_models, compare
+
+    if data is None or not (data / FMD).is_dir():
+        raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
+    psnr = compare(
+        data,
+        calibrated_models(data),
+        minutes=minutes,
+        steps=steps,
+        k=k,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    return {"psnr_db": psnr, "minutes_per_model": minutes, "steps_per_model": steps}
