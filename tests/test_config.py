@@ -87,6 +87,8 @@ def test_overrides_win_over_the_file(tmp_path):
         ("[viewer]\nbind = 'localhost:99999'\n", [], "viewer.bind: expected host:port"),
         ("[publish]\nbind = 'http://x'\n", [], "publish.bind: expected tcp://"),
         ("[inference]\nscheduler = 'cluster'\n", [], "inference.scheduler: expected"),
+        ("[inference]\nprecision = 'float16'\n", [], "inference.precision: Input should be 'auto'"),
+        ("", ["trainer.precision=fp32"], "trainer.precision: Input should be 'auto'"),
         ("[store]\nzarr_format = 4\n", [], "store.zarr_format: Input should be 2 or 3"),
         ("[ingest.folder]\npattern = '(.*'\n", [], "ingest.folder.pattern: acquisition pattern"),
         ("[ingest.folder]\npattern = '.*'\n", [], "needs a group named acquisition"),

@@ -121,3 +121,22 @@ def test_local_cpu_default_denoises_one_frame_at_a_time(setup):
     assert published == [9]  # torch already spreads one frame over every core
     assert default_in_flight("local", torch.device("cuda")) == 4
     assert default_in_flight("tcp://gpu-box:8786", torch.device("cpu")) == 4
+
+
+def test_precision_setting_decides_the_body_dtype_of_every_frame(setup):
+    store, registry, noise, acquisition, frames, _, _ = setup
+    models = [tiny_model(0), tiny_model(1)]
+    for version, (precision, bf16) in enumerate((("float32", False), ("bfloat16", True)), 1):
+        promote(registry, models[version - 1], 3.0 - version)  # each one an improvement
+        stage = InferenceScheduler(
+            store, registry, noise, torch.device("cpu"), max_in_flight=10, precision=precision
+        )
+        while stage.work():
+            pass
+        assert {acquisition.denoised_version(t) for t in range(10)} == {version}
+        model = models[version - 1]
+        np.testing.assert_array_equal(
+            acquisition.read_denoised(4), denoise(model, frames[4], noise, bf16=bf16)["denoised"]
+        )
+        other = denoise(model, frames[4], noise, bf16=not bf16)["denoised"]
+        assert not np.array_equal(acquisition.read_denoised(4), other)

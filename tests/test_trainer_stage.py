@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
+from pn2v_live.core.training import Training, sample_patches
+from pn2v_live.pipeline.trainer import VALIDATION_PATCHES, Trainer, TrainerSettings
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 
@@ -96,3 +98,26 @@ def test_training_waits_while_inference_has_fresh_frames(setup):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert registry.current().version == 1
+
+
+def test_precision_setting_decides_the_body_dtype_of_training(setup, tmp_path):
+    trainer, _, add_frames, idle = setup
+    add_frames(12)
+    store = trainer.store
+    held_back = [store.acquisition("cells").read_raw(t) for t in (3, 11)]
+    val_batch = sample_patches(held_back, VALIDATION_PATCHES, 16, np.random.default_rng(0))
+    recorded = {}
+    for precision, bf16 in (("float32", False), ("bfloat16", True)):
+        registry = ModelRegistry(tmp_path / f"models-{precision}")
+        settings = replace(SETTINGS, precision=precision)
+        torch.manual_seed(0)  # the same initial weights for both
+        Trainer(
+            store, registry, trainer.noise_model, "nm-id", settings, torch.device("cpu"), idle
+        ).work()
+        recorded[precision] = registry.current().validation_loss
+        # the loss the round recorded is the one computed in the configured precision
+        again = Training(registry.load()[0], trainer.noise_model, bf16=bf16).validation_loss(
+            val_batch
+        )
+        assert recorded[precision] == pytest.approx(again, rel=1e-6)
+    assert recorded["float32"] != pytest.approx(recorded["bfloat16"], rel=1e-6)

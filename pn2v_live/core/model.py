@@ -65,6 +65,9 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
+PRECISIONS = {"auto": None, "float32": False, "bfloat16": True}  # name → `bf16` argument
+
+
 def new_denoiser(
     mode: Mode, mean: float, std: float, k: int = 800, depth: int = 3, features: int = 64
 ) -> Denoiser:

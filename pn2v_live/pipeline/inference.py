@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pn2v_live.core.inference import denoise
-from pn2v_live.core.model import Denoiser
+from pn2v_live.core.model import PRECISIONS, Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.noise.coverage import WARN_FRACTION
 from pn2v_live.errors import UserError
@@ -59,9 +59,10 @@ def denoise_frame(
     raw: np.ndarray,
     tile: int | None,
     compiled: bool = False,
+    bf16: bool | None = None,
 ) -> np.ndarray:
     """The dask task: MMSE estimate (float32, Y × X) of one raw frame (Y, X) in ADU."""
-    return denoise(denoiser, raw, noise_model, tile=tile, compiled=compiled)["denoised"]
+    return denoise(denoiser, raw, noise_model, tile=tile, compiled=compiled, bf16=bf16)["denoised"]
 
 
 def default_in_flight(scheduler: str, device: torch.device) -> int:
@@ -84,12 +85,14 @@ class InferenceScheduler(Stage):
         tile: int | None = None,
         on_frame: FrameListener | None = None,
         compiled: bool = False,
+        precision: str = "auto",
     ):
         super().__init__("inference", idle_seconds=0.1)
         self.store, self.registry, self.device = store, registry, device
         self.noise_model, self.tile = noise_model, tile
         self.max_in_flight = max_in_flight or default_in_flight(scheduler, device)
         self.compiled = compiled
+        self.bf16 = PRECISIONS[precision]  # U-Net body in bfloat16 (True), float32, or native
         self.on_frame = on_frame
         self.idle = threading.Event()
         self.model: ModelInfo | None = None
@@ -158,7 +161,7 @@ class InferenceScheduler(Stage):
         if self._client is None:
             tasks = [
                 dask.delayed(denoise_frame)(
-                    self._denoiser, self.noise_model, raw, self.tile, self.compiled
+                    self._denoiser, self.noise_model, raw, self.tile, self.compiled, self.bf16
                 )
                 for raw in raws
             ]
@@ -173,6 +176,7 @@ class InferenceScheduler(Stage):
                     raw,
                     self.tile,
                     self.compiled,
+                    self.bf16,
                     pure=False,
                 )
                 for raw in raws

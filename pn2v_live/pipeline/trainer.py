@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pn2v_live.core.model import new_denoiser, normalisation_of
+from pn2v_live.core.model import PRECISIONS, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.training import Training, sample_patches
 from pn2v_live.metrics import TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
@@ -44,6 +44,7 @@ class TrainerSettings:
     batch_size: int
     k: int
     learning_rate: float
+    precision: str = "auto"  # U-Net body: "auto", "float32" or "bfloat16" (core.model.PRECISIONS)
 
 
 class Trainer(Stage):
@@ -64,6 +65,7 @@ class Trainer(Stage):
         self.store, self.registry, self.settings, self.device = store, registry, settings, device
         self.noise_model, self.noise_model_id = noise_model, noise_model_id
         self.inference_idle = inference_idle
+        self._bf16 = PRECISIONS[settings.precision]
         self.rng = np.random.default_rng(seed)
         self.rounds = 0
         self.history: deque[dict] = deque(maxlen=HISTORY_ROUNDS)
@@ -191,7 +193,9 @@ class Trainer(Stage):
                 mean, std = normalisation_of(train_frames)
                 denoiser = new_denoiser("pn2v", mean, std, k=self.settings.k)
             denoiser.net.to(self.device)
-            self._training = Training(denoiser, self.noise_model, lr=self.settings.learning_rate)
+            self._training = Training(
+                denoiser, self.noise_model, lr=self.settings.learning_rate, bf16=self._bf16
+            )
         return self._training
 
     def _promoted_loss(self, val_batch: torch.Tensor) -> float | None:
@@ -202,7 +206,7 @@ class Trainer(Stage):
         denoiser.net.to(self.device)
         if denoiser.mode != "pn2v":
             return None  # an initial N2V/supervised model: any PN2V model replaces it
-        return Training(denoiser, self.noise_model).validation_loss(val_batch)
+        return Training(denoiser, self.noise_model, bf16=self._bf16).validation_loss(val_batch)
 
     def _wait_for_turn(self) -> bool:
         """Block while inference has fresh frames; False when the stage is stopping."""

@@ -27,6 +27,8 @@ def _check_device(value: str) -> str:
 
 
 Device = Annotated[str, AfterValidator(_check_device)]
+# U-Net body precision: "auto" is bfloat16 where the device computes it natively (GPU, AMX CPU).
+Precision = Literal["auto", "float32", "bfloat16"]
 
 
 def _check_host_port(value: str) -> str:
@@ -99,6 +101,7 @@ class TrainerConfig(Section):
     batch_size: int = Field(16, gt=0)
     k: int = Field(800, gt=1)
     learning_rate: float = Field(4e-4, gt=0)
+    precision: Precision = "auto"
 
 
 class InferenceConfig(Section):
@@ -107,6 +110,7 @@ class InferenceConfig(Section):
     device: Device = "auto"
     tile: int | None = Field(None, ge=32)
     compile: bool = True
+    precision: Precision = "auto"
 
     @field_validator("scheduler")
     @classmethod

@@ -83,6 +83,7 @@ class Daemon:
             max_in_flight=c.inference.max_in_flight,
             tile=c.inference.tile,
             compiled=c.inference.compile,
+            precision=c.inference.precision,
         )
         self._closers.append(self.inference.stop)  # closes the dask client if start fails
         self.trainer = Trainer(
