@@ -143,7 +143,6 @@ def demo_config(
             "trainer.batch_size=8",
             f"trainer.k={k}",
             "trainer.learning_rate=0.001",
-            "inference.max_in_flight=2",
         ],
     )
 
