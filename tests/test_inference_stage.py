@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import new_denoiser
@@ -140,3 +141,38 @@ def test_precision_setting_decides_the_body_dtype_of_every_frame(setup):
         )
         other = denoise(model, frames[4], noise, bf16=not bf16)["denoised"]
         assert not np.array_equal(acquisition.read_denoised(4), other)
+
+
+@pytest.mark.parametrize(("backfill_hours", "today_versions"), [(12, [2, 2, 2]), (0, [1, 1, 1])])
+def test_backfill_only_touches_acquisitions_with_recent_frames(
+    tmp_path, backfill_hours, today_versions
+):
+    store = Store(tmp_path / "store")
+    registry = ModelRegistry(tmp_path / "store" / "models")
+    noise = PoissonGaussianNoiseModel(gain=2.0, offset=10.0, read_noise=3.0, signal_range=(0, 200))
+    frames = np.random.default_rng(0).integers(10, 200, size=(3, *SHAPE)).astype(np.uint16)
+    for name in ("last_week", "today"):
+        acquisition = store.create(name, SHAPE, "uint16")
+        for t, frame in enumerate(frames):
+            acquisition.write_raw(t, frame)
+    store.close()
+    # as if "last_week" had been acquired a week ago: move its newest-frame time back
+    group = zarr.open_group(tmp_path / "store" / "last_week.ome.zarr", mode="r+")
+    group.attrs["pn2v_live"] = group.attrs["pn2v_live"] | {"last_frame_at": time.time() - 7 * 86400}
+    store = Store(tmp_path / "store")  # reopened: the times come from the store
+    stage = InferenceScheduler(
+        store, registry, noise, torch.device("cpu"), max_in_flight=10,
+        backfill_hours=backfill_hours,
+    )  # fmt: skip
+    promote(registry, tiny_model(0), 2.0)
+    while stage.work():
+        pass
+    promote(registry, tiny_model(1), 1.0)
+    while stage.work():
+        pass
+    last_week, today = store.acquisition("last_week"), store.acquisition("today")
+    assert [today.denoised_version(t) for t in range(3)] == today_versions
+    # frames people may already have analysed keep the model that denoised them
+    assert [last_week.denoised_version(t) for t in range(3)] == [1, 1, 1]
+    assert stage.backlog == 0 and stage.idle.is_set()
+    store.close()

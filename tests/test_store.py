@@ -85,6 +85,23 @@ def test_valid_t_counts_contiguous_frames_and_attribute_is_published(tmp_path):
     assert acq.valid_t == 6 and attrs["valid_t"] == 6
 
 
+def test_time_of_the_newest_frame_is_kept_across_reopening(tmp_path):
+    store = Store(tmp_path)
+    acq = store.create("a", (8, 8), "uint16")
+    assert acq.last_frame_at is None
+    before = time.time()
+    acq.write_raw(0, frames(1, (8, 8))[0])
+    stored_at = acq.last_frame_at
+    assert before - 0.01 <= stored_at <= time.time() + 0.01
+    store.close()
+    time.sleep(0.05)
+    again = Store(tmp_path)  # opening and closing again is not a new frame
+    assert again.acquisition("a").last_frame_at == stored_at
+    again.close()
+    attrs = json.loads((tmp_path / "a.ome.zarr" / ".zattrs").read_text())["pn2v_live"]
+    assert attrs["last_frame_at"] == stored_at
+
+
 def test_denoised_versions_and_frames_to_denoise_newest_first(tmp_path):
     store = Store(tmp_path)
     acq = store.create("a", (8, 8), "uint16")

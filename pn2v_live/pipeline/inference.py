@@ -4,9 +4,10 @@ Each pass picks up to `max_in_flight` frames and runs one dask task per frame (M
 frame with the current model); the stage reads the raw chunks before and writes the denoised
 chunks with the model version after. Frames without a denoised twin come first, newest first
 (open acquisitions before closed ones), so the live view stays current while the rest catch up;
-only when none is left are frames denoised by an older model re-denoised (back-fill). A newly
-promoted model is picked up between passes (hot swap). Before the first model exists, frames
-wait in the store and `waiting_for_model` is set.
+only when none is left are frames denoised by an older model re-denoised (back-fill), in
+acquisitions whose newest frame is under `backfill_hours` old. A newly promoted model is picked
+up between passes (hot swap). Before the first model exists, frames wait in the store and
+`waiting_for_model` is set.
 
 `scheduler` is "local" (dask's threaded scheduler inside the daemon) or the address of a
 dask.distributed scheduler; the model and noise model are then sent to the workers once per
@@ -86,6 +87,7 @@ class InferenceScheduler(Stage):
         on_frame: FrameListener | None = None,
         compiled: bool = False,
         precision: str = "auto",
+        backfill_hours: float = 12.0,
     ):
         super().__init__("inference", idle_seconds=0.1)
         self.store, self.registry, self.device = store, registry, device
@@ -93,6 +95,7 @@ class InferenceScheduler(Stage):
         self.max_in_flight = max_in_flight or default_in_flight(scheduler, device)
         self.compiled = compiled
         self.bf16 = PRECISIONS[precision]  # U-Net body in bfloat16 (True), float32, or native
+        self.backfill_seconds = 3600 * backfill_hours
         self.on_frame = on_frame
         self.idle = threading.Event()
         self.model: ModelInfo | None = None
@@ -149,10 +152,18 @@ class InferenceScheduler(Stage):
         acquisitions.sort(key=lambda a: a.closed)  # open (live) acquisitions first
         fresh, stale = [], []
         for acquisition in acquisitions:
+            recent = self._recent(acquisition)
             for t in acquisition.frames_to_denoise(version):
                 missing = acquisition.denoised_version(t) is None
-                (fresh if missing else stale).append(Job(acquisition, t, not missing))
+                if missing or recent:
+                    (fresh if missing else stale).append(Job(acquisition, t, not missing))
         return (fresh or stale)[: self.max_in_flight], len(fresh)
+
+    def _recent(self, acquisition: Acquisition) -> bool:
+        """Whether `acquisition` is back-filled: its newest frame is under `backfill_hours` old.
+        Older acquisitions keep the denoised frames people may already have analysed."""
+        last = acquisition.last_frame_at
+        return last is not None and time.time() - last < self.backfill_seconds
 
     def _run(self, jobs: list[Job]) -> None:
         """Denoise `jobs` as parallel dask tasks, then write each result with the model version."""

@@ -111,6 +111,7 @@ class InferenceConfig(Section):
     tile: int | None = Field(None, ge=32)
     compile: bool = True
     precision: Precision = "auto"
+    backfill_hours: float = Field(12.0, ge=0)
 
     @field_validator("scheduler")
     @classmethod

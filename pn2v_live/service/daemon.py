@@ -84,6 +84,7 @@ class Daemon:
             tile=c.inference.tile,
             compiled=c.inference.compile,
             precision=c.inference.precision,
+            backfill_hours=c.inference.backfill_hours,
         )
         self._closers.append(self.inference.stop)  # closes the dask client if start fails
         self.trainer = Trainer(

@@ -3,7 +3,8 @@
 Layout under the data root::
 
     <root>/ingest-ledger.sqlite          SQLite WAL ledger (see ledger.py)
-    <root>/<name>.ome.zarr/              group; attrs["pn2v_live"] = {valid_t, closed, ...}
+    <root>/<name>.ome.zarr/              group; attrs["pn2v_live"] = {valid_t, closed,
+                                         last_frame_at (unix s), expected_frames}
         raw/0        (T, 1, 1, Y, X) camera dtype (uint8/uint16), OME-NGFF multiscale image
         denoised/0   (T, 1, 1, Y, X) float32, same layout; fill value 0 until denoised
 
@@ -31,6 +32,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numcodecs
@@ -103,6 +105,7 @@ class Acquisition:
         self._in_flight: set[int] = set()
         self._writing: set[int] = set()
         self.wrote = False  # raw frames written through this object (then close() trims)
+        self._last_frame_at: float | None = None  # unix time of the newest write_raw here
         self._versions = ledger.denoised_versions(name)
         self._valid_t = _contiguous(self._stored)
         self.closed = bool(self._attrs().get("closed", False))
@@ -127,6 +130,13 @@ class Acquisition:
     def expected_frames(self) -> int | None:
         """Total frame count announced by the sender's end marker, if any."""
         return self._attrs().get("expected_frames")
+
+    @property
+    def last_frame_at(self) -> float | None:
+        """Unix time (s) the newest raw frame was stored, or None when unknown."""
+        if self._last_frame_at is not None:
+            return self._last_frame_at
+        return self._attrs().get("last_frame_at")
 
     def stored_frames(self) -> list[int]:
         """Indices of every stored raw frame, ascending (may have gaps when out of order)."""
@@ -195,6 +205,7 @@ class Acquisition:
         with self._lock:
             self._stored.add(t)
             self._in_flight.discard(t)
+            self._last_frame_at = round(time.time(), 3)
             while self._valid_t in self._stored:
                 self._valid_t += 1
             if publish:
@@ -256,6 +267,8 @@ class Acquisition:
     def _set_attrs(self, **values: object) -> None:
         """Rewrite the group's `pn2v_live` attributes with the current `valid_t` (caller locks)."""
         attrs = self._attrs() | values | {"valid_t": self._valid_t}
+        if self._last_frame_at is not None:
+            attrs["last_frame_at"] = self._last_frame_at
         if attrs != self._attrs():
             self._group.attrs["pn2v_live"] = attrs
 
