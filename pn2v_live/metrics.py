@@ -3,7 +3,7 @@
 Labels stay low-cardinality: `source` is "folder" or "zmq", `reason` a short fixed word.
 """
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Enum, Gauge, Histogram
 
 FRAMES_INGESTED = Counter("pn2v_live_frames_ingested_total", "Raw frames stored", ["source"])
 FRAMES_REJECTED = Counter(
@@ -25,6 +25,12 @@ MODEL_VERSION = Gauge("pn2v_live_model_version", "Version number of the model us
 TRAINING_LOSS = Gauge("pn2v_live_training_loss", "Mean training loss of the last round")
 VALIDATION_LOSS = Gauge("pn2v_live_validation_loss", "Validation loss of the last round")
 TRAINING_ROUNDS = Counter("pn2v_live_training_rounds_total", "Training rounds", ["outcome"])
+TRAINER_STATE = Enum(
+    "pn2v_live_trainer_state",
+    "What the trainer is doing: idle (too few new frames for a round), training, or waiting "
+    "(a round paused while new frames wait for inference, which has priority)",
+    states=["idle", "training", "waiting"],
+)
 LAST_FRAME_TIMESTAMP = Gauge(
     "pn2v_live_last_frame_timestamp_seconds", "Unix time of the newest stored raw frame"
 )

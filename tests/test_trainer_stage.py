@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.core.training import Training, sample_patches
@@ -25,6 +26,18 @@ SETTINGS = TrainerSettings(
     k=8,
     learning_rate=1e-3,
 )
+
+
+def trainer_state_metric() -> str:
+    """The state the scraped Prometheus enum reports as 1."""
+    samples = {
+        state: REGISTRY.get_sample_value(
+            "pn2v_live_trainer_state", {"pn2v_live_trainer_state": state}
+        )
+        for state in ("idle", "training", "waiting")
+    }
+    (state,) = [name for name, value in samples.items() if value == 1]
+    return state
 
 
 @pytest.fixture
@@ -92,12 +105,18 @@ def test_training_waits_while_inference_has_fresh_frames(setup):
     time.sleep(3)
     assert trainer.rounds == 0 and registry.current() is None
     assert trainer.alive(max_silence=2)  # waiting is progress for the watchdog
+    assert trainer.state == "waiting" and trainer_state_metric() == "waiting"
     idle.set()
     deadline = time.monotonic() + 120
     while trainer.rounds == 0:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert registry.current().version == 1
+    deadline = time.monotonic() + 10
+    while trainer.state != "idle":  # the round's bookkeeping ends just after `rounds` counts it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert trainer_state_metric() == "idle"
 
 
 def test_precision_setting_decides_the_body_dtype_of_training(setup, tmp_path):

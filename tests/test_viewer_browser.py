@@ -108,6 +108,7 @@ def test_page_follows_scrubs_and_changes_contrast_while_frames_stream(
         "model_version": 1,
         "model_source": "pn2v",
         "backlog": 0,
+        "trainer_state": "waiting",
         "loss_history": [
             {"round": r, "time": r, "training_loss": 3 - r / 4, "validation_loss": 3.2 - r / 5}
             for r in range(1, 6)
@@ -142,6 +143,7 @@ def test_page_follows_scrubs_and_changes_contrast_while_frames_stream(
         assert browser.execute_script("return window.notReloaded === true;")
         # The denoised panel shows the clean scene: far smoother than raw within the bar.
         assert browser.find_element("id", "model-version").text == "1"
+        assert browser.find_element("id", "trainer-state").text == "waiting for inference"
 
         slider = browser.find_element("id", "t-slider")
         browser.execute_script(

@@ -21,7 +21,7 @@ import torch
 from pn2v_live.core.model import PRECISIONS, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.training import Training, sample_patches
-from pn2v_live.metrics import TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
+from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
@@ -68,6 +68,7 @@ class Trainer(Stage):
         self._bf16 = PRECISIONS[settings.precision]
         self.rng = np.random.default_rng(seed)
         self.rounds = 0
+        self.state = "idle"  # "idle", "training" or "waiting" (for inference); see metrics
         self.history: deque[dict] = deque(maxlen=HISTORY_ROUNDS)
         self._training: Training | None = None
         self._steps_since_promotion = 0
@@ -89,12 +90,19 @@ class Trainer(Stage):
         if not train_frames or not val_frames:
             return False  # too few frames yet for a held-back one
         self._seen, self._last_round = counts, time.monotonic()
+        self._set_state("training")
         try:
             self._round(name, train_frames, weights, val_frames)
         except Exception:
             TRAINING_ROUNDS.labels("failed").inc()
             raise
+        finally:
+            self._set_state("idle")
         return True
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        TRAINER_STATE.state(state)
 
     def _frames(
         self, acquisition: Acquisition
@@ -211,9 +219,11 @@ class Trainer(Stage):
     def _wait_for_turn(self) -> bool:
         """Block while inference has fresh frames; False when the stage is stopping."""
         while not self.inference_idle.wait(0.5):
+            self._set_state("waiting")
             self.beat()
             if self.stopping:
                 return False
+        self._set_state("training")
         return not self.stopping
 
 

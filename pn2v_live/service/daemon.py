@@ -232,6 +232,7 @@ class Daemon:
             "waiting_for_model": inference.waiting_for_model if inference else True,
             "backlog": inference.backlog if inference else 0,
             "training_rounds": trainer.rounds if trainer else 0,
+            "trainer_state": trainer.state if trainer else "idle",
             "loss_history": list(trainer.history) if trainer else [],
         }
 
@@ -242,7 +243,10 @@ class Daemon:
             if status["model_version"]
             else "waiting for the first model"
         )
-        return f"{model}, backlog {status['backlog']} frames, {status['training_rounds']} rounds"
+        return (
+            f"{model}, backlog {status['backlog']} frames, {status['training_rounds']} rounds, "
+            f"trainer {status['trainer_state']}"
+        )
 
 
 def _device(name: str, key: str) -> torch.device:

@@ -101,6 +101,9 @@ function updateStatus(status) {
   $("model-version").textContent = status.model_version ?? "none yet";
   $("model-source").textContent = status.model_source ? `(${status.model_source})` : "";
   $("backlog").textContent = status.backlog ?? "–";
+  $("trainer-state").textContent =
+    { idle: "idle", training: "training", waiting: "waiting for inference" }[status.trainer_state]
+    ?? "–";
   drawLossPlot(status.loss_history || []);
 }
 
