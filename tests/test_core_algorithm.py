@@ -19,7 +19,7 @@ from pn2v_live.core.noise import (
     PoissonGaussianNoiseModel,
 )
 from pn2v_live.core.synthetic import Camera, acquisition
-from pn2v_live.core.training import Training
+from pn2v_live.core.training import Training, budget_used, train
 from pn2v_live.service.bench.naive import naive_mmse, naive_pn2v_loss
 
 
@@ -199,3 +199,22 @@ def test_compiled_mmse_compiles_once_whatever_leaves_the_table():
         np.testing.assert_allclose(fused["denoised"], eager["denoised"], rtol=1e-4, atol=1e-3)
     assert counters["frames"]["total"] - compiled_before <= 2
     assert not counters["graph_break"], list(counters["graph_break"])
+
+
+def test_learning_rate_follows_a_cosine_over_the_step_budget():
+    frames, _ = acquisition(Camera(2.0, 100.0, 3.0), 4, (32, 32), seed=6)
+    torch.manual_seed(0)
+    denoiser = new_denoiser("n2v", float(frames.mean()), float(frames.std()), depth=2, features=8)
+    history = train(denoiser, list(frames), steps=8, batch_size=2, patch_size=16, lr=1e-3,
+                    validate_every=1)  # fmt: skip
+    # the rate used for step s (1-based) is lr · ½(1 + cos(π (s − 1) / steps))
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)]
+    assert [r["step"] for r in history] == list(range(1, 9))
+    np.testing.assert_allclose([r["lr"] for r in history], expected, rtol=1e-12)
+
+
+def test_budget_used_is_the_larger_of_steps_and_wall_time():
+    assert budget_used(50, 100, 0.0, None) == 0.5
+    assert budget_used(0, None, 90.0, 3.0) == 0.5  # 90 s of 3 minutes
+    assert budget_used(10, 100, 120.0, 4.0) == 0.5  # time runs out first
+    assert budget_used(100, 100, 1.0, 60.0) == 1.0

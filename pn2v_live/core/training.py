@@ -7,6 +7,7 @@ loss at the masked pixels only; "supervised" regresses the whole patch onto grou
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -136,10 +137,12 @@ def train(
     """Train until `steps` updates or `minutes` of wall time (whichever comes first).
 
     `frames` are (Y, X) raw frames, or (2, Y, X) raw + ground truth for "supervised". Frames
-    are split into training and validation sets (at least one of each when there are ≥ 2);
-    every `validate_every` steps the validation loss drives the learning-rate decay and the
-    best weights so far are kept. `bf16`: see `Training`. The denoiser ends with the best
-    weights; returns the history (also appended to `denoiser.history`).
+    are split into training and validation sets (at least one of each when there are ≥ 2).
+    The learning rate falls from `lr` to 0 along a cosine over the budget (whichever of steps
+    and minutes runs out first), so the run ends on a quiet average instead of one noisy Adam
+    step; every `validate_every` steps the validation loss is measured and the best weights so
+    far are kept. `bf16`: see `Training`. The denoiser ends with the best weights; returns the
+    history (also appended to `denoiser.history`).
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes")
@@ -147,15 +150,16 @@ def train(
     train_frames, val_frames = split_frames(frames, val_fraction, patch_size, rng)
     val_batch = sample_patches(val_frames, max(batch_size, 16), patch_size, rng)
     training = Training(denoiser, noise_model, lr=lr, seed=seed, bf16=bf16)
-    deadline = time.monotonic() + 60 * minutes if minutes is not None else float("inf")
+    started = time.monotonic()
     best_loss, best_state = float("inf"), None
     history, losses, step = [], [], 0
-    while (steps is None or step < steps) and time.monotonic() < deadline:
+    while (done := budget_used(step, steps, time.monotonic() - started, minutes)) < 1:
+        for group in training.optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
         losses.append(training.step(sample_patches(train_frames, batch_size, patch_size, rng)))
         step += 1
         if step % validate_every == 0 or step == steps:
             val_loss = training.validation_loss(val_batch)
-            training.scheduler.step(val_loss)
             record = {
                 "step": step,
                 "training_loss": float(np.mean(losses)),
@@ -173,6 +177,13 @@ def train(
         denoiser.net.load_state_dict(best_state)
     denoiser.history.extend(history)
     return history
+
+
+def budget_used(step: int, steps: int | None, seconds: float, minutes: float | None) -> float:
+    """Fraction of the training budget used: the larger of steps and wall time (0 … ≥ 1)."""
+    by_steps = step / steps if steps is not None else 0.0
+    by_time = seconds / (60 * minutes) if minutes is not None else 0.0
+    return max(by_steps, by_time)
 
 
 def split_frames(
