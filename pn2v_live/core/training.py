@@ -76,9 +76,6 @@ class Training:
         self.denoiser, self.noise_model, self.fraction = denoiser, noise_model, fraction
         self.bf16 = bf16
         self.optimizer = torch.optim.Adam(denoiser.net.parameters(), lr=lr)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, factor=0.5, patience=10
-        )
         self.generator = torch.Generator().manual_seed(seed)
 
     def loss(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -103,8 +100,12 @@ class Training:
         samples = torch.addmm(bias, features, weight.T)  # (P, K) ADU
         return pn2v_loss(samples, observations, self.noise_model)
 
-    def step(self, batch: torch.Tensor) -> float:
-        """One Adam update on `batch`; returns the loss before the update."""
+    def step(self, batch: torch.Tensor, lr: float | None = None) -> float:
+        """One Adam update on `batch`, at learning rate `lr` from now on when given; returns the
+        loss before the update."""
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.denoiser.net.train()
         loss = self.loss(batch, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
@@ -154,9 +155,8 @@ def train(
     best_loss, best_state = float("inf"), None
     history, losses, step = [], [], 0
     while (done := budget_used(step, steps, time.monotonic() - started, minutes)) < 1:
-        for group in training.optimizer.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
-        losses.append(training.step(sample_patches(train_frames, batch_size, patch_size, rng)))
+        batch = sample_patches(train_frames, batch_size, patch_size, rng)
+        losses.append(training.step(batch, cosine_rate(lr, done)))
         step += 1
         if step % validate_every == 0 or step == steps:
             val_loss = training.validation_loss(val_batch)
@@ -177,6 +177,12 @@ def train(
         denoiser.net.load_state_dict(best_state)
     denoiser.history.extend(history)
     return history
+
+
+def cosine_rate(lr: float, done: float) -> float:
+    """Learning rate once the fraction `done` (0 … 1) of a budget is used: `lr` → 0 along a
+    half cosine."""
+    return lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
 def budget_used(step: int, steps: int | None, seconds: float, minutes: float | None) -> float:

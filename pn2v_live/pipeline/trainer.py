@@ -2,7 +2,9 @@
 
 A round starts after `every_frames` new frames or `every_seconds` after the previous round.
 It trains the working model for `steps_per_round` steps on patches from the most active
-acquisition's recent frames (newer frames drawn more often), then compares the working model
+acquisition's recent frames (newer frames drawn more often), the learning rate falling along a
+cosine from `learning_rate` to 0 within the round (so each round ends settled and the next can
+follow a changing sample), then compares the working model
 with the promoted one on the same validation batch from held-back frames (t % 8 == 3, never
 trained on) and promotes it through the registry only if it is better. Before every step it
 waits until inference has no fresh frame waiting, so training never delays denoising.
@@ -20,7 +22,7 @@ import torch
 
 from pn2v_live.core.model import PRECISIONS, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
-from pn2v_live.core.training import Training, sample_patches
+from pn2v_live.core.training import Training, cosine_rate, sample_patches
 from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelRegistry
@@ -136,11 +138,12 @@ class Trainer(Stage):
         training = self._working_model(train_frames)
         losses = []
         started = time.monotonic()
-        for _ in range(s.steps_per_round):
+        for step in range(s.steps_per_round):
             if not self._wait_for_turn():
                 return  # stopping: abandon the round, nothing is promoted
             batch = sample_patches(train_frames, s.batch_size, patch, self.rng, weights)
-            losses.append(training.step(batch))
+            rate = cosine_rate(s.learning_rate, step / s.steps_per_round)
+            losses.append(training.step(batch, rate))
             self.beat()
         if self.stopping:
             return
@@ -154,7 +157,6 @@ class Trainer(Stage):
                 "model next round. Check the noise model: its log-likelihood must stay finite."
             )
         baseline = self._promoted_loss(val_batch)
-        training.scheduler.step(val_loss)
         promoted = self.registry.promote(
             training.denoiser,
             validation_loss=val_loss,
