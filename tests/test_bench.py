@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from pn2v_live.service.bench.quality import load_field
+from pn2v_live.service.bench.quality import drift_corrected, load_field
 
 
 def test_bench_reports_fused_and_naive_side_by_side():
@@ -40,18 +40,35 @@ def test_quality_part_scores_every_model_against_the_ground_truth(data_dir):
     (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     result = json.loads(line)
     assert result["part"] == "quality" and result["steps_per_model"] == 2
-    scores = result["psnr_db"]
+    scores, corrected = result["psnr_db"], result["psnr_drift_corrected_db"]
     assert set(scores) == {"raw", "n2v", "pn2v[histogram]", "pn2v[hybrid]", "supervised"}
-    # raw PSNR of fov03's first 5 frames, computed here independently
+    assert set(corrected) == set(scores)
+    # raw PSNR of fov03's first 5 frames, computed here independently: against the ground
+    # truth, and against the ground truth fitted (gain, offset) to each frame's brightness
     raw, truth = load_field(data_dir, "fov03")
-    errors = ((raw[:5].astype(np.float64) - truth) ** 2).mean(axis=(1, 2))
+    raw = raw[:5].astype(np.float64)
+    errors = ((raw - truth) ** 2).mean(axis=(1, 2))
     assert scores["raw"] == pytest.approx(np.mean(10 * np.log10(255**2 / errors)), abs=1e-6)
-    assert all(np.isfinite(value) for value in scores.values())
+    fits = [np.polyval(np.polyfit(truth.ravel(), frame.ravel(), 1), truth) for frame in raw]
+    errors = ((raw - np.stack(fits)) ** 2).mean(axis=(1, 2))
+    assert corrected["raw"] == pytest.approx(np.mean(10 * np.log10(255**2 / errors)), abs=1e-4)
+    # fov03 bleaches: its first frames are brighter than the 50-frame average
+    assert corrected["raw"] > scores["raw"]
+    assert all(np.isfinite(value) for value in [*scores.values(), *corrected.values()])
     # two steps train nothing useful; the per-model progress lines say how long each ran
     progress = [json.loads(x) for x in completed.stderr.splitlines() if x.startswith('{"run"')]
-    assert [p["run"] for p in progress] == list(scores)[1:] and {p["steps"] for p in progress} == {
-        2
-    }
+    assert [p["run"] for p in progress] == list(scores)
+    assert [p.get("steps") for p in progress] == [None, 2, 2, 2, 2]
+
+
+def test_drift_correction_recovers_a_frame_s_gain_and_offset():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 200, (64, 64)).astype(np.float32)
+    frame = 1.07 * truth - 0.3 + rng.normal(0, 5, truth.shape)
+    reference = drift_corrected(frame, truth)
+    # closed form: the reference is 1.07·truth − 0.3 up to the fit's error (5/√4096 per pixel)
+    np.testing.assert_allclose(reference, 1.07 * truth - 0.3, atol=0.5)
+    assert reference.dtype == np.float32 and reference.shape == truth.shape
 
 
 def test_quality_part_refuses_a_folder_without_the_data(tmp_path):

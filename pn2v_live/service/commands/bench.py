@@ -55,7 +55,8 @@ def bench(
     device, torch threads, dtype; with --baseline naive also the ratio to the naive formulation).
     `quality` trains N2V, PN2V (histogram and hybrid noise models from fov01 + fov02) and
     supervised on the shared FMD confocal data, each for the same budget, and reports the PSNR
-    (dB) of fov03's first 5 frames against its ground truth."""
+    (dB) of fov03's first 5 frames against its ground truth, and against the ground truth brought
+    to each frame's brightness (the scene drifts during the acquisition)."""
     import torch
 
     from pn2v_live.service.bench.algorithm import bench_predict, bench_train
@@ -96,7 +97,7 @@ def run_quality(data: Path | None, minutes: float, steps: int | None, k: int) ->
 
     if data is None or not (data / FMD).is_dir():
         raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
-    psnr = compare(
+    scores = compare(
         data,
         calibrated_models(data),
         minutes=minutes,
@@ -104,4 +105,4 @@ def run_quality(data: Path | None, minutes: float, steps: int | None, k: int) ->
         k=k,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    return {"psnr_db": psnr, "minutes_per_model": minutes, "steps_per_model": steps}
+    return {**scores, "minutes_per_model": minutes, "steps_per_model": steps}
