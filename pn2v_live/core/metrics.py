@@ -1,4 +1,5 @@
-"""Image quality metrics: PSNR with a fixed data range and the paper's affine-invariant PSNR*."""
+"""Image quality metrics: PSNR with a fixed data range and the paper's affine-invariant PSNR*,
+and the least-squares affine fit between two images of one scene that PSNR* rests on."""
 
 from __future__ import annotations
 
@@ -13,9 +14,18 @@ def psnr(prediction: np.ndarray, ground_truth: np.ndarray, data_range: float) ->
     return float(10 * np.log10(data_range**2 / error))
 
 
+def affine_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, b) minimising Σ (a·x + b − y)² over all pixels of the same-shaped `x` and `y`
+    (float64). Zero-mean noise in `y` leaves it unbiased, so it measures one frame's
+    brightness against another image of the same scene."""
+    x = np.asarray(x, np.float64).ravel()
+    y = np.asarray(y, np.float64).ravel()
+    x_mean, y_mean = x.mean(), y.mean()
+    a = float(np.dot(x - x_mean, y - y_mean) / max(np.dot(x - x_mean, x - x_mean), 1e-300))
+    return a, float(y_mean - a * x_mean)
+
+
 def psnr_star(prediction: np.ndarray, ground_truth: np.ndarray, data_range: float) -> float:
     """PSNR after the least-squares affine fit a·prediction + b of the prediction to the truth."""
-    x = np.asarray(prediction, np.float64).ravel()
-    y = np.asarray(ground_truth, np.float64).ravel()
-    a, b = np.polyfit(x, y, 1)
-    return psnr(a * x + b, y, data_range)
+    a, b = affine_fit(prediction, ground_truth)
+    return psnr(a * np.asarray(prediction, np.float64) + b, ground_truth, data_range)
