@@ -14,14 +14,13 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
-from pn2v_live.core.noise import HybridNoiseModel, PoissonGaussianNoiseModel, as_pairs
+from pn2v_live.core.noise import HybridNoiseModel
 from pn2v_live.core.synthetic import Camera, acquisition
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.calibration import (
     Acquisition,
     bootstrap_signal,
     calibrate,
-    frame_signals,
     read_acquisition,
     split,
     write_outputs,
@@ -52,40 +51,6 @@ def test_poisson_gaussian_fit_recovers_known_gain_and_read_noise(pattern):
     assert summary["gain"] == pytest.approx(CAMERA.gain, rel=0.05)
     assert summary["read_noise"] == pytest.approx(CAMERA.read_noise, rel=0.05)
     assert summary["offset"] == pytest.approx(CAMERA.offset, abs=0.5)
-
-
-def bleaching(frames: int, fade: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A static pattern whose fluorescence (signal above the offset) fades linearly by `fade`
-    over `frames` frames: the noisy frames and each frame's clean signal (T, Y, X)."""
-    rng = np.random.default_rng(seed)
-    _, clean = acquisition(CAMERA, 1, (128, 128), background=CAMERA.offset, seed=seed)
-    brightness = 1 - fade * np.linspace(0, 1, frames)[:, None, None]
-    signals = CAMERA.offset + (clean - CAMERA.offset) * brightness
-    return np.stack([CAMERA.expose(s, rng) for s in signals]), signals
-
-
-def test_bleaching_during_calibration_is_matched_frame_by_frame():
-    frames, truth = bleaching(40, fade=0.15, seed=6)
-    signals, drift = frame_signals(frames)
-    # frame 0 is 1 / mean(brightness) = 1 / 0.925 times as bright as the mean: 8.1 % drift
-    assert drift == pytest.approx(1 / 0.925 - 1, abs=0.005)
-    assert signals.shape == frames.shape
-    # each frame's signal is the true one up to the mean's own noise (read noise / √40 and less)
-    assert np.sqrt(np.mean((signals - truth) ** 2)) < 2.0
-    result = calibrate([Acquisition("bleaching", frames)], kind="poisson-gaussian")
-    assert result.summary["brightness_drift"] == pytest.approx(drift, abs=1e-5)
-    assert any(f"brightness changes by up to {drift:.1%}" in w for w in result.warnings)
-    assert result.summary["gain"] == pytest.approx(CAMERA.gain, rel=0.05)
-    assert result.summary["read_noise"] == pytest.approx(CAMERA.read_noise, rel=0.1)
-    # the plain mean as the signal would read the fading as noise: the gain comes out far too high
-    plain = PoissonGaussianNoiseModel.fit(*as_pairs(frames.mean(0), frames))
-    assert plain.gain > 1.15 * CAMERA.gain
-
-
-def test_a_steady_scene_keeps_the_plain_mean_as_its_signal(pattern):
-    signals, drift = frame_signals(pattern)
-    assert drift < 0.01
-    np.testing.assert_array_equal(signals, pattern.mean(0, dtype=np.float64).astype(np.float32))
 
 
 def test_known_offset_recovers_read_noise_without_a_dark_background():

@@ -1,9 +1,8 @@
 """The calibration workflow: static-scene acquisitions → checks → (signal, observation) pairs →
 noise models compared by held-out NLL → the chosen model, a report figure and a JSON summary.
 
-The signal is each acquisition's per-pixel mean over all its frames, matched to every frame's
-brightness where the scene bleached or the illumination drifted (or a given clean image, or N2V
-predictions in bootstrap mode). The last HELD_OUT_FRACTION of every acquisition's frames
+The signal is each acquisition's per-pixel mean over all its frames (or a given clean image, or
+N2V predictions in bootstrap mode). The last HELD_OUT_FRACTION of every acquisition's frames
 are held back from fitting and score the models (mean NLL in nats per pixel, whole-number data
 dequantised). Every check that fails raises UserError before anything is written.
 """
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pn2v_live.core.metrics import affine_fit
 from pn2v_live.core.noise import (
     GaussianMixtureNoiseModel,
     HistogramNoiseModel,
@@ -47,7 +45,6 @@ MIN_CORRELATION = 0.2  # frame-to-mean correlation needed to measure motion at a
 MAX_SATURATED_FRACTION = 1e-3  # pixels at the camera's maximum (or minimum)
 MIN_SIGNAL_SPAN_SIGMAS = 3  # signal range in units of the noise std at the brightest level
 SUPPORT_PAIRS = 1000  # rows with at least this many pairs count as well calibrated
-BRIGHTNESS_TOLERANCE = 0.01  # frames brighter or dimmer than the mean by more: matched per frame
 
 
 @dataclass
@@ -192,21 +189,6 @@ def check_acquisitions(acquisitions: list[Acquisition], bins: int, bootstrap: bo
     return warnings
 
 
-def frame_signals(frames: np.ndarray) -> tuple[np.ndarray, float]:
-    """The static scene's signal behind `frames` (T, Y, X), float32, and its brightness drift.
-
-    The signal is the per-pixel mean over the frames (Y, X); where a frame's brightness differs
-    from the mean's by more than BRIGHTNESS_TOLERANCE (bleaching, lamp drift) it is the mean
-    matched to every frame, gain_t · mean + offset_t by least squares (T, Y, X), so the drift
-    does not widen the noise model. The drift is the largest |gain_t − 1|."""
-    mean = frames.mean(0, dtype=np.float64).astype(np.float32)
-    fits = [affine_fit(mean, frame) for frame in frames]
-    drift = max(abs(gain - 1) for gain, _ in fits)
-    if drift <= BRIGHTNESS_TOLERANCE:
-        return mean, drift
-    return np.stack([gain * mean + offset for gain, offset in fits]).astype(np.float32), drift
-
-
 def split(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Frames for fitting and the held-back last HELD_OUT_FRACTION (at least one)."""
     held = max(1, round(HELD_OUT_FRACTION * len(frames)))
@@ -296,23 +278,12 @@ def calibrate(
             f"--signal: clean image shape {signal.shape} differs from the frames' "
             f"{acquisitions[0].frames.shape[1:]}"
         )
-    drifts: list[float] = []  # per acquisition, when its signal is its own mean
     if bootstrap:
         signals = bootstrap_signals
     elif signal is not None:
         signals = [signal.astype(np.float32)] * len(acquisitions)
     else:
-        signals = []
-        for a in acquisitions:
-            signal_of_frames, drift = frame_signals(a.frames)
-            signals.append(signal_of_frames)
-            drifts.append(drift)
-            if drift > BRIGHTNESS_TOLERANCE:
-                warnings.append(
-                    f"{a.name}: the scene's brightness changes by up to {drift:.1%} between "
-                    "frames (bleaching or illumination drift); each frame's signal is the mean "
-                    "matched to that frame's brightness"
-                )
+        signals = [a.frames.mean(0, dtype=np.float64).astype(np.float32) for a in acquisitions]
     if offset is None and min(len(a.frames) for a in acquisitions) >= 2:
         offset = min(darkest_level(a.frames) for a in acquisitions)
     signal_frames = None if (bootstrap or signal is not None) else len(acquisitions[0].frames)
@@ -348,7 +319,6 @@ def calibrate(
         "offset": round(poisson_gaussian.offset, 5),
         "read_noise": round(poisson_gaussian.read_noise, 5),
         "bootstrapped": bootstrap,
-        "brightness_drift": round(max(drifts), 5) if drifts else None,
         "chosen": chosen,
     }
     if summary["well_supported_signal_max"] is not None:

@@ -1,9 +1,9 @@
 """Denoising quality on the shared FMD confocal data: PSNR of raw, N2V, PN2V and supervised.
 
 The paper's protocol on our data: a noise model calibrated from some fields of view (mean of 50
-frames as signal, matched to each frame's brightness), self-supervised training on the target
-field's raw frames, supervised training on the calibration fields' raw/gt pairs, each under the
-same wall-clock budget; PSNR of the target's first frames against its ground truth.
+frames as signal), self-supervised training on the target field's raw frames, supervised
+training on the calibration fields' raw/gt pairs, each under the same wall-clock budget; PSNR of
+the target's first frames against its ground truth.
 
 The ground truth is the average of all 50 frames, but the scene's brightness drifts during an
 acquisition (fov03's frames 0–4 are 7 % brighter than its average, bleaching; fov02 and fov04
@@ -27,7 +27,7 @@ from pn2v_live.core.metrics import affine_fit, psnr
 from pn2v_live.core.model import new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel, as_pairs
 from pn2v_live.core.training import train
-from pn2v_live.pipeline.calibration import fit_models, frame_signals
+from pn2v_live.pipeline.calibration import fit_models
 from pn2v_live.storage.images import read_image, read_stack
 
 FMD = "fmd_confocal_bpae"
@@ -121,10 +121,9 @@ def calibrated_models(
     kinds: tuple[str, ...] = ("histogram", "hybrid"),
     bins: int = 256,
 ) -> dict[str, NoiseModel]:
-    """Noise models of `kinds` fitted on `fields`, each field's 50-frame mean matched to every
-    frame's brightness as its signal (as `pn2v-live calibrate` does)."""
+    """Noise models of `kinds` fitted on `fields` (each field's 50-frame mean as its signal)."""
     stacks = [load_field(data_dir, field)[0] for field in fields]
-    pairs = [as_pairs(frame_signals(stack)[0], stack) for stack in stacks]
+    pairs = [as_pairs(stack.mean(0), stack) for stack in stacks]
     signal = torch.cat([p[0] for p in pairs])
     observation = torch.cat([p[1] for p in pairs])
     fitted = fit_models(kinds, signal, observation, bins)
