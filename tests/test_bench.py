@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from pn2v_live.service.bench.quality import drift_corrected, load_field
 
@@ -40,6 +41,8 @@ def test_quality_part_scores_every_model_against_the_ground_truth(data_dir):
     (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     result = json.loads(line)
     assert result["part"] == "quality" and result["steps_per_model"] == 2
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert result["body_dtype"] == ("bfloat16" if native else "float32")
     scores, corrected = result["psnr_db"], result["psnr_drift_corrected_db"]
     assert set(scores) == {"raw", "n2v", "pn2v[histogram]", "pn2v[hybrid]", "supervised"}
     assert set(corrected) == set(scores)
