@@ -18,11 +18,8 @@ def affine_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(a, b) minimising Σ (a·x + b − y)² over all pixels of the same-shaped `x` and `y`
     (float64). Zero-mean noise in `y` leaves it unbiased, so it measures one frame's
     brightness against another image of the same scene."""
-    x = np.asarray(x, np.float64).ravel()
-    y = np.asarray(y, np.float64).ravel()
-    x_mean, y_mean = x.mean(), y.mean()
-    a = float(np.dot(x - x_mean, y - y_mean) / max(np.dot(x - x_mean, x - x_mean), 1e-300))
-    return a, float(y_mean - a * x_mean)
+    a, b = np.polyfit(np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel(), 1)
+    return float(a), float(b)
 
 
 def psnr_star(prediction: np.ndarray, ground_truth: np.ndarray, data_range: float) -> float:

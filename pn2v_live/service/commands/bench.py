@@ -95,7 +95,7 @@ def run_quality(data: Path | None, minutes: float, steps: int | None, k: int) ->
     """PSNR of raw and of every trained model on fov03 (see `bench`), with the budget used."""
     import torch
 
-    from pn2v_live.core.model import native_bf16
+    from pn2v_live.service.bench.algorithm import body_dtype
     from pn2v_live.service.bench.quality import FMD, calibrated_models, compare
 
     if data is None or not (data / FMD).is_dir():
@@ -108,5 +108,5 @@ def run_quality(data: Path | None, minutes: float, steps: int | None, k: int) ->
         k=k,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    body = "bfloat16" if native_bf16(torch.device("cpu")) else "float32"  # models train on CPU
+    body = body_dtype(torch.device("cpu"))  # compare() trains on the CPU
     return {**scores, "minutes_per_model": minutes, "steps_per_model": steps, "body_dtype": body}
