@@ -20,6 +20,7 @@ from pn2v_live.errors import UserError
 from pn2v_live.pipeline.calibration import (
     Acquisition,
     bootstrap_signal,
+    brightness_drift,
     calibrate,
     read_acquisition,
     split,
@@ -89,6 +90,32 @@ def test_cli_writes_model_report_and_one_json_line(pattern, tmp_path, artifacts_
         assert image.format == "PNG" and image.size[0] >= 800
         pixels = np.asarray(image.convert("L"))
     assert pixels.std() > 20  # a drawn figure, not a blank canvas
+
+
+def fading(frames: int, fade: float, rng: np.random.Generator | None) -> np.ndarray:
+    """The pattern's clean scene fading linearly by `fade` (a fraction of the signal above the
+    camera offset) from the first to the last of `frames`; noise-free when `rng` is None."""
+    _, clean = acquisition(CAMERA, 1, (128, 128), background=CAMERA.offset, seed=1)
+    series = []
+    for t in range(frames):
+        signal = CAMERA.offset + (clean - CAMERA.offset) * (1 - fade * t / (frames - 1))
+        series.append(signal if rng is None else CAMERA.expose(signal, rng))
+    return np.stack(series)
+
+
+def test_brightness_drift_of_a_linear_fade_is_the_fade_against_the_mean():
+    # gain_t = (1 - 0.15 t / 39) / (1 - 0.15 / 2) against the mean: the change is 0.15 / 0.925
+    drift, error = brightness_drift(fading(40, 0.15, rng=None))
+    assert drift == pytest.approx(0.15 / 0.925, rel=1e-6)
+    assert error < 1e-6
+
+
+def test_bleaching_series_is_calibrated_with_a_warning_naming_the_change(pattern):
+    bleaching = fading(40, 0.15, np.random.default_rng(3))
+    warned = calibrate([Acquisition("bleaching", bleaching)], kind="poisson-gaussian").warnings
+    assert any("bleaching: the brightness changes by 16." in w for w in warned), warned
+    static = calibrate([Acquisition("static", pattern)], kind="poisson-gaussian").warnings
+    assert not any("brightness" in w for w in static), static
 
 
 def test_one_frame_input_exits_2_with_a_message_and_writes_nothing(pattern, tmp_path):

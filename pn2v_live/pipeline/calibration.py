@@ -41,6 +41,7 @@ MIN_FRAMES = 8  # below this the per-pixel mean is too noisy to serve as the sig
 MIN_PAIRS_PER_ROW = 100  # average calibration pairs per occupied histogram row
 MAX_SHIFT_PX = 1.5  # a frame displaced this much against the others means the scene moved
 WARN_SHIFT_PX = 0.5  # sub-pixel drift: accepted with a warning
+MAX_BRIGHTNESS_DRIFT = 0.03  # brightness change over a series (bleaching) that gets a warning
 MIN_CORRELATION = 0.2  # frame-to-mean correlation needed to measure motion at all
 MAX_SATURATED_FRACTION = 1e-3  # pixels at the camera's maximum (or minimum)
 MIN_SIGNAL_SPAN_SIGMAS = 3  # signal range in units of the noise std at the brightest level
@@ -119,6 +120,18 @@ def frame_shift(frames: np.ndarray) -> tuple[int, tuple[float, float]] | None:
     return worst
 
 
+def brightness_drift(frames: np.ndarray) -> tuple[float, float]:
+    """Brightness change from the first to the last frame of a (T ≥ 4, Y, X) series, as a
+    fraction, and its standard error: the straight-line trend over time of each frame's gain
+    against the series mean (least squares, frame ≈ gain · mean + offset)."""
+    mean = frames.mean(0, dtype=np.float64).ravel()
+    centred = mean - mean.mean()
+    gains = [np.dot(frame.ravel(), centred) / np.dot(centred, centred) for frame in frames]
+    (slope, _), covariance = np.polyfit(np.arange(len(frames)), gains, 1, cov=True)
+    span = len(frames) - 1
+    return float(abs(slope) * span), float(np.sqrt(covariance[0, 0]) * span)
+
+
 def clipped_fraction(frames: np.ndarray) -> tuple[float, float]:
     """Fractions of pixels at the camera dtype's maximum and minimum (0 for float data)."""
     if not np.issubdtype(frames.dtype, np.integer):
@@ -185,6 +198,14 @@ def check_acquisitions(acquisitions: list[Acquisition], bins: int, bootstrap: bo
             warnings.append(
                 f"{a.name}: slight drift — {found} against the others; edges of structures "
                 "will look noisier than they are"
+            )
+        drift, error = brightness_drift(a.frames)
+        if drift > max(MAX_BRIGHTNESS_DRIFT, 3 * error):
+            warnings.append(
+                f"{a.name}: the brightness changes by {drift:.1%} from the first to the last "
+                "frame (bleaching or illumination drift); the mean of the frames misses that "
+                "change, so the noise model comes out wider than the camera's — lower the "
+                "excitation, acquire fewer frames, or image a sample that does not bleach"
             )
     return warnings
 
