@@ -55,7 +55,7 @@ def _channels_first(frame: np.ndarray) -> np.ndarray:
 
 
 class Training:
-    """Optimiser state for one denoiser: Adam + learning-rate decay on a validation plateau.
+    """Optimiser state for one denoiser: Adam, at the learning rate each `step` is given.
 
     Batches are (B, 1, H, W) raw ADU patches, or (B, 2, H, W) raw + ground truth for
     "supervised". Runs where the denoiser's parameters are; the U-Net body in bfloat16 when
