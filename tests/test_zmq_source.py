@@ -69,6 +69,19 @@ def test_out_of_order_and_duplicate_frames_are_stored_once(receiver, sender):
     assert sender.status("never_seen")["known"] is False
 
 
+def test_other_pixels_under_a_stored_frame_number_are_rejected_as_a_conflict(receiver, sender):
+    data = stack(3)
+    before = rejected("conflict")
+    for t in range(3):
+        sender.send_frame("cells_02", t, data[t])
+    wait_for(lambda: sender.missing("cells_02", 3) == [])
+    sender.send_frame("cells_02", 1, data[1])  # a resend: ignored
+    sender.send_frame("cells_02", 1, data[1] + 1)  # another frame under number 1
+    wait_for(lambda: rejected("conflict") == before + 1)
+    wait_for(lambda: receiver.health()["duplicates"] == 1)
+    np.testing.assert_array_equal(receiver.store.acquisition("cells_02").read_raw(1), data[1])
+
+
 def test_bad_messages_are_dropped_and_counted_while_good_frames_store(receiver, sender):
     good = stack(3)
     header = {"acquisition": "a", "index": 0, "dtype": "uint16", "shape": [24, 32]}

@@ -65,9 +65,22 @@ def store_frame(
 ) -> bool:
     """Store raw frame `t` unless it is already stored or being stored; True when written.
 
-    `publish` as in `Acquisition.write_raw`.
+    A resent copy of a stored frame is ignored (False); a different frame under a stored
+    frame's number raises Rejected("conflict") and leaves the stored one as it is (two
+    sources or senders writing the same acquisition). `publish` as in `Acquisition.write_raw`.
     """
     if not acquisition.claim(t):
+        try:
+            stored = acquisition.read_raw(t)
+        except KeyError:  # another writer is storing it right now
+            return False
+        if not np.array_equal(stored, pixels):
+            raise Rejected(
+                "conflict",
+                f"frame {t} of {acquisition.name!r} is already stored with other pixels; the "
+                "stored frame is kept — do two sources or senders write this acquisition? "
+                "send each under its own acquisition name",
+            )
         return False
     try:
         acquisition.write_raw(t, pixels, publish)
