@@ -28,6 +28,7 @@ def test_bench_reports_fused_and_naive_side_by_side():
     assert train["loss_relative_difference"] < 1e-5
     assert train["patches_per_s"] > 0 and train["baseline"]["median_s"] > 0
     assert pipeline["part"] == "pipeline" and pipeline["frames"] == 4
+    assert (predict["dtype"], pipeline["dtype"]) == ("float32", "uint16")  # frames it handles
     # both are rounded from the same unrounded duration: equal to within the rounding
     assert pipeline["frames_per_s"] == pytest.approx(
         4 / pipeline["seconds"], abs=0.01 + 4e-3 / pipeline["seconds"] ** 2

@@ -52,4 +52,5 @@ def run_pipeline(
         "frames_per_s": round(frames / seconds, 3),
         "peak_rss_mb": round(memory.peak_rss_mb, 1),
         "max_in_flight": max_in_flight,
+        "dtype": str(raw.dtype),
     }
