@@ -37,11 +37,12 @@ def test_bench_reports_fused_and_naive_side_by_side():
 
 def test_quality_part_scores_every_model_against_the_ground_truth(data_dir):
     command = [sys.executable, "-m", "pn2v_live", "bench", "--part", "quality", "--steps", "2",
-               "--k", "16", "--threads", "2", "--data", str(data_dir)]  # fmt: skip
+               "--seeds", "2", "--k", "16", "--threads", "2", "--data", str(data_dir)]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
     (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     result = json.loads(line)
     assert result["part"] == "quality" and result["steps_per_model"] == 2
+    assert result["seeds"] == 2
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert result["body_dtype"] == ("bfloat16" if native else "float32")
     scores, corrected = result["psnr_db"], result["psnr_drift_corrected_db"]
@@ -59,10 +60,19 @@ def test_quality_part_scores_every_model_against_the_ground_truth(data_dir):
     # fov03 bleaches: its first frames are brighter than the 50-frame average
     assert corrected["raw"] > scores["raw"]
     assert all(np.isfinite(value) for value in [*scores.values(), *corrected.values()])
+    # every score is the mean of the two seeds' runs, each reported under *_by_seed
+    for name in scores:
+        for score in ("psnr_db", "psnr_drift_corrected_db"):
+            by_seed = result[f"{score}_by_seed"][name]
+            assert len(by_seed) == 2 and result[score][name] == pytest.approx(np.mean(by_seed))
+    assert result["psnr_db_by_seed"]["raw"] == [scores["raw"]] * 2
     # two steps train nothing useful; the per-model progress lines say how long each ran
     progress = [json.loads(x) for x in completed.stderr.splitlines() if x.startswith('{"run"')]
-    assert [p["run"] for p in progress] == list(scores)
-    assert [p.get("steps") for p in progress] == [None, 2, 2, 2, 2]
+    assert [(p["run"], p["seed"]) for p in progress] == [(n, s) for s in (0, 1) for n in scores]
+    assert [p.get("steps") for p in progress] == [None, 2, 2, 2, 2] * 2
+    assert [p["psnr"] for p in progress if p["seed"] == 1] == [
+        result["psnr_db_by_seed"][name][1] for name in scores
+    ]
 
 
 def test_drift_correction_recovers_a_frame_s_gain_and_offset():

@@ -87,7 +87,7 @@ def compare(
         scores = {"psnr": score(frames, truth), "psnr_drift_corrected": score(frames, corrected)}
         results["psnr_db"][name] = scores["psnr"]
         results["psnr_drift_corrected_db"][name] = scores["psnr_drift_corrected"]
-        log(json.dumps({"run": name, **scores, **facts}))
+        log(json.dumps({"run": name, "seed": seed, **scores, **facts}))
 
     record("raw", test_frames)
     runs: list[tuple[str, str, NoiseModel | None]] = []

@@ -44,6 +44,9 @@ def bench(
     steps: Annotated[
         int | None, typer.Option(help="quality: stop each model after this many steps")
     ] = None,
+    seeds: Annotated[
+        int, typer.Option(help="quality: train every model with seeds 0..N-1, report the mean")
+    ] = 1,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -82,7 +85,7 @@ def bench(
             side = size or 512
             result = run_ingest(side, frames)
         elif name is Part.quality:
-            result, side = run_quality(data, minutes, steps, k), 512
+            result, side = run_quality(data, minutes, steps, k, seeds), 512
         else:
             from pn2v_live.service.bench.pipeline import run_pipeline
 
@@ -91,8 +94,12 @@ def bench(
         print(json.dumps({"part": name.value, "size": side, "k": k, **facts, **result}), flush=True)
 
 
-def run_quality(data: Path | None, minutes: float, steps: int | None, k: int) -> dict:
-    """PSNR of raw and of every trained model on fov03 (see `bench`), with the budget used."""
+def run_quality(
+    data: Path | None, minutes: float, steps: int | None, k: int, seeds: int = 1
+) -> dict:
+    """PSNR of raw and of every trained model on fov03 (see `bench`), with the budget used: the
+    mean over `seeds` runs, and each run's score under "<score>_by_seed"."""
+    import numpy as np
     import torch
 
     from pn2v_live.service.bench.algorithm import body_dtype
@@ -100,13 +107,31 @@ def run_quality(data: Path | None, minutes: float, steps: int | None, k: int) ->
 
     if data is None or not (data / FMD).is_dir():
         raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
-    scores = compare(
-        data,
-        calibrated_models(data),
-        minutes=minutes,
-        steps=steps,
-        k=k,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, not {seeds}")
+    models = calibrated_models(data)
+    runs = [
+        compare(
+            data,
+            models,
+            minutes=minutes,
+            steps=steps,
+            k=k,
+            seed=seed,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        for seed in range(seeds)
+    ]
+    summary: dict = {}
+    for score in runs[0]:
+        by_seed = {name: [run[score][name] for run in runs] for name in runs[0][score]}
+        summary[score] = {name: float(np.mean(values)) for name, values in by_seed.items()}
+        summary[f"{score}_by_seed"] = by_seed
     body = body_dtype(torch.device("cpu"))  # compare() trains on the CPU
-    return {**scores, "minutes_per_model": minutes, "steps_per_model": steps, "body_dtype": body}
+    return {
+        **summary,
+        "seeds": seeds,
+        "minutes_per_model": minutes,
+        "steps_per_model": steps,
+        "body_dtype": body,
+    }
