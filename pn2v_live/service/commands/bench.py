@@ -45,7 +45,8 @@ def bench(
         int | None, typer.Option(help="quality: stop each model after this many steps")
     ] = None,
     seeds: Annotated[
-        int, typer.Option(help="quality: train every model with seeds 0..N-1, report the mean")
+        int,
+        typer.Option(min=1, help="quality: train every model with seeds 0..N-1, report the mean"),
     ] = 1,
     data: Annotated[
         Path | None,
@@ -107,8 +108,6 @@ def run_quality(
 
     if data is None or not (data / FMD).is_dir():
         raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
-    if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, not {seeds}")
     models = calibrated_models(data)
     runs = [
         compare(
