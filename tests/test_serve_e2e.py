@@ -295,7 +295,7 @@ def test_sigkill_mid_training_and_inference_loses_nothing_on_a_local_cluster(
         registry.load()
         store = Store(tmp_path / "store")
         stored = len(store.acquisition(ACQUISITION).stored_frames())
-        without_twin = len(store.acquisition(ACQUISITION).frames_to_denoise(0))
+        without_twin = len(store.acquisition(ACQUISITION).frames_without_twin())
         store.close()
         assert 140 <= stored < FRAMES
         assert without_twin > 0

@@ -102,22 +102,26 @@ def test_time_of_the_newest_frame_is_kept_across_reopening(tmp_path):
     assert attrs["last_frame_at"] == stored_at
 
 
-def test_denoised_versions_and_frames_to_denoise_newest_first(tmp_path):
+def test_denoised_versions_frames_to_denoise_and_without_twin_newest_first(tmp_path):
     store = Store(tmp_path)
     acq = store.create("a", (8, 8), "uint16")
     for t, frame in enumerate(frames(4, (8, 8))):
         acq.write_raw(t, frame)
-    assert acq.frames_to_denoise(1) == [3, 2, 1, 0]
+    assert acq.frames_to_denoise(1) == [3, 2, 1, 0] == acq.frames_without_twin()
     assert acq.read_denoised(2) is None and acq.denoised_version(2) is None
     den = np.full((8, 8), 1.5, np.float32)
     acq.write_denoised(2, den, model_version=1)
     acq.write_denoised(3, den * 2, model_version=2)
-    assert acq.frames_to_denoise(1) == [1, 0]
+    assert acq.frames_to_denoise(1) == [1, 0] == acq.frames_without_twin()
     assert acq.frames_to_denoise(2) == [2, 1, 0]
     store.close()
-    again = Store(tmp_path).acquisition("a")
+    again = Store(tmp_path, writer=True).acquisition("a")
     np.testing.assert_array_equal(again.read_denoised(3), den * 2)
     assert again.denoised_version(2) == 1 and again.frames_to_denoise(2) == [2, 1, 0]
+    assert again.frames_without_twin() == [1, 0]  # rebuilt from the ledger on opening
+    again.write_raw(5, frames(1, (8, 8))[0])
+    again.write_denoised(0, den, model_version=2)
+    assert again.frames_without_twin() == [5, 1]
     with pytest.raises(KeyError):
         again.write_denoised(9, den, model_version=1)
 

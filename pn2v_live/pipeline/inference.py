@@ -146,18 +146,24 @@ class InferenceScheduler(Stage):
         self.log.info("now denoising with model version %d (%s)", info.version, info.source)
 
     def _next_jobs(self) -> tuple[list[Job], int]:
-        """Up to `max_in_flight` frames to denoise next, and the number of frames with no twin."""
-        version = self.model.version if self.model else 1
+        """Up to `max_in_flight` frames to denoise next, and the number of frames with no twin.
+
+        Only frames without a twin and the frames of recent acquisitions are looked at, so a
+        pass stays cheap however many old acquisitions the store holds.
+        """
         acquisitions = [self.store.acquisition(name) for name in self.store.acquisitions()]
         acquisitions.sort(key=lambda a: a.closed)  # open (live) acquisitions first
-        fresh, stale = [], []
-        for acquisition in acquisitions:
-            recent = self._recent(acquisition)
-            for t in acquisition.frames_to_denoise(version):
-                missing = acquisition.denoised_version(t) is None
-                if missing or recent:
-                    (fresh if missing else stale).append(Job(acquisition, t, not missing))
-        return (fresh or stale)[: self.max_in_flight], len(fresh)
+        fresh = [Job(a, t, False) for a in acquisitions for t in a.frames_without_twin()]
+        if fresh:
+            return fresh[: self.max_in_flight], len(fresh)
+        version = self.model.version if self.model else 1
+        stale = [
+            Job(a, t, True)
+            for a in acquisitions
+            if self._recent(a)
+            for t in a.frames_to_denoise(version)
+        ]
+        return stale[: self.max_in_flight], 0
 
     def _recent(self, acquisition: Acquisition) -> bool:
         """Whether `acquisition` is back-filled: its newest frame is under `backfill_hours` old.

@@ -101,7 +101,7 @@ def _float_query(request: web.Request, key: str) -> float | None:
 def acquisition_summary(acquisition: Acquisition) -> dict:
     """What the acquisition list and the live updates show about one acquisition."""
     stored = len(acquisition.stored_frames())
-    waiting = len(acquisition.frames_to_denoise(0))  # versions are >= 0: frames with no twin
+    waiting = len(acquisition.frames_without_twin())
     return {
         "name": acquisition.name,
         "frames": acquisition.valid_t,

@@ -107,6 +107,7 @@ class Acquisition:
         self.wrote = False  # raw frames written through this object (then close() trims)
         self._last_frame_at: float | None = None  # unix time of the newest write_raw here
         self._versions = ledger.denoised_versions(name)
+        self._without_twin = self._stored - self._versions.keys()  # kept current by the writers
         self._valid_t = _contiguous(self._stored)
         self.closed = bool(self._attrs().get("closed", False))
         if self._valid_t > self._attrs().get("valid_t", 0):  # a crash before it was published
@@ -160,10 +161,18 @@ class Acquisition:
         return self._versions.get(t)
 
     def frames_to_denoise(self, current_version: int) -> list[int]:
-        """Stored frames without a denoised twin from `current_version` or newer, newest first."""
+        """Stored frames without a denoised twin from `current_version` or newer, newest first.
+
+        Looks at every stored frame; `frames_without_twin` is the cheap question.
+        """
         with self._lock:
             stored = sorted(self._stored, reverse=True)
         return [t for t in stored if self._versions.get(t, -1) < current_version]
+
+    def frames_without_twin(self) -> list[int]:
+        """Stored frames with no denoised twin at all, newest first; costs only their number."""
+        with self._lock:
+            return sorted(self._without_twin, reverse=True)
 
     # writing ----------------------------------------------------------------------------
 
@@ -204,6 +213,8 @@ class Acquisition:
                 self._writing.discard(t)
         with self._lock:
             self._stored.add(t)
+            if t not in self._versions:
+                self._without_twin.add(t)
             self._in_flight.discard(t)
             self._last_frame_at = round(time.time(), 3)
             while self._valid_t in self._stored:
@@ -218,7 +229,9 @@ class Acquisition:
         self._check_frame(frame, np.dtype("float32"))
         self._denoised[t, 0, 0] = frame
         self._ledger.set_denoised(self.name, t, int(model_version))
-        self._versions[t] = int(model_version)
+        with self._lock:
+            self._versions[t] = int(model_version)
+            self._without_twin.discard(t)
 
     def close(self, expected_frames: int | None = None) -> None:
         """Mark the acquisition finished (the sender's end marker); late frames still store."""
