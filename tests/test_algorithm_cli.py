@@ -78,6 +78,11 @@ def test_user_mistakes_give_one_line_errors(camera_data, tmp_path):
     no_noise = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
                          "--steps", "1", check=False)  # fmt: skip
     assert no_noise.returncode == 2 and "--noise-model" in no_noise.stderr
+    odd_patch = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
+                          "--mode", "n2v", "--steps", "1", "--patch-size", "30",
+                          check=False)  # fmt: skip
+    assert odd_patch.returncode == 2 and "Traceback" not in odd_patch.stderr
+    assert "patch size 30 must be a multiple of 4" in odd_patch.stderr
     not_model = pn2v_live("denoise", str(camera_data["raw"]), "-m", str(camera_data["raw"]),
                           "-o", str(tmp_path / "x.tif"), check=False)  # fmt: skip
     assert not_model.returncode == 2 and "not a pn2v-live model file" in not_model.stderr

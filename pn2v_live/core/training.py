@@ -147,6 +147,12 @@ def train(
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes")
+    multiple = denoiser.net.size_multiple
+    if patch_size % multiple:
+        raise ValueError(
+            f"patch size {patch_size} must be a multiple of {multiple}: the U-Net halves it "
+            f"{denoiser.net.depth - 1} times"
+        )
     rng = np.random.default_rng(seed)
     train_frames, val_frames = split_frames(frames, val_fraction, patch_size, rng)
     val_batch = sample_patches(val_frames, max(batch_size, 16), patch_size, rng)
