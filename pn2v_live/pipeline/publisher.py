@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class DenoisedPublisher:
-    """Binds a PUB socket on `bind` (e.g. tcp://127.0.0.1:5556) and publishes denoised frames.
+    """Binds a PUB socket on `bind` (e.g. tcp://127.0.0.1:5557) and publishes denoised frames.
 
     `publish` has the inference stage's frame-listener signature and is safe to call from any
     thread.
     """
 
-    def __init__(self, bind: str = "tcp://127.0.0.1:5556", high_water_mark: int = 100) -> None:
+    def __init__(self, bind: str = "tcp://127.0.0.1:5557", high_water_mark: int = 100) -> None:
         self.bind = bind
         self.high_water_mark = high_water_mark
         self._socket: zmq.Socket | None = None

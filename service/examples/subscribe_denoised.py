@@ -1,7 +1,7 @@
 """Receive the denoised frames a running `pn2v-live serve` publishes, and print or save them.
 
-    python service/examples/subscribe_denoised.py tcp://127.0.0.1:5556
-    python service/examples/subscribe_denoised.py tcp://127.0.0.1:5556 --acquisition cells_01 \
+    python service/examples/subscribe_denoised.py tcp://127.0.0.1:5557
+    python service/examples/subscribe_denoised.py tcp://127.0.0.1:5557 --acquisition cells_01 \
         --save denoised_tiffs/ --count 100
 
 Messages are the ingest protocol's [JSON header, pixel buffer] with dtype float32 (see
@@ -21,7 +21,7 @@ from pn2v_live.storage.images import write_tiff
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("address", help="the daemon's [publish] bind, e.g. tcp://127.0.0.1:5556")
+    parser.add_argument("address", help="the daemon's [publish] bind, e.g. tcp://127.0.0.1:5557")
     parser.add_argument("--acquisition", help="only frames of this acquisition")
     parser.add_argument("--save", type=Path, help="write each frame as DIR/<acquisition>_<t>.tif")
     parser.add_argument("--count", type=int, help="stop after this many frames")
