@@ -83,6 +83,15 @@ def test_user_mistakes_give_one_line_errors(camera_data, tmp_path):
                           check=False)  # fmt: skip
     assert odd_patch.returncode == 2 and "Traceback" not in odd_patch.stderr
     assert "patch size 30 must be a multiple of 4" in odd_patch.stderr
+    no_steps = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
+                         "--mode", "n2v", "--steps", "0", check=False)  # fmt: skip
+    assert no_steps.returncode == 2 and "Traceback" not in no_steps.stderr
+    beyond = pn2v_live("denoise", str(camera_data["raw"]), "-m", str(camera_data["raw"]),
+                       "-o", str(tmp_path / "x.tif"), "--frames", "10:20", check=False)  # fmt: skip
+    assert beyond.returncode == 2 and "selects none of the 6 frames" in beyond.stderr
+    no_range = pn2v_live("evaluate", str(camera_data["raw"]), str(camera_data["gt"]),
+                         "--data-range", "0", check=False)  # fmt: skip
+    assert no_range.returncode == 2 and "--data-range must be > 0" in no_range.stderr
     not_model = pn2v_live("denoise", str(camera_data["raw"]), "-m", str(camera_data["raw"]),
                           "-o", str(tmp_path / "x.tif"), check=False)  # fmt: skip
     assert not_model.returncode == 2 and "not a pn2v-live model file" in not_model.stderr

@@ -79,13 +79,15 @@ def train(
     gt: Annotated[
         list[Path] | None, typer.Option(help="ground truth per IMAGE (supervised)")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="number of optimiser steps")] = None,
-    minutes: Annotated[float | None, typer.Option(help="wall-time budget")] = None,
+    steps: Annotated[int | None, typer.Option(help="number of optimiser steps", min=1)] = None,
+    minutes: Annotated[float | None, typer.Option(help="wall-time budget", min=0.01)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    val_fraction: Annotated[float, typer.Option(help="frames held back for validation")] = 0.1,
+    val_fraction: Annotated[
+        float, typer.Option(help="frames held back for validation", min=0.0, max=0.9)
+    ] = 0.1,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    k: Annotated[int, typer.Option(help="prior samples per pixel (pn2v)")] = 800,
-    batch_size: Annotated[int, typer.Option(help="patches per step")] = 16,
+    k: Annotated[int, typer.Option(help="prior samples per pixel (pn2v)", min=1)] = 800,
+    batch_size: Annotated[int, typer.Option(help="patches per step", min=1)] = 16,
     patch_size: Annotated[int, typer.Option(help="patch side in pixels")] = 96,
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 4e-4,
 ) -> None:
@@ -162,7 +164,9 @@ def denoise(
     model: Annotated[Path, typer.Option("-m", "--model", help="model file from `train`")],
     output: Annotated[Path, typer.Option("-o", "--output", help="float32 TIFF to write")],
     frames: Annotated[str | None, typer.Option(help="frame range A:B")] = None,
-    tile: Annotated[int | None, typer.Option(help="tile side in pixels (default: auto)")] = None,
+    tile: Annotated[
+        int | None, typer.Option(help="tile side in pixels (default: auto)", min=16)
+    ] = None,
     noise_model: Annotated[
         Path | None, typer.Option("--noise-model", help="override the model's noise model")
     ] = None,
@@ -180,6 +184,11 @@ def denoise(
     from pn2v_live.storage.images import read_stack, write_tiff
     from pn2v_live.storage.noise_model_file import load_noise_model
 
+    stack = read_stack(input)
+    selected = parse_frames(frames, len(stack))
+    if selected.start >= selected.stop:
+        raise UserError(f"--frames {frames} selects none of the {len(stack)} frames of {input}")
+    stack = stack[selected]
     device = resolve_device(device)
     denoiser, metadata = load_denoiser(model, device)
     noise = None
@@ -192,8 +201,6 @@ def denoise(
             raise UserError(f"{model} carries no noise model: pass --noise-model FILE")
     if uncertainty is not None and denoiser.mode != "pn2v":
         raise UserError("--uncertainty needs a pn2v model")
-    stack = read_stack(input)
-    stack = stack[parse_frames(frames, len(stack))]
     if noise is not None:
         warn_if_out_of_calibration(noise, list(stack.astype(np.float32)))
     outputs = ("denoised", "posterior_std") if uncertainty else ("denoised",)
@@ -218,6 +225,8 @@ def evaluate(
     from pn2v_live.core.metrics import psnr, psnr_star
     from pn2v_live.storage.images import read_stack
 
+    if not data_range > 0:
+        raise UserError(f"--data-range must be > 0, got {data_range}")
     predicted = read_stack(prediction).astype(np.float64)
     truth = read_stack(ground_truth).astype(np.float64)
     if truth.shape[0] == 1:
