@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -172,6 +173,35 @@ def test_reopen_forgets_frames_whose_chunk_is_missing(tmp_path):
     assert again.stored_frames() == [0, 2] and again.valid_t == 1
     assert not stale.exists() and not fresh.exists()  # the one writer knows nobody else writes
     assert again.claim(1) and not again.claim(2)
+
+
+def test_a_frame_stored_again_is_denoised_again(tmp_path):
+    """The denoised twin of a frame whose raw chunk was lost, or of an acquisition whose folder
+    was deleted and whose name came back, must not pass for the new frame's twin."""
+    store = Store(tmp_path, writer=True)
+    acq = store.create("a", (8, 8), "uint16")
+    old, new = frames(2, (8, 8))
+    for t in range(2):
+        acq.write_raw(t, old)
+        acq.write_denoised(t, np.full((8, 8), 99.0, np.float32), model_version=1)
+    store.close()
+    (tmp_path / "a.ome.zarr" / "raw" / "0" / "1" / "0" / "0" / "0" / "0").unlink()
+    store = Store(tmp_path, writer=True)
+    acq = store.acquisition("a")
+    assert acq.frames_without_twin() == [] and acq.denoised_version(1) is None
+    acq.write_raw(1, new)  # resent after the power cut
+    assert acq.frames_without_twin() == [1] and acq.read_denoised(1) is None
+    assert acq.denoised_version(0) == 1
+    store.close()
+    shutil.rmtree(tmp_path / "a.ome.zarr")
+    store = Store(tmp_path, writer=True)
+    store.ledger.reserve("folder", "/scope/a/img.tif", "a", 10, 1, 2)  # an old file's range
+    again = store.create("a", (8, 8), "uint16")
+    assert store.ledger.frames("a") == [] and store.ledger.denoised_versions("a") == {}
+    assert store.ledger.reserve("folder", "/scope/a/next.tif", "a", 10, 1, 1) == 0
+    again.write_raw(0, new)
+    assert again.frames_without_twin() == [0] and again.read_denoised(0) is None
+    store.close()
 
 
 def test_a_second_writer_process_is_refused_until_the_first_closes(tmp_path):

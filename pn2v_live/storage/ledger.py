@@ -94,10 +94,21 @@ class Ledger:
         self._run("INSERT OR IGNORE INTO frames VALUES (?, ?)", (acquisition, t))
 
     def forget_frames(self, acquisition: str, ts: list[int]) -> None:
-        """Drop frame rows whose chunks turned out to be missing (reconciliation)."""
-        with self._lock:
-            self._db.executemany(
-                "DELETE FROM frames WHERE acquisition = ? AND t = ?", [(acquisition, t) for t in ts]
+        """Drop the rows of frames whose raw chunks turned out to be missing (reconciliation),
+        with their denoised versions: a frame stored again must be denoised again."""
+        rows = [(acquisition, t) for t in ts]
+        with self._lock, self._db:
+            self._db.executemany("DELETE FROM frames WHERE acquisition = ? AND t = ?", rows)
+            self._db.executemany("DELETE FROM denoised WHERE acquisition = ? AND t = ?", rows)
+
+    def forget_acquisition(self, acquisition: str) -> int:
+        """Drop every row of `acquisition` (its folder is gone); returns how many there were."""
+        with self._lock, self._db:
+            return sum(
+                self._db.execute(
+                    f"DELETE FROM {table} WHERE acquisition = ?", (acquisition,)
+                ).rowcount
+                for table in ("frames", "denoised", "items")
             )
 
     def frames(self, acquisition: str) -> list[int]:

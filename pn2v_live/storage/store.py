@@ -380,6 +380,13 @@ class Store:
         with self._lock:
             if name not in self._open and not (path / "raw").is_dir():
                 self._create_group(path, frame_shape, dtype)
+                if self.ledger.forget_acquisition(name):
+                    log.warning(
+                        "%s: the ledger recorded frames of an acquisition of this name whose "
+                        "folder is gone; that record is cleared and the name starts afresh "
+                        "(source files still in a watched folder are stored again)",
+                        name,
+                    )
         acquisition = self.acquisition(name)
         if acquisition.frame_shape != frame_shape or acquisition.dtype != dtype:
             raise ValueError(
