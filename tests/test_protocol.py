@@ -49,6 +49,8 @@ def test_end_marker_round_trip():
         ([b"\xff\xfe", b""], "json"),
         ([b"[1, 2]", b""], "json"),
         ([b"x" * 70000, b""], "header"),
+        ([b"[" * 30000 + b"]" * 30000, b""], "json"),  # nested too deep to parse
+        ([b'{"index": ' + b"1" * 5000 + b"}", b""], "json"),  # integer too long to parse
         ([], "parts"),
         ([b"{}", b"", b""], "parts"),
         (message({k: v for k, v in GOOD.items() if k != "index"}), "field"),
@@ -60,6 +62,8 @@ def test_end_marker_round_trip():
         (message(GOOD | {"index": 2.5}), "field"),
         (message(GOOD | {"index": True}), "field"),
         (message(GOOD | {"timestamp": "noon"}), "field"),
+        (message(GOOD | {"timestamp": float("nan")}), "field"),
+        (message(GOOD | {"timestamp": 10**400}), "field"),
         (message(GOOD | {"model_version": -3}), "field"),
         (message(GOOD | {"model_version": "v3"}), "field"),
         (message(GOOD | {"dtype": "float64"}), "dtype"),

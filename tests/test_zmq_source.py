@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 
 import numpy as np
 import pytest
+import zarr
 import zmq
 from conftest import free_port
 from prometheus_client import REGISTRY
@@ -15,7 +17,7 @@ from pn2v_live.errors import UserError
 from pn2v_live.pipeline.protocol import encode_frame
 from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.pipeline.zmq_source import ZmqSource, stored_ranges
-from pn2v_live.storage.store import Store
+from pn2v_live.storage.store import Acquisition, Store
 
 
 def rejected(reason: str) -> float:
@@ -114,6 +116,24 @@ def test_bad_messages_are_dropped_and_counted_while_good_frames_store(receiver, 
     assert receiver.health()["state"] == "running"
 
 
+def test_hostile_headers_are_rejected_and_the_receiver_keeps_receiving(receiver, sender):
+    header = {"acquisition": "a", "index": 0, "dtype": "uint16", "shape": [24, 32]}
+    hostile = [
+        ("json", b"[" * 30000 + b"]" * 30000),  # nested deeper than the JSON parser can go
+        ("json", json.dumps(header).replace('"index": 0', '"index": ' + "1" * 5000).encode()),
+        ("field", json.dumps(header | {"timestamp": 10**400}).encode()),  # not a float
+    ]
+    before = {reason: rejected(reason) for reason, _ in hostile}
+    for _, raw_header in hostile:
+        sender._push.send_multipart([raw_header, bytes(24 * 32 * 2)])
+    good = stack(1)[0]
+    sender.send_frame("a", 0, good)
+    wait_for(lambda: sender.missing("a", 1) == [])
+    np.testing.assert_array_equal(receiver.store.acquisition("a").read_raw(0), good)
+    assert rejected("json") == before["json"] + 2 and rejected("field") == before["field"] + 1
+    assert receiver.health()["state"] == "running"
+
+
 def test_storage_stall_blocks_the_sender_instead_of_dropping(receiver, tmp_path):
     data = stack(300, (256, 256))
     with FrameSender(
@@ -143,14 +163,24 @@ def test_ensure_stored_resends_what_the_receiver_lost(receiver, sender):
     np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(30)]), data)
 
 
-def test_status_socket_answers_garbage_with_an_error(receiver):
+def test_status_socket_answers_garbage_with_an_error_and_keeps_answering(receiver, sender):
     context = zmq.Context.instance()
     with context.socket(zmq.REQ) as request:
+        request.RCVTIMEO = 10_000  # a dead receiver fails the test instead of hanging it
         request.connect(receiver.status_bind)
-        request.send(b"hello")
-        assert "error" in request.recv_json()
-        request.send_json({"acquisition": "../x"})
-        assert "error" in request.recv_json()
+        for garbage in (
+            [b"hello"],
+            [json.dumps({"acquisition": "../x"}).encode()],
+            [b"[" * 30000 + b"]" * 30000],
+            [json.dumps({"acquisition": "a"}).encode(), b"a second part"],
+        ):
+            request.send_multipart(garbage)
+            assert "error" in request.recv_json()
+        request.send_json({"acquisition": "a"})
+        assert request.recv_json()["known"] is False
+    sender.send_frame("a", 0, stack(1)[0])
+    wait_for(lambda: sender.missing("a", 1) == [])
+    assert receiver.health()["state"] == "running"
 
 
 def test_address_in_use_is_a_user_error(receiver, tmp_path):
@@ -198,3 +228,31 @@ def test_acquisition_damaged_on_disk_fails_alone(tmp_path):
         np.testing.assert_array_equal(source.store.acquisition("fine").read_raw(0), data[1])
     finally:
         source.stop()
+
+
+def test_a_failed_metadata_flush_is_logged_and_retried(receiver, sender, monkeypatch, caplog):
+    real_flush = Acquisition.flush
+    failures = iter([OSError(errno.ENOSPC, "No space left on device")])
+
+    def disk_full_once(self, trim=True, **attrs):
+        """The first trimming flush fails as on a full disk; later ones work."""
+        if trim and (error := next(failures, None)):
+            raise error
+        real_flush(self, trim, **attrs)
+
+    def on_disk(name: str) -> tuple[int, int]:
+        """(valid_t, frames in the raw array) as a reader opening `name` now sees them."""
+        group = zarr.open_group(receiver.store.path(name), mode="r")
+        return group.attrs["pn2v_live"]["valid_t"], group["raw/0"].shape[0]
+
+    monkeypatch.setattr(Acquisition, "flush", disk_full_once)
+    data = stack(20)
+    sender.send_frame("full", 0, data[0])
+    wait_for(lambda: "No space left" in (receiver.health()["last_error"] or ""))
+    assert "could not write the metadata of full" in caplog.text
+    wait_for(lambda: on_disk("full") == (1, 1))  # the trim failed, stayed pending, then worked
+    sender.send_stack("full", data, indices=range(1, 20))
+    wait_for(lambda: on_disk("full") == (20, 20))
+    assert receiver.health()["state"] == "running"
+    acq = receiver.store.acquisition("full")
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(20)]), data)

@@ -19,7 +19,7 @@ a hostile header can never make the receiver allocate what it claims.
 from __future__ import annotations
 
 import json
-import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -111,7 +111,7 @@ def decode_message(parts: list[bytes]) -> FrameMessage | EndMessage:
         )
     try:
         header = json.loads(bytes(raw_header).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # also too deep nesting, too long integers
         raise ProtocolError("json", f"header is not valid JSON: {error}") from error
     if not isinstance(header, dict):
         raise ProtocolError("json", f"header must be a JSON object, got {type(header).__name__}")
@@ -174,7 +174,7 @@ def _check_header(header: dict) -> None:
     timestamp = header.get("timestamp", 0.0)
     if not isinstance(timestamp, int | float) or isinstance(timestamp, bool):
         raise ProtocolError("field", f"timestamp must be a number, got {timestamp!r}")
-    if not math.isfinite(timestamp) or timestamp < 0:
+    if not 0 <= timestamp <= sys.float_info.max:  # also refuses NaN, inf and huge integers
         raise ProtocolError("field", f"timestamp must be finite and >= 0, got {timestamp}")
 
 

@@ -159,7 +159,7 @@ class ZmqSource:
                 poller.modify(pull, 0 if self._queue.full() else zmq.POLLIN)
                 events = dict(poller.poll(100))
                 if status in events:
-                    request = status.recv()
+                    request = status.recv_multipart()  # all parts, or REP cannot reply
                     try:
                         reply = self._status(request)
                     except Exception as error:  # e.g. an acquisition damaged on disk
@@ -183,11 +183,13 @@ class ZmqSource:
         self._queue.put_nowait(message)
         INGEST_QUEUE.set(self._queue.qsize())
 
-    def _status(self, request: bytes) -> dict:
+    def _status(self, request: list[bytes]) -> dict:
         """Answer one status query (a malformed one gets {"error": ...})."""
         try:
-            name = validate_name(json.loads(request)["acquisition"])
-        except (ValueError, KeyError, TypeError) as error:
+            if len(request) != 1:
+                raise ValueError(f"got {len(request)} message parts, expected 1")
+            name = validate_name(json.loads(request[0])["acquisition"])
+        except (ValueError, KeyError, TypeError, RecursionError) as error:
             return {"error": f'status request must be {{"acquisition": NAME}}: {error}'}
         reply = {"acquisition": name, "known": True, "queue": self._queue.qsize()}
         try:
@@ -251,11 +253,24 @@ class ZmqSource:
             self._count("duplicates")
 
     def _flush_all(self, trim: bool) -> None:
-        """Write valid_t of the acquisitions stored to since the last call (see `flush`)."""
+        """Write valid_t of the acquisitions stored to since the last trim (see `flush`).
+
+        A flush that fails (disk full) is logged and its acquisition stays pending for the next.
+        """
         self._published = time.monotonic()
         with self._counts_lock:
-            touched = self._touched
+            touched = list(self._touched)
             if trim:
                 self._touched = set()
-        for acquisition in list(touched):
-            acquisition.flush(trim=trim)
+        failed = []
+        for acquisition in touched:
+            try:
+                acquisition.flush(trim=trim)
+            except Exception as error:
+                failed.append(acquisition)
+                self._last_error = f"{type(error).__name__}: {error}"
+                log.error(
+                    "could not write the metadata of %s, will retry: %s", acquisition.name, error
+                )
+        with self._counts_lock:
+            self._touched.update(failed)
