@@ -39,6 +39,7 @@ import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
 
 from pn2v_live.errors import UserError
 from pn2v_live.storage.ledger import Ledger
@@ -270,9 +271,15 @@ class Acquisition:
             self._resize(frames + GROW_STEP - 1)
 
     def _resize(self, frames: int) -> None:
+        """Set both arrays' length to `frames`, rewriting their metadata only.
+
+        zarr's own shrink lists every chunk of the old shape to delete those outside (seconds
+        per trim for long acquisitions); no chunk of a stored frame lies outside here, and one
+        left there by a crash is overwritten when its frame arrives.
+        """
         shape = (frames, 1, 1, *self.frame_shape)
-        self._raw.resize(shape)
-        self._denoised.resize(shape)
+        for array in (self._raw, self._denoised):
+            sync(array._async_array.resize(shape, delete_outside_chunks=False))
 
     def _attrs(self) -> dict:
         return dict(self._group.attrs.get("pn2v_live", {}))
