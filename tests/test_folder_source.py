@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import tifffile
 from prometheus_client import REGISTRY
 
+from pn2v_live.pipeline import folder_source
 from pn2v_live.pipeline.folder_source import FolderSource, read_tiff_frames
 from pn2v_live.pipeline.ingest import Rejected
 from pn2v_live.storage.store import Store
@@ -193,6 +196,143 @@ def test_rejected_file_fixed_later_is_stored_and_restart_stores_nothing_twice(tm
     acq = store.acquisition("acq")
     assert acq.stored_frames() == [0, 1, 2]
     np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(3)]), data)
+
+
+def test_unreadable_file_does_not_block_others_and_is_stored_once_readable(
+    tmp_path, watched, monkeypatch
+):
+    store = Store(tmp_path / "store")
+    data = stack(4, 12)
+    for n, name in enumerate(["cells/img_1.tif", "cells/img_2.tif", "cells/img_3.tif", "b/x.tif"]):
+        (watched / name).parent.mkdir(exist_ok=True)
+        tifffile.imwrite(watched / name, data[n])
+    locked = watched / "cells/img_2.tif"
+    before = locked.stat()
+    locked.chmod(0o000)  # e.g. written by another account with umask 077
+    if os.access(locked, os.R_OK):  # root reads anyway: deny as the file system would
+        read = folder_source.read_tiff_frames
+
+        def denied(path):
+            if not path.stat().st_mode & 0o444:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return read(path)
+
+        monkeypatch.setattr(folder_source, "read_tiff_frames", denied)
+    source = run_source(store, watched)
+    try:
+        wait_for(lambda: source.counts["stored_files"] == 3 and source.failures >= 2)
+        assert item_status(store, locked) is None  # not rejected: tried at every rescan
+        assert "PermissionError" in source.health()["last_error"]
+        locked.chmod(0o644)  # size and mtime unchanged
+        assert (locked.stat().st_size, locked.stat().st_mtime_ns) == (
+            before.st_size,
+            before.st_mtime_ns,
+        )
+        wait_for(lambda: item_status(store, locked) == "stored")
+        assert source.health()["state"] == "running"
+    finally:
+        source.stop()
+    acq = store.acquisition("cells")
+    assert acq.stored_frames() == [0, 1, 2]  # the late file after the others
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(3)]), data[[0, 2, 1]])
+    np.testing.assert_array_equal(store.acquisition("b").read_raw(0), data[3])
+
+
+def ome_set(planes: np.ndarray, names: list[str], channels: int = 1) -> dict[str, tuple]:
+    """`planes` split over the files `names` as Micro-Manager writes long acquisitions: the
+    first file's OME-XML describes the whole set by UUID, the others are BinaryOnly.
+    Returns name -> (pages, description)."""
+    ns = 'xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"'
+    per = len(planes) // len(names)
+    tiffdata = "".join(
+        f'<TiffData FirstT="{k * per // channels}" IFD="0" PlaneCount="{per}">'
+        f'<UUID FileName="{name}">urn:uuid:{k}</UUID></TiffData>'
+        for k, name in enumerate(names)
+    )
+    channel = "".join(f'<Channel ID="Channel:0:{c}" SamplesPerPixel="1"/>' for c in range(channels))
+    master = (
+        f'<?xml version="1.0"?><OME {ns} UUID="urn:uuid:0"><Image ID="Image:0"><Pixels '
+        f'ID="Pixels:0" DimensionOrder="XYCZT" Type="{planes.dtype}" SizeX="{planes.shape[2]}" '
+        f'SizeY="{planes.shape[1]}" SizeC="{channels}" SizeZ="1" '
+        f'SizeT="{len(planes) // channels}">{channel}{tiffdata}</Pixels></Image></OME>'
+    )
+    return {
+        name: (
+            planes[k * per : (k + 1) * per],
+            master
+            if k == 0
+            else f'<?xml version="1.0"?><OME {ns} UUID="urn:uuid:{k}">'
+            f'<BinaryOnly MetadataFile="{names[0]}" UUID="urn:uuid:0"/></OME>',
+        )
+        for k, name in enumerate(names)
+    }
+
+
+def write_tiff(path: Path, pages_description: tuple) -> None:
+    pages, description = pages_description
+    tifffile.imwrite(path, pages, description=description, metadata=None)
+
+
+def test_multi_file_ome_set_stores_each_plane_exactly_once(tmp_path, watched):
+    store = Store(tmp_path / "store")
+    planes = stack(6, 13)
+    files = ome_set(planes, ["s.ome.tif", "s_1.ome.tif", "s_2.ome.tif"])
+    for acquisition in ("complete", "growing"):
+        (watched / acquisition).mkdir()
+    for name, content in files.items():
+        write_tiff(watched / "complete" / name, content)
+    write_tiff(watched / "growing/s.ome.tif", files["s.ome.tif"])  # its siblings come later
+    source = run_source(store, watched)
+    try:
+        wait_for(lambda: item_status(store, watched / "growing/s.ome.tif") == "stored")
+        for name in ("s_1.ome.tif", "s_2.ome.tif"):
+            write_tiff(watched / "growing" / name, files[name])
+        wait_for(lambda: source.counts["stored_files"] == 6)
+        time.sleep(1.5)  # a full rescan more: nothing is taken twice
+    finally:
+        source.stop()
+    for acquisition in ("complete", "growing"):
+        acq = store.acquisition(acquisition)
+        assert acq.stored_frames() == list(range(6)), acquisition
+        np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(6)]), planes)
+
+
+def test_multi_channel_and_z_stack_files_are_rejected_time_stacks_stored(tmp_path, watched):
+    store = Store(tmp_path / "store")
+    planes = stack(4, 14)
+    holds = {
+        "channels/c.ome.tif": "2 channels",
+        "zstack/z.ome.tif": "3 z-planes",
+        "imagej/z.tif": "3 z-planes",
+        "split/s.ome.tif": "2 channels",  # first file of a two-channel multi-file OME set
+    }
+    for name in holds:
+        (watched / name).parent.mkdir()
+    tifffile.imwrite(watched / "channels/c.ome.tif", planes[:2], ome=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(watched / "zstack/z.ome.tif", planes[:3], ome=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(watched / "imagej/z.tif", planes[:3], imagej=True, metadata={"axes": "ZYX"})
+    split = ome_set(planes, ["s.ome.tif", "s_1.ome.tif"], channels=2)
+    write_tiff(watched / "split/s.ome.tif", split["s.ome.tif"])
+    (watched / "movie").mkdir()
+    tifffile.imwrite(watched / "movie/a.ome.tif", planes[:3], ome=True, metadata={"axes": "TYX"})
+    hyperstack = planes[3:].reshape(1, 1, 1, *SHAPE)  # ImageJ TZCYX, only T may exceed one
+    tifffile.imwrite(watched / "movie/b.tif", hyperstack, imagej=True, metadata={"axes": "TZCYX"})
+    counted = rejected("shape")
+    source = run_source(store, watched)
+    try:
+        wait_for(
+            lambda: source.counts["rejected_files"] == 4 and source.counts["stored_files"] == 2
+        )
+    finally:
+        source.stop()
+    for name, what in holds.items():
+        reason = store.ledger.item("folder", str(watched / name)).reason
+        assert reason.startswith("shape") and f"holds {what}" in reason, reason
+        assert "one grayscale plane per frame" in reason
+    assert rejected("shape") == counted + 4
+    assert store.acquisitions() == ["movie"]
+    acq = store.acquisition("movie")
+    np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(4)]), planes)
 
 
 @pytest.mark.parametrize(

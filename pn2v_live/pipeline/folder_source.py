@@ -7,9 +7,12 @@ mtime unchanged since, or unchanged for `stable_seconds` (always the rule with `
 for network shares where no events arrive). A rescan every `rescan_seconds` compares the folders
 with the ledger and picks up whatever the events missed, and the files of an interrupted run.
 
-Source files are only ever opened for reading. Empty, non-TIFF, truncated or inconsistent
-files (other frame shape or dtype than their acquisition) are rejected with a reason in the
-ledger, a log line and a metric; a rejected file that changes later is tried again.
+Source files are only ever opened for reading, each on its own: a file of a multi-file OME-TIFF
+set contributes its own pages. Empty, non-TIFF, truncated or inconsistent files (other frame
+shape or dtype than their acquisition, several channels or z-planes per frame) are rejected
+with a reason in the ledger, a log line and a metric; a rejected file that changes later is
+tried again. A file that cannot be opened or stored now (permissions, a share lock, disk full)
+is logged and tried again at the next rescan, while the files after it are taken.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import tifffile
@@ -39,6 +43,8 @@ SOURCE = "folder"
 SUFFIXES = (".tif", ".tiff")
 DEFAULT_PATTERN = r"(?P<acquisition>[^/]+)/[^/]+"
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+FRAME_AXES = "TIQYX"  # tifffile axes a stack of frames may have: time, sequence, unknown, plane
+PLANE_NAMES = {"C": "channels", "Z": "z-planes", "S": "colour samples per pixel"}
 
 
 def natural_key(path: str) -> list:
@@ -50,7 +56,9 @@ def read_tiff_frames(path: Path) -> np.ndarray:
     """All frames of a (multi-page, OME-)TIFF as (T, Y, X); raises Rejected saying why not.
 
     Truncation is caught three ways: pages whose data lie beyond the end of the file, errors
-    tifffile logs while following the page chain, and pixel data that fail to decode.
+    tifffile logs while following the page chain, and pixel data that fail to decode. Only this
+    file is read, never the other files of a multi-file OME-TIFF set. An operating-system error
+    (permissions, a lock, I/O) is raised as is: the file may be readable later.
     """
     size = path.stat().st_size
     if size == 0:
@@ -60,21 +68,28 @@ def read_tiff_frames(path: Path) -> np.ndarray:
             raise Rejected("not_image", "not a TIFF file (no TIFF header)")
     problems = _TifffileProblems()
     try:
-        with problems, tifffile.TiffFile(path) as tif:
+        with problems, tifffile.TiffFile(path, _multifile=False) as tif:
             for page in tif.pages:
                 ends = np.add(page.dataoffsets, page.databytecounts, dtype=np.int64)
                 if len(ends) and ends.max() > size:
                     raise Rejected(
                         "truncated", f"page data run past the end of the file ({size} B)"
                     )
-            if len(tif.series) != 1:
-                raise Rejected("layout", f"holds {len(tif.series)} image series, expected one")
-            if "S" in tif.series[0].axes:
-                raise Rejected("shape", "colour (RGB/multi-sample) image; expected grayscale")
+            series, sizes = _layout(tif)
+            if series != 1:
+                raise Rejected("layout", f"holds {series} image series, expected one")
+            for axis, count in sizes.items():
+                if axis not in FRAME_AXES and count > 1:
+                    what = PLANE_NAMES.get(axis, f"planes along axis {axis}")
+                    raise Rejected(
+                        "shape", f"holds {count} {what}; expected one grayscale plane per frame"
+                    )
             data = tif.series[0].asarray()
     except Rejected:
         raise
     except Exception as error:  # tifffile and its codecs raise many types for damaged files
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # the file system failed, not the file
         raise Rejected("truncated", f"unreadable TIFF ({type(error).__name__}: {error})") from error
     if problems.messages:
         raise Rejected("truncated", f"damaged TIFF: {problems.messages[0]}")
@@ -84,6 +99,19 @@ def read_tiff_frames(path: Path) -> np.ndarray:
     if data.ndim != 3:
         raise Rejected("shape", f"expected 2-D frames or a stack of them, found shape {data.shape}")
     return data
+
+
+def _layout(tif: tifffile.TiffFile) -> tuple[int, dict[str, int]]:
+    """The number of image series and the axis sizes of the first. tifffile reads a file of a
+    multi-file OME-TIFF set as a plain page sequence, so for it they come from the OME-XML."""
+    sizes = dict(zip(tif.series[0].axes, tif.series[0].shape, strict=True))
+    if tif.is_ome and tif.series[0].kind != "ome":
+        images = ElementTree.fromstring(tif.ome_metadata).findall("{*}Image")
+        pixels = images[0].find("{*}Pixels") if images else None  # None in BinaryOnly files
+        if pixels is not None:
+            sizes.update({axis: int(pixels.get(f"Size{axis}", 1)) for axis in "CZ"})
+            return len(images), sizes
+    return len(tif.series), sizes
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -221,7 +249,7 @@ class FolderSource(Stage):
             return
         try:
             stat = _stat(path)
-        except FileNotFoundError:
+        except OSError:
             return
         now = time.monotonic()
         with self._lock:
@@ -244,7 +272,17 @@ class FolderSource(Stage):
         for path, candidate in ready:
             if self.stopping:
                 break
-            self._ingest(Path(path), candidate)
+            try:
+                self._ingest(Path(path), candidate)
+            except Exception as error:  # unreadable or unwritable now: the others go on
+                self.failures += 1
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.warning(
+                    "cannot take %s now (%s); trying again at the next rescan",
+                    path,
+                    self.last_error,
+                    exc_info=not isinstance(error, OSError),  # a traceback only for a bug
+                )
             self.beat()  # a long backlog is progress, not a hang
         for acquisition in self._touched:
             acquisition.flush()
@@ -267,7 +305,7 @@ class FolderSource(Stage):
                         try:
                             if (item.size, item.mtime_ns) == _stat(path):
                                 continue
-                        except FileNotFoundError:
+                        except OSError:
                             continue
                     self.notice(root, path)
 
@@ -283,7 +321,7 @@ class FolderSource(Stage):
             for path, candidate in list(self._candidates.items()):
                 try:
                     stat = _stat(path)
-                except FileNotFoundError:
+                except OSError:
                     del self._candidates[path]
                     continue
                 if stat != candidate.stat:
