@@ -346,6 +346,58 @@ def test_read_tiff_frames_refuses_multi_channel_and_colour_images(tmp_path, shap
     assert error.value.reason == "shape"
 
 
+def test_a_stack_that_grows_after_it_was_taken_stores_the_added_pages(tmp_path, watched):
+    """A time-lapse written page by page into one file is taken whenever it pauses; the pages
+    added later follow its frames, also when it grew while the watcher was stopped."""
+    store = Store(tmp_path / "store")
+    (watched / "lapse").mkdir()
+    path, pages = watched / "lapse" / "lapse.tif", stack(7, 5)
+    tifffile.imwrite(path, pages[:3], photometric="minisblack")
+    source = run_source(store, watched)
+    try:
+        wait_for(lambda: source.counts["stored_frames"] == 3)
+        tifffile.imwrite(path, pages[:5], photometric="minisblack")  # two pages more
+        wait_for(lambda: source.counts["stored_frames"] == 5)
+    finally:
+        source.stop()
+    tifffile.imwrite(path, pages, photometric="minisblack")  # two more while stopped
+    source = run_source(store, watched)
+    try:
+        wait_for(lambda: source.counts["stored_frames"] == 2)
+    finally:
+        source.stop()
+    acquisition = store.acquisition("lapse")
+    assert acquisition.stored_frames() == list(range(7))
+    for t, page in enumerate(pages):
+        np.testing.assert_array_equal(acquisition.read_raw(t), page)
+    item = store.ledger.item("folder", str(path))
+    assert (item.status, item.first_t, item.frames) == ("stored", 0, 7)
+
+
+def test_a_stored_file_changed_otherwise_is_counted_and_its_frames_kept(tmp_path, watched):
+    store = Store(tmp_path / "store")
+    (watched / "cells").mkdir()
+    first, second = stack(3, 1), stack(2, 2)
+    tifffile.imwrite(watched / "cells" / "a.tif", first, photometric="minisblack")
+    tifffile.imwrite(watched / "cells" / "b.tif", second, photometric="minisblack")
+    changed = rejected("changed")
+    source = run_source(store, watched)
+    try:
+        wait_for(lambda: source.counts["stored_frames"] == 5)
+        tifffile.imwrite(watched / "cells" / "a.tif", stack(4, 3), photometric="minisblack")
+        wait_for(lambda: rejected("changed") >= changed + 1)  # other pixels
+        grown = np.concatenate([first, stack(1, 4)])
+        tifffile.imwrite(watched / "cells" / "a.tif", grown, photometric="minisblack")
+        wait_for(lambda: rejected("changed") >= changed + 2)  # grew, but b.tif's frames follow
+    finally:
+        source.stop()
+    acquisition = store.acquisition("cells")
+    assert acquisition.stored_frames() == list(range(5))
+    for t, page in enumerate(np.concatenate([first, second])):
+        np.testing.assert_array_equal(acquisition.read_raw(t), page)
+    assert item_status(store, watched / "cells" / "a.tif") == "stored"
+
+
 def test_missing_watched_folder_is_a_user_error(tmp_path):
     from pn2v_live.errors import UserError
 

@@ -11,8 +11,10 @@ Source files are only ever opened for reading, each on its own: a file of a mult
 set contributes its own pages. Empty, non-TIFF, truncated or inconsistent files (other frame
 shape or dtype than their acquisition, several channels or z-planes per frame) are rejected
 with a reason in the ledger, a log line and a metric; a rejected file that changes later is
-tried again. A file that cannot be opened or stored now (permissions, a share lock, disk full)
-is logged and tried again at the next rescan, while the files after it are taken.
+tried again. A stored file that grows (a time-lapse written page by page) has its added pages
+stored after its frames; one that changes otherwise is counted as rejected (`changed`) and its
+stored frames are kept. A file that cannot be opened or stored now (permissions, a share lock,
+disk full) is logged and tried again at the next rescan, while the files after it are taken.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from watchdog.observers.polling import PollingObserver
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.ingest import Rejected, open_acquisition, reject, store_frame
 from pn2v_live.pipeline.stage import Stage
+from pn2v_live.storage.ledger import Item
 from pn2v_live.storage.store import Acquisition, Store, validate_name
 
 log = logging.getLogger(__name__)
@@ -212,7 +215,7 @@ class FolderSource(Stage):
         for root in self.roots:
             self._observer.schedule(_Events(self, root), str(root), recursive=True)
         self._observer.start()
-        self._next_rescan = 0.0  # first work() scans everything, resuming an interrupted run
+        self._next_rescan = 0.0  # first work() scans everything: interrupted run, grown files
         super().start()
         log.info(
             "watching %s (%s)",
@@ -266,7 +269,7 @@ class FolderSource(Stage):
     def work(self) -> bool:
         """Store every file that became ready; rescan the folders when due."""
         if time.monotonic() >= self._next_rescan:
-            self.rescan()
+            self.rescan(check_stored=self._next_rescan == 0.0)
             self._next_rescan = time.monotonic() + self.rescan_seconds
         ready = self._ready()
         for path, candidate in ready:
@@ -289,9 +292,10 @@ class FolderSource(Stage):
         self._touched = set()
         return bool(ready)
 
-    def rescan(self) -> None:
-        """Queue every TIFF under the roots that the ledger does not hold as stored (or as
-        rejected with the same size and mtime)."""
+    def rescan(self, check_stored: bool = False) -> None:
+        """Queue every TIFF under the roots that the ledger does not hold as stored, nor as
+        rejected with the same size and mtime. `check_stored` (the first scan after a start)
+        also queues stored files whose size or mtime changed: stacks that grew meanwhile."""
         known = {item.key: item for item in self.store.ledger.items(SOURCE)}
         for root in self.roots:
             for folder, _, files in os.walk(root):
@@ -299,9 +303,9 @@ class FolderSource(Stage):
                 for name in files:
                     path = os.path.join(folder, name)
                     item = known.get(path)
-                    if item is not None and item.status == "stored":
+                    if item is not None and item.status == "stored" and not check_stored:
                         continue
-                    if item is not None and item.status == "rejected":
+                    if item is not None and item.status in ("stored", "rejected"):
                         try:
                             if (item.size, item.mtime_ns) == _stat(path):
                                 continue
@@ -348,28 +352,58 @@ class FolderSource(Stage):
         size, mtime_ns = candidate.stat
         ledger = self.store.ledger
         previous = ledger.item(SOURCE, key)
-        if previous is not None and previous.status == "stored":
-            if (previous.size, previous.mtime_ns) != (size, mtime_ns):
-                log.warning("%s changed after it was stored; the stored frames are kept", path)
+        grown = previous is not None and previous.status == "stored"
+        if grown and (previous.size, previous.mtime_ns) == (size, mtime_ns):
             return
         name = None
         try:
             name = self._acquisition_name(path, candidate.root)
             frames = read_tiff_frames(path)
             acquisition = open_acquisition(self.store, name, frames.shape[1:], frames.dtype)
-            first_t = ledger.reserve(SOURCE, key, name, size, mtime_ns, len(frames))
-            for offset, frame in enumerate(frames):
-                store_frame(acquisition, first_t + offset, frame, SOURCE, publish=False)
+            if grown:
+                first_t, done = self._extend(acquisition, previous, frames, size, mtime_ns)
+            else:
+                first_t, done = ledger.reserve(SOURCE, key, name, size, mtime_ns, len(frames)), 0
+            for offset in range(done, len(frames)):
+                store_frame(acquisition, first_t + offset, frames[offset], SOURCE, publish=False)
             ledger.mark_stored(SOURCE, key, name, first_t, len(frames), size, mtime_ns)
         except Rejected as error:
-            ledger.mark_rejected(SOURCE, key, f"{error.reason}: {error}", name, size, mtime_ns)
+            if grown:  # its stored frames stay on record; tried again when it changes again
+                ledger.mark_stored(SOURCE, key, previous.acquisition, previous.first_t,
+                                   previous.frames, size, mtime_ns)  # fmt: skip
+            else:
+                ledger.mark_rejected(SOURCE, key, f"{error.reason}: {error}", name, size, mtime_ns)
             reject(SOURCE, error, str(path))
             self.counts["rejected_files"] += 1
             return
         self._touched.add(acquisition)
-        self.counts["stored_files"] += 1
-        self.counts["stored_frames"] += len(frames)
-        log.debug("%s → %s frames %d..%d", path, name, first_t, first_t + len(frames) - 1)
+        self.counts["stored_files"] += not grown
+        self.counts["stored_frames"] += len(frames) - done
+        log.debug("%s → %s frames %d..%d", path, name, first_t + done, first_t + len(frames) - 1)
+
+    def _extend(
+        self, acquisition: Acquisition, item: Item, frames: np.ndarray, size: int, mtime_ns: int
+    ) -> tuple[int, int]:
+        """(first t, pages already stored) of a stored file that changed: a stack that grows,
+        e.g. a time-lapse written page by page. Raises Rejected("changed") when it changed
+        otherwise, or when other frames already follow its own in the acquisition."""
+        stored = item.frames
+        if len(frames) <= stored or not all(
+            _is_stored(acquisition, item.first_t + page, frames[page]) for page in (0, stored - 1)
+        ):
+            raise Rejected(
+                "changed",
+                f"changed after its {stored} frame(s) were stored, not only by pages added at "
+                "the end; the stored frames are kept (save changed data as a new file)",
+            )
+        if not self.store.ledger.extend(SOURCE, item.key, len(frames), size, mtime_ns):
+            raise Rejected(
+                "changed",
+                f"grew by {len(frames) - stored} page(s) after other frames followed its own in "
+                f"{acquisition.name!r}; the added pages have no frame numbers and are not stored "
+                "(write one growing file per acquisition)",
+            )
+        return item.first_t, stored
 
     def _acquisition_name(self, path: Path, root: Path) -> str:
         relative = path.relative_to(root).as_posix()
@@ -383,6 +417,14 @@ class FolderSource(Stage):
             return validate_name(match["acquisition"])
         except ValueError as error:
             raise Rejected("name", str(error)) from error
+
+
+def _is_stored(acquisition: Acquisition, t: int, pixels: np.ndarray) -> bool:
+    """Whether raw frame `t` of `acquisition` is stored with exactly these pixels."""
+    try:
+        return np.array_equal(acquisition.read_raw(t), pixels)
+    except KeyError:
+        return False
 
 
 def _stat(path: str) -> tuple[int, int]:

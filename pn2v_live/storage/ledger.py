@@ -173,6 +173,34 @@ class Ledger:
             )
             return used
 
+    def extend(self, source: str, key: str, frames: int, size: int, mtime_ns: int) -> bool:
+        """Grow a stored item's frame range to `frames` frames and mark it pending again, if
+        nothing else of its acquisition (an item's range or a frame) lies after that range.
+
+        False (and nothing changed) when something does: the added frames have no numbers.
+        """
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            acquisition, first_t, stored = self._db.execute(
+                "SELECT acquisition, first_t, frames FROM items WHERE source = ? AND key = ?",
+                (source, key),
+            ).fetchone()
+            end = first_t + stored
+            (later,) = self._db.execute(
+                "SELECT (SELECT count(*) FROM items WHERE acquisition = ? AND first_t >= ? "
+                "AND status IN ('stored', 'pending') AND NOT (source = ? AND key = ?)) "
+                "+ (SELECT count(*) FROM frames WHERE acquisition = ? AND t >= ?)",
+                (acquisition, end, source, key, acquisition, end),
+            ).fetchone()
+            if later:
+                return False
+            self._db.execute(
+                "UPDATE items SET status = 'pending', frames = ?, size = ?, mtime_ns = ?, "
+                "updated = ? WHERE source = ? AND key = ?",
+                (frames, size, mtime_ns, time.time(), source, key),
+            )
+            return True
+
     def mark_stored(
         self,
         source: str,
