@@ -14,6 +14,11 @@ FRAMES_DENOISED = Counter(
     "Denoised frames written; kind is new (first twin) or backfill (re-denoised by a newer model)",
     ["kind"],
 )
+FRAMES_UNREADABLE = Counter(
+    "pn2v_live_frames_unreadable_total",
+    "Stored raw frames that could not be read back (damaged chunk); skipped, tried again later",
+    ["stage"],
+)
 BACKLOG = Gauge("pn2v_live_backlog_frames", "Stored raw frames still waiting for a denoised twin")
 INGEST_QUEUE = Gauge("pn2v_live_ingest_queue_frames", "Frames received but not yet stored")
 INFERENCE_SECONDS = Histogram(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from prometheus_client import REGISTRY
 
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import new_denoiser
@@ -176,3 +177,25 @@ def test_backfill_only_touches_acquisitions_with_recent_frames(
     assert [last_week.denoised_version(t) for t in range(3)] == [1, 1, 1]
     assert stage.backlog == 0 and stage.idle.is_set()
     store.close()
+
+
+def test_a_damaged_frame_or_acquisition_holds_up_nothing_else(setup, monkeypatch):
+    store, registry, noise, acquisition, frames, stage, published = setup
+    monkeypatch.setattr("pn2v_live.pipeline.inference.RETRY_SECONDS", 1.0)
+    chunk = store.root / "cells.ome.zarr" / "raw" / "0" / "5" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(b"not a blosc chunk")
+    (store.root / "foreign.ome.zarr" / "raw").mkdir(parents=True)  # no zarr metadata at all
+    labels = {"stage": "inference"}
+    unreadable = REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", labels) or 0.0
+    promote(registry, tiny_model(0), 2.0)
+    while stage.work():
+        pass
+    assert [acquisition.denoised_version(t) for t in range(10)] == [1] * 5 + [None] + [1] * 4
+    assert stage.backlog == 0 and stage.idle.is_set()  # the trainer is not kept waiting
+    assert REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", labels) == unreadable + 1
+    acquisition.write_raw(5, frames[5])  # the frame arrives again
+    time.sleep(1.0)
+    assert stage.work() is True
+    np.testing.assert_array_equal(
+        acquisition.read_denoised(5), denoise(registry.load()[0], frames[5], noise)["denoised"]
+    )

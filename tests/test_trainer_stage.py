@@ -140,3 +140,37 @@ def test_precision_setting_decides_the_body_dtype_of_training(setup, tmp_path):
         )
         assert recorded[precision] == pytest.approx(again, rel=1e-6)
     assert recorded["float32"] != pytest.approx(recorded["bfloat16"], rel=1e-6)
+
+
+def chunk(store: Store, name: str, t: int):
+    """The raw chunk file of frame `t` (zarr format 2, '/' separated keys)."""
+    return store.root / f"{name}.ome.zarr" / "raw" / "0" / str(t) / "0" / "0" / "0" / "0"
+
+
+def test_rounds_choose_the_newest_trainable_acquisition_and_skip_damaged_frames(setup):
+    """Idle and post-restart rounds train on today's sample, not the biggest old acquisition;
+    a too-short acquisition and a damaged frame do not stop rounds."""
+    trainer, registry, add_frames, idle = setup
+    store = trainer.store
+    rng = np.random.default_rng(1)
+    old = store.create("last_week", (24, 24), "uint8")
+    for t in range(40):  # bigger than "cells", but older
+        old.write_raw(t, rng.poisson(30, (24, 24)).astype(np.uint8))
+    add_frames(12)
+    short = store.create("snapshot", (24, 24), "uint8")  # newest, but no held-back frame yet
+    short.write_raw(0, rng.poisson(30, (24, 24)).astype(np.uint8))
+    chunk(store, "cells", 5).write_bytes(b"not a blosc chunk")
+    unreadable = (
+        REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", {"stage": "trainer"}) or 0.0
+    )
+    assert trainer.work() is True  # no model yet: the first round starts at once
+    record = trainer.history[-1]
+    assert record["acquisition"] == "cells"  # newest trainable; nothing counts as new yet
+    assert registry.current().training_frames == 9  # 10 training frames, one damaged
+    assert (
+        REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", {"stage": "trainer"})
+        == unreadable + 1
+    )
+    trainer._last_round -= SETTINGS.every_seconds  # overdue: an idle round
+    assert trainer.work() is True
+    assert trainer.history[-1]["acquisition"] == "cells"

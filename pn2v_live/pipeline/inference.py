@@ -33,6 +33,7 @@ from pn2v_live.errors import UserError
 from pn2v_live.metrics import (
     BACKLOG,
     FRAMES_DENOISED,
+    FRAMES_UNREADABLE,
     INFERENCE_SECONDS,
     MODEL_VERSION,
     SIGNAL_OUT_OF_CALIBRATION,
@@ -40,6 +41,8 @@ from pn2v_live.metrics import (
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelInfo, ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
+
+RETRY_SECONDS = 600.0  # a raw frame that could not be read is tried again after this long
 
 # Called after each denoised frame is written: (acquisition, t, denoised float32 (Y, X), version).
 FrameListener = Callable[[Acquisition, int, np.ndarray, int], None]
@@ -105,6 +108,7 @@ class InferenceScheduler(Stage):
         self._client = None
         self._remote: tuple | None = None  # (denoiser, noise model) futures on the cluster
         self._warned: set[str] = set()  # acquisitions already warned about uncalibrated signal
+        self._unreadable: dict[tuple[str, int], float] = {}  # (acquisition, t) → retry time
         if scheduler != "local":
             self._client = connect(scheduler)
 
@@ -151,9 +155,14 @@ class InferenceScheduler(Stage):
         Only frames without a twin and the frames of recent acquisitions are looked at, so a
         pass stays cheap however many old acquisitions the store holds.
         """
-        acquisitions = [self.store.acquisition(name) for name in self.store.acquisitions()]
-        acquisitions.sort(key=lambda a: a.closed)  # open (live) acquisitions first
-        fresh = [Job(a, t, False) for a in acquisitions for t in a.frames_without_twin()]
+        acquisitions = sorted(self.store.open_acquisitions(), key=lambda a: a.closed)  # live first
+        now = time.monotonic()
+        fresh = [
+            Job(a, t, False)
+            for a in acquisitions
+            for t in a.frames_without_twin()
+            if self._unreadable.get((a.name, t), now) <= now
+        ]
         if fresh:
             return fresh[: self.max_in_flight], len(fresh)
         version = self.model.version if self.model else 1
@@ -162,6 +171,7 @@ class InferenceScheduler(Stage):
             for a in acquisitions
             if self._recent(a)
             for t in a.frames_to_denoise(version)
+            if self._unreadable.get((a.name, t), now) <= now
         ]
         return stale[: self.max_in_flight], 0
 
@@ -174,7 +184,9 @@ class InferenceScheduler(Stage):
     def _run(self, jobs: list[Job]) -> None:
         """Denoise `jobs` as parallel dask tasks, then write each result with the model version."""
         started = time.monotonic()
-        raws = [job.acquisition.read_raw(job.t) for job in jobs]
+        jobs, raws = self._read(jobs)
+        if not jobs:
+            return
         if self._client is None:
             tasks = [
                 dask.delayed(denoise_frame)(
@@ -202,6 +214,7 @@ class InferenceScheduler(Stage):
         version = self.model.version
         for job, denoised in zip(jobs, results, strict=True):
             job.acquisition.write_denoised(job.t, denoised, version)
+            self._unreadable.pop((job.acquisition.name, job.t), None)
             INFERENCE_SECONDS.observe(time.monotonic() - started)
             FRAMES_DENOISED.labels("backfill" if job.backfill else "new").inc()
             if not job.backfill:
@@ -209,6 +222,28 @@ class InferenceScheduler(Stage):
             if self.on_frame is not None:
                 self.on_frame(job.acquisition, job.t, denoised, version)
         self.beat()
+
+    def _read(self, jobs: list[Job]) -> tuple[list[Job], list[np.ndarray]]:
+        """The jobs whose raw frame reads back, with those frames; a damaged one is logged,
+        counted and tried again after RETRY_SECONDS, so it never holds up the others."""
+        readable, raws = [], []
+        for job in jobs:
+            try:
+                raws.append(job.acquisition.read_raw(job.t))
+            except Exception as error:  # codec or OS error of a damaged chunk
+                self._unreadable[(job.acquisition.name, job.t)] = time.monotonic() + RETRY_SECONDS
+                FRAMES_UNREADABLE.labels("inference").inc()
+                self.log.error(
+                    "cannot read raw frame %d, trying again in %d min: %s: %s",
+                    job.t,
+                    RETRY_SECONDS // 60,
+                    type(error).__name__,
+                    error,
+                    extra={"acquisition": job.acquisition.name},
+                )
+                continue
+            readable.append(job)
+        return readable, raws
 
     def _check_calibration(self, acquisition: Acquisition, denoised: np.ndarray) -> None:
         """Export the fraction of signal above the calibrated range; warn once per acquisition."""

@@ -1,13 +1,14 @@
 """The trainer stage: keeps fine-tuning PN2V on the accumulated raw frames, in bounded rounds.
 
-A round starts after `every_frames` new frames or `every_seconds` after the previous round.
-It trains the working model for `steps_per_round` steps on patches from the most active
-acquisition's recent frames (newer frames drawn more often), the learning rate falling along a
-cosine from `learning_rate` to 0 within the round (so each round ends settled and the next can
-follow a changing sample), then compares the working model
-with the promoted one on the same validation batch from held-back frames (t % 8 == 3, never
-trained on) and promotes it through the registry only if it is better. Before every step it
-waits until inference has no fresh frame waiting, so training never delays denoising.
+A round starts after `every_frames` new frames or `every_seconds` after the previous round (at
+once while no model exists). It trains the working model for `steps_per_round` steps on patches
+of the recent frames (newer ones drawn more often) of the acquisition with the most new frames
+(while idle: the one with the newest frame), the learning rate falling along a cosine from
+`learning_rate` to 0 within the round (so each round ends settled and the next can follow a
+changing sample), then compares the working model with the promoted one on the same validation
+batch from held-back frames (t % 8 == 3, never trained on) and promotes it through the registry
+only if it is better. Before every step it waits until inference has no fresh frame waiting, so
+training never delays denoising.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ import torch
 from pn2v_live.core.model import PRECISIONS, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.training import Training, cosine_rate, sample_patches
-from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
+from pn2v_live.metrics import (
+    FRAMES_UNREADABLE,
+    TRAINER_STATE,
+    TRAINING_LOSS,
+    TRAINING_ROUNDS,
+    VALIDATION_LOSS,
+)
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
@@ -34,6 +41,7 @@ VALIDATION_PATCHES = 32
 WINDOW_FRAMES = 400  # newest frames a round samples from ...
 WINDOW_BYTES = 512 * 2**20  # ... as long as they fit in this much memory
 HALF_LIFE_FRAMES = 100  # a frame this much older than the newest is drawn half as often
+MIN_SIDE = 8  # smallest frame side a patch (a multiple of 8) fits in
 HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
 
 
@@ -74,23 +82,29 @@ class Trainer(Stage):
         self.history: deque[dict] = deque(maxlen=HISTORY_ROUNDS)
         self._training: Training | None = None
         self._steps_since_promotion = 0
-        self._seen: dict[str, int] = {}  # frames per acquisition at the last round
+        self._seen: dict[str, int] | None = None  # frames per acquisition at the last round
         self._last_round = time.monotonic()
 
     def work(self) -> bool:
-        counts = {
-            name: len(self.store.acquisition(name).stored_frames())
-            for name in self.store.acquisitions()
-        }
+        """Run a round when one is due, on the acquisition with the most new frames (ties, e.g.
+        while the microscope is idle: the one with the newest frame)."""
+        acquisitions = self.store.open_acquisitions()
+        counts = {a.name: a.frame_count for a in acquisitions}
+        if self._seen is None:  # frames stored before this start are not new
+            self._seen = counts
         growth = {name: n - self._seen.get(name, 0) for name, n in counts.items()}
-        new_frames = sum(growth.values())
+        first_model = self.registry.current() is None
         overdue = time.monotonic() - self._last_round >= self.settings.every_seconds
-        if not counts or (new_frames < self.settings.every_frames and not overdue):
+        if sum(growth.values()) < self.settings.every_frames and not (overdue or first_model):
             return False
-        name = max(growth, key=lambda n: (growth[n], counts[n]))
-        train_frames, weights, val_frames = self._frames(self.store.acquisition(name))
+        candidates = [a for a in acquisitions if _trainable(a)]
+        if not candidates:
+            return False  # too few frames yet for a held-back one, or frames too small
+        chosen = max(candidates, key=lambda a: (growth[a.name], a.last_frame_at or 0.0))
+        name = chosen.name
+        train_frames, weights, val_frames = self._frames(chosen)
         if not train_frames or not val_frames:
-            return False  # too few frames yet for a held-back one
+            return False  # every frame of one kind unreadable
         self._seen, self._last_round = counts, time.monotonic()
         self._set_state("training")
         try:
@@ -110,21 +124,31 @@ class Trainer(Stage):
         self, acquisition: Acquisition
     ) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
         """Recent training frames with recency weights, and the held-back validation frames."""
-        frame_bytes = acquisition.dtype.itemsize * int(np.prod(acquisition.frame_shape))
-        window = min(WINDOW_FRAMES, max(2, WINDOW_BYTES // frame_bytes))
-        recent = acquisition.stored_frames()[-window:]
-        held_back = [t for t in recent if t % VALIDATION_PERIOD == VALIDATION_PHASE]
-        trained = [t for t in recent if t % VALIDATION_PERIOD != VALIDATION_PHASE]
-        weights = (
-            0.5 ** ((recent[-1] - np.asarray(trained, dtype=float)) / HALF_LIFE_FRAMES)
-            if trained
-            else np.empty(0)
-        )
-        return (
-            [acquisition.read_raw(t) for t in trained],
-            weights,
-            [acquisition.read_raw(t) for t in held_back],
-        )
+        trained, held_back = _window(acquisition)
+        newest = max(trained + held_back)
+        trained, train_frames = self._read(acquisition, trained)
+        weights = 0.5 ** ((newest - np.asarray(trained, dtype=float)) / HALF_LIFE_FRAMES)
+        return train_frames, weights, self._read(acquisition, held_back)[1]
+
+    def _read(self, acquisition: Acquisition, ts: list[int]) -> tuple[list[int], list[np.ndarray]]:
+        """The frames `ts` that read back, with their numbers; a damaged one is logged, counted
+        and left out of this round."""
+        read, frames = [], []
+        for t in ts:
+            try:
+                frames.append(acquisition.read_raw(t))
+            except Exception as error:  # codec or OS error of a damaged chunk
+                FRAMES_UNREADABLE.labels("trainer").inc()
+                self.log.warning(
+                    "raw frame %d does not read back, not trained on: %s: %s",
+                    t,
+                    type(error).__name__,
+                    error,
+                    extra={"acquisition": acquisition.name},
+                )
+                continue
+            read.append(t)
+        return read, frames
 
     def _round(
         self,
@@ -227,6 +251,25 @@ class Trainer(Stage):
                 return False
         self._set_state("training")
         return not self.stopping
+
+
+def _window(acquisition: Acquisition) -> tuple[list[int], list[int]]:
+    """Frame numbers a round trains on and validates on: the newest WINDOW_FRAMES (fewer when
+    they would exceed WINDOW_BYTES, never fewer than one validation period)."""
+    frame_bytes = acquisition.dtype.itemsize * int(np.prod(acquisition.frame_shape))
+    window = min(WINDOW_FRAMES, max(VALIDATION_PERIOD, WINDOW_BYTES // frame_bytes))
+    recent = acquisition.stored_frames()[-window:]
+    held_back = [t for t in recent if t % VALIDATION_PERIOD == VALIDATION_PHASE]
+    return [t for t in recent if t % VALIDATION_PERIOD != VALIDATION_PHASE], held_back
+
+
+def _trainable(acquisition: Acquisition) -> bool:
+    """Whether a round can use `acquisition`: frames of at least MIN_SIDE pixels, and both a
+    training and a held-back frame among its newest."""
+    if min(acquisition.frame_shape) < MIN_SIDE:
+        return False
+    trained, held_back = _window(acquisition)
+    return bool(trained) and bool(held_back)
 
 
 def pick_device(name: str) -> torch.device:

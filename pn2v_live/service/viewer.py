@@ -100,7 +100,7 @@ def _float_query(request: web.Request, key: str) -> float | None:
 
 def acquisition_summary(acquisition: Acquisition) -> dict:
     """What the acquisition list and the live updates show about one acquisition."""
-    stored = len(acquisition.stored_frames())
+    stored = acquisition.frame_count
     waiting = len(acquisition.frames_without_twin())
     return {
         "name": acquisition.name,
@@ -260,8 +260,8 @@ class ViewerServer:
         """Summaries of every acquisition; one that was complete (closed, every frame denoised)
         and has not grown is not re-counted, so a store of many old acquisitions stays cheap."""
         summaries = []
-        for name in self.store.acquisitions():
-            acquisition = self.store.acquisition(name)
+        for acquisition in self.store.open_acquisitions():
+            name = acquisition.name
             cached = self._finished.get(name)
             if cached is None or cached["frames"] != acquisition.valid_t:
                 cached = acquisition_summary(acquisition)

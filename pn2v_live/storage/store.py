@@ -140,6 +140,11 @@ class Acquisition:
             return self._last_frame_at
         return self._attrs().get("last_frame_at")
 
+    @property
+    def frame_count(self) -> int:
+        """Number of stored raw frames (without sorting them, unlike `stored_frames`)."""
+        return len(self._stored)
+
     def stored_frames(self) -> list[int]:
         """Indices of every stored raw frame, ascending (may have gaps when out of order)."""
         with self._lock:
@@ -340,6 +345,7 @@ class Store:
         self.ledger = Ledger(self.root)
         self._lock = threading.Lock()
         self._open: dict[str, Acquisition] = {}
+        self._unopenable: set[str] = set()  # acquisitions already logged as damaged
 
     def close(self) -> None:
         """Flush the acquisitions this process wrote raw frames to, close the ledger and give up
@@ -357,6 +363,20 @@ class Store:
         """Names of all acquisitions under the root, sorted."""
         names = (p.name[: -len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}"))
         return sorted(n for n in names if (self.root / (n + SUFFIX) / "raw").is_dir())
+
+    def open_acquisitions(self) -> list[Acquisition]:
+        """Every acquisition that opens, by name; one that does not (damaged metadata) is
+        logged once and left out, so it never stops work on the others."""
+        opened = []
+        for name in self.acquisitions():
+            try:
+                opened.append(self.acquisition(name))
+            except Exception as error:  # zarr, JSON and OS errors of a damaged folder
+                if name not in self._unopenable:
+                    self._unopenable.add(name)
+                    log.error("cannot open acquisition %s, left alone: %s: %s",
+                              name, type(error).__name__, error)  # fmt: skip
+        return opened
 
     def path(self, name: str) -> Path:
         return self.root / (validate_name(name) + SUFFIX)
