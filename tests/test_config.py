@@ -75,6 +75,13 @@ def test_overrides_win_over_the_file(tmp_path):
     assert config.metrics.bind == ""
 
 
+def test_keep_versions_default_and_value_survive_path_resolution(tmp_path):
+    assert load_config(None).model.keep_versions == 10
+    path = write(tmp_path, '[model]\ninitial = "start.pt"\nkeep_versions = 3\n')
+    config = load_config(path)
+    assert (config.model.initial, config.model.keep_versions) == (tmp_path / "start.pt", 3)
+
+
 @pytest.mark.parametrize(
     ("text", "overrides", "expected"),
     [
@@ -93,6 +100,7 @@ def test_overrides_win_over_the_file(tmp_path):
         ("[ingest.folder]\npattern = '(.*'\n", [], "ingest.folder.pattern: acquisition pattern"),
         ("[ingest.folder]\npattern = '.*'\n", [], "needs a group named acquisition"),
         ("", ["trainer.every_frames=0"], "trainer.every_frames: Input should be greater than 0"),
+        ("[model]\nkeep_versions = 0\n", [], "model.keep_versions: Input should be greater than"),
         (
             "[trainer]\nsteps_per_round = 5\n",
             ["trainer.steps_per_round.x=1"],

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from pn2v_live.core.model import new_denoiser
@@ -102,11 +103,57 @@ def test_content_id_follows_file_content(tmp_path):
     assert len(content_id(a)) == 16
 
 
+SUFFIXES = (".json", ".pt")
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_promotion_keeps_only_the_newest_versions(tmp_path):
+    registry = ModelRegistry(tmp_path, keep_versions=2)
+    for seed, loss in enumerate([5.0, 4.0, 3.0, 2.0, 1.0]):
+        promote(registry, small_denoiser(seed), loss)
+    assert files(tmp_path) == ["current", "v0004.json", "v0004.pt", "v0005.json", "v0005.pt"]
+    reopened = ModelRegistry(tmp_path, keep_versions=2)
+    denoiser, info = reopened.load()
+    assert info.version == 5 and same_weights(denoiser, small_denoiser(4))
+    assert [v.version for v in reopened.versions()] == [4, 5]
+    newest = promote(reopened, small_denoiser(5), 0.5)
+    assert (newest.version, newest.parent) == (6, 5)
+    assert files(tmp_path) == ["current", "v0005.json", "v0005.pt", "v0006.json", "v0006.pt"]
+
+
+def test_keep_one_never_reuses_a_deleted_number(tmp_path):
+    registry = ModelRegistry(tmp_path, keep_versions=1)
+    for seed, loss in enumerate([3.0, 2.0, 1.0]):
+        assert promote(registry, small_denoiser(seed), loss).version == seed + 1
+        assert files(tmp_path) == ["current", f"v{seed + 1:04d}.json", f"v{seed + 1:04d}.pt"]
+    assert ModelRegistry(tmp_path, keep_versions=1).load()[1].version == 3
+
+
+def test_a_half_deleted_version_is_invisible_and_deleted_by_the_next_promotion(tmp_path):
+    registry = ModelRegistry(tmp_path)  # keeps everything
+    for seed, loss in enumerate([3.0, 2.0, 1.0]):
+        promote(registry, small_denoiser(seed), loss)
+    (tmp_path / "v0001.json").unlink()  # a crash between deleting v1's metadata and checkpoint
+    reopened = ModelRegistry(tmp_path, keep_versions=2)
+    assert [v.version for v in reopened.versions()] == [2, 3]
+    assert reopened.load()[1].version == 3
+    assert promote(reopened, small_denoiser(3), 0.5).version == 4
+    assert files(tmp_path) == ["current", "v0003.json", "v0003.pt", "v0004.json", "v0004.pt"]
+
+
+def test_keep_versions_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="keep_versions"):
+        ModelRegistry(tmp_path, keep_versions=0)
+
+
 PROMOTE_FOREVER = """
 import sys, torch
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.storage.registry import ModelRegistry
-registry = ModelRegistry(sys.argv[1])
+registry = ModelRegistry(sys.argv[1], keep_versions=int(sys.argv[2]) or None)
 while True:
     current = registry.current()
     loss = 1e6 if current is None else current.validation_loss * 0.99
@@ -117,11 +164,13 @@ while True:
 """
 
 
-def test_sigkill_during_promotion_leaves_a_loadable_current_model(tmp_path):
+@pytest.mark.parametrize("keep", [None, 2])
+def test_sigkill_during_promotion_leaves_a_loadable_current_model(tmp_path, keep):
+    """Also while pruning (keep = 2): killed mid-deletion, the registry still loads and lists."""
     folder = tmp_path / "models"
     for delay in (0.9, 1.3, 1.7):
         process = subprocess.Popen(
-            [sys.executable, "-c", PROMOTE_FOREVER, str(folder)],
+            [sys.executable, "-c", PROMOTE_FOREVER, str(folder), str(keep or 0)],
             cwd=PROJECT_ROOT,
             stdout=subprocess.PIPE,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -131,7 +180,7 @@ def test_sigkill_during_promotion_leaves_a_loadable_current_model(tmp_path):
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        registry = ModelRegistry(folder)
+        registry = ModelRegistry(folder, keep_versions=keep)
         assert not list(folder.glob(".*")), "temporary files of the killed writer are cleaned"
         denoiser, info = registry.load()
         # The checkpoint behind the pointer is the one its metadata describes, and it is the
@@ -143,3 +192,7 @@ def test_sigkill_during_promotion_leaves_a_loadable_current_model(tmp_path):
     newest = promote(registry, small_denoiser(5), 0.5)
     assert newest.version > max(used)
     assert registry.load()[1] == newest
+    if keep is not None:  # whatever a killed pruning left behind is gone now
+        versions = [v.version for v in registry.versions()]
+        assert len(versions) == 2 and versions[-1] == newest.version
+        assert files(folder) == ["current", *(f"v{n:04d}{s}" for n in versions for s in SUFFIXES)]

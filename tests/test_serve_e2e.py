@@ -80,6 +80,8 @@ class Serve:
 root = "store"
 [noise_model]
 path = "{data["noise_model"]}"
+[model]
+keep_versions = 1000  # a check loads the version promoted before a kill, many rounds ago
 [ingest.zmq]
 bind = "{self.zmq}"
 [trainer]

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import free_port
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.errors import UserError
+from pn2v_live.service.daemon import _device
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
 
@@ -33,8 +36,9 @@ def serve(
             gain=1.0, offset=0.0, read_noise=2.0, signal_range=(0, 255)
         )
         save_noise_model(model, tmp_path / "nm.pt")
-    lines = [f'store.root = "{tmp_path / "store"}"', 'noise_model.path = "nm.pt"']
-    lines += [f"{key} = {value}" for key, value in {**SOCKETS_OFF, **settings}.items()]
+    defaults = {"store.root": f'"{tmp_path / "store"}"', **SOCKETS_OFF}
+    lines = ['noise_model.path = "nm.pt"']
+    lines += [f"{key} = {value}" for key, value in {**defaults, **settings}.items()]
     config = tmp_path / "serve.toml"
     config.write_text("\n".join(lines) + "\n")
     return subprocess.run(
@@ -132,3 +136,42 @@ def test_store_root_already_written_by_another_process(tmp_path):
     result = serve(tmp_path, {})
     holder.close()
     assert_one_line_error(result, str(tmp_path / "store"), f"pid {os.getpid()}", "stop it first")
+
+
+@pytest.mark.parametrize("where", ["parent is a file", "models is a file"])
+def test_store_root_that_cannot_be_written(tmp_path, where):
+    # Under a regular file nothing can be created, even as root (chmod would not stop root).
+    if where == "parent is a file":
+        (tmp_path / "file").write_text("")
+        root = tmp_path / "file" / "store"
+    else:
+        root = tmp_path / "store"
+        root.mkdir()
+        (root / "models").write_text("")  # the model registry's folder
+    result = serve(tmp_path, {"store.root": f'"{root}"'})
+    assert_one_line_error(result, f"store.root {root}: cannot create or write it")
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"inference.device": f'"cuda:{torch.cuda.device_count()}"'},  # one past the last GPU
+        pytest.param(
+            {"trainer.device": '"mps"'},
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is here"),
+        ),
+    ],
+    ids=["cuda-past-the-last-gpu", "mps"],
+)
+def test_device_that_is_not_there(tmp_path, setting):
+    (key,) = setting
+    result = serve(tmp_path, setting)
+    assert_one_line_error(result, key, setting[key].strip('"'))
+
+
+def test_gpu_number_beyond_the_visible_ones(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _device("cuda:1", "trainer.device") == torch.device("cuda:1")
+    with pytest.raises(UserError, match=r"trainer.device = 'cuda:3' but only 2 CUDA GPU"):
+        _device("cuda:3", "trainer.device")

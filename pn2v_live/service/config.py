@@ -90,6 +90,7 @@ class NoiseModelConfig(Section):
 
 class ModelConfig(Section):
     initial: Path | None = None
+    keep_versions: int = Field(10, ge=1)  # newest model versions a promotion keeps
 
 
 class TrainerConfig(Section):
@@ -215,6 +216,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     def resolve(path: Path) -> Path:
         return path if path.is_absolute() else base / path
 
+    initial = None if config.model.initial is None else resolve(config.model.initial)
     return config.model_copy(
         update={
             "store": config.store.model_copy(update={"root": resolve(config.store.root)}),
@@ -226,8 +228,6 @@ def _resolve_paths(config: Config, base: Path) -> Config:
                 }
             ),
             "noise_model": NoiseModelConfig(path=resolve(config.noise_model.path)),
-            "model": ModelConfig(
-                initial=None if config.model.initial is None else resolve(config.model.initial)
-            ),
+            "model": config.model.model_copy(update={"initial": initial}),
         }
     )

@@ -6,12 +6,15 @@ promoted model loaded → ingest sources → inference and trainer → READY=1. 
 READY is a UserError with one line saying what and how to fix it. SIGTERM/SIGINT drain: sources
 stop accepting (what they already received is stored), the trainer abandons its round,
 inference finishes the frames in flight, then the store and ledger are closed and `run` returns.
+The signal handlers are installed first thing in `start`: a signal during start-up lets start-up
+finish, then `run` drains at once.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 from collections.abc import Callable
 
@@ -57,6 +60,9 @@ class Daemon:
 
     def start(self) -> None:
         """Bring every part up; UserError (after undoing what started) if one cannot start."""
+        if threading.current_thread() is threading.main_thread():  # signal() works only there
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self._stop.set())
         try:
             self._start()
         except BaseException:
@@ -70,9 +76,7 @@ class Daemon:
         noise_path = c.noise_model.path
         trainer_noise = load_noise_model(noise_path, trainer_device)
         inference_noise = load_noise_model(noise_path, inference_device)
-        self.store = Store(c.store.root, c.store.zarr_format, writer=True)
-        self._closers.append(self.store.close)
-        registry = ModelRegistry(c.store.root / "models")
+        registry = self._open_store()
         self._import_initial_model(registry)
         self.inference = InferenceScheduler(
             self.store,
@@ -108,6 +112,21 @@ class Daemon:
         self.trainer.start()
         log.info("serving store %s; %s", c.store.root, self.status_line())
         self.notifier.ready(self.status_line())
+
+    def _open_store(self) -> ModelRegistry:
+        """Open the store as its one writer, and its model registry; UserError when store.root
+        cannot be created or written."""
+        root = self.config.store.root
+        try:
+            self.store = Store(root, self.config.store.zarr_format, writer=True)
+            self._closers.append(self.store.close)
+            return ModelRegistry(root / "models", self.config.model.keep_versions)
+        except (OSError, sqlite3.Error) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise UserError(
+                f"store.root {root}: cannot create or write it ({reason}); choose a folder "
+                "this user may write"
+            ) from error
 
     def _import_initial_model(self, registry: ModelRegistry) -> None:
         """Make `[model] initial` version 1 when the registry has no promoted model yet."""
@@ -177,23 +196,24 @@ class Daemon:
     # ---- run ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (or `request_stop`), then drain and close."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self._stop.set())
+        """Serve until SIGTERM/SIGINT (or `request_stop`), then drain and close (also when the
+        loop fails)."""
         interval = self.notifier.watchdog_interval
         tick = min(TICK_SECONDS, interval) if interval else TICK_SECONDS
         max_silence = 2 * interval if interval else UNWATCHED_SILENCE
         last_status = None
-        while not self._stop.wait(tick):
-            if all(stage.alive(max_silence) for stage in self._stages()):
-                self.notifier.watchdog()
-            else:
-                log.error("a stage stopped making progress; not pinging the watchdog")
-            status = self.status_line()
-            if status != last_status:
-                self.notifier.status(status)
-                last_status = status
-        self.drain()
+        try:
+            while not self._stop.wait(tick):
+                if all(stage.alive(max_silence) for stage in self._stages()):
+                    self.notifier.watchdog()
+                else:
+                    log.error("a stage stopped making progress; not pinging the watchdog")
+                status = self.status_line()
+                if status != last_status:
+                    self.notifier.status(status)
+                    last_status = status
+        finally:
+            self.drain()
 
     def request_stop(self) -> None:
         """Make `run` drain and return, as SIGTERM does (callable from any thread)."""
@@ -250,10 +270,19 @@ class Daemon:
 
 
 def _device(name: str, key: str) -> torch.device:
-    """The torch device for a config value; UserError when CUDA is asked for but absent."""
+    """The torch device for a config value; UserError when that device is not on this machine."""
     device = pick_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f'{key} = {name!r} but no CUDA GPU is visible; use "auto" or "cpu"')
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f'{key} = {name!r} but no CUDA GPU is visible; use "auto" or "cpu"')
+        if (device.index or 0) >= count:
+            raise UserError(
+                f"{key} = {name!r} but only {count} CUDA GPU(s) are visible, cuda:0 to "
+                f'cuda:{count - 1}; use one of them, "cuda" or "auto"'
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f'{key} = {name!r} but MPS is not available here; use "auto" or "cpu"')
     return device
 
 

@@ -25,9 +25,14 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    sync_folder(path.parent)
     return path
+
+
+def sync_folder(folder: str | Path) -> None:
+    """fsync `folder`, making the renames and deletions done in it so far durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -9,12 +9,18 @@ Layout of the registry folder (usually `<store root>/models/`):
 Every file is written to a temporary name, fsynced and renamed over the final name: checkpoint,
 then metadata, then the pointer. After a SIGKILL or power cut the pointer names a complete
 checkpoint, and a half-written newer version is never used (its number is simply skipped).
+
+With `keep_versions`, each promotion then deletes every version but the current one and the newest
+`keep_versions`: every doomed `.json` first, a folder fsync, then their `.pt` files. A crash
+in between leaves checkpoints without metadata, which `versions()` does not list and the next
+promotion deletes. The newest number always survives, so numbers are never reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 from dataclasses import asdict, dataclass
@@ -22,8 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pn2v_live.core.model import Denoiser
-from pn2v_live.storage.atomic import write_atomically
+from pn2v_live.storage.atomic import sync_folder, write_atomically
 from pn2v_live.storage.checkpoints import load_denoiser, save_denoiser
+
+log = logging.getLogger(__name__)
 
 POINTER = "current"
 
@@ -43,10 +51,17 @@ class ModelInfo:
 
 
 class ModelRegistry:
-    """Versions in `folder`; `promote` adds a version only when it beats the current one."""
+    """Versions in `folder`; `promote` adds a version only when it beats the current one.
 
-    def __init__(self, folder: Path):
+    With `keep_versions` (None: keep all), a promotion deletes every version but the newest
+    `keep_versions` and the current one.
+    """
+
+    def __init__(self, folder: Path, keep_versions: int | None = None):
+        if keep_versions is not None and keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
         self.folder = Path(folder)
+        self.keep_versions = keep_versions
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         for leftover in self.folder.glob(".*"):  # temporary files of a writer that was killed
@@ -116,12 +131,30 @@ class ModelRegistry:
             save_denoiser(denoiser, self._path(info.version, ".pt"), asdict(info))  # atomic
             write_atomically(self._path(info.version, ".json"), _writer(json.dumps(asdict(info))))
             write_atomically(self.folder / POINTER, _writer(f"{info.version}\n"))
+            if self.keep_versions is not None:
+                self._prune(info.version)
             return info
+
+    def _prune(self, current: int) -> None:
+        """Delete the files of every version but `current` and the newest `keep_versions`
+        complete ones (metadata first; see the module docstring). Failures are only logged."""
+        complete = sorted(int(p.stem[1:]) for p in self.folder.glob("v*.json"))
+        keep = {current, *complete[-self.keep_versions :]}
+        doomed = [p for p in self.folder.glob("v[0-9]*") if _number(p) not in keep]
+        try:
+            for path in doomed:
+                if path.suffix == ".json":
+                    path.unlink(missing_ok=True)
+            sync_folder(self.folder)
+            for path in doomed:
+                if path.suffix != ".json":
+                    path.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("%s: could not delete old model versions (%s)", self.folder, error)
 
     def _next_version(self) -> int:
         """One past every version number with any file, finished or not."""
-        numbers = [int(p.name[1:].split(".")[0]) for p in self.folder.glob("v[0-9]*")]
-        return max(numbers, default=0) + 1
+        return max(map(_number, self.folder.glob("v[0-9]*")), default=0) + 1
 
     def _path(self, version: int, suffix: str) -> Path:
         return self.folder / f"v{version:04d}{suffix}"
@@ -130,6 +163,11 @@ class ModelRegistry:
 def content_id(path: Path) -> str:
     """A short identifier of a file's content (first 16 hex digits of its SHA-256)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _number(path: Path) -> int:
+    """The version number in a registry file name such as v0003.pt."""
+    return int(path.name[1:].split(".")[0])
 
 
 def _writer(text: str):
