@@ -75,6 +75,8 @@ def test_baseline_measured_on_the_same_batch_decides(tmp_path):
     # The validation set grew: the current model now scores 3.0 on it, the candidate 2.5.
     assert promote(registry, small_denoiser(1), 2.5, baseline=3.0).version == 2
     assert promote(registry, small_denoiser(2), 2.9, baseline=2.8) is None
+    # The current model cannot be scored (NaN): a finite candidate replaces it.
+    assert promote(registry, small_denoiser(3), 2.9, baseline=float("nan")).version == 3
 
 
 def test_initial_model_without_loss_is_only_accepted_first(tmp_path):

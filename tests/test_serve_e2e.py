@@ -335,9 +335,8 @@ def test_folder_ingest_denoised_by_the_initial_model_before_any_training(tmp_pat
     serve = Serve(tmp_path, data)
     text = serve.config.read_text().replace("every_frames = 50", "every_frames = 1000")
     text = text.replace("every_seconds = 1", "every_seconds = 3600")
-    serve.config.write_text(
-        text + f'[ingest.folder]\npaths = ["{incoming}"]\n[model]\ninitial = "start.pt"\n'
-    )
+    text = text.replace("[model]\n", '[model]\ninitial = "start.pt"\n')
+    serve.config.write_text(text + f'[ingest.folder]\npaths = ["{incoming}"]\n')
     serve.start()
     try:
         writer = subprocess.run(

@@ -265,3 +265,15 @@ def test_opening_the_store_again_while_it_is_written_changes_nothing(tmp_path):
         writer.write_raw(t, data[t])
     writer.flush()
     np.testing.assert_array_equal(zarr.open_array(raw, mode="r")[:, 0, 0], data)
+
+
+def test_a_writer_reopening_aligns_arrays_left_unequal_by_a_kill_between_resizes(tmp_path):
+    store = Store(tmp_path, writer=True)
+    acq = store.create("a", (8, 8), "uint16")
+    for t, frame in enumerate(frames(3, (8, 8))):
+        acq.write_raw(t, frame)
+    store.close()
+    zarr.open_array(tmp_path / "a.ome.zarr" / "denoised" / "0").resize((1, 1, 1, 8, 8))
+    again = Store(tmp_path, writer=True).acquisition("a")
+    again.write_denoised(2, np.ones((8, 8), np.float32), model_version=1)  # IndexError before
+    np.testing.assert_array_equal(again.read_denoised(2), np.ones((8, 8), np.float32))

@@ -114,7 +114,8 @@ class ModelRegistry:
                 baseline = current.validation_loss if baseline_loss is None else baseline_loss
                 if validation_loss is None or not math.isfinite(validation_loss):
                     return None
-                if baseline is not None and not validation_loss < baseline:
+                comparable = baseline is not None and not math.isnan(baseline)
+                if comparable and not validation_loss < baseline:
                     return None
             elif validation_loss is not None and not math.isfinite(validation_loss):
                 return None

@@ -102,6 +102,8 @@ class Acquisition:
         self.dtype = np.dtype(self._raw.dtype)
         if writer:
             self._sweep_partials()
+            if self._denoised.shape[0] != self._raw.shape[0]:  # killed between the two resizes
+                self._resize(self._raw.shape[0])
         self._stored = set(self._reconcile())
         self._in_flight: set[int] = set()
         self._writing: set[int] = set()
