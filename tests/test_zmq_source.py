@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import time
 
 import numpy as np
@@ -232,10 +233,10 @@ def test_acquisition_damaged_on_disk_fails_alone(tmp_path):
 
 def test_a_failed_metadata_flush_is_logged_and_retried(receiver, sender, monkeypatch, caplog):
     real_flush = Acquisition.flush
-    failures = iter([OSError(errno.ENOSPC, "No space left on device")])
+    failures = iter([OSError(errno.ENOSPC, "No space left on device")] * 3)
 
     def disk_full_once(self, trim=True, **attrs):
-        """The first trimming flush fails as on a full disk; later ones work."""
+        """The first three trimming flushes fail as on a full disk; later ones work."""
         if trim and (error := next(failures, None)):
             raise error
         real_flush(self, trim, **attrs)
@@ -246,11 +247,14 @@ def test_a_failed_metadata_flush_is_logged_and_retried(receiver, sender, monkeyp
         return group.attrs["pn2v_live"]["valid_t"], group["raw/0"].shape[0]
 
     monkeypatch.setattr(Acquisition, "flush", disk_full_once)
+    caplog.set_level(logging.INFO, logger="pn2v_live.pipeline.zmq_source")
     data = stack(20)
     sender.send_frame("full", 0, data[0])
     wait_for(lambda: "No space left" in (receiver.health()["last_error"] or ""))
     assert "could not write the metadata of full" in caplog.text
     wait_for(lambda: on_disk("full") == (1, 1))  # the trim failed, stayed pending, then worked
+    assert caplog.text.count("could not write the metadata of full") == 1  # not every retry
+    wait_for(lambda: "metadata of full written again" in caplog.text)
     sender.send_stack("full", data, indices=range(1, 20))
     wait_for(lambda: on_disk("full") == (20, 20))
     assert receiver.health()["state"] == "running"

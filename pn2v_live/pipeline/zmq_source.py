@@ -84,6 +84,7 @@ class ZmqSource:
         self._published = 0.0
         self._state = "stopped"
         self._last_error: str | None = None
+        self._flush_failing: set[str] = set()  # acquisitions whose metadata write fails now
 
     # lifecycle --------------------------------------------------------------------------
 
@@ -255,7 +256,8 @@ class ZmqSource:
     def _flush_all(self, trim: bool) -> None:
         """Write valid_t of the acquisitions stored to since the last trim (see `flush`).
 
-        A flush that fails (disk full) is logged and its acquisition stays pending for the next.
+        A flush that fails (disk full) leaves its acquisition pending for the next; the first
+        failure and the recovery are logged, not every retry (idle writers retry 5 times a second).
         """
         self._published = time.monotonic()
         with self._counts_lock:
@@ -269,8 +271,13 @@ class ZmqSource:
             except Exception as error:
                 failed.append(acquisition)
                 self._last_error = f"{type(error).__name__}: {error}"
-                log.error(
-                    "could not write the metadata of %s, will retry: %s", acquisition.name, error
-                )
+                if acquisition.name not in self._flush_failing:
+                    self._flush_failing.add(acquisition.name)
+                    log.error("could not write the metadata of %s, retrying: %s",
+                              acquisition.name, error)  # fmt: skip
+                continue
+            if acquisition.name in self._flush_failing:
+                self._flush_failing.discard(acquisition.name)
+                log.info("metadata of %s written again", acquisition.name)
         with self._counts_lock:
             self._touched.update(failed)
