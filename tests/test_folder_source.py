@@ -58,6 +58,15 @@ def run_source(store, folder, **options):
     return source
 
 
+def run_until(store, folder, **counts: int) -> None:
+    """Run a source over `folder` until its `counts` reach these values, then stop it."""
+    source = run_source(store, folder)
+    try:
+        wait_for(lambda: all(source.counts[key] == value for key, value in counts.items()))
+    finally:
+        source.stop()
+
+
 def item_status(store, path: Path):
     item = store.ledger.item("folder", str(path))
     return None if item is None else item.status
@@ -122,13 +131,7 @@ def test_bad_files_are_rejected_with_reasons_and_good_ones_still_stored(tmp_path
     reasons = ["truncated", "empty", "not_image", "shape", "dtype", "pattern", "name"]
     counted = {reason: rejected(reason) for reason in reasons}
 
-    source = run_source(store, watched)
-    try:
-        wait_for(
-            lambda: source.counts["rejected_files"] == 8 and source.counts["stored_files"] == 2
-        )
-    finally:
-        source.stop()
+    run_until(store, watched, rejected_files=8, stored_files=2)
     acq = store.acquisition("run1")
     np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(4)]), good)
     assert acq.stored_frames() == [0, 1, 2, 3]
@@ -318,13 +321,7 @@ def test_multi_channel_and_z_stack_files_are_rejected_time_stacks_stored(tmp_pat
     hyperstack = planes[3:].reshape(1, 1, 1, *SHAPE)  # ImageJ TZCYX, only T may exceed one
     tifffile.imwrite(watched / "movie/b.tif", hyperstack, imagej=True, metadata={"axes": "TZCYX"})
     counted = rejected("shape")
-    source = run_source(store, watched)
-    try:
-        wait_for(
-            lambda: source.counts["rejected_files"] == 4 and source.counts["stored_files"] == 2
-        )
-    finally:
-        source.stop()
+    run_until(store, watched, rejected_files=4, stored_files=2)
     for name, what in holds.items():
         reason = store.ledger.item("folder", str(watched / name)).reason
         assert reason.startswith("shape") and f"holds {what}" in reason, reason
