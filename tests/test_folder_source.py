@@ -371,6 +371,21 @@ def test_a_stack_that_grows_after_it_was_taken_stores_the_added_pages(tmp_path, 
     assert (item.status, item.first_t, item.frames) == ("stored", 0, 7)
 
 
+def test_frames_appended_one_by_one_with_tifffile_are_one_growing_stack(tmp_path, watched):
+    """`tifffile.imwrite(path, frame, append=True)` writes a series per call: one stack."""
+    store = Store(tmp_path / "store")
+    (watched / "script").mkdir()
+    path, pages = watched / "script" / "run.tif", stack(6, 7)
+    for page in pages[:4]:
+        tifffile.imwrite(path, page, append=True)
+    run_until(store, watched, stored_frames=4)
+    for page in pages[4:]:
+        tifffile.imwrite(path, page, append=True)
+    run_until(store, watched, stored_frames=2)  # a new source: the two added pages
+    acquisition = store.acquisition("script")
+    np.testing.assert_array_equal(np.stack([acquisition.read_raw(t) for t in range(6)]), pages)
+
+
 def test_a_stored_file_changed_otherwise_is_counted_and_its_frames_kept(tmp_path, watched):
     store = Store(tmp_path / "store")
     (watched / "cells").mkdir()

@@ -79,7 +79,8 @@ def read_tiff_frames(path: Path) -> np.ndarray:
                         "truncated", f"page data run past the end of the file ({size} B)"
                     )
             series, sizes = _layout(tif)
-            if series != 1:
+            appended = series > 1 and _appended(tif)
+            if series != 1 and not appended:
                 raise Rejected("layout", f"holds {series} image series, expected one")
             for axis, count in sizes.items():
                 if axis not in FRAME_AXES and count > 1:
@@ -87,7 +88,10 @@ def read_tiff_frames(path: Path) -> np.ndarray:
                     raise Rejected(
                         "shape", f"holds {count} {what}; expected one grayscale plane per frame"
                     )
-            data = tif.series[0].asarray()
+            if appended:
+                data = np.concatenate([s.asarray().reshape(-1, *s.shape[-2:]) for s in tif.series])
+            else:
+                data = tif.series[0].asarray()
     except Rejected:
         raise
     except Exception as error:  # tifffile and its codecs raise many types for damaged files
@@ -115,6 +119,15 @@ def _layout(tif: tifffile.TiffFile) -> tuple[int, dict[str, int]]:
             sizes.update({axis: int(pixels.get(f"Size{axis}", 1)) for axis in "CZ"})
             return len(images), sizes
     return len(tif.series), sizes
+
+
+def _appended(tif: tifffile.TiffFile) -> bool:
+    """Whether the series are frames appended call by call (tifffile's `imwrite(path, frame,
+    append=True)` starts a series per call): all tifffile-shaped, grayscale, of one dtype and
+    frame shape. They are then read as one stack, in file order."""
+    return all(s.kind == "shaped" and set(s.axes) <= set(FRAME_AXES) for s in tif.series) and (
+        len({(s.dtype, s.shape[-2:]) for s in tif.series}) == 1
+    )
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
