@@ -33,7 +33,6 @@ from pn2v_live.errors import UserError
 from pn2v_live.metrics import (
     BACKLOG,
     FRAMES_DENOISED,
-    FRAMES_UNREADABLE,
     INFERENCE_SECONDS,
     MODEL_VERSION,
     SIGNAL_OUT_OF_CALIBRATION,
@@ -156,12 +155,11 @@ class InferenceScheduler(Stage):
         pass stays cheap however many old acquisitions the store holds.
         """
         acquisitions = sorted(self.store.open_acquisitions(), key=lambda a: a.closed)  # live first
-        now = time.monotonic()
         fresh = [
             Job(a, t, False)
             for a in acquisitions
             for t in a.frames_without_twin()
-            if self._unreadable.get((a.name, t), now) <= now
+            if self._due(a, t)
         ]
         if fresh:
             return fresh[: self.max_in_flight], len(fresh)
@@ -171,9 +169,13 @@ class InferenceScheduler(Stage):
             for a in acquisitions
             if self._recent(a)
             for t in a.frames_to_denoise(version)
-            if self._unreadable.get((a.name, t), now) <= now
+            if self._due(a, t)
         ]
         return stale[: self.max_in_flight], 0
+
+    def _due(self, acquisition: Acquisition, t: int) -> bool:
+        """False while frame `t` waits out RETRY_SECONDS after failing to read back."""
+        return self._unreadable.get((acquisition.name, t), 0.0) <= time.monotonic()
 
     def _recent(self, acquisition: Acquisition) -> bool:
         """Whether `acquisition` is back-filled: its newest frame is under `backfill_hours` old.
@@ -224,25 +226,16 @@ class InferenceScheduler(Stage):
         self.beat()
 
     def _read(self, jobs: list[Job]) -> tuple[list[Job], list[np.ndarray]]:
-        """The jobs whose raw frame reads back, with those frames; a damaged one is logged,
-        counted and tried again after RETRY_SECONDS, so it never holds up the others."""
+        """The jobs whose raw frame reads back, with those frames; a damaged one (see
+        `Stage.read_raw`) is tried again after RETRY_SECONDS, so it never holds up the others."""
         readable, raws = [], []
         for job in jobs:
-            try:
-                raws.append(job.acquisition.read_raw(job.t))
-            except Exception as error:  # codec or OS error of a damaged chunk
+            raw = self.read_raw(job.acquisition, job.t)
+            if raw is None:
                 self._unreadable[(job.acquisition.name, job.t)] = time.monotonic() + RETRY_SECONDS
-                FRAMES_UNREADABLE.labels("inference").inc()
-                self.log.error(
-                    "cannot read raw frame %d, trying again in %d min: %s: %s",
-                    job.t,
-                    RETRY_SECONDS // 60,
-                    type(error).__name__,
-                    error,
-                    extra={"acquisition": job.acquisition.name},
-                )
-                continue
-            readable.append(job)
+            else:
+                readable.append(job)
+                raws.append(raw)
         return readable, raws
 
     def _check_calibration(self, acquisition: Acquisition, denoised: np.ndarray) -> None:

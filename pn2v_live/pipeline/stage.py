@@ -6,6 +6,11 @@ import logging
 import threading
 import time
 
+import numpy as np
+
+from pn2v_live.metrics import FRAMES_UNREADABLE
+from pn2v_live.storage.store import Acquisition
+
 
 class Stage:
     """Runs `work()` in a thread until stopped; `work()` returns True when it did something.
@@ -52,6 +57,22 @@ class Stage:
 
     def beat(self) -> None:
         self._last_beat = time.monotonic()
+
+    def read_raw(self, acquisition: Acquisition, t: int) -> np.ndarray | None:
+        """Raw frame `t` of `acquisition`, or None when it does not read back (a damaged chunk):
+        logged and counted in pn2v_live_frames_unreadable_total under this stage's name."""
+        try:
+            return acquisition.read_raw(t)
+        except Exception as error:  # codec or OS error of a damaged chunk
+            FRAMES_UNREADABLE.labels(self.name).inc()
+            self.log.error(
+                "raw frame %d does not read back, left out for now: %s: %s",
+                t,
+                type(error).__name__,
+                error,
+                extra={"acquisition": acquisition.name},
+            )
+            return None
 
     def alive(self, max_silence: float) -> bool:
         """The thread runs and has beaten within the last `max_silence` seconds."""

@@ -24,13 +24,7 @@ import torch
 from pn2v_live.core.model import PRECISIONS, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.training import Training, cosine_rate, sample_patches
-from pn2v_live.metrics import (
-    FRAMES_UNREADABLE,
-    TRAINER_STATE,
-    TRAINING_LOSS,
-    TRAINING_ROUNDS,
-    VALIDATION_LOSS,
-)
+from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
@@ -97,12 +91,14 @@ class Trainer(Stage):
         overdue = time.monotonic() - self._last_round >= self.settings.every_seconds
         if sum(growth.values()) < self.settings.every_frames and not (overdue or first_model):
             return False
-        candidates = [a for a in acquisitions if _trainable(a)]
-        if not candidates:
+        ranked = sorted(
+            acquisitions, key=lambda a: (growth[a.name], a.last_frame_at or 0.0), reverse=True
+        )
+        chosen = next(((a, w) for a in ranked if (w := _usable_window(a))), None)
+        if chosen is None:
             return False  # too few frames yet for a held-back one, or frames too small
-        chosen = max(candidates, key=lambda a: (growth[a.name], a.last_frame_at or 0.0))
-        name = chosen.name
-        train_frames, weights, val_frames = self._frames(chosen)
+        name = chosen[0].name
+        train_frames, weights, val_frames = self._frames(*chosen)
         if not train_frames or not val_frames:
             return False  # every frame of one kind unreadable
         self._seen, self._last_round = counts, time.monotonic()
@@ -121,34 +117,16 @@ class Trainer(Stage):
         TRAINER_STATE.state(state)
 
     def _frames(
-        self, acquisition: Acquisition
+        self, acquisition: Acquisition, window: tuple[list[int], list[int]]
     ) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
-        """Recent training frames with recency weights, and the held-back validation frames."""
-        trained, held_back = _window(acquisition)
-        newest = max(trained + held_back)
-        trained, train_frames = self._read(acquisition, trained)
-        weights = 0.5 ** ((newest - np.asarray(trained, dtype=float)) / HALF_LIFE_FRAMES)
-        return train_frames, weights, self._read(acquisition, held_back)[1]
-
-    def _read(self, acquisition: Acquisition, ts: list[int]) -> tuple[list[int], list[np.ndarray]]:
-        """The frames `ts` that read back, with their numbers; a damaged one is logged, counted
-        and left out of this round."""
-        read, frames = [], []
-        for t in ts:
-            try:
-                frames.append(acquisition.read_raw(t))
-            except Exception as error:  # codec or OS error of a damaged chunk
-                FRAMES_UNREADABLE.labels("trainer").inc()
-                self.log.warning(
-                    "raw frame %d does not read back, not trained on: %s: %s",
-                    t,
-                    type(error).__name__,
-                    error,
-                    extra={"acquisition": acquisition.name},
-                )
-                continue
-            read.append(t)
-        return read, frames
+        """The training frames of `window` (see `_usable_window`) with recency weights, and its
+        held-back validation frames; a damaged frame is left out (`Stage.read_raw`)."""
+        trained, held_back = window
+        frames = {t: self.read_raw(acquisition, t) for t in trained + held_back}
+        trained = [t for t in trained if frames[t] is not None]
+        ages = max(frames) - np.asarray(trained, dtype=float)
+        val_frames = [frames[t] for t in held_back if frames[t] is not None]
+        return [frames[t] for t in trained], 0.5 ** (ages / HALF_LIFE_FRAMES), val_frames
 
     def _round(
         self,
@@ -253,23 +231,18 @@ class Trainer(Stage):
         return not self.stopping
 
 
-def _window(acquisition: Acquisition) -> tuple[list[int], list[int]]:
-    """Frame numbers a round trains on and validates on: the newest WINDOW_FRAMES (fewer when
-    they would exceed WINDOW_BYTES, never fewer than one validation period)."""
+def _usable_window(acquisition: Acquisition) -> tuple[list[int], list[int]] | None:
+    """(training, held-back) frame numbers a round would use: the newest WINDOW_FRAMES (fewer
+    when they would exceed WINDOW_BYTES, never fewer than one validation period). None when a
+    round cannot use `acquisition`: frames under MIN_SIDE pixels, or no frame of one kind."""
+    if min(acquisition.frame_shape) < MIN_SIDE:
+        return None
     frame_bytes = acquisition.dtype.itemsize * int(np.prod(acquisition.frame_shape))
     window = min(WINDOW_FRAMES, max(VALIDATION_PERIOD, WINDOW_BYTES // frame_bytes))
     recent = acquisition.stored_frames()[-window:]
     held_back = [t for t in recent if t % VALIDATION_PERIOD == VALIDATION_PHASE]
-    return [t for t in recent if t % VALIDATION_PERIOD != VALIDATION_PHASE], held_back
-
-
-def _trainable(acquisition: Acquisition) -> bool:
-    """Whether a round can use `acquisition`: frames of at least MIN_SIDE pixels, and both a
-    training and a held-back frame among its newest."""
-    if min(acquisition.frame_shape) < MIN_SIDE:
-        return False
-    trained, held_back = _window(acquisition)
-    return bool(trained) and bool(held_back)
+    trained = [t for t in recent if t % VALIDATION_PERIOD != VALIDATION_PHASE]
+    return (trained, held_back) if trained and held_back else None
 
 
 def pick_device(name: str) -> torch.device:

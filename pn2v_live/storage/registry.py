@@ -139,7 +139,7 @@ class ModelRegistry:
     def _prune(self, current: int) -> None:
         """Delete the files of every version but `current` and the newest `keep_versions`
         complete ones (metadata first; see the module docstring). Failures are only logged."""
-        complete = sorted(int(p.stem[1:]) for p in self.folder.glob("v*.json"))
+        complete = sorted(map(_number, self.folder.glob("v[0-9]*.json")))
         keep = {current, *complete[-self.keep_versions :]}
         doomed = [p for p in self.folder.glob("v[0-9]*") if _number(p) not in keep]
         try:
