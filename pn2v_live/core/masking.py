@@ -1,4 +1,4 @@
-"""Noise2Void masking and patch augmentation.
+"""Noise2Void masking.
 
 About `fraction` of each patch's pixels, one per cell of a stratified grid, are replaced by a
 random neighbour from the (2·radius+1)² window around them, never by themselves.
@@ -43,7 +43,8 @@ def n2v_mask(
     radius: int = 2,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Mask (B, 1, H, W) patches; returns the masked copy and the (b, y, x) masked indices."""
+    """Mask (B, 1, H, W) patches; returns the masked copy and the (b, y, x) masked indices, on
+    the patches' device (drawn from `generator` on the CPU, moved once)."""
     batch, _, height, width = patches.shape
     if min(height, width) <= 2 * radius:
         raise ValueError(f"patches of {height}×{width} are too small for a radius-{radius} window")
@@ -54,15 +55,7 @@ def n2v_mask(
     pick = pick + (pick >= (span * span) // 2).long()
     ny = _neighbour(y, pick // span - radius, height)
     nx = _neighbour(x, pick % span - radius, width)
+    b, y, x, ny, nx = (i.to(patches.device) for i in (b, y, x, ny, nx))
     masked = patches.clone()
-    masked[b, 0, y, x] = patches[b, 0, ny.to(patches.device), nx.to(patches.device)]
+    masked[b, 0, y, x] = patches[b, 0, ny, nx]
     return masked, (b, y, x)
-
-
-def augment(patches: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random 90° rotation and flip of the whole (B, C, H, W) batch (square patches)."""
-    turns = int(torch.randint(0, 4, (1,), generator=generator))
-    patches = torch.rot90(patches, turns, dims=(2, 3))
-    if bool(torch.randint(0, 2, (1,), generator=generator)):
-        patches = patches.flip(3)
-    return patches

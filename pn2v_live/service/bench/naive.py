@@ -15,11 +15,11 @@ from pn2v_live.core.noise.base import NoiseModel
 @torch.inference_mode()
 def naive_mmse(denoiser: Denoiser, image: np.ndarray, noise_model: NoiseModel) -> np.ndarray:
     """Eq. 10 on the whole (Y, X) frame at once: (K, Y, X) samples, likelihoods and weights."""
-    frame = torch.as_tensor(np.asarray(image, dtype=np.float32))
+    frame = torch.as_tensor(np.asarray(image, dtype=np.float32)).to(denoiser.device)
     net = denoiser.net.eval()
     samples = net(denoiser.normalise(frame)[None, None])[0] * denoiser.std + denoiser.mean
     log_p = noise_model.log_likelihood(frame[None], samples)
-    return (torch.softmax(log_p, dim=0) * samples).sum(dim=0).numpy()
+    return (torch.softmax(log_p, dim=0) * samples).sum(dim=0).cpu().numpy()
 
 
 def naive_pn2v_loss(
