@@ -46,3 +46,12 @@ def test_gpu_training_step_runs_and_lowers_the_loss(data_dir):
     for _ in range(30):
         training.step(batch)
     assert training.validation_loss(batch) < first
+
+
+def test_bench_naive_baseline_runs_on_the_gpu_and_needs_more_memory_than_the_fused_mmse():
+    from pn2v_live.service.bench.algorithm import bench_predict
+
+    result = bench_predict(256, 800, torch.device("cuda"), 1, "naive")
+    # float32 convolutions run in TF32 on CUDA (PyTorch's default), on both sides
+    assert result["max_relative_difference"] < 1e-2
+    assert result["peak_gpu_mb"] < result["baseline"]["peak_gpu_mb"]  # no K×H×W for the frame
