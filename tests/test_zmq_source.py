@@ -184,6 +184,20 @@ def test_status_socket_answers_garbage_with_an_error_and_keeps_answering(receive
     assert receiver.health()["state"] == "running"
 
 
+def test_an_oversized_status_request_is_refused_unread_and_others_are_answered(receiver):
+    context = zmq.Context.instance()
+    with context.socket(zmq.REQ) as hostile, context.socket(zmq.REQ) as friendly:
+        hostile.RCVTIMEO, friendly.RCVTIMEO = 2_000, 10_000
+        hostile.connect(receiver.status_bind)
+        friendly.connect(receiver.status_bind)
+        hostile.send_json({"acquisition": "a", "padding": "x" * 1_000_000})  # valid, but 1 MB
+        with pytest.raises(zmq.Again):  # libzmq dropped the peer before the receiver read it
+            hostile.recv_json()
+        friendly.send_json({"acquisition": "a"})
+        assert friendly.recv_json()["known"] is False
+    assert receiver.health()["state"] == "running"
+
+
 def test_address_in_use_is_a_user_error(receiver, tmp_path):
     other = ZmqSource(Store(tmp_path / "other"), receiver.bind, f"tcp://127.0.0.1:{free_port()}")
     with pytest.raises(UserError, match="cannot listen on"):

@@ -35,6 +35,7 @@ SOURCE = "zmq"
 IDLE_SECONDS = 0.2  # a writer idle this long trims the arrays to their exact length
 PUBLISH_SECONDS = 0.25  # under load, valid_t on disk lags the stored frames by at most this
 MAX_MESSAGE_BYTES = 1 << 30  # refused by libzmq before it is received: no huge allocation
+MAX_STATUS_BYTES = 1 << 16  # a status request is a few dozen bytes; a bigger one drops its peer
 
 
 def status_endpoint(endpoint: str) -> str:
@@ -96,6 +97,7 @@ class ZmqSource:
         pull.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         pull.setsockopt(zmq.LINGER, 0)
         status = self._context.socket(zmq.REP)
+        status.setsockopt(zmq.MAXMSGSIZE, MAX_STATUS_BYTES)
         status.setsockopt(zmq.LINGER, 0)
         for socket, address in ((pull, self.bind), (status, self.status_bind)):
             try:
