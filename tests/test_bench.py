@@ -37,7 +37,8 @@ def test_bench_reports_fused_and_naive_side_by_side():
 
 def test_quality_part_scores_every_model_against_the_ground_truth(data_dir):
     command = [sys.executable, "-m", "pn2v_live", "bench", "--part", "quality", "--steps", "2",
-               "--seeds", "2", "--k", "16", "--threads", "2", "--data", str(data_dir)]  # fmt: skip
+               "--seeds", "2", "--k", "16", "--threads", "2", "--data", str(data_dir),
+               "--noise-model", "histogram", "--noise-model", "gmm"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
     (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     result = json.loads(line)
@@ -46,7 +47,7 @@ def test_quality_part_scores_every_model_against_the_ground_truth(data_dir):
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert result["body_dtype"] == ("bfloat16" if native else "float32")
     scores, corrected = result["psnr_db"], result["psnr_drift_corrected_db"]
-    assert set(scores) == {"raw", "n2v", "pn2v[histogram]", "pn2v[hybrid]", "supervised"}
+    assert set(scores) == {"raw", "n2v", "pn2v[histogram]", "pn2v[gmm]", "supervised"}
     assert set(corrected) == set(scores)
     # raw PSNR of fov03's first 5 frames, computed here independently: against the ground
     # truth, and against the ground truth fitted (gain, offset) to each frame's brightness
@@ -99,3 +100,12 @@ def test_quality_part_refuses_a_folder_without_the_data(tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2
     assert "fmd_confocal_bpae" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_quality_part_refuses_an_unknown_noise_model_kind(data_dir):
+    command = [sys.executable, "-m", "pn2v_live", "bench", "--part", "quality", "--data",
+               str(data_dir), "--noise-model", "histogram", "--noise-model", "gauss"]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "--noise-model must be one of" in completed.stderr and "'gauss'" in completed.stderr
+    assert "Traceback" not in completed.stderr

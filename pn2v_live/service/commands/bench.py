@@ -54,10 +54,17 @@ def bench(
             help="quality: folder holding fmd_confocal_bpae/", envvar="PN2V_LIVE_TEST_DATA"
         ),
     ] = None,
+    noise_model: Annotated[
+        list[str],
+        typer.Option(
+            help="quality: train PN2V with each of these noise-model kinds (repeatable): "
+            "histogram, hybrid, gmm, poisson-gaussian"
+        ),
+    ] = ["histogram", "hybrid"],  # noqa: B006
 ) -> None:
     """Measure PARTs; each prints one JSON line (median/min seconds, throughput, peak memory,
     device, torch threads, dtype; with --baseline naive also the ratio to the naive formulation).
-    `quality` trains N2V, PN2V (histogram and hybrid noise models from fov01 + fov02) and
+    `quality` trains N2V, PN2V (with each --noise-model kind, fitted on fov01 + fov02) and
     supervised on the shared FMD confocal data, each for the same budget, and reports the PSNR
     (dB) of fov03's first 5 frames against its ground truth, and against the ground truth brought
     to each frame's brightness (the scene drifts during the acquisition)."""
@@ -86,7 +93,7 @@ def bench(
             side = size or 512
             result = run_ingest(side, frames)
         elif name is Part.quality:
-            result, side = run_quality(data, minutes, steps, k, seeds), 512
+            result, side = run_quality(data, minutes, steps, k, seeds, tuple(noise_model)), 512
         else:
             from pn2v_live.service.bench.pipeline import run_pipeline
 
@@ -96,19 +103,28 @@ def bench(
 
 
 def run_quality(
-    data: Path | None, minutes: float, steps: int | None, k: int, seeds: int = 1
+    data: Path | None,
+    minutes: float,
+    steps: int | None,
+    k: int,
+    seeds: int = 1,
+    kinds: tuple[str, ...] = ("histogram", "hybrid"),
 ) -> dict:
-    """PSNR of raw and of every trained model on fov03 (see `bench`), with the budget used: the
-    mean over `seeds` runs, and each run's score under "<score>_by_seed"."""
+    """PSNR of raw and of every trained model on fov03 (see `bench`), PN2V once per noise-model
+    kind in `kinds`, with the budget used: the mean over `seeds` runs, and each run's score
+    under "<score>_by_seed"."""
     import numpy as np
     import torch
 
+    from pn2v_live.pipeline.calibration import KINDS
     from pn2v_live.service.bench.algorithm import body_dtype
     from pn2v_live.service.bench.quality import FMD, calibrated_models, compare
 
     if data is None or not (data / FMD).is_dir():
         raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
-    models = calibrated_models(data)
+    if unknown := sorted(set(kinds) - set(KINDS)):
+        raise UserError(f"--noise-model must be one of {', '.join(KINDS)}, not {unknown[0]!r}")
+    models = calibrated_models(data, kinds=tuple(dict.fromkeys(kinds)))
     runs = [
         compare(
             data,
