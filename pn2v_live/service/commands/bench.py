@@ -107,8 +107,8 @@ def run_quality(
     minutes: float,
     steps: int | None,
     k: int,
-    seeds: int = 1,
-    kinds: tuple[str, ...] = ("histogram", "hybrid"),
+    seeds: int,
+    kinds: tuple[str, ...],
 ) -> dict:
     """PSNR of raw and of every trained model on fov03 (see `bench`), PN2V once per noise-model
     kind in `kinds`, with the budget used: the mean over `seeds` runs, and each run's score
@@ -124,7 +124,7 @@ def run_quality(
         raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
     if unknown := sorted(set(kinds) - set(KINDS)):
         raise UserError(f"--noise-model must be one of {', '.join(KINDS)}, not {unknown[0]!r}")
-    models = calibrated_models(data, kinds=tuple(dict.fromkeys(kinds)))
+    models = calibrated_models(data, kinds=kinds)
     runs = [
         compare(
             data,
