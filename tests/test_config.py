@@ -75,6 +75,11 @@ def test_overrides_win_over_the_file(tmp_path):
     assert config.metrics.bind == ""
 
 
+def test_port_zero_and_zmq_wildcard_ask_the_system_for_a_free_port():
+    config = load_config(None, ['viewer.bind="127.0.0.1:0"', 'publish.bind="tcp://127.0.0.1:*"'])
+    assert (config.viewer.bind, config.publish.bind) == ("127.0.0.1:0", "tcp://127.0.0.1:*")
+
+
 def test_keep_versions_default_and_value_survive_path_resolution(tmp_path):
     assert load_config(None).model.keep_versions == 10
     path = write(tmp_path, '[model]\ninitial = "start.pt"\nkeep_versions = 3\n')

@@ -21,6 +21,7 @@ from PIL import Image
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.pipeline.protocol import decode_message
+from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
 
@@ -61,6 +62,9 @@ def test_demo_reaches_denoising_live_and_stops_cleanly_on_ctrl_c(
         viewer = wait_for_line(lines, r"viewer: +(http://\S+)", process, 120)[1]
         metrics = wait_for_line(lines, r"metrics: +(http://\S+)", process, 10)[1]
         publish = wait_for_line(lines, r"published on (tcp://\S+)", process, 10)[1]
+        frames_at, status_at = wait_for_line(
+            lines, r"frames received on (tcp://\S+) \(status (tcp://\S+)\)", process, 10
+        ).groups()
         live = wait_for_line(lines, LIVE.pattern, process, 300)
         raw_db, denoised_db = float(live[1]), float(live[2])
         assert denoised_db > raw_db + 3, "denoised frames must be clearly cleaner than raw"
@@ -94,6 +98,11 @@ def test_demo_reaches_denoising_live_and_stops_cleanly_on_ctrl_c(
         subscriber.close()
         assert message.acquisition == "demo" and message.pixels.dtype == np.float32
         assert message.pixels.shape == (64, 64) and 0 <= message.index < 2000
+
+        # The printed frame and status sockets are the ones the microscope really uses.
+        with FrameSender(frames_at, status_at) as sender:
+            reply = sender.status("demo", timeout=10)
+        assert reply is not None and reply["known"] and reply["stored"][0][0] == 0
 
         process.send_signal(signal.SIGINT)  # what Ctrl-C does
         assert process.wait(60) == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -22,12 +22,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FRAME_SHAPE = (32, 48)
 
 
-def free_tcp_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
 @pytest.fixture()
 def acquisition(tmp_path: Path):
     """An acquisition whose denoised frames are random float32 (every bit pattern matters)."""
@@ -43,8 +37,9 @@ def acquisition(tmp_path: Path):
 
 @pytest.fixture()
 def publisher():
-    publisher = DenoisedPublisher(free_tcp_address())
+    publisher = DenoisedPublisher("tcp://127.0.0.1:*")
     publisher.start()
+    assert re.fullmatch(r"tcp://127\.0\.0\.1:\d+", publisher.bind), "the port really bound"
     yield publisher
     publisher.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from prometheus_client import REGISTRY
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.protocol import encode_frame
 from pn2v_live.pipeline.sender import FrameSender
-from pn2v_live.pipeline.zmq_source import ZmqSource, stored_ranges
+from pn2v_live.pipeline.zmq_source import ZmqSource, status_endpoint, stored_ranges
 from pn2v_live.storage.store import Acquisition, Store
 
 
@@ -37,8 +38,8 @@ def wait_for(condition, timeout=20.0):
 
 @pytest.fixture
 def receiver(tmp_path):
-    frames_at = f"tcp://127.0.0.1:{free_port()}"
-    source = ZmqSource(Store(tmp_path), frames_at, f"tcp://127.0.0.1:{free_port()}", queue_frames=8)
+    # Ports the system picks while binding: no other test or program can race for them.
+    source = ZmqSource(Store(tmp_path), "tcp://127.0.0.1:*", queue_frames=8)
     source.start()
     yield source
     source.stop()
@@ -196,6 +197,22 @@ def test_an_oversized_status_request_is_refused_unread_and_others_are_answered(r
         friendly.send_json({"acquisition": "a"})
         assert friendly.recv_json()["known"] is False
     assert receiver.health()["state"] == "running"
+
+
+def test_wildcard_ports_resolve_to_the_ports_really_bound(receiver, tmp_path):
+    assert status_endpoint("tcp://127.0.0.1:*") == "tcp://127.0.0.1:*"
+    other = ZmqSource(Store(tmp_path / "other"), "tcp://127.0.0.1:*")
+    other.start()
+    try:
+        endpoints = [receiver.bind, receiver.status_bind, other.bind, other.status_bind]
+        assert all(re.fullmatch(r"tcp://127\.0\.0\.1:\d+", e) for e in endpoints), endpoints
+        assert len(set(endpoints)) == 4
+        with FrameSender(other.bind, other.status_bind) as sender:  # reaches `other` only
+            sender.send_stack("w", stack(3))
+            sender.ensure_stored("w", stack(3), timeout=20)
+        assert other.health()["stored"] == 3 and receiver.health()["stored"] == 0
+    finally:
+        other.stop()
 
 
 def test_address_in_use_is_a_user_error(receiver, tmp_path):

@@ -49,6 +49,7 @@ class DenoisedPublisher:
                 f"cannot publish denoised frames on {self.bind}: {error}; "
                 "choose another [publish] bind or stop the program using it"
             ) from error
+        self.bind = socket.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a wildcard port
         self._socket = socket
         log.info("publishing denoised frames on %s", self.bind)
 

@@ -39,7 +39,10 @@ MAX_STATUS_BYTES = 1 << 16  # a status request is a few dozen bytes; a bigger on
 
 
 def status_endpoint(endpoint: str) -> str:
-    """The status (REP) endpoint paired with a frame endpoint: same host, port + 1."""
+    """The status (REP) endpoint paired with a frame endpoint: same host, port + 1 (a wildcard
+    port `*`, which the system resolves when binding, pairs with another wildcard)."""
+    if endpoint.startswith("tcp://") and endpoint.endswith(":*"):
+        return endpoint
     parts = urlsplit(endpoint)
     if parts.scheme != "tcp" or parts.port is None:
         raise UserError(
@@ -110,6 +113,9 @@ class ZmqSource:
                     f"cannot listen on {address}: {error}; is another pn2v-live running? "
                     "Choose another address."
                 ) from error
+        # A wildcard port (tcp://HOST:*) is resolved now; senders need the real one.
+        self.bind = pull.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.status_bind = status.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop.clear()
         self._state = "running"
         self._threads = [

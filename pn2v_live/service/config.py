@@ -32,11 +32,11 @@ Precision = Literal["auto", "float32", "bfloat16"]
 
 
 def _check_host_port(value: str) -> str:
-    """Accept "" (off) or "host:port" with a port in 1..65535."""
+    """Accept "" (off) or "host:port" with a port in 0..65535 (0: any free port)."""
     if value == "":
         return value
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError('expected host:port such as 127.0.0.1:9464 (or "" for off)')
     return value
 

@@ -55,6 +55,7 @@ class Daemon:
         self.trainer: Trainer | None = None
         self.viewer = None
         self.sources: list = []
+        self.addresses: dict[str, str] = {}  # where each listener really is, once started
 
     # ---- start --------------------------------------------------------------------------
 
@@ -157,6 +158,8 @@ class Daemon:
                 "port or stop the program using it"
             ) from error
         self._closers += [server.server_close, server.shutdown]  # shutdown runs first
+        self.addresses["metrics"] = f"http://{host}:{server.server_port}/metrics"
+        log.info("metrics at %s", self.addresses["metrics"])
 
     def _start_publisher(self) -> None:
         """ZeroMQ PUB of denoised frames ([publish] bind); inference hands it every frame."""
@@ -165,6 +168,7 @@ class Daemon:
         publisher = DenoisedPublisher(self.config.publish.bind)
         publisher.start()
         self._closers.append(publisher.stop)
+        self.addresses["publish"] = publisher.bind
         self.inference.on_frame = publisher.publish
 
     def _start_viewer(self) -> None:
@@ -173,6 +177,7 @@ class Daemon:
         self.viewer = ViewerServer(self.store, self.config.viewer.bind, self.status)
         self.viewer.start()
         self._closers.append(self.viewer.stop)
+        self.addresses["viewer"] = self.viewer.url
 
     def _start_sources(self) -> None:
         """The ZeroMQ receiver and folder watcher, each only when configured."""
@@ -192,6 +197,8 @@ class Daemon:
         for source in self.sources:
             source.start()
             self._closers.append(source.stop)
+            if isinstance(source, ZmqSource):
+                self.addresses |= {"frames": source.bind, "frames_status": source.status_bind}
 
     # ---- run ----------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,19 +43,6 @@ class Recording:
 
     frames: np.ndarray
     clean: np.ndarray | None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def with_port(bind: str) -> str:
-    """`host:port` with port 0 replaced by a free port."""
-    host, _, port = bind.rpartition(":")
-    return f"{host}:{free_port()}" if port == "0" else bind
 
 
 def drifting_sample(frames: int, size: int, seed: int = 0) -> Recording:
@@ -123,7 +109,11 @@ def calibrate(path: Path, source: Path | None, size: int) -> None:
 def demo_config(
     work: Path, noise_model: Path, viewer: str, metrics: str, steps: int, k: int, every: int
 ):
-    """Daemon settings for a small CPU: every key as `pn2v-live serve --set` would take it."""
+    """Daemon settings for a small CPU: every key as `pn2v-live serve --set` would take it.
+
+    The ZeroMQ sockets bind on ports the system picks (`*`) when the daemon starts, so two
+    demos, or a demo beside a daemon, never race for a port; `Daemon.addresses` has them.
+    """
     from pn2v_live.service.config import load_config
 
     return load_config(
@@ -131,9 +121,8 @@ def demo_config(
         [
             f'store.root="{work / "store"}"',
             f'noise_model.path="{noise_model.resolve()}"',
-            f'ingest.zmq.bind="tcp://127.0.0.1:{free_port()}"',
-            f'ingest.zmq.status_bind="tcp://127.0.0.1:{free_port()}"',
-            f'publish.bind="tcp://127.0.0.1:{free_port()}"',
+            'ingest.zmq.bind="tcp://127.0.0.1:*"',
+            'publish.bind="tcp://127.0.0.1:*"',
             f'viewer.bind="{viewer}"',
             f'metrics.bind="{metrics}"',
             f"trainer.every_frames={every}",
@@ -211,10 +200,14 @@ class Watcher(threading.Thread):
             self.server.request_stop()
 
 
-def start_microscope(stack_path: Path, to: str, frames: int, fps: float, log_path: Path):
-    """`pn2v-live simulate` in its own process (and session: Ctrl-C reaches only the demo)."""
+def start_microscope(
+    stack_path: Path, addresses: dict[str, str], frames: int, fps: float, log_path: Path
+):
+    """`pn2v-live simulate` in its own process (and session: Ctrl-C reaches only the demo),
+    sending to the daemon's frame socket and asking its status socket (`Daemon.addresses`)."""
     entry = "from pn2v_live.service.cli import main; main()"
-    command = [sys.executable, "-c", entry, "simulate", "--to", to]
+    command = [sys.executable, "-c", entry, "simulate", "--to", addresses["frames"]]
+    command += ["--status", addresses["frames_status"]]
     command += ["--source", str(stack_path), "--frames", str(frames), "--fps", str(fps)]
     command += ["--acquisition", ACQUISITION]
     with log_path.open("w") as log:
@@ -280,18 +273,19 @@ def demo(
 
         stack_path = workdir / "acquisition.tif"
         write_tiff(stack_path, recording.frames)
-        config = demo_config(
-            workdir, noise_model, with_port(viewer), with_port(metrics), steps, k, every
-        )
-        daemon = Daemon(config)
+        daemon = Daemon(demo_config(workdir, noise_model, viewer, metrics, steps, k, every))
         daemon.start()
         cleanup.callback(daemon.close)
-        print(f"viewer:  http://{config.viewer.bind}/")
-        print(f"metrics: http://{config.metrics.bind}/metrics")
-        print(f"denoised frames published on {config.publish.bind} (ZeroMQ PUB)")
+        print(f"viewer:  {daemon.addresses.get('viewer', 'off')}")  # off: --viewer ""
+        print(f"metrics: {daemon.addresses.get('metrics', 'off')}")
+        print(f"denoised frames published on {daemon.addresses['publish']} (ZeroMQ PUB)")
+        print(
+            f"frames received on {daemon.addresses['frames']} "
+            f"(status {daemon.addresses['frames_status']})"
+        )
 
         microscope = start_microscope(
-            stack_path, config.ingest.zmq.bind, frames, fps, workdir / "microscope.log"
+            stack_path, daemon.addresses, frames, fps, workdir / "microscope.log"
         )
         cleanup.callback(stop_process, microscope)
         print(f"microscope playing {frames} frames at {fps:g} frames/s; Ctrl-C stops")
