@@ -142,6 +142,12 @@ def test_precision_setting_decides_the_body_dtype_of_training(setup, tmp_path):
     assert recorded["float32"] != pytest.approx(recorded["bfloat16"], rel=1e-6)
 
 
+def unreadable_count() -> float:
+    """pn2v_live_frames_unreadable_total of the trainer, as scraped."""
+    sample = REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", {"stage": "trainer"})
+    return sample or 0.0
+
+
 def chunk(store: Store, name: str, t: int):
     """The raw chunk file of frame `t` (zarr format 2, '/' separated keys)."""
     return store.root / f"{name}.ome.zarr" / "raw" / "0" / str(t) / "0" / "0" / "0" / "0"
@@ -160,17 +166,32 @@ def test_rounds_choose_the_newest_trainable_acquisition_and_skip_damaged_frames(
     short = store.create("snapshot", (24, 24), "uint8")  # newest, but no held-back frame yet
     short.write_raw(0, rng.poisson(30, (24, 24)).astype(np.uint8))
     chunk(store, "cells", 5).write_bytes(b"not a blosc chunk")
-    unreadable = (
-        REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", {"stage": "trainer"}) or 0.0
-    )
+    unreadable = unreadable_count()
     assert trainer.work() is True  # no model yet: the first round starts at once
     record = trainer.history[-1]
     assert record["acquisition"] == "cells"  # newest trainable; nothing counts as new yet
     assert registry.current().training_frames == 9  # 10 training frames, one damaged
-    assert (
-        REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", {"stage": "trainer"})
-        == unreadable + 1
-    )
+    assert unreadable_count() == unreadable + 1
     trainer._last_round -= SETTINGS.every_seconds  # overdue: an idle round
     assert trainer.work() is True
     assert trainer.history[-1]["acquisition"] == "cells"
+
+
+def test_a_window_that_does_not_read_back_is_tried_again_only_on_new_frames(setup):
+    """Every held-back frame damaged: the trainer does not re-read (and re-log) the same window
+    every half second; new frames bring a new try, and a readable held-back frame a round."""
+    trainer, registry, add_frames, idle = setup
+    add_frames(12)  # held back: frames 3 and 11
+    for t in (3, 11):
+        chunk(trainer.store, "cells", t).write_bytes(b"not a blosc chunk")
+    unreadable = unreadable_count()
+    assert trainer.work() is False
+    assert unreadable_count() == unreadable + 2
+    assert trainer.work() is False  # nothing new: the damaged window is not read again
+    assert unreadable_count() == unreadable + 2
+    add_frames(1)  # frame 12: a new try, still no readable held-back frame
+    assert trainer.work() is False
+    assert unreadable_count() == unreadable + 4
+    add_frames(7)  # frames 13..19; 19 is held back and reads
+    assert trainer.work() is True
+    assert registry.current().version == 1 and unreadable_count() == unreadable + 6

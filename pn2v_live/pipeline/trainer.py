@@ -78,6 +78,7 @@ class Trainer(Stage):
         self._steps_since_promotion = 0
         self._seen: dict[str, int] | None = None  # frames per acquisition at the last round
         self._last_round = time.monotonic()
+        self._unreadable = False  # the last attempt's window had no readable frame of a kind
 
     def work(self) -> bool:
         """Run a round when one is due, on the acquisition with the most new frames (ties, e.g.
@@ -87,9 +88,11 @@ class Trainer(Stage):
         if self._seen is None:  # frames stored before this start are not new
             self._seen = counts
         growth = {name: n - self._seen.get(name, 0) for name, n in counts.items()}
-        first_model = self.registry.current() is None
+        new_frames = sum(growth.values())
+        # No model yet: try at once, but after a window that did not read back only on news.
+        first_model = self.registry.current() is None and not (self._unreadable and not new_frames)
         overdue = time.monotonic() - self._last_round >= self.settings.every_seconds
-        if sum(growth.values()) < self.settings.every_frames and not (overdue or first_model):
+        if new_frames < self.settings.every_frames and not (overdue or first_model):
             return False
         ranked = sorted(
             acquisitions, key=lambda a: (growth[a.name], a.last_frame_at or 0.0), reverse=True
@@ -98,10 +101,11 @@ class Trainer(Stage):
         if chosen is None:
             return False  # too few frames yet for a held-back one, or frames too small
         name = chosen[0].name
+        self._seen, self._last_round = counts, time.monotonic()  # an attempt, read or not
         train_frames, weights, val_frames = self._frames(*chosen)
-        if not train_frames or not val_frames:
-            return False  # every frame of one kind unreadable
-        self._seen, self._last_round = counts, time.monotonic()
+        self._unreadable = not train_frames or not val_frames
+        if self._unreadable:
+            return False  # every frame of one kind unreadable: wait for new frames or the clock
         self._set_state("training")
         try:
             self._round(name, train_frames, weights, val_frames)
