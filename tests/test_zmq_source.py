@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import re
+import threading
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from conftest import free_port
 from prometheus_client import REGISTRY
 
 from pn2v_live.errors import UserError
+from pn2v_live.pipeline.ingest import Rejected, store_frame
 from pn2v_live.pipeline.protocol import encode_frame
 from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.pipeline.zmq_source import ZmqSource, status_endpoint, stored_ranges
@@ -213,6 +215,43 @@ def test_wildcard_ports_resolve_to_the_ports_really_bound(receiver, tmp_path):
         assert other.health()["stored"] == 3 and receiver.health()["stored"] == 0
     finally:
         other.stop()
+
+
+def test_a_frame_arriving_while_its_number_is_written_waits_for_that_write(tmp_path):
+    """Two senders, one frame number, at once: the second learns whether it conflicts (or takes
+    over when the first write fails) instead of being counted a duplicate unseen."""
+    store = Store(tmp_path)
+    acquisition = store.create("a", (4, 4), "uint16")
+    first, other = np.zeros((4, 4), np.uint16), np.ones((4, 4), np.uint16)
+    outcome: dict[int, object] = {}
+
+    def second_sender(t: int) -> threading.Thread:
+        def store_other() -> None:
+            try:
+                outcome[t] = store_frame(acquisition, t, other, "zmq")
+            except Rejected as error:
+                outcome[t] = error.reason
+
+        thread = threading.Thread(target=store_other)
+        thread.start()
+        time.sleep(0.3)
+        assert thread.is_alive(), "it waits for the write in flight"
+        return thread
+
+    assert acquisition.claim(0)  # the first sender's writer is storing frame 0 ...
+    waiting = second_sender(0)
+    acquisition.write_raw(0, first)  # ... and finishes
+    waiting.join(10)
+    assert outcome[0] == "conflict"
+    np.testing.assert_array_equal(acquisition.read_raw(0), first)
+
+    assert acquisition.claim(1)  # the first sender's write of frame 1 ...
+    waiting = second_sender(1)
+    acquisition.release(1)  # ... fails (disk full): the waiting frame is stored instead
+    waiting.join(10)
+    assert outcome[1] is True
+    np.testing.assert_array_equal(acquisition.read_raw(1), other)
+    store.close()
 
 
 def test_address_in_use_is_a_user_error(receiver, tmp_path):

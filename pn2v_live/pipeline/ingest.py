@@ -12,6 +12,8 @@ from pn2v_live.storage.store import RAW_DTYPES, Acquisition, Store
 
 log = logging.getLogger(__name__)
 
+IN_FLIGHT_WAIT_SECONDS = 30.0  # longest wait for another writer's write of the same frame
+
 
 class Rejected(Exception):
     """A source item that cannot be stored; `reason` is a short metric label, the text says why."""
@@ -67,13 +69,19 @@ def store_frame(
 
     A resent copy of a stored frame is ignored (False); a different frame under a stored
     frame's number raises Rejected("conflict") and leaves the stored one as it is (two
-    sources or senders writing the same acquisition). `publish` as in `Acquisition.write_raw`.
+    sources or senders writing the same acquisition). While another writer stores frame `t`,
+    this waits for that write (up to IN_FLIGHT_WAIT_SECONDS) to compare with its pixels, or to
+    take the frame over if that write fails. `publish` as in `Acquisition.write_raw`.
     """
-    if not acquisition.claim(t):
+    deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
+    while not acquisition.claim(t):
         try:
             stored = acquisition.read_raw(t)
         except KeyError:  # another writer is storing it right now
-            return False
+            if time.monotonic() > deadline:
+                return False  # that write hangs (disk): counted as a duplicate, as it may be
+            time.sleep(0.01)
+            continue
         if not np.array_equal(stored, pixels):
             raise Rejected(
                 "conflict",
