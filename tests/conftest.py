@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -40,17 +41,39 @@ def artifacts_dir() -> Path:
     return path
 
 
+def _ephemeral_ports_start() -> int:
+    """First port of the kernel's ephemeral range (bind(0) and outgoing connections use it)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+_HANDED_OUT: set[int] = set()
+_RANDOM = random.SystemRandom()
+
+
 def free_port(pairs: bool = False) -> int:
-    """A free TCP port on 127.0.0.1 (with `pairs`, port + 1 is free too, for the status socket)."""
+    """A TCP port on 127.0.0.1 that is free now, for a process started later that must keep it
+    across restarts (with `pairs`, port + 1 too, for the status socket).
+
+    Drawn below the ephemeral range, so no outgoing connection or bind(0) elsewhere takes it
+    before the process binds it, and never handed out twice in one test run.
+    """
+    end = _ephemeral_ports_start()
+    start = max(1024, end - 12000)
     while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if not pairs:
+        port = _RANDOM.randrange(start, end - 1)
+        wanted = {port, port + 1} if pairs else {port}
+        if not wanted & _HANDED_OUT and all(_bindable(p) for p in wanted):
+            _HANDED_OUT.update(wanted)
             return port
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue

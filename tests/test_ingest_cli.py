@@ -7,7 +7,6 @@ import time
 import numpy as np
 import pytest
 import tifffile
-from conftest import free_port
 from typer.testing import CliRunner
 
 from pn2v_live.errors import UserError
@@ -22,11 +21,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def receiver(tmp_path):
-    source = ZmqSource(
-        Store(tmp_path / "store"),
-        f"tcp://127.0.0.1:{free_port()}",
-        f"tcp://127.0.0.1:{free_port()}",
-    )
+    source = ZmqSource(Store(tmp_path / "store"), "tcp://127.0.0.1:*")
     source.start()
     yield source
     source.stop()
@@ -56,8 +51,8 @@ def test_send_real_scmos_stack_then_resend_stores_nothing_twice(receiver, data_d
 
 def test_simulate_over_zmq_plays_synthetic_frames_and_closes(receiver):
     result = invoke(
-        "simulate", "--to", receiver.bind, "--fps", "200", "--frames", "12", "--size", "32",
-        "--acquisition", "sim",
+        "simulate", "--to", receiver.bind, "--status", receiver.status_bind,
+        "--fps", "200", "--frames", "12", "--size", "32", "--acquisition", "sim",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     expected = movie(12, shape=(32, 32))

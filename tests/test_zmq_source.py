@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import zarr
 import zmq
-from conftest import free_port
 from prometheus_client import REGISTRY
 
 from pn2v_live.errors import UserError
@@ -255,7 +254,7 @@ def test_a_frame_arriving_while_its_number_is_written_waits_for_that_write(tmp_p
 
 
 def test_address_in_use_is_a_user_error(receiver, tmp_path):
-    other = ZmqSource(Store(tmp_path / "other"), receiver.bind, f"tcp://127.0.0.1:{free_port()}")
+    other = ZmqSource(Store(tmp_path / "other"), receiver.bind, "tcp://127.0.0.1:*")
     with pytest.raises(UserError, match="cannot listen on"):
         other.start()
 
@@ -283,11 +282,11 @@ def test_acquisition_damaged_on_disk_fails_alone(tmp_path):
     store.create("damaged", (24, 32), "uint16")
     store.close()
     (tmp_path / "damaged.ome.zarr" / "raw" / "0" / ".zarray").write_text("{ not json")
-    source = ZmqSource(Store(tmp_path), f"tcp://127.0.0.1:{free_port()}", queue_frames=8)
+    source = ZmqSource(Store(tmp_path), "tcp://127.0.0.1:*", queue_frames=8)
     source.start()
     before = rejected("error")
     try:
-        with FrameSender(source.bind) as sender:
+        with FrameSender(source.bind, source.status_bind) as sender:
             data = stack(2)
             sender.send_frame("damaged", 0, data[0])
             sender.send_frame("fine", 0, data[1])
