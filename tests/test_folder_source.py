@@ -432,6 +432,32 @@ def test_custom_pattern_groups_flat_files_by_name_prefix(tmp_path, watched):
     np.testing.assert_array_equal(store.acquisition("expB").read_raw(0), data[1])
 
 
+POSITIONS_PATTERN = r"[^/]+/(?P<acquisition>[^/]+_Pos\d+)(_\d+)?\.ome\.tif"  # as in README
+
+
+def test_positions_pattern_gives_each_growing_position_file_its_own_acquisition(tmp_path, watched):
+    """Multi-position time-lapse, Micro-Manager style: one growing file per position in one
+    folder (`exp_1/exp_1_MMStack_Pos0.ome.tif`, ...). With the README's pattern each position
+    is an acquisition and every added page is stored in order."""
+    store = Store(tmp_path / "store")
+    (watched / "exp_1").mkdir()
+    pages = {pos: stack(6, 20 + pos) for pos in (0, 1)}
+    paths = {pos: watched / "exp_1" / f"exp_1_MMStack_Pos{pos}.ome.tif" for pos in (0, 1)}
+    source = run_source(store, watched, pattern=POSITIONS_PATTERN)
+    try:
+        for grown in (2, 4, 6):  # both positions grow side by side
+            for pos, path in paths.items():
+                tifffile.imwrite(path, pages[pos][:grown], metadata={"axes": "TYX"})
+            wait_for(lambda: source.counts["stored_frames"] == 2 * grown)  # noqa: B023
+    finally:
+        source.stop()
+    assert store.acquisitions() == ["exp_1_MMStack_Pos0", "exp_1_MMStack_Pos1"]
+    for pos in (0, 1):
+        acquisition = store.acquisition(f"exp_1_MMStack_Pos{pos}")
+        stored = np.stack([acquisition.read_raw(t) for t in acquisition.stored_frames()])
+        np.testing.assert_array_equal(stored, pages[pos])
+
+
 @pytest.mark.parametrize("pattern, message", [("(", "not a regular"), (r"[^/]+", "group named")])
 def test_bad_pattern_is_a_user_error(tmp_path, watched, pattern, message):
     from pn2v_live.errors import UserError
