@@ -308,25 +308,32 @@ def test_multi_channel_and_z_stack_files_are_rejected_time_stacks_stored(tmp_pat
         "zstack/z.ome.tif": "3 z-planes",
         "imagej/z.tif": "3 z-planes",
         "split/s.ome.tif": "2 channels",  # first file of a two-channel multi-file OME set
+        "split/s_1.ome.tif": "2 channels",  # a BinaryOnly file of it: the first file says so
+        "companion/s_1.ome.tif": "2 channels",  # BinaryOnly, the set described in a .ome file
     }
     for name in holds:
-        (watched / name).parent.mkdir()
+        (watched / name).parent.mkdir(exist_ok=True)
     tifffile.imwrite(watched / "channels/c.ome.tif", planes[:2], ome=True, metadata={"axes": "CYX"})
     tifffile.imwrite(watched / "zstack/z.ome.tif", planes[:3], ome=True, metadata={"axes": "ZYX"})
     tifffile.imwrite(watched / "imagej/z.tif", planes[:3], imagej=True, metadata={"axes": "ZYX"})
     split = ome_set(planes, ["s.ome.tif", "s_1.ome.tif"], channels=2)
     write_tiff(watched / "split/s.ome.tif", split["s.ome.tif"])
+    write_tiff(watched / "split/s_1.ome.tif", split["s_1.ome.tif"])
+    (watched / "companion/s.companion.ome").write_text(split["s.ome.tif"][1])
+    pages, binary_only = split["s_1.ome.tif"]
+    binary_only = binary_only.replace('"s.ome.tif"', '"s.companion.ome"')
+    write_tiff(watched / "companion/s_1.ome.tif", (pages, binary_only))
     (watched / "movie").mkdir()
     tifffile.imwrite(watched / "movie/a.ome.tif", planes[:3], ome=True, metadata={"axes": "TYX"})
     hyperstack = planes[3:].reshape(1, 1, 1, *SHAPE)  # ImageJ TZCYX, only T may exceed one
     tifffile.imwrite(watched / "movie/b.tif", hyperstack, imagej=True, metadata={"axes": "TZCYX"})
     counted = rejected("shape")
-    run_until(store, watched, rejected_files=4, stored_files=2)
+    run_until(store, watched, rejected_files=len(holds), stored_files=2)
     for name, what in holds.items():
         reason = store.ledger.item("folder", str(watched / name)).reason
         assert reason.startswith("shape") and f"holds {what}" in reason, reason
         assert "one grayscale plane per frame" in reason
-    assert rejected("shape") == counted + 4
+    assert rejected("shape") == counted + len(holds)
     assert store.acquisitions() == ["movie"]
     acq = store.acquisition("movie")
     np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(4)]), planes)

@@ -8,13 +8,15 @@ for network shares where no events arrive). A rescan every `rescan_seconds` comp
 with the ledger and picks up whatever the events missed, and the files of an interrupted run.
 
 Source files are only ever opened for reading, each on its own: a file of a multi-file OME-TIFF
-set contributes its own pages. Empty, non-TIFF, truncated or inconsistent files (other frame
-shape or dtype than their acquisition, several channels or z-planes per frame) are rejected
-with a reason in the ledger, a log line and a metric; a rejected file that changes later is
-tried again. A stored file that grows (a time-lapse written page by page) has its added pages
-stored after its frames; one that changes otherwise is counted as rejected (`changed`) and its
-stored frames are kept. A file that cannot be opened or stored now (permissions, a share lock,
-disk full) is logged and tried again at the next rescan, while the files after it are taken.
+set contributes its own pages (a BinaryOnly file of the set takes its channel and z-plane
+counts from the set's metadata file beside it). Empty, non-TIFF, truncated or inconsistent
+files (other frame shape or dtype than their acquisition, several channels or z-planes per
+frame) are rejected with a reason in the ledger, a log line and a metric; a rejected file
+that changes later is tried again. A stored file that grows (a time-lapse written page by page)
+has its added pages stored after its frames; one that changes otherwise is counted as rejected
+(`changed`) and its stored frames are kept. A file that cannot be opened or stored now
+(permissions, a share lock, disk full) is logged and tried again at the next rescan, while the
+files after it are taken.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ def read_tiff_frames(path: Path) -> np.ndarray:
 
     Truncation is caught three ways: pages whose data lie beyond the end of the file, errors
     tifffile logs while following the page chain, and pixel data that fail to decode. Only this
-    file is read, never the other files of a multi-file OME-TIFF set. An operating-system error
-    (permissions, a lock, I/O) is raised as is: the file may be readable later.
+    file's pixels are read, never those of the other files of a multi-file OME-TIFF set. An
+    operating-system error (permissions, a lock, I/O) is raised as is: the file may be readable
+    later.
     """
     size = path.stat().st_size
     if size == 0:
@@ -110,15 +113,47 @@ def read_tiff_frames(path: Path) -> np.ndarray:
 
 def _layout(tif: tifffile.TiffFile) -> tuple[int, dict[str, int]]:
     """The number of image series and the axis sizes of the first. tifffile reads a file of a
-    multi-file OME-TIFF set as a plain page sequence, so for it they come from the OME-XML."""
+    multi-file OME-TIFF set as a plain page sequence, so for it they come from the OME-XML: its
+    own, or for a BinaryOnly file that of the set's metadata file beside it (when present)."""
     sizes = dict(zip(tif.series[0].axes, tif.series[0].shape, strict=True))
     if tif.is_ome and tif.series[0].kind != "ome":
-        images = ElementTree.fromstring(tif.ome_metadata).findall("{*}Image")
-        pixels = images[0].find("{*}Pixels") if images else None  # None in BinaryOnly files
-        if pixels is not None:
-            sizes.update({axis: int(pixels.get(f"Size{axis}", 1)) for axis in "CZ"})
+        ome = ElementTree.fromstring(tif.ome_metadata)
+        images = ome.findall("{*}Image")
+        if images:
+            sizes.update(_plane_sizes(images[0]))
             return len(images), sizes
+        binary_only = ome.find("{*}BinaryOnly")
+        if binary_only is not None:
+            folder = Path(tif.filehandle.dirname)
+            sizes.update(_set_plane_sizes(folder, binary_only.get("MetadataFile", ""), ome))
     return len(tif.series), sizes
+
+
+def _plane_sizes(image: ElementTree.Element) -> dict[str, int]:
+    """{"C": channels, "Z": z-planes} of an OME-XML Image element."""
+    pixels = image.find("{*}Pixels")
+    return {axis: int(pixels.get(f"Size{axis}", 1)) for axis in "CZ"} if pixels is not None else {}
+
+
+def _set_plane_sizes(folder: Path, metadata_file: str, own: ElementTree.Element) -> dict[str, int]:
+    """Channel and z-plane counts of the Image a BinaryOnly file belongs to, from the set's
+    metadata file (a TIFF of the set or a companion .ome XML) in `folder`: the Image whose
+    TiffData names this file's UUID, else the first. Empty when it cannot be read (yet)."""
+    path = folder / Path(metadata_file).name
+    try:
+        with path.open("rb") as file:
+            is_tiff = file.read(4) in TIFF_MAGIC
+        if is_tiff:
+            with tifffile.TiffFile(path, _multifile=False) as master:
+                xml = master.ome_metadata or ""
+        else:
+            xml = path.read_text(errors="replace")
+        images = ElementTree.fromstring(xml).findall("{*}Image")
+    except (OSError, ElementTree.ParseError, tifffile.TiffFileError, ValueError):
+        return {}
+    uuid = own.get("UUID")
+    mine = [i for i in images if any(u.text == uuid for u in i.iter("{*}UUID"))]
+    return _plane_sizes((mine or images)[0]) if images else {}
 
 
 def _appended(tif: tifffile.TiffFile) -> bool:
