@@ -442,19 +442,37 @@ def test_custom_pattern_groups_flat_files_by_name_prefix(tmp_path, watched):
 POSITIONS_PATTERN = r"[^/]+/(?P<acquisition>[^/]+_Pos\d+)(_\d+)?\.ome\.tif"  # as in README
 
 
+def positions_xml(names: list[str], frames: int, own: int) -> str:
+    """The OME-XML each file of a one-file-per-position set carries: an Image per position,
+    each naming its file by UUID; the file's own UUID is `own`'s."""
+    images = "".join(
+        f'<Image ID="Image:{k}"><Pixels ID="Pixels:{k}" DimensionOrder="XYCZT" Type="uint16" '
+        f'SizeX="{SHAPE[1]}" SizeY="{SHAPE[0]}" SizeC="1" SizeZ="1" SizeT="{frames}">'
+        f'<Channel ID="Channel:{k}:0" SamplesPerPixel="1"/><TiffData PlaneCount="{frames}">'
+        f'<UUID FileName="{name}">urn:uuid:{k}</UUID></TiffData></Pixels></Image>'
+        for k, name in enumerate(names)
+    )
+    ns = 'xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"'
+    return f'<?xml version="1.0"?><OME {ns} UUID="urn:uuid:{own}">{images}</OME>'
+
+
 def test_positions_pattern_gives_each_growing_position_file_its_own_acquisition(tmp_path, watched):
     """Multi-position time-lapse, Micro-Manager style: one growing file per position in one
-    folder (`exp_1/exp_1_MMStack_Pos0.ome.tif`, ...). With the README's pattern each position
-    is an acquisition and every added page is stored in order."""
+    folder (`exp_1/exp_1_MMStack_Pos0.ome.tif`, ...), each finally carrying the OME-XML of all
+    positions. With the README's pattern each position is an acquisition and every added page
+    is stored in order."""
     store = Store(tmp_path / "store")
     (watched / "exp_1").mkdir()
     pages = {pos: stack(6, 20 + pos) for pos in (0, 1)}
-    paths = {pos: watched / "exp_1" / f"exp_1_MMStack_Pos{pos}.ome.tif" for pos in (0, 1)}
+    names = [f"exp_1_MMStack_Pos{pos}.ome.tif" for pos in (0, 1)]
     source = run_source(store, watched, pattern=POSITIONS_PATTERN)
     try:
         for grown in (2, 4, 6):  # both positions grow side by side
-            for pos, path in paths.items():
-                tifffile.imwrite(path, pages[pos][:grown], metadata={"axes": "TYX"})
+            for pos, name in enumerate(names):
+                growing = {"metadata": {"axes": "TYX"}}  # tifffile's OME-XML: a time series
+                closed = {"description": positions_xml(names, grown, pos), "metadata": None}
+                options = closed if grown == 6 else growing
+                tifffile.imwrite(watched / "exp_1" / name, pages[pos][:grown], **options)
             wait_for(lambda: source.counts["stored_frames"] == 2 * grown)  # noqa: B023
     finally:
         source.stop()

@@ -112,34 +112,36 @@ def read_tiff_frames(path: Path) -> np.ndarray:
 
 
 def _layout(tif: tifffile.TiffFile) -> tuple[int, dict[str, int]]:
-    """The number of image series and the axis sizes of the first. tifffile reads a file of a
-    multi-file OME-TIFF set as a plain page sequence, so for it they come from the OME-XML: its
-    own, or for a BinaryOnly file that of the set's metadata file beside it (when present)."""
+    """The number of image series in this file and the axis sizes of the first. tifffile reads a
+    file of a multi-file OME-TIFF set as a plain page sequence, so for it they come from the
+    OME-XML's Images with planes in this file (`_images_here`)."""
     sizes = dict(zip(tif.series[0].axes, tif.series[0].shape, strict=True))
     if tif.is_ome and tif.series[0].kind != "ome":
-        ome = ElementTree.fromstring(tif.ome_metadata)
-        images = ome.findall("{*}Image")
+        own = ElementTree.fromstring(tif.ome_metadata)
+        images = _images_here(own, Path(tif.filehandle.dirname))
         if images:
             sizes.update(_plane_sizes(images[0]))
             return len(images), sizes
-        binary_only = ome.find("{*}BinaryOnly")
-        if binary_only is not None:
-            folder = Path(tif.filehandle.dirname)
-            sizes.update(_set_plane_sizes(folder, binary_only.get("MetadataFile", ""), ome))
     return len(tif.series), sizes
 
 
-def _plane_sizes(image: ElementTree.Element) -> dict[str, int]:
-    """{"C": channels, "Z": z-planes} of an OME-XML Image element."""
-    pixels = image.find("{*}Pixels")
-    return {axis: int(pixels.get(f"Size{axis}", 1)) for axis in "CZ"} if pixels is not None else {}
+def _images_here(own: ElementTree.Element, folder: Path) -> list[ElementTree.Element]:
+    """The OME Image elements with planes in one file of a multi-file set: those whose TiffData
+    name the file's UUID, or all when none does (one file per position names only its own).
+    They come from the file's own OME-XML or, for a BinaryOnly file, from the set's metadata
+    file in `folder` ([] while that cannot be read)."""
+    images = own.findall("{*}Image")
+    binary_only = own.find("{*}BinaryOnly")
+    if not images and binary_only is not None:
+        images = _set_images(folder / Path(binary_only.get("MetadataFile", "")).name)
+    uuid = own.get("UUID")
+    here = [image for image in images if any(u.text == uuid for u in image.findall(".//{*}UUID"))]
+    return here or images
 
 
-def _set_plane_sizes(folder: Path, metadata_file: str, own: ElementTree.Element) -> dict[str, int]:
-    """Channel and z-plane counts of the Image a BinaryOnly file belongs to, from the set's
-    metadata file (a TIFF of the set or a companion .ome XML) in `folder`: the Image whose
-    TiffData names this file's UUID, else the first. Empty when it cannot be read (yet)."""
-    path = folder / Path(metadata_file).name
+def _set_images(path: Path) -> list[ElementTree.Element]:
+    """The Image elements of a multi-file set's metadata file (a TIFF of the set, or a companion
+    .ome XML file); [] when it cannot be read."""
     try:
         with path.open("rb") as file:
             is_tiff = file.read(4) in TIFF_MAGIC
@@ -148,12 +150,15 @@ def _set_plane_sizes(folder: Path, metadata_file: str, own: ElementTree.Element)
                 xml = master.ome_metadata or ""
         else:
             xml = path.read_text(errors="replace")
-        images = ElementTree.fromstring(xml).findall("{*}Image")
+        return ElementTree.fromstring(xml).findall("{*}Image")
     except (OSError, ElementTree.ParseError, tifffile.TiffFileError, ValueError):
-        return {}
-    uuid = own.get("UUID")
-    mine = [i for i in images if any(u.text == uuid for u in i.iter("{*}UUID"))]
-    return _plane_sizes((mine or images)[0]) if images else {}
+        return []
+
+
+def _plane_sizes(image: ElementTree.Element) -> dict[str, int]:
+    """{"C": channels, "Z": z-planes} of an OME-XML Image element."""
+    pixels = image.find("{*}Pixels")
+    return {axis: int(pixels.get(f"Size{axis}", 1)) for axis in "CZ"} if pixels is not None else {}
 
 
 def _appended(tif: tifffile.TiffFile) -> bool:
