@@ -69,9 +69,8 @@ def read_tiff_frames(path: Path) -> np.ndarray:
     size = path.stat().st_size
     if size == 0:
         raise Rejected("empty", "file is empty")
-    with path.open("rb") as file:
-        if file.read(4) not in TIFF_MAGIC:
-            raise Rejected("not_image", "not a TIFF file (no TIFF header)")
+    if not _has_tiff_header(path):
+        raise Rejected("not_image", "not a TIFF file (no TIFF header)")
     problems = _TifffileProblems()
     try:
         with problems, tifffile.TiffFile(path, _multifile=False) as tif:
@@ -111,6 +110,12 @@ def read_tiff_frames(path: Path) -> np.ndarray:
     return data
 
 
+def _has_tiff_header(path: Path) -> bool:
+    """Whether the file starts with a (Big)TIFF header, either byte order."""
+    with path.open("rb") as file:
+        return file.read(4) in TIFF_MAGIC
+
+
 def _layout(tif: tifffile.TiffFile) -> tuple[int, dict[str, int]]:
     """The number of image series in this file and the axis sizes of the first. tifffile reads a
     file of a multi-file OME-TIFF set as a plain page sequence, so for it they come from the
@@ -143,9 +148,7 @@ def _set_images(path: Path) -> list[ElementTree.Element]:
     """The Image elements of a multi-file set's metadata file (a TIFF of the set, or a companion
     .ome XML file); [] when it cannot be read."""
     try:
-        with path.open("rb") as file:
-            is_tiff = file.read(4) in TIFF_MAGIC
-        if is_tiff:
+        if _has_tiff_header(path):
             with tifffile.TiffFile(path, _multifile=False) as master:
                 xml = master.ome_metadata or ""
         else:
