@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,6 +148,39 @@ def test_bad_files_are_rejected_with_reasons_and_good_ones_still_stored(tmp_path
     for reason in ("truncated", "empty", "not_image", "shape", "pattern", "name"):
         assert rejected(reason) == counted[reason] + 1, reason
     assert store.acquisitions() == ["run1"]
+
+
+def test_a_damaged_file_read_in_another_thread_does_not_reject_a_good_one(tmp_path):
+    """Two threads read TIFFs at once (two FolderSources in one program, say): the page-chain
+    errors tifffile logs for a damaged file in one are not counted against the other's file."""
+    good = stack(5, 21)
+    tifffile.imwrite(tmp_path / "good.tif", good)
+    content = (tmp_path / "good.tif").read_bytes()
+    (tmp_path / "damaged.tif").write_bytes(content[: len(content) // 2])
+    stop, damaged_reasons = threading.Event(), []
+
+    def read_damaged_until_stopped():
+        while not stop.is_set():
+            try:
+                read_tiff_frames(tmp_path / "damaged.tif")
+            except Rejected as error:
+                damaged_reasons.append(error.reason)
+            else:
+                damaged_reasons.append("read")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so the two reads interleave
+    other = threading.Thread(target=read_damaged_until_stopped)
+    other.start()
+    try:
+        reads = [read_tiff_frames(tmp_path / "good.tif") for _ in range(200)]
+    finally:
+        stop.set()
+        other.join()
+        sys.setswitchinterval(interval)
+    for frames in reads:
+        np.testing.assert_array_equal(frames, good)
+    assert len(damaged_reasons) > 20 and set(damaged_reasons) == {"truncated"}
 
 
 def test_file_still_being_written_is_taken_only_when_complete(tmp_path, watched):

@@ -191,14 +191,17 @@ def compile_pattern(pattern: str) -> re.Pattern:
 
 
 class _TifffileProblems(logging.Handler):
-    """Collects what tifffile logs at WARNING or above while a file is read."""
+    """Collects what tifffile logs at WARNING or above while this thread reads a file; what
+    other threads' tifffile reads log meanwhile is theirs, not this file's."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
+        self.thread = threading.get_ident()  # the reading thread: it creates this collector
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
 
     def __enter__(self) -> _TifffileProblems:
         logging.getLogger("tifffile").addHandler(self)
