@@ -335,6 +335,21 @@ def test_multi_file_ome_set_stores_each_plane_exactly_once(tmp_path, watched):
         np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(6)]), planes)
 
 
+def test_a_damaged_first_file_of_an_ome_set_is_rejected_and_the_others_still_read(tmp_path):
+    """A BinaryOnly file looks up its set's layout in the first file; tifffile's errors for a
+    damaged first file belong to that file, not to the BinaryOnly one being read."""
+    planes = stack(4, 15)
+    for name, content in ome_set(planes, ["s.ome.tif", "s_1.ome.tif"]).items():
+        write_tiff(tmp_path / name, content)
+    first = tmp_path / "s.ome.tif"
+    content = first.read_bytes()
+    first.write_bytes(content[: content.index(b"<OME") + 50])  # cut inside its OME-XML
+    with pytest.raises(Rejected) as damaged:
+        read_tiff_frames(first)
+    assert damaged.value.reason == "truncated"
+    np.testing.assert_array_equal(read_tiff_frames(tmp_path / "s_1.ome.tif"), planes[2:])
+
+
 def test_multi_channel_and_z_stack_files_are_rejected_time_stacks_stored(tmp_path, watched):
     store = Store(tmp_path / "store")
     planes = stack(4, 14)

@@ -26,6 +26,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
@@ -149,7 +151,7 @@ def _set_images(path: Path) -> list[ElementTree.Element]:
     .ome XML file); [] when it cannot be read."""
     try:
         if _has_tiff_header(path):
-            with tifffile.TiffFile(path, _multifile=False) as master:
+            with _TifffileProblems.elsewhere(), tifffile.TiffFile(path, _multifile=False) as master:
                 xml = master.ome_metadata or ""
         else:
             xml = path.read_text(errors="replace")
@@ -192,7 +194,10 @@ def compile_pattern(pattern: str) -> re.Pattern:
 
 class _TifffileProblems(logging.Handler):
     """Collects what tifffile logs at WARNING or above while this thread reads a file; what
-    other threads' tifffile reads log meanwhile is theirs, not this file's."""
+    other threads' tifffile reads log meanwhile is theirs, and what this thread logs while it
+    reads another file of the set (`elsewhere`) is that file's."""
+
+    _reading_elsewhere = threading.local()
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -200,8 +205,18 @@ class _TifffileProblems(logging.Handler):
         self.thread = threading.get_ident()  # the reading thread: it creates this collector
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
+        if record.thread == self.thread and not getattr(self._reading_elsewhere, "on", False):
             self.messages.append(record.getMessage())
+
+    @classmethod
+    @contextmanager
+    def elsewhere(cls) -> Iterator[None]:
+        """While this thread reads another file than the one whose problems are collected."""
+        cls._reading_elsewhere.on = True
+        try:
+            yield
+        finally:
+            cls._reading_elsewhere.on = False
 
     def __enter__(self) -> _TifffileProblems:
         logging.getLogger("tifffile").addHandler(self)
