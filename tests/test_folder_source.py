@@ -307,8 +307,8 @@ def ome_set(planes: np.ndarray, names: list[str], channels: int = 1) -> dict[str
 
 
 def write_tiff(path: Path, pages_description: tuple) -> None:
-    pages, description = pages_description
-    tifffile.imwrite(path, pages, description=description, metadata=None)
+    pages, description = pages_description  # minisblack: 3 or 4 pages would be one RGB(A) page
+    tifffile.imwrite(path, pages, description=description, metadata=None, photometric="minisblack")
 
 
 def test_multi_file_ome_set_stores_each_plane_exactly_once(tmp_path, watched):
