@@ -193,37 +193,38 @@ def compile_pattern(pattern: str) -> re.Pattern:
 
 
 class _TifffileProblems(logging.Handler):
-    """Collects what tifffile logs at WARNING or above while this thread reads a file; what
-    other threads' tifffile reads log meanwhile is theirs, and what this thread logs while it
-    reads another file of the set (`elsewhere`) is that file's."""
+    """Collects what tifffile logs at WARNING or above while this thread reads one file: not
+    what other threads' reads log meanwhile, nor what this thread logs while it reads another
+    file of the set (`elsewhere`)."""
 
-    _reading_elsewhere = threading.local()
+    _active = threading.local()  # .collector: where this thread's tifffile records go, or None
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
-        self.thread = threading.get_ident()  # the reading thread: it creates this collector
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread and not getattr(self._reading_elsewhere, "on", False):
+    def emit(self, record: logging.LogRecord) -> None:  # runs in the thread that logged
+        if getattr(self._active, "collector", None) is self:
             self.messages.append(record.getMessage())
 
     @classmethod
     @contextmanager
     def elsewhere(cls) -> Iterator[None]:
         """While this thread reads another file than the one whose problems are collected."""
-        cls._reading_elsewhere.on = True
+        collector, cls._active.collector = getattr(cls._active, "collector", None), None
         try:
             yield
         finally:
-            cls._reading_elsewhere.on = False
+            cls._active.collector = collector
 
     def __enter__(self) -> _TifffileProblems:
+        self._active.collector = self
         logging.getLogger("tifffile").addHandler(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         logging.getLogger("tifffile").removeHandler(self)
+        self._active.collector = None
 
 
 @dataclass
