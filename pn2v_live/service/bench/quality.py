@@ -67,7 +67,7 @@ def compare(
     minutes: float | None = 25.0,
     steps: int | None = None,
     k: int = 800,
-    evaluate_frames: int = 5,
+    score_frames: int = 5,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, float]]:
@@ -79,7 +79,7 @@ def compare(
     "supervised": dB, ...}, "psnr_drift_corrected_db": {the same names: dB}}.
     """
     raw, truth = load_field(data_dir, target)
-    test_frames = raw[:evaluate_frames]
+    test_frames = raw[:score_frames]
     corrected = [drift_corrected(frame, truth) for frame in test_frames]
     results: dict[str, dict[str, float]] = {"psnr_db": {}, "psnr_drift_corrected_db": {}}
 

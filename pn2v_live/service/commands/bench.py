@@ -61,13 +61,16 @@ def bench(
             "histogram, hybrid, gmm, poisson-gaussian"
         ),
     ] = ["histogram", "hybrid"],  # noqa: B006
+    score_frames: Annotated[
+        int, typer.Option(min=1, max=50, help="quality: score fov03's first N frames")
+    ] = 5,
 ) -> None:
     """Measure PARTs; each prints one JSON line (median/min seconds, throughput, peak memory,
     device, torch threads, dtype; with --baseline naive also the ratio to the naive formulation).
     `quality` trains N2V, PN2V (with each --noise-model kind, fitted on fov01 + fov02) and
     supervised on the shared FMD confocal data, each for the same budget, and reports the PSNR
-    (dB) of fov03's first 5 frames against its ground truth, and against the ground truth brought
-    to each frame's brightness (the scene drifts during the acquisition)."""
+    (dB) of fov03's first --score-frames frames (5) against its ground truth, and against the
+    ground truth brought to each frame's brightness (the scene drifts during the acquisition)."""
     import torch
 
     from pn2v_live.service.bench.algorithm import bench_predict, bench_train
@@ -93,7 +96,8 @@ def bench(
             side = size or 512
             result = run_ingest(side, frames)
         elif name is Part.quality:
-            result, side = run_quality(data, minutes, steps, k, seeds, tuple(noise_model)), 512
+            side = 512
+            result = run_quality(data, minutes, steps, k, seeds, tuple(noise_model), score_frames)
         else:
             from pn2v_live.service.bench.pipeline import run_pipeline
 
@@ -109,6 +113,7 @@ def run_quality(
     k: int,
     seeds: int,
     kinds: tuple[str, ...],
+    score_frames: int = 5,
 ) -> dict:
     """PSNR of raw and of every trained model on fov03 (see `bench`), PN2V once per noise-model
     kind in `kinds`, with the budget used: the mean over `seeds` runs, and each run's score
@@ -132,6 +137,7 @@ def run_quality(
             minutes=minutes,
             steps=steps,
             k=k,
+            score_frames=score_frames,
             seed=seed,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
@@ -148,5 +154,6 @@ def run_quality(
         "seeds": seeds,
         "minutes_per_model": minutes,
         "steps_per_model": steps,
+        "scored_frames": score_frames,
         "body_dtype": body,
     }
