@@ -113,7 +113,7 @@ def run_quality(
     k: int,
     seeds: int,
     kinds: tuple[str, ...],
-    score_frames: int = 5,
+    score_frames: int,
 ) -> dict:
     """PSNR of raw and of every trained model on fov03 (see `bench`), PN2V once per noise-model
     kind in `kinds`, with the budget used: the mean over `seeds` runs, and each run's score
