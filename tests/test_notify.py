@@ -109,7 +109,8 @@ bind = ""
 bind = ""
 """
     )
-    env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
+    watchdog = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
+    env = {**os.environ, **watchdog, "PYTHONFAULTHANDLER": "1"}  # SIGABRT: print all stacks
     env.pop("WATCHDOG_PID", None)
     daemon = subprocess.Popen(
         [CLI, "serve", "--config", config], env=env, stderr=subprocess.PIPE, text=True
@@ -120,7 +121,12 @@ bind = ""
         while time.monotonic() < deadline and not any(m == "WATCHDOG=1" for m in messages):
             messages += receive_all(server, deadline)
         daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=60) == 0
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.send_signal(signal.SIGABRT)
+            pytest.fail(f"no exit 60 s after SIGTERM; its threads:\n{daemon.communicate()[1]}")
+        assert daemon.returncode == 0
         messages += receive_all(server, time.monotonic() + 1)
     finally:
         daemon.kill()

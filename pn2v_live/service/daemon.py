@@ -6,14 +6,13 @@ promoted model loaded → ingest sources → inference and trainer → READY=1. 
 READY is a UserError with one line saying what and how to fix it. SIGTERM/SIGINT drain: sources
 stop accepting (what they already received is stored), the trainer abandons its round,
 inference finishes the frames in flight, then the store and ledger are closed and `run` returns.
-The signal handlers are installed first thing in `start`: a signal during start-up lets start-up
-finish, then `run` drains at once.
+The signal handlers are installed first thing in `start` (see `StopRequest`: they take no lock): a
+signal during start-up lets start-up finish, then `run` drains at once.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pn2v_live.pipeline.trainer import Trainer, TrainerSettings, pick_device
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.service.config import Config
 from pn2v_live.service.notify import SystemdNotifier
+from pn2v_live.service.stop_request import StopRequest
 from pn2v_live.service.viewer import ViewerServer
 from pn2v_live.storage.checkpoints import load_denoiser
 from pn2v_live.storage.noise_model_file import load_noise_model
@@ -48,7 +48,7 @@ class Daemon:
     def __init__(self, config: Config, notifier: SystemdNotifier | None = None):
         self.config = config
         self.notifier = notifier or SystemdNotifier()
-        self._stop = threading.Event()
+        self._stop = StopRequest()
         self._closers: list[Callable[[], object]] = []  # run in reverse order at shutdown
         self.store: Store | None = None
         self.inference: InferenceScheduler | None = None
@@ -62,8 +62,7 @@ class Daemon:
     def start(self) -> None:
         """Bring every part up; UserError (after undoing what started) if one cannot start."""
         if threading.current_thread() is threading.main_thread():  # signal() works only there
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: self._stop.set())
+            self._stop.install()
         try:
             self._start()
         except BaseException:
@@ -242,6 +241,7 @@ class Daemon:
             except Exception:
                 log.exception("while shutting down")
         self.notifier.close()
+        self._stop.uninstall()
 
     # ---- status -------------------------------------------------------------------------
 

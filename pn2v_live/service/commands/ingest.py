@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +12,7 @@ import typer
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.folder_source import DEFAULT_PATTERN
 from pn2v_live.service.cli import app
+from pn2v_live.service.stop_request import StopRequest
 
 log = logging.getLogger("pn2v_live.cli")
 
@@ -172,18 +171,16 @@ def ingest(
         sources.append(ZmqSource(store, zmq, status))
     if folder:
         sources.append(FolderSource(store, folder, polling, stable_seconds, pattern=pattern))
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = StopRequest()
+    stop.install()
     try:
         for started in sources:
             started.start()
         log.info("ingesting into %s; stop with Ctrl-C or SIGTERM", store.root)
-        # Timed waits: the kernel may deliver SIGTERM to any thread, and Python runs the handler
-        # only when the main thread wakes, which an untimed wait never does (shutdown hung).
-        while not stop.wait(0.5):
+        while not stop.wait(None):
             pass
     finally:
         for source in sources:
             source.stop()
         store.close()
+        stop.close()
