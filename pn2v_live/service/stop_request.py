@@ -5,7 +5,7 @@ thread holds a lock. `threading.Event.set()` takes the lock of the Event's Condi
 handler calling it deadlocks whenever the signal lands while the main thread is inside that
 Event's `wait()` holding the same lock: the process then never stops. Here the handler does
 nothing; `signal.set_wakeup_fd` makes the interpreter's C-level handler write the signal number
-to a socket, and `wait` selects on that socket. A request from another thread (`set`) writes a
+to a socket, and `wait` polls that socket. A request from another thread (`set`) writes a
 byte to the same socket.
 """
 
@@ -28,6 +28,8 @@ class StopRequest:
         self._receiver, self._sender = socket.socketpair()
         self._receiver.setblocking(False)
         self._sender.setblocking(False)
+        self._poll = select.poll()  # not select(): descriptors past 1023 are fine
+        self._poll.register(self._receiver, select.POLLIN)
         self._requested = False
         self._restore: list[tuple[int, object]] = []  # (signal, previous handler)
         self._previous_wakeup_fd: int | None = None
@@ -55,7 +57,8 @@ class StopRequest:
 
     def wait(self, timeout: float | None) -> bool:
         """Block up to `timeout` seconds (None: until woken); True once a stop was requested."""
-        if not self._requested and select.select([self._receiver], [], [], timeout)[0]:
+        milliseconds = None if timeout is None else 1000 * timeout
+        if not self._requested and self._poll.poll(milliseconds):
             wakers = self._receiver.recv(4096)
             self._requested = any(b == REQUEST or b in STOP_SIGNALS for b in wakers)
         return self._requested
