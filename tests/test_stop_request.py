@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pn2v_live.service.stop_request import StopRequest
+from pn2v_live.service.stop_request import STOP_SIGNALS, StopRequest
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def signal_from_worker(signum: int, to_worker: bool) -> None:
 def test_a_signal_delivered_to_another_thread_wakes_the_waiting_main_thread(
     request_installed, signum
 ):
-    # The main thread sleeps in select(); only the wake-up byte can end the wait before 30 s.
+    # The main thread sleeps in poll(); only the wake-up byte can end the wait before 30 s.
     threading.Timer(0.2, signal_from_worker, (signum, True)).start()
     assert request_installed.wait(30) is True
     assert request_installed.wait(0) is True  # it stays requested
@@ -55,7 +55,7 @@ def test_set_from_another_thread_wakes_the_wait_and_nothing_else_does(request_in
 
 
 def test_uninstall_gives_back_the_previous_handlers_and_wakeup_descriptor():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     descriptor_before = signal.set_wakeup_fd(-1)  # read it: setting returns the old one
     signal.set_wakeup_fd(descriptor_before)
     stop = StopRequest()
