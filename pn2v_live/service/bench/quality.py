@@ -111,7 +111,8 @@ def compare(
         denoised = np.stack(
             [denoise(denoiser, f, noise_model, compiled=True)["denoised"] for f in test_frames]
         )
-        record(name, denoised, steps=history[-1]["step"] if history else 0, seconds=trained)
+        last = history[-1] if history else {"step": 0, "batch_size": 0}
+        record(name, denoised, steps=last["step"], batch_size=last["batch_size"], seconds=trained)
     return results
 
 

@@ -87,7 +87,9 @@ def train(
     ] = 0.1,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     k: Annotated[int, typer.Option(help="prior samples per pixel (pn2v)", min=1)] = 800,
-    batch_size: Annotated[int, typer.Option(help="patches per step", min=1)] = 16,
+    batch_size: Annotated[
+        int | None, typer.Option(help="patches per step [default: 16 on a GPU, 4 on a CPU]", min=1)
+    ] = None,
     patch_size: Annotated[int, typer.Option(help="patch side in pixels")] = 96,
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 4e-4,
 ) -> None:
