@@ -190,8 +190,9 @@ def train(
 def default_batch_size(device: torch.device) -> int:
     """Patches per step where none is given: 16 on a GPU, which computes 16 patches in about the
     time of one, and 4 on a CPU, whose step time grows with its patches, so that in the same
-    time PN2V takes four times as many smaller steps (0.5 dB better drift-corrected on the FMD
-    data after 30 minutes on a 2-core AMD EPYC; see the README's Performance section)."""
+    time PN2V takes four times as many smaller steps (on the FMD data 0.55 dB better drift-
+    corrected at the step counts of 30 minutes on a 2-core AMD EPYC, trained on a GPU; 0.25 dB
+    trained on the EPYC itself, one seed; see the README's Performance section)."""
     return 16 if device.type == "cuda" else 4
 
 
