@@ -19,7 +19,13 @@ from pn2v_live.core.noise import (
     PoissonGaussianNoiseModel,
 )
 from pn2v_live.core.synthetic import Camera, acquisition
-from pn2v_live.core.training import Training, budget_used, default_batch_size, train
+from pn2v_live.core.training import (
+    Training,
+    budget_used,
+    default_batch_size,
+    train,
+    training_memory_format,
+)
 from pn2v_live.service.bench.naive import naive_mmse, naive_pn2v_loss
 
 
@@ -220,6 +226,37 @@ def test_training_on_a_cpu_takes_4_patches_per_step_unless_told():
     history = train(denoiser, list(frames), steps=2, patch_size=16, validate_every=1)
     assert [r["batch_size"] for r in history] == [4, 4]
     assert default_batch_size(torch.device("cuda")) == 16
+
+
+def test_float32_cpu_training_runs_channels_first_and_hands_back_channels_last():
+    """The layout changes the speed only: the same steps in both layouts give the same losses
+    and weights, and `train` returns the network in the inference layout (channels-last)."""
+    batches = [200 + 40 * torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(i))
+               for i in range(3)]  # fmt: skip
+    trained = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(9)
+        denoiser = new_denoiser("pn2v", mean=200, std=40, k=16, features=8)
+        training = Training(denoiser, camera_model(), bf16=False)
+        conv = denoiser.net.down[0][2].weight
+        assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+        denoiser.net.use_memory_format(layout)
+        assert conv.is_contiguous(memory_format=layout)
+        losses = [training.step(batch) for batch in batches]
+        trained[layout] = losses, [p.detach().clone() for p in denoiser.net.parameters()]
+    (first_losses, first), (last_losses, last) = trained.values()
+    np.testing.assert_allclose(first_losses, last_losses, rtol=1e-5)
+    for a, b in zip(first, last, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert training_memory_format(torch.device("cpu"), True) == torch.channels_last
+    assert training_memory_format(torch.device("cuda"), False) == torch.channels_last
+
+    frames, _ = acquisition(Camera(2.0, 100.0, 3.0), 4, (32, 32), seed=6)
+    denoiser = new_denoiser("n2v", float(frames.mean()), float(frames.std()), depth=2, features=8)
+    train(denoiser, list(frames), steps=1, patch_size=16, bf16=False)
+    assert denoiser.net.memory_format == torch.channels_last
+    weight = denoiser.net.down[0][2].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def test_budget_used_is_the_larger_of_steps_and_wall_time():

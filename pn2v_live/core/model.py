@@ -40,12 +40,15 @@ class Denoiser:
         """ADU → network input units."""
         return (x - self.mean) / self.std
 
+    def body_in_bf16(self, bf16: bool | None = None) -> bool:
+        """Whether the U-Net body runs in bfloat16: `bf16`, or where None, whether the device
+        computes it natively (see `native_bf16`)."""
+        return native_bf16(self.device) if bf16 is None else bf16
+
     def body_autocast(self, bf16: bool | None = None) -> torch.autocast:
-        """Context for running the U-Net body: bfloat16 when `bf16` is True, float32 when False,
-        None: bfloat16 where the device computes it natively (see `native_bf16`)."""
-        device = self.device
-        enabled = native_bf16(device) if bf16 is None else bf16
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+        """Context for running the U-Net body in bfloat16 or float32 (see `body_in_bf16`)."""
+        enabled = self.body_in_bf16(bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def head_in_adu(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The 1×1 head folded with de-normalisation: features (…, F) @ W.T + b → ADU, W (K, F)."""

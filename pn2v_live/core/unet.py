@@ -21,7 +21,9 @@ class UNet(nn.Module):
 
     `body` gives the last feature map (B, features, H, W); `head` is a 1×1 conv on it, kept
     separate so training and inference can apply it only where needed. H and W must be
-    multiples of `size_multiple` (2 ** (depth - 1)).
+    multiples of `size_multiple` (2 ** (depth - 1)). Parameters and activations are laid out in
+    `memory_format`: channels-last (fastest for inference on CPU and GPU) unless
+    `use_memory_format` says otherwise.
     """
 
     def __init__(self, out_channels: int, depth: int = 3, features: int = 64):
@@ -41,15 +43,22 @@ class UNet(nn.Module):
             _conv_block(2 * widths[level], widths[level]) for level in range(depth - 1)
         )
         self.head = nn.Conv2d(features, out_channels, 1)
-        self.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+        self.memory_format = torch.contiguous_format
+        self.use_memory_format(torch.channels_last)
+
+    def use_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Lay the parameters, and from now on the activations, out in `memory_format`."""
+        if memory_format != self.memory_format:
+            self.to(memory_format=memory_format)
+            self.memory_format = memory_format
 
     @property
     def out_channels(self) -> int:
         return self.head.out_channels
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) normalised input → (B, features, H, W) features (channels-last)."""
-        x = x.contiguous(memory_format=torch.channels_last)
+        """(B, 1, H, W) normalised input → (B, features, H, W) features (in `memory_format`)."""
+        x = x.contiguous(memory_format=self.memory_format)
         skips = []
         for level, block in enumerate(self.down):
             if level > 0:
