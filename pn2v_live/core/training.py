@@ -19,6 +19,7 @@ from pn2v_live.core.losses import mse, pn2v_loss
 from pn2v_live.core.masking import DEFAULT_FRACTION, n2v_mask
 from pn2v_live.core.model import Denoiser
 from pn2v_live.core.noise.base import NoiseModel
+from pn2v_live.core.unet import INFERENCE_MEMORY_FORMAT
 
 VALIDATION_SEED = 12345
 
@@ -60,7 +61,7 @@ class Training:
     Batches are (B, 1, H, W) raw ADU patches, or (B, 2, H, W) raw + ground truth for
     "supervised". Runs where the denoiser's parameters are; the U-Net body in bfloat16 when
     `bf16` (None: where the device computes it natively), head and likelihood in float32.
-    Lays the U-Net out in `training_memory_format` (`train` restores channels-last after).
+    Lays the U-Net out in `training_memory_format` (`train` restores `INFERENCE_MEMORY_FORMAT`).
     """
 
     def __init__(
@@ -188,7 +189,7 @@ def train(
                 progress(record)
     if best_state is not None:
         denoiser.net.load_state_dict(best_state)
-    denoiser.net.use_memory_format(torch.channels_last)
+    denoiser.net.use_memory_format(INFERENCE_MEMORY_FORMAT)
     denoiser.history.extend(history)
     return history
 
@@ -205,7 +206,7 @@ def default_batch_size(device: torch.device) -> int:
 def training_memory_format(device: torch.device, bf16: bool) -> torch.memory_format:
     """Layout the U-Net trains fastest in: channels-first where its body trains in float32 on a
     CPU (there oneDNN's channels-last backward pass takes about twice as long on 96² patches,
-    and a step of 4 patches about 25 % longer, on a 2-core AMD EPYC), channels-last on CUDA and
+    and a step of 4 patches about 20 % longer, on a 2-core AMD EPYC), channels-last on CUDA and
     in bfloat16."""
     if device.type == "cpu" and not bf16:
         return torch.contiguous_format
