@@ -246,8 +246,10 @@ def test_float32_cpu_training_runs_channels_first_and_hands_back_channels_last()
         trained[layout] = losses, [p.detach().clone() for p in denoiser.net.parameters()]
     (first_losses, first), (last_losses, last) = trained.values()
     np.testing.assert_allclose(first_losses, last_losses, rtol=1e-5)
+    # Adam divides each gradient by its running size, so rounding differences between the two
+    # layouts' kernels reach the weights of near-zero gradients as a fraction of a step (4e-4)
     for a, b in zip(first, last, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert training_memory_format(torch.device("cpu"), True) == torch.channels_last
     assert training_memory_format(torch.device("cuda"), False) == torch.channels_last
 

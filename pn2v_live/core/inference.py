@@ -63,7 +63,10 @@ def denoise(
     compiled: bool = False,
     bf16: bool | None = None,
 ) -> dict[str, np.ndarray]:
-    """Denoise one (Y, X) frame in ADU; returns float32 (Y, X) arrays keyed by `outputs`.
+    """Denoise one frame in ADU; returns float32 (Y, X) arrays keyed by `outputs`.
+
+    `image` is the (Y, X) frame, or for a denoiser with a temporal context its
+    (channels, Y, X) window (`context.window`, NaN where a frame is missing or hidden).
 
     "denoised" is the MMSE estimate for PN2V (the network output for N2V / supervised);
     "prior_mean" and "posterior_std" are PN2V only. `tile` is the core tile side in pixels
@@ -79,25 +82,37 @@ def denoise(
         raise ValueError("MMSE denoising with a pn2v model needs a noise model")
     net, device = denoiser.net.eval(), denoiser.device
     frame = torch.as_tensor(np.asarray(image, dtype=np.float32)).to(device)
-    height, width = frame.shape
+    frame = frame[None] if frame.ndim == 2 else frame
+    if frame.ndim != 3 or frame.shape[0] != denoiser.context.channels:
+        raise ValueError(
+            f"a model with context {denoiser.context} denoises ({denoiser.context.channels}, Y, X)"
+            f" windows, not an array of shape {tuple(np.shape(image))}"
+        )
+    height, width = frame.shape[1:]
     multiple = net.size_multiple
     padded = _pad_to_multiple(frame, multiple)
-    result = {name: torch.empty(padded.shape, device=device) for name in outputs}
+    centre = padded[denoiser.context.before]
+    result = {name: torch.empty(centre.shape, device=device) for name in outputs}
     margin = math.ceil(receptive_radius(net.depth) / multiple) * multiple
     tile = tile or auto_tile(TILE_MEMORY_BYTES, multiple)
     tile = max(multiple, tile - tile % multiple)
-    for core_y, in_y in tiles(padded.shape[0], tile, margin, multiple):
-        for core_x, in_x in tiles(padded.shape[1], tile, margin, multiple):
-            piece = padded[in_y, in_x]
+    for core_y, in_y in tiles(centre.shape[0], tile, margin, multiple):
+        for core_x, in_x in tiles(centre.shape[1], tile, margin, multiple):
             with denoiser.body_autocast(bf16):
-                features = net.body(denoiser.normalise(piece)[None, None])[0]
+                features = net.body(denoiser.normalise(padded[:, in_y, in_x])[None])[0]
             inner = (
                 slice(core_y.start - in_y.start, core_y.stop - in_y.start),
                 slice(core_x.start - in_x.start, core_x.stop - in_x.start),
             )
             features = features[:, inner[0], inner[1]].float()
             estimates = _head_estimates(
-                denoiser, features, piece[inner], noise_model, outputs, chunk_elements, compiled
+                denoiser,
+                features,
+                centre[core_y, core_x],
+                noise_model,
+                outputs,
+                chunk_elements,
+                compiled,
             )
             for name, values in estimates.items():
                 result[name][core_y, core_x] = values
@@ -105,12 +120,13 @@ def denoise(
 
 
 def _pad_to_multiple(frame: torch.Tensor, multiple: int) -> torch.Tensor:
-    height, width = frame.shape
+    """(C, H, W) → (C, H', W') with H', W' the next multiples of `multiple` (reflected edges)."""
+    height, width = frame.shape[1:]
     pad_y, pad_x = (-height) % multiple, (-width) % multiple
     if pad_y == 0 and pad_x == 0:
         return frame
     mode = "reflect" if pad_y < height and pad_x < width else "replicate"
-    return F.pad(frame[None, None], (0, pad_x, 0, pad_y), mode=mode)[0, 0]
+    return F.pad(frame[None], (0, pad_x, 0, pad_y), mode=mode)[0]
 
 
 def _head_estimates(

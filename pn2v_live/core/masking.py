@@ -42,9 +42,11 @@ def n2v_mask(
     fraction: float = DEFAULT_FRACTION,
     radius: int = 2,
     generator: torch.Generator | None = None,
+    channel: int = 0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Mask (B, 1, H, W) patches; returns the masked copy and the (b, y, x) masked indices, on
-    the patches' device (drawn from `generator` on the CPU, moved once)."""
+    """Mask channel `channel` of (B, C, H, W) patches (frame t of a temporal window; the other
+    frames stay as they are); returns the masked copy and the (b, y, x) masked indices, on the
+    patches' device (drawn from `generator` on the CPU, moved once)."""
     batch, _, height, width = patches.shape
     if min(height, width) <= 2 * radius:
         raise ValueError(f"patches of {height}×{width} are too small for a radius-{radius} window")
@@ -57,5 +59,5 @@ def n2v_mask(
     nx = _neighbour(x, pick % span - radius, width)
     b, y, x, ny, nx = (i.to(patches.device) for i in (b, y, x, ny, nx))
     masked = patches.clone()
-    masked[b, 0, y, x] = patches[b, 0, ny, nx]
+    masked[b, channel, y, x] = patches[b, channel, ny, nx]
     return masked, (b, y, x)

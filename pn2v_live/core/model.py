@@ -8,6 +8,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pn2v_live.core.context import SPATIAL, Context
 from pn2v_live.core.unet import UNet
 
 Mode = Literal["pn2v", "n2v", "supervised"]
@@ -19,7 +20,8 @@ class Denoiser:
     """`net` maps (x - mean) / std to outputs in the same normalised units.
 
     For "pn2v" the K outputs are samples of the prior p(s | neighbourhood); for "n2v" and
-    "supervised" the single output is the estimate itself. `history` holds the training record.
+    "supervised" the single output is the estimate itself. The network's input is the frames of
+    `context` around the frame denoised (one channel each). `history` holds the training record.
     """
 
     net: UNet
@@ -27,6 +29,7 @@ class Denoiser:
     mean: float
     std: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    context: Context = SPATIAL
 
     @property
     def k(self) -> int:
@@ -37,8 +40,8 @@ class Denoiser:
         return next(self.net.parameters()).device
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """ADU → network input units."""
-        return (x - self.mean) / self.std
+        """ADU → network input units; a missing frame (NaN) becomes 0, the data mean."""
+        return torch.nan_to_num((x - self.mean) / self.std, nan=0.0)
 
     def body_in_bf16(self, bf16: bool | None = None) -> bool:
         """Whether the U-Net body runs in bfloat16: `bf16`, or where None, whether the device
@@ -72,13 +75,20 @@ PRECISIONS = {"auto": None, "float32": False, "bfloat16": True}  # name → `bf1
 
 
 def new_denoiser(
-    mode: Mode, mean: float, std: float, k: int = 800, depth: int = 3, features: int = 64
+    mode: Mode,
+    mean: float,
+    std: float,
+    k: int = 800,
+    depth: int = 3,
+    features: int = 64,
+    context: Context = SPATIAL,
 ) -> Denoiser:
     """A freshly initialised denoiser; K applies to "pn2v" only (the others have 1 output)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     out_channels = k if mode == "pn2v" else 1
-    return Denoiser(UNet(out_channels, depth, features), mode, float(mean), float(max(std, 1e-6)))
+    net = UNet(out_channels, depth, features, in_channels=context.channels)
+    return Denoiser(net, mode, float(mean), float(max(std, 1e-6)), context=context)
 
 
 def normalisation_of(images: list[np.ndarray]) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pn2v_live.core.context import Context, Windows, visible_channels
 from pn2v_live.core.losses import mse, pn2v_loss
 from pn2v_live.core.masking import DEFAULT_FRACTION, n2v_mask
 from pn2v_live.core.model import Denoiser
@@ -33,8 +34,9 @@ def sample_patches(
 ) -> torch.Tensor:
     """`n` random square patches (n, C, size, size) float32, randomly rotated by 90° and flipped.
 
-    `frames` are (Y, X) or (C, Y, X) arrays (C aligned channels, e.g. raw and ground truth);
-    a frame is drawn with probability proportional to `weights` (uniform when None).
+    `frames` are (Y, X) or (C, Y, X) arrays (C aligned channels: a temporal window, with the
+    ground truth last for supervised training), e.g. `Windows`; a frame is drawn with
+    probability proportional to `weights` (uniform when None).
     """
     p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
     patches = np.empty((n, *_channels_first(frames[0]).shape[:1], size, size), np.float32)
@@ -58,8 +60,11 @@ def _channels_first(frame: np.ndarray) -> np.ndarray:
 class Training:
     """Optimiser state for one denoiser: Adam, at the learning rate each `step` is given.
 
-    Batches are (B, 1, H, W) raw ADU patches, or (B, 2, H, W) raw + ground truth for
-    "supervised". Runs where the denoiser's parameters are; the U-Net body in bfloat16 when
+    Batches are (B, C, H, W) raw ADU patches of the denoiser's temporal window (C = its
+    channels, frame t at channel `context.before`, NaN where a frame is missing), with the ground
+    truth as one more channel for "supervised". Training steps hide random parts of the window
+    (`context.visible_channels`); validation sees it whole. Runs where the denoiser's parameters
+    are; the U-Net body in bfloat16 when
     `bf16` (None: where the device computes it natively), head and likelihood in float32.
     Lays the U-Net out in `training_memory_format` (`train` restores `INFERENCE_MEMORY_FORMAT`).
     """
@@ -83,20 +88,21 @@ class Training:
         self.optimizer = torch.optim.Adam(denoiser.net.parameters(), lr=lr)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def loss(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The mode's loss on one batch (see class docstring for shapes)."""
+    def loss(
+        self, batch: torch.Tensor, generator: torch.Generator | None = None, hide: bool = False
+    ) -> torch.Tensor:
+        """The mode's loss on one batch (see class docstring for shapes); `hide`: draw which
+        frames of the window each patch sees from `generator`."""
         d = self.denoiser
         batch = batch.to(d.device, non_blocking=True)
-        raw = batch[:, :1]
+        channels, centre = d.context.channels, d.context.before
+        raw = batch[:, :channels]
         if d.mode == "supervised":
             with d.body_autocast(self.bf16):
-                prediction = d.net(d.normalise(raw))
-            return mse(prediction.float(), d.normalise(batch[:, 1:2]))
-        masked, (b, y, x) = n2v_mask(raw, self.fraction, generator=generator)
-        with d.body_autocast(self.bf16):
-            features = d.net.body(d.normalise(masked))
-        features = features[b, :, y, x].float()  # (P, F) at the masked pixels only
-        observations = raw[b, 0, y, x]
+                prediction = d.net(self._inputs(raw, generator, hide))
+            return mse(prediction.float(), d.normalise(batch[:, channels : channels + 1]))
+        features, (b, y, x) = self.masked_features(raw, generator, hide)
+        observations = raw[b, centre, y, x]
         if d.mode == "n2v":
             head = d.net.head
             prediction = features @ head.weight.flatten(1).T + head.bias
@@ -105,6 +111,30 @@ class Training:
         samples = torch.addmm(bias, features, weight.T)  # (P, K) ADU
         return pn2v_loss(samples, observations, self.noise_model)
 
+    def masked_features(
+        self, raw: torch.Tensor, generator: torch.Generator | None = None, hide: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Noise2Void: mask frame t of (B, C, H, W) raw patches, run the body; the (P, F) float32
+        features at the P masked pixels, whose own values never reach them, and their (b, y, x)
+        indices."""
+        d = self.denoiser
+        masked, (b, y, x) = n2v_mask(
+            raw, self.fraction, generator=generator, channel=d.context.before
+        )
+        with d.body_autocast(self.bf16):
+            features = d.net.body(self._inputs(masked, generator, hide))
+        return features[b, :, y, x].float(), (b, y, x)
+
+    def _inputs(
+        self, raw: torch.Tensor, generator: torch.Generator | None, hide: bool
+    ) -> torch.Tensor:
+        """Normalised network input; with `hide`, the hidden frames of each patch set to 0."""
+        inputs = self.denoiser.normalise(raw)
+        if hide and raw.shape[1] > 1:
+            seen = visible_channels(len(raw), self.denoiser.context, generator)
+            inputs = inputs * seen.to(inputs.device)[:, :, None, None]
+        return inputs
+
     def step(self, batch: torch.Tensor, lr: float | None = None) -> float:
         """One Adam update on `batch`, at learning rate `lr` from now on when given; returns the
         loss before the update."""
@@ -112,7 +142,7 @@ class Training:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.denoiser.net.train()
-        loss = self.loss(batch, self.generator)
+        loss = self.loss(batch, self.generator, hide=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -142,8 +172,9 @@ def train(
 ) -> list[dict[str, Any]]:
     """Train until `steps` updates or `minutes` of wall time (whichever comes first).
 
-    `frames` are (Y, X) raw frames, or (2, Y, X) raw + ground truth for "supervised". Frames
-    are split into training and validation sets (at least one of each when there are ≥ 2).
+    `frames` are (Y, X) raw frames, or (2, Y, X) raw + ground truth for "supervised"; for a
+    denoiser with a temporal context, `Windows` of that context. Frames are split into
+    training and validation sets (at least one of each when there are ≥ 2).
     The learning rate falls from `lr` to 0 along a cosine over the budget (whichever of steps
     and minutes runs out first), so the run ends on a quiet average instead of one noisy Adam
     step; every `validate_every` steps the validation loss is measured and the best weights so
@@ -165,16 +196,19 @@ def train(
     val_batch = sample_patches(val_frames, max(batch_size, 16), patch_size, rng)
     training = Training(denoiser, noise_model, lr=lr, seed=seed, bf16=bf16)
     started = time.monotonic()
+    earlier = total_steps(denoiser.history)  # steps of earlier calls on this denoiser
     best_loss, best_state = float("inf"), None
     history, losses, step = [], [], 0
     while (done := budget_used(step, steps, time.monotonic() - started, minutes)) < 1:
         batch = sample_patches(train_frames, batch_size, patch_size, rng)
         losses.append(training.step(batch, cosine_rate(lr, done)))
         step += 1
-        if step % validate_every == 0 or step == steps:
+        last = budget_used(step, steps, time.monotonic() - started, minutes) >= 1
+        if step % validate_every == 0 or last:
             val_loss = training.validation_loss(val_batch)
             record = {
                 "step": step,
+                "total_steps": earlier + step,
                 "training_loss": float(np.mean(losses)),
                 "validation_loss": val_loss,
                 "lr": training.optimizer.param_groups[0]["lr"],
@@ -192,6 +226,13 @@ def train(
     denoiser.net.use_memory_format(INFERENCE_MEMORY_FORMAT)
     denoiser.history.extend(history)
     return history
+
+
+def total_steps(history: Sequence[dict[str, Any]]) -> int:
+    """Optimiser steps over every `train` call recorded in a denoiser's `history`."""
+    if not history:
+        return 0
+    return history[-1].get("total_steps", history[-1]["step"])
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -228,17 +269,16 @@ def budget_used(step: int, steps: int | None, seconds: float, minutes: float | N
 
 def split_frames(
     frames: Sequence[np.ndarray], val_fraction: float, patch_size: int, rng: np.random.Generator
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+) -> tuple[Sequence[np.ndarray], Sequence[np.ndarray]]:
     """Hold back about `val_fraction` of the frames (≥ 1 when there are ≥ 2 frames).
 
     With a single frame, a bottom strip of rows (val_fraction of the height, at least one
     patch high) is held back instead.
     """
-    frames = list(frames)
     if len(frames) >= 2:
         order = rng.permutation(len(frames))
         n_val = max(1, round(val_fraction * len(frames)))
-        return [frames[i] for i in order[n_val:]], [frames[i] for i in order[:n_val]]
+        return _pick(frames, order[n_val:]), _pick(frames, order[:n_val])
     frame = frames[0]
     height = frame.shape[-2]
     strip = max(round(val_fraction * height), patch_size)
@@ -248,3 +288,53 @@ def split_frames(
             "patches: give more frames or a smaller patch size"
         )
     return [frame[..., : height - strip, :]], [frame[..., height - strip :, :]]
+
+
+def _pick(frames: Sequence[np.ndarray], positions: Sequence[int]) -> Sequence[np.ndarray]:
+    """The frames at `positions`; `Windows` stay lazy."""
+    if isinstance(frames, Windows):
+        return frames.subset(positions)
+    return [frames[p] for p in positions]
+
+
+PILOT_SHARE = 0.25  # of a budget that `train_choosing_context` spends trying the candidates
+
+
+def train_choosing_context(
+    make_denoiser: Callable[[Context], Denoiser],
+    series: Sequence[Sequence[np.ndarray]],
+    candidates: Sequence[Context],
+    noise_model: NoiseModel | None = None,
+    steps: int | None = None,
+    minutes: float | None = None,
+    truths: Sequence[Sequence[np.ndarray]] | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> tuple[Denoiser, dict[str, float]]:
+    """Choose the temporal context by held-out validation loss, then train it to the budget.
+
+    Each candidate gets an equal part of PILOT_SHARE of the budget (steps or minutes) from a
+    fresh `make_denoiser(context)`; all are validated on the same held-back frames and pixels
+    (Eq. 7 with the whole window visible), so their losses compare. The best one then trains on
+    for the rest of the budget. `series` are (T, Y, X) raw stacks (one per acquisition or
+    file), `truths` their ground truth per frame for "supervised"; `options` go to `train`.
+    Returns the trained denoiser and each candidate's best validation loss keyed by "A:B".
+    """
+    share = PILOT_SHARE / len(candidates)
+    pilot_steps = None if steps is None else max(1, round(steps * share))
+    pilot_minutes = None if minutes is None else minutes * share
+    losses, pilots = {}, {}
+    for context in candidates:
+        denoiser = make_denoiser(context)
+        frames = Windows(series, context, truths=truths)
+        history = train(denoiser, frames, noise_model, pilot_steps, pilot_minutes, **options)
+        losses[str(context)] = min(r["validation_loss"] for r in history)
+        pilots[str(context)] = denoiser
+        if log is not None:
+            log(f"context {context}: validation loss {losses[str(context)]:.4f}")
+    best = pilots[min(losses, key=losses.get)]
+    rest_steps = None if steps is None else max(1, steps - pilot_steps * len(candidates))
+    rest_minutes = None if minutes is None else minutes * (1 - PILOT_SHARE)
+    frames = Windows(series, best.context, truths=truths)
+    train(best, frames, noise_model, rest_steps, rest_minutes, **options)
+    return best, losses

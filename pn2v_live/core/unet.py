@@ -19,7 +19,8 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """1 input channel → `out_channels` (K prior samples for PN2V, 1 for N2V/supervised).
+    """`in_channels` frames (1, or a temporal window) → `out_channels` (K prior samples for
+    PN2V, 1 for N2V/supervised).
 
     `body` gives the last feature map (B, features, H, W); `head` is a 1×1 conv on it, kept
     separate so training and inference can apply it only where needed. H and W must be
@@ -27,13 +28,13 @@ class UNet(nn.Module):
     `memory_format`: `INFERENCE_MEMORY_FORMAT` unless `use_memory_format` says otherwise.
     """
 
-    def __init__(self, out_channels: int, depth: int = 3, features: int = 64):
+    def __init__(self, out_channels: int, depth: int = 3, features: int = 64, in_channels: int = 1):
         super().__init__()
         widths = [features * 2**level for level in range(depth)]
         self.depth, self.features = depth, features
         self.size_multiple = 2 ** (depth - 1)
         self.down = nn.ModuleList(
-            _conv_block(1 if level == 0 else widths[level - 1], widths[level])
+            _conv_block(in_channels if level == 0 else widths[level - 1], widths[level])
             for level in range(depth)
         )
         self.up = nn.ModuleList(
@@ -57,8 +58,13 @@ class UNet(nn.Module):
     def out_channels(self) -> int:
         return self.head.out_channels
 
+    @property
+    def in_channels(self) -> int:
+        return self.down[0][0].in_channels
+
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) normalised input → (B, features, H, W) features (in `memory_format`)."""
+        """(B, in_channels, H, W) normalised input → (B, features, H, W) features (in
+        `memory_format`)."""
         x = x.contiguous(memory_format=self.memory_format)
         skips = []
         for level, block in enumerate(self.down):
@@ -72,5 +78,6 @@ class UNet(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) → (B, out_channels, H, W); materialises every output (use for K = 1)."""
+        """(B, in_channels, H, W) → (B, out_channels, H, W); materialises every output (use for
+        K = 1)."""
         return self.head(self.body(x))
