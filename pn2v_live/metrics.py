@@ -11,7 +11,8 @@ FRAMES_REJECTED = Counter(
 )
 FRAMES_DENOISED = Counter(
     "pn2v_live_frames_denoised_total",
-    "Denoised frames written; kind is new (first twin) or backfill (re-denoised by a newer model)",
+    "Denoised frames written; kind is new (first twin), refined (re-denoised with the later "
+    "frames of its window) or backfill (re-denoised by a newer model)",
     ["kind"],
 )
 FRAMES_UNREADABLE = Counter(

@@ -14,13 +14,13 @@ def test_wal_mode_and_rows_survive_reopen(tmp_path):
     ledger.add_frame("a", 3)
     ledger.mark_stored("zmq", "a/3", "a", 3, 1)
     ledger.mark_rejected("folder", "/x/bad.tif", "truncated TIFF", size=10, mtime_ns=5)
-    ledger.set_denoised("a", 1, 4)
+    ledger.set_denoised("a", 1, 4, "2:0")
     ledger.close()
     with sqlite3.connect(tmp_path / "ingest-ledger.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     again = Ledger(tmp_path)
     assert again.frames("a") == [1, 3]
-    assert again.denoised_versions("a") == {1: 4}
+    assert again.denoised_twins("a") == {1: (4, "2:0")}
     bad = again.item("folder", "/x/bad.tif")
     assert (bad.status, bad.reason, bad.size, bad.mtime_ns) == ("rejected", "truncated TIFF", 10, 5)
     assert again.item("zmq", "a/3").status == "stored"
@@ -40,3 +40,17 @@ def test_reserve_gives_consecutive_ranges_and_is_stable_for_pending_items(tmp_pa
     ledger.mark_rejected("folder", "/d/f2.tif", "empty file", "a")
     ledger.add_frame("a", 7)
     assert ledger.reserve("folder", "/d/f3.tif", "a", 100, 1, frames=1) == 8
+
+
+def test_a_ledger_from_before_temporal_context_gains_the_window_column(tmp_path):
+    with sqlite3.connect(tmp_path / "ingest-ledger.sqlite") as db:  # the earlier schema
+        db.execute(
+            "CREATE TABLE denoised (acquisition TEXT NOT NULL, t INTEGER NOT NULL, "
+            "version INTEGER NOT NULL, PRIMARY KEY (acquisition, t)) WITHOUT ROWID"
+        )
+        db.execute("INSERT INTO denoised VALUES ('a', 0, 3)")
+    ledger = Ledger(tmp_path)
+    assert ledger.denoised_twins("a") == {0: (3, "0:0")}  # old twins were single-frame
+    ledger.set_denoised("a", 1, 4, "1:1")
+    ledger.close()
+    assert Ledger(tmp_path).denoised_twins("a") == {0: (3, "0:0"), 1: (4, "1:1")}

@@ -25,6 +25,7 @@ SETTINGS = TrainerSettings(
     batch_size=2,
     k=8,
     learning_rate=1e-3,
+    context="0:0",
 )
 
 
@@ -140,6 +141,41 @@ def test_precision_setting_decides_the_body_dtype_of_training(setup, tmp_path):
         )
         assert recorded[precision] == pytest.approx(again, rel=1e-6)
     assert recorded["float32"] != pytest.approx(recorded["bfloat16"], rel=1e-6)
+
+
+def test_auto_context_tries_every_candidate_and_keeps_the_lowest_validation_loss(
+    setup, tmp_path, caplog
+):
+    trainer, _, add_frames, idle = setup
+    add_frames(12)
+    registry = ModelRegistry(tmp_path / "models-auto")
+    settings = replace(SETTINGS, context="auto", steps_per_round=8)
+    auto = Trainer(
+        trainer.store, registry, trainer.noise_model, "nm-id", settings, torch.device("cpu"), idle
+    )
+    with caplog.at_level("INFO", logger="pn2v_live"):
+        assert auto.work() is True
+    losses = {
+        line.split()[1].rstrip(":"): float(line.split()[-1])
+        for line in caplog.messages
+        if line.startswith("context ") and line.split()[2:4] == ["validation", "loss"]
+    }
+    assert set(losses) == {"0:0", "1:1", "2:2", "3:3"}  # 12 frames allow every candidate
+    chosen = registry.load()[0].context
+    assert str(chosen) == min(losses, key=losses.get)
+    assert auto.history[-1]["context"] == str(chosen)
+    # the promoted model's steps: its own pilot (a quarter of a round) plus the round
+    assert registry.current().training_steps == 2 + settings.steps_per_round
+    # a pinned context is used as it is, without trying the others
+    pinned = Trainer(
+        trainer.store, ModelRegistry(tmp_path / "models-pinned"), trainer.noise_model, "nm-id",
+        replace(settings, context="2:1"), torch.device("cpu"), idle,
+    )  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pn2v_live"):
+        assert pinned.work() is True
+    assert str(pinned.registry.load()[0].context) == "2:1"
+    assert not [line for line in caplog.messages if "chosen by validation loss" in line]
 
 
 def unreadable_count() -> float:

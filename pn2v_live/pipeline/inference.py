@@ -4,10 +4,16 @@ Each pass picks up to `max_in_flight` frames and runs one dask task per frame (M
 frame with the current model); the stage reads the raw chunks before and writes the denoised
 chunks with the model version after. Frames without a denoised twin come first, newest first
 (open acquisitions before closed ones), so the live view stays current while the rest catch up;
-only when none is left are frames denoised by an older model re-denoised (back-fill), in
-acquisitions whose newest frame is under `backfill_hours` old. A newly promoted model is picked
-up between passes (hot swap). Before the first model exists, frames wait in the store and
-`waiting_for_model` is set.
+only when none is left are frames re-denoised (back-fill), in acquisitions whose newest frame is
+under `backfill_hours` old: first the live twins of a model with temporal context, once the later
+frames of their window are stored, then frames denoised by an older model. A newly promoted model
+is picked up between passes (hot swap). Before the first model exists, frames wait in the store
+and `waiting_for_model` is set.
+
+A model with temporal context `before:after` sees frames t−before … t+after. A frame's first
+(live) twin is made as soon as it is stored, with the frames after it hidden (window
+`before:0`) unless they are stored already; the refined twin with the whole window replaces it
+once they are (or the acquisition is closed). The ledger records which window made each twin.
 
 `scheduler` is "local" (dask's threaded scheduler inside the daemon) or the address of a
 dask.distributed scheduler; the model and noise model are then sent to the workers once per
@@ -25,6 +31,7 @@ import dask
 import numpy as np
 import torch
 
+from pn2v_live.core.context import SPATIAL, Context, window
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import PRECISIONS, Denoiser
 from pn2v_live.core.noise.base import NoiseModel
@@ -49,11 +56,13 @@ FrameListener = Callable[[Acquisition, int, np.ndarray, int], None]
 
 @dataclass(frozen=True)
 class Job:
-    """One frame to denoise; `backfill` when it has a twin from an older model already."""
+    """One frame to denoise with the frames `window` around it; `kind` is "new" (no twin yet),
+    "refined" (a live twin gets its whole window) or "backfill" (a twin of an older model)."""
 
     acquisition: Acquisition
     t: int
-    backfill: bool
+    kind: str
+    window: Context
 
 
 def denoise_frame(
@@ -64,7 +73,8 @@ def denoise_frame(
     compiled: bool = False,
     bf16: bool | None = None,
 ) -> np.ndarray:
-    """The dask task: MMSE estimate (float32, Y × X) of one raw frame (Y, X) in ADU."""
+    """The dask task: MMSE estimate (float32, Y × X) of one raw frame (Y, X) in ADU, or of the
+    frame at the centre of a (channels, Y, X) temporal window (`core.context.window`)."""
     return denoise(denoiser, raw, noise_model, tile=tile, compiled=compiled, bf16=bf16)["denoised"]
 
 
@@ -156,22 +166,45 @@ class InferenceScheduler(Stage):
         """
         acquisitions = sorted(self.store.open_acquisitions(), key=lambda a: a.closed)  # live first
         fresh = [
-            Job(a, t, False)
+            Job(a, t, "new", self._window(a, t))
             for a in acquisitions
             for t in a.frames_without_twin()
             if self._due(a, t)
         ]
         if fresh:
             return fresh[: self.max_in_flight], len(fresh)
+        context = self._denoiser.context if self._denoiser else SPATIAL
         version = self.model.version if self.model else 1
-        stale = [
-            Job(a, t, True)
-            for a in acquisitions
-            if self._recent(a)
-            for t in a.frames_to_denoise(version)
+        recent = [a for a in acquisitions if self._recent(a)]
+        refine = [
+            Job(a, t, "refined", context)
+            for a in recent
+            if context.after
+            for t in a.frames_to_refine(context.after)
             if self._due(a, t)
         ]
-        return stale[: self.max_in_flight], 0
+        refining = {(job.acquisition.name, job.t) for job in refine}
+        stale = [
+            Job(a, t, "backfill", self._window(a, t))
+            for a in recent
+            for t in a.frames_to_denoise(version)
+            if self._due(a, t) and (a.name, t) not in refining
+        ]
+        return (refine + stale)[: self.max_in_flight], 0
+
+    @property
+    def context(self) -> str | None:
+        """The current model's temporal window "before:after", None before the first model."""
+        return str(self._denoiser.context) if self._denoiser else None
+
+    def _window(self, acquisition: Acquisition, t: int) -> Context:
+        """The frames around `t` the current model sees now: its whole window once the frames
+        after `t` are stored (or the acquisition is closed), else those after `t` hidden."""
+        context = self._denoiser.context if self._denoiser else SPATIAL
+        later = range(t + 1, t + context.after + 1)
+        if acquisition.closed or all(acquisition.is_stored(n) for n in later):
+            return context
+        return context.causal
 
     def _due(self, acquisition: Acquisition, t: int) -> bool:
         """False while frame `t` waits out RETRY_SECONDS after failing to read back."""
@@ -215,27 +248,36 @@ class InferenceScheduler(Stage):
             results = self._client.gather(futures)
         version = self.model.version
         for job, denoised in zip(jobs, results, strict=True):
-            job.acquisition.write_denoised(job.t, denoised, version)
+            job.acquisition.write_denoised(job.t, denoised, version, job.window)
             self._unreadable.pop((job.acquisition.name, job.t), None)
             INFERENCE_SECONDS.observe(time.monotonic() - started)
-            FRAMES_DENOISED.labels("backfill" if job.backfill else "new").inc()
-            if not job.backfill:
+            FRAMES_DENOISED.labels(job.kind).inc()
+            if job.kind == "new":
                 self._check_calibration(job.acquisition, denoised)
             if self.on_frame is not None:
                 self.on_frame(job.acquisition, job.t, denoised, version)
         self.beat()
 
     def _read(self, jobs: list[Job]) -> tuple[list[Job], list[np.ndarray]]:
-        """The jobs whose raw frame reads back, with those frames; a damaged one (see
-        `Stage.read_raw`) is tried again after RETRY_SECONDS, so it never holds up the others."""
+        """The jobs whose raw frame reads back, with those frames (or their temporal windows); a
+        damaged frame (see `Stage.read_raw`) is tried again after RETRY_SECONDS, so it never
+        holds up the others, and is left out (as missing) of its neighbours' windows."""
+        context = self._denoiser.context
         readable, raws = [], []
         for job in jobs:
             raw = self.read_raw(job.acquisition, job.t)
             if raw is None:
                 self._unreadable[(job.acquisition.name, job.t)] = time.monotonic() + RETRY_SECONDS
-            else:
-                readable.append(job)
+                continue
+            readable.append(job)
+            if context == SPATIAL:
                 raws.append(raw)
+                continue
+            frames = {job.t: raw}
+            for n in job.window.frame_numbers(job.t):
+                if n != job.t and job.acquisition.is_stored(n):
+                    frames[n] = self.read_raw(job.acquisition, n)
+            raws.append(window(frames, job.t, context, job.window))
         return readable, raws
 
     def _check_calibration(self, acquisition: Acquisition, denoised: np.ndarray) -> None:

@@ -9,6 +9,12 @@ changing sample), then compares the working model with the promoted one on the s
 batch from held-back frames (t % 8 == 3, never trained on) and promotes it through the registry
 only if it is better. Before every step it waits until inference has no fresh frame waiting, so
 training never delays denoising.
+
+The network sees the frames `context` around each frame (see `core.context`). With "auto", the
+round that starts a new model first trains each candidate window for an equal share of
+`steps_per_round` and keeps the one with the lowest validation loss on the round's held-back
+frames (a static sample gets a wide window, a moving one less or none), so that round costs two;
+a pinned "A:B" skips the choice.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pn2v_live.core.model import PRECISIONS, new_denoiser, normalisation_of
+from pn2v_live.core.context import CANDIDATES, Context, Windows
+from pn2v_live.core.model import PRECISIONS, Denoiser, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.training import Training, cosine_rate, sample_patches
 from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
@@ -49,6 +56,7 @@ class TrainerSettings:
     k: int
     learning_rate: float
     precision: str = "auto"  # U-Net body: "auto", "float32" or "bfloat16" (core.model.PRECISIONS)
+    context: str = "auto"  # temporal window "A:B", or "auto" (chosen by validation loss)
 
 
 class Trainer(Stage):
@@ -102,13 +110,13 @@ class Trainer(Stage):
             return False  # too few frames yet for a held-back one, or frames too small
         name = chosen[0].name
         self._seen, self._last_round = counts, time.monotonic()  # an attempt, read or not
-        train_frames, weights, val_frames = self._frames(*chosen)
-        self._unreadable = not train_frames or not val_frames
+        series, weights = self._frames(*chosen)
+        self._unreadable = not series.trained or not series.held_back
         if self._unreadable:
             return False  # every frame of one kind unreadable: wait for new frames or the clock
         self._set_state("training")
         try:
-            self._round(name, train_frames, weights, val_frames)
+            self._round(name, series, weights)
         except Exception:
             TRAINING_ROUNDS.labels("failed").inc()
             raise
@@ -122,52 +130,43 @@ class Trainer(Stage):
 
     def _frames(
         self, acquisition: Acquisition, window: tuple[list[int], list[int]]
-    ) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
-        """The training frames of `window` (see `_usable_window`) with recency weights, and its
-        held-back validation frames; a damaged frame is left out (`Stage.read_raw`)."""
+    ) -> tuple[Series, np.ndarray]:
+        """The frames of `window` (see `_usable_window`) as a `Series`, and the recency weights
+        of its training frames; a damaged frame is left out (`Stage.read_raw`)."""
         trained, held_back = window
-        frames = {t: self.read_raw(acquisition, t) for t in trained + held_back}
-        trained = [t for t in trained if frames[t] is not None]
-        ages = max(frames) - np.asarray(trained, dtype=float)
-        val_frames = [frames[t] for t in held_back if frames[t] is not None]
-        return [frames[t] for t in trained], 0.5 ** (ages / HALF_LIFE_FRAMES), val_frames
+        first, last = min(trained + held_back), max(trained + held_back)
+        frames = [None] * (last - first + 1)
+        for t in trained + held_back:
+            frames[t - first] = self.read_raw(acquisition, t)
+        trained = [t - first for t in trained if frames[t - first] is not None]
+        held_back = [t - first for t in held_back if frames[t - first] is not None]
+        ages = (last - first) - np.asarray(trained, dtype=float)
+        return Series(frames, trained, held_back), 0.5 ** (ages / HALF_LIFE_FRAMES)
 
-    def _round(
-        self,
-        name: str,
-        train_frames: list[np.ndarray],
-        weights: np.ndarray,
-        val_frames: list[np.ndarray],
-    ) -> None:
+    def _round(self, name: str, series: Series, weights: np.ndarray) -> None:
         s = self.settings
-        patch = min(s.patch_size, *(side - side % 8 for side in train_frames[0].shape))
-        training = self._working_model(train_frames)
-        losses = []
+        patch = min(s.patch_size, *(side - side % 8 for side in series.frame_shape))
         started = time.monotonic()
-        for step in range(s.steps_per_round):
-            if not self._wait_for_turn():
-                return  # stopping: abandon the round, nothing is promoted
-            batch = sample_patches(train_frames, s.batch_size, patch, self.rng, weights)
-            rate = cosine_rate(s.learning_rate, step / s.steps_per_round)
-            losses.append(training.step(batch, rate))
-            self.beat()
-        if self.stopping:
-            return
+        training = self._working_model(series, weights, patch)
+        if training is None:
+            return  # stopping during the choice of context
+        losses = self._steps(training, series, weights, patch, s.steps_per_round)
+        if losses is None:
+            return  # stopping: abandon the round, nothing is promoted
         self._steps_since_promotion += s.steps_per_round
-        val_batch = sample_patches(val_frames, VALIDATION_PATCHES, patch, np.random.default_rng(0))
-        val_loss = training.validation_loss(val_batch)
+        val_loss = training.validation_loss(series.validation_batch(training.denoiser, patch))
         if not np.isfinite(val_loss) or not np.all(np.isfinite(losses)):
             self._training = None  # diverged: the next round restarts from the promoted model
             raise FloatingPointError(
                 f"training diverged (non-finite loss) on {name}; restarting from the promoted "
                 "model next round. Check the noise model: its log-likelihood must stay finite."
             )
-        baseline = self._promoted_loss(val_batch)
+        baseline = self._promoted_loss(series, patch)
         promoted = self.registry.promote(
             training.denoiser,
             validation_loss=val_loss,
             baseline_loss=baseline,
-            training_frames=len(train_frames),
+            training_frames=len(series.trained),
             training_steps=self._steps_since_promotion,
             noise_model_id=self.noise_model_id,
         )
@@ -182,6 +181,7 @@ class Trainer(Stage):
             "round": self.rounds,
             "time": time.time(),
             "acquisition": name,
+            "context": str(training.denoiser.context),
             "training_loss": float(np.mean(losses)),
             "validation_loss": val_loss,
             "promoted_loss": baseline,
@@ -190,10 +190,11 @@ class Trainer(Stage):
         }
         self.history.append(record)
         self.log.info(
-            "round %d on %d frames: training loss %.4f, validation loss %.4f "
+            "round %d on %d frames, context %s: training loss %.4f, validation loss %.4f "
             "(promoted model %s) -> %s",
             record["round"],
-            len(train_frames),
+            len(series.trained),
+            record["context"],
             record["training_loss"],
             val_loss,
             "none" if baseline is None else f"{baseline:.4f}",
@@ -201,28 +202,76 @@ class Trainer(Stage):
             extra={"acquisition": name},
         )
 
-    def _working_model(self, train_frames: list[np.ndarray]) -> Training:
-        """The model being fine-tuned: kept across rounds, started from the promoted one."""
-        if self._training is None:
-            denoiser = self.registry.load()[0] if self.registry.current() is not None else None
-            if denoiser is None or denoiser.mode != "pn2v":  # none yet, or an N2V initial model
-                mean, std = normalisation_of(train_frames)
-                denoiser = new_denoiser("pn2v", mean, std, k=self.settings.k)
-            denoiser.net.to(self.device)
-            self._training = Training(
-                denoiser, self.noise_model, lr=self.settings.learning_rate, bf16=self._bf16
-            )
+    def _steps(
+        self, training: Training, series: Series, weights: np.ndarray, patch: int, steps: int
+    ) -> list[float] | None:
+        """`steps` optimiser steps on patches of `series`, the learning rate falling along a
+        cosine; the losses, or None when the stage is stopping."""
+        s = self.settings
+        windows = series.training_windows(training.denoiser.context)
+        losses = []
+        for step in range(steps):
+            if not self._wait_for_turn():
+                return None
+            batch = sample_patches(windows, s.batch_size, patch, self.rng, weights)
+            losses.append(training.step(batch, cosine_rate(s.learning_rate, step / steps)))
+            self.beat()
+        return None if self.stopping else losses
+
+    def _working_model(self, series: Series, weights: np.ndarray, patch: int) -> Training | None:
+        """The model being fine-tuned: kept across rounds, started from the promoted one when
+        its context is the pinned one (or any, with "auto"), else new, its context chosen by
+        `_choose_context` under "auto". None when the stage stopped while choosing."""
+        if self._training is not None:
+            return self._training
+        pinned = None if self.settings.context == "auto" else Context.parse(self.settings.context)
+        denoiser = self.registry.load()[0] if self.registry.current() is not None else None
+        usable = denoiser is not None and denoiser.mode == "pn2v"  # not an initial N2V model
+        if usable and pinned in (None, denoiser.context):
+            self._training = self._new_training(denoiser)
+        elif pinned is not None:
+            self._training = self._new_training(self._new_denoiser(series, pinned))
+        else:
+            self._training = self._choose_context(series, weights, patch)
         return self._training
 
-    def _promoted_loss(self, val_batch: torch.Tensor) -> float | None:
-        """The promoted model's loss on `val_batch` (None when nothing is promoted yet)."""
+    def _choose_context(self, series: Series, weights: np.ndarray, patch: int) -> Training | None:
+        """Train each candidate window the frames allow for an equal share of one round's steps;
+        the one with the lowest validation loss on the held-back frames (whole window visible)."""
+        candidates = [c for c in CANDIDATES if c.channels <= len(series.frames)]
+        steps = max(1, self.settings.steps_per_round // len(candidates))
+        best, best_loss = None, float("inf")
+        for context in candidates:
+            training = self._new_training(self._new_denoiser(series, context))
+            if self._steps(training, series, weights, patch, steps) is None:
+                return None
+            loss = training.validation_loss(series.validation_batch(training.denoiser, patch))
+            self.log.info("context %s: validation loss %.4f", context, loss)
+            if best is None or loss < best_loss:
+                best, best_loss = training, loss
+        self._steps_since_promotion += steps  # the winner's own pilot steps
+        self.log.info("context %s chosen by validation loss", best.denoiser.context)
+        return best
+
+    def _new_denoiser(self, series: Series, context: Context) -> Denoiser:
+        mean, std = normalisation_of([f for f in series.frames if f is not None])
+        return new_denoiser("pn2v", mean, std, k=self.settings.k, context=context)
+
+    def _new_training(self, denoiser: Denoiser) -> Training:
+        denoiser.net.to(self.device)
+        return Training(denoiser, self.noise_model, lr=self.settings.learning_rate, bf16=self._bf16)
+
+    def _promoted_loss(self, series: Series, patch: int) -> float | None:
+        """The promoted model's loss on the validation batch of `series` (None when nothing is
+        promoted yet)."""
         if self.registry.current() is None:
             return None
         denoiser, _ = self.registry.load()
         denoiser.net.to(self.device)
         if denoiser.mode != "pn2v":
             return None  # an initial N2V/supervised model: any PN2V model replaces it
-        return Training(denoiser, self.noise_model, bf16=self._bf16).validation_loss(val_batch)
+        training = Training(denoiser, self.noise_model, bf16=self._bf16)
+        return training.validation_loss(series.validation_batch(denoiser, patch))
 
     def _wait_for_turn(self) -> bool:
         """Block while inference has fresh frames; False when the stage is stopping."""
@@ -233,6 +282,30 @@ class Trainer(Stage):
                 return False
         self._set_state("training")
         return not self.stopping
+
+
+@dataclass
+class Series:
+    """The frames a round reads from one acquisition: `frames` in time order (None where not
+    stored or unreadable), and the positions in it of the training and held-back frames."""
+
+    frames: list[np.ndarray | None]
+    trained: list[int]
+    held_back: list[int]
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return next(f for f in self.frames if f is not None).shape
+
+    def training_windows(self, context: Context) -> Windows:
+        return Windows([self.frames], context, [(0, t) for t in self.trained])
+
+    def validation_batch(self, denoiser: Denoiser, patch: int) -> torch.Tensor:
+        """VALIDATION_PATCHES patches of the held-back frames in `denoiser`'s window; the same
+        frames, places and orientations for every window, so losses of different models
+        compare."""
+        windows = Windows([self.frames], denoiser.context, [(0, t) for t in self.held_back])
+        return sample_patches(windows, VALIDATION_PATCHES, patch, np.random.default_rng(0))
 
 
 def _usable_window(acquisition: Acquisition) -> tuple[list[int], list[int]] | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from pn2v_live.core.context import Context
 from pn2v_live.core.model import Denoiser, new_denoiser
 from pn2v_live.errors import UserError
 from pn2v_live.storage.atomic import write_atomically
@@ -25,6 +26,7 @@ def save_denoiser(
         "k": denoiser.k,
         "depth": net.depth,
         "features": net.features,
+        "context": [denoiser.context.before, denoiser.context.after],
         "mean": denoiser.mean,
         "std": denoiser.std,
         "weights": {name: t.detach().cpu() for name, t in net.state_dict().items()},
@@ -45,9 +47,11 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
         raise UserError(f"{path}: not a pn2v-live model file ({error})") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not a pn2v-live model file")
+    before, after = state.get("context", (0, 0))  # files from before temporal context: 0:0
     denoiser = new_denoiser(
-        state["mode"], state["mean"], state["std"], state["k"], state["depth"], state["features"]
-    )
+        state["mode"], state["mean"], state["std"], state["k"], state["depth"], state["features"],
+        Context(before, after),
+    )  # fmt: skip
     denoiser.net.load_state_dict(state["weights"])
     denoiser.net.to(device)
     denoiser.history = list(state["history"])

@@ -8,7 +8,9 @@ Three tables:
 - `items(source, key, ...)`: every source item (a file, or one ZeroMQ message identified by
   acquisition and index) with its size, mtime, the frame range it maps to and its status:
   `pending` (frame range reserved, being written), `stored`, or `rejected` with a reason.
-- `denoised(acquisition, t, version)`: which model version produced each denoised frame.
+- `denoised(acquisition, t, version, window)`: which model version produced each denoised frame,
+  and which frames around it that model saw ("before:after" t; "2:0" is a live twin that the
+  back-fill refines to "2:2" once the later frames are stored).
 
 All methods are thread-safe (one connection behind a lock).
 """
@@ -46,9 +48,12 @@ CREATE TABLE IF NOT EXISTS denoised (
     acquisition TEXT NOT NULL,
     t INTEGER NOT NULL,
     version INTEGER NOT NULL,
+    window TEXT NOT NULL DEFAULT '0:0',
     PRIMARY KEY (acquisition, t)
 ) WITHOUT ROWID;
 """
+# Ledgers written before temporal context lack the window column: their twins are single-frame.
+_ADD_WINDOW = "ALTER TABLE denoised ADD COLUMN window TEXT NOT NULL DEFAULT '0:0'"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,9 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(denoised)")}
+        if "window" not in columns:
+            self._db.execute(_ADD_WINDOW)
 
     def close(self) -> None:
         with self._lock:
@@ -118,14 +126,18 @@ class Ledger:
 
     # denoised versions ------------------------------------------------------------------
 
-    def set_denoised(self, acquisition: str, t: int, version: int) -> None:
-        """Record that denoised frame `t` was written by model `version` (after its chunk)."""
-        self._run("INSERT OR REPLACE INTO denoised VALUES (?, ?, ?)", (acquisition, t, version))
+    def set_denoised(self, acquisition: str, t: int, version: int, window: str = "0:0") -> None:
+        """Record that denoised frame `t` was written by model `version` seeing the frames
+        `window` ("before:after") around it (after its chunk)."""
+        row = (acquisition, t, version, window)
+        self._run("INSERT OR REPLACE INTO denoised VALUES (?, ?, ?, ?)", row)
 
-    def denoised_versions(self, acquisition: str) -> dict[int, int]:
-        """{t: model version} of every denoised frame of `acquisition`."""
-        rows = self._run("SELECT t, version FROM denoised WHERE acquisition = ?", (acquisition,))
-        return dict(rows)
+    def denoised_twins(self, acquisition: str) -> dict[int, tuple[int, str]]:
+        """{t: (model version, window)} of every denoised frame of `acquisition`."""
+        rows = self._run(
+            "SELECT t, version, window FROM denoised WHERE acquisition = ?", (acquisition,)
+        )
+        return {t: (version, window) for t, version, window in rows}
 
     # source items -----------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ time (a metadata-only resize) and `flush()` trims them to the exact length. Chun
 atomically (temporary file + rename) by zarr's LocalStore, so readers in other processes
 (napari, Fiji, dask) see either a whole frame or the fill value. A frame counts as stored only
 once its ledger row exists; `valid_t` (number of contiguous stored frames from t = 0) is what
-live readers should trust, not the array shape.
+live readers should trust, not the array shape. The ledger records for every denoised frame the
+model version and the temporal window ("before:after") that made it.
 
 One process writes a data root at a time: `Store(root, writer=True)` (ingest, serve) holds an
 exclusive lock on `<root>/writer.lock` and refuses to open while another process holds it. Only the
@@ -41,6 +42,7 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
+from pn2v_live.core.context import SPATIAL, Context
 from pn2v_live.errors import UserError
 from pn2v_live.storage.ledger import Ledger
 
@@ -109,7 +111,9 @@ class Acquisition:
         self._writing: set[int] = set()
         self.wrote = False  # raw frames written through this object (then close() trims)
         self._last_frame_at: float | None = None  # unix time of the newest write_raw here
-        self._versions = ledger.denoised_versions(name)
+        twins = ledger.denoised_twins(name)
+        self._versions = {t: version for t, (version, _) in twins.items()}
+        self._windows = {t: Context.parse(window) for t, (_, window) in twins.items()}
         self._without_twin = self._stored - self._versions.keys()  # kept current by the writers
         self._valid_t = _contiguous(self._stored)
         self.closed = bool(self._attrs().get("closed", False))
@@ -147,6 +151,10 @@ class Acquisition:
         """Number of stored raw frames (without sorting them, unlike `stored_frames`)."""
         return len(self._stored)
 
+    def is_stored(self, t: int) -> bool:
+        """Whether raw frame `t` is stored."""
+        return t in self._stored
+
     def stored_frames(self) -> list[int]:
         """Indices of every stored raw frame, ascending (may have gaps when out of order)."""
         with self._lock:
@@ -167,6 +175,26 @@ class Acquisition:
     def denoised_version(self, t: int) -> int | None:
         """Model version that produced denoised frame `t`, or None."""
         return self._versions.get(t)
+
+    def denoised_window(self, t: int) -> Context | None:
+        """The frames around `t` that the model saw for denoised frame `t`, or None."""
+        return self._windows.get(t)
+
+    def frames_to_refine(self, after: int) -> list[int]:
+        """Denoised frames whose model saw fewer than `after` later frames (live twins) and whose
+        `after` later frames are now stored, or never will be (closed), newest first."""
+        with self._lock:
+            stored, closed = set(self._stored), self.closed
+            windows = dict(self._windows)
+        return sorted(
+            (
+                t
+                for t, window in windows.items()
+                if window.after < after
+                and (closed or all(t + j in stored for j in range(1, after + 1)))
+            ),
+            reverse=True,
+        )
 
     def frames_to_denoise(self, current_version: int) -> list[int]:
         """Stored frames without a denoised twin from `current_version` or newer, newest first.
@@ -230,15 +258,19 @@ class Acquisition:
             if publish:
                 self._set_attrs()
 
-    def write_denoised(self, t: int, frame: np.ndarray, model_version: int) -> None:
-        """Store the float32 denoised frame `t` (Y, X) produced by model `model_version`."""
+    def write_denoised(
+        self, t: int, frame: np.ndarray, model_version: int, window: Context = SPATIAL
+    ) -> None:
+        """Store the float32 denoised frame `t` (Y, X) produced by model `model_version` from
+        the frames `window` around `t`."""
         if t not in self._stored:
             raise KeyError(f"{self.name}: cannot denoise frame {t}, its raw frame is not stored")
         self._check_frame(frame, np.dtype("float32"))
         self._denoised[t, 0, 0] = frame
-        self._ledger.set_denoised(self.name, t, int(model_version))
+        self._ledger.set_denoised(self.name, t, int(model_version), str(window))
         with self._lock:
             self._versions[t] = int(model_version)
+            self._windows[t] = window
             self._without_twin.discard(t)
 
     def close(self, expected_frames: int | None = None) -> None:
