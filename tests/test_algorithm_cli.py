@@ -12,6 +12,7 @@ import pytest
 import tifffile
 import torch
 
+from pn2v_live.core.context import Context, window
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import psnr, psnr_star
 from pn2v_live.core.model import new_denoiser
@@ -45,7 +46,7 @@ def test_train_denoise_evaluate_round_trip(camera_data, tmp_path):
     model, output, std = tmp_path / "m.pt", tmp_path / "den.tif", tmp_path / "std.tif"
     trained = pn2v_live("train", str(camera_data["raw"]), "-o", str(model), "--mode", "pn2v",
                         "--noise-model", str(camera_data["noise"]), "--steps", "4", "--k", "16",
-                        "--batch-size", "2", "--patch-size", "32")  # fmt: skip
+                        "--batch-size", "2", "--patch-size", "32", "--context", "0:0")  # fmt: skip
     assert json.loads(trained.stdout.strip().splitlines()[-1])["step"] == 4
     pn2v_live("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(output),
               "--frames", "1:3", "--uncertainty", str(std), "--device", "cpu")  # fmt: skip
@@ -64,6 +65,43 @@ def test_train_denoise_evaluate_round_trip(camera_data, tmp_path):
     assert scores["psnr_star"] == pytest.approx(
         np.mean([psnr_star(d, truth, 255) for d in denoised])
     )
+
+
+def test_context_auto_trains_the_best_candidate_and_denoise_uses_its_window(camera_data, tmp_path):
+    model, output, live = tmp_path / "m.pt", tmp_path / "den.tif", tmp_path / "live.tif"
+    trained = pn2v_live("train", str(camera_data["raw"]), "-o", str(model), "--mode", "pn2v",
+                        "--noise-model", str(camera_data["noise"]), "--steps", "24", "--k", "16",
+                        "--batch-size", "2", "--patch-size", "32")  # fmt: skip
+    summary = json.loads(trained.stdout.strip().splitlines()[-1])
+    denoiser, metadata = load_denoiser(model)
+    losses = metadata["context_validation_loss"]
+    assert set(losses) == {"0:0", "1:1", "2:2"}  # 6 frames: the 7-frame window 3:3 is left out
+    assert str(denoiser.context) == summary["context"] == min(losses, key=losses.get)
+    assert summary["total_steps"] == 2 + 18  # its pilot, then the 24 less the 3 pilots of 2
+    # denoise gives each frame its window of the whole stack, frames outside --frames included
+    for extra, path in (([], output), (["--causal"], live)):
+        pn2v_live("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(path),
+                  "--frames", "1:3", "--device", "cpu", *extra)  # fmt: skip
+    raw = tifffile.imread(camera_data["raw"])
+    noise = HistogramNoiseModel.from_state(metadata["noise_model_state"])
+    context = Context(1, 1)
+    if denoiser.context != context:  # test the window handling with a model that has one
+        denoiser = new_denoiser("pn2v", denoiser.mean, denoiser.std, k=16, context=context)
+        save_denoiser(denoiser, model, metadata)
+        for extra, path in (([], output), (["--causal"], live)):
+            pn2v_live("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(path),
+                      "--frames", "1:3", "--device", "cpu", *extra)  # fmt: skip
+    for path, visible in ((output, context), (live, context.causal)):
+        expected = [denoise(denoiser, window(raw, t, context, visible), noise)["denoised"]
+                    for t in (1, 2)]  # fmt: skip
+        np.testing.assert_allclose(tifffile.imread(path), np.stack(expected), rtol=1e-5)
+    assert not np.allclose(tifffile.imread(output), tifffile.imread(live))
+    for bad, message in (("1-1", "must look like A:B"), ("3:3", "needs 7 frames, not 6")):
+        refused = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "x.pt"),
+                            "--mode", "n2v", "--steps", "1", "--context", bad,
+                            check=False)  # fmt: skip
+        assert refused.returncode == 2 and message in refused.stderr
+        assert "Traceback" not in refused.stderr
 
 
 def test_user_mistakes_give_one_line_errors(camera_data, tmp_path):

@@ -48,7 +48,7 @@ def test_quality_part_scores_every_model_against_the_ground_truth(data_dir):
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert result["body_dtype"] == ("bfloat16" if native else "float32")
     scores, corrected = result["psnr_db"], result["psnr_drift_corrected_db"]
-    assert set(scores) == {"raw", "n2v", "pn2v[histogram]", "pn2v[gmm]", "supervised"}
+    assert set(scores) == {"raw", "n2v", "pn2v[histogram,0:0]", "pn2v[gmm,0:0]", "supervised"}
     assert set(corrected) == set(scores)
     # raw PSNR of fov03's first 2 frames, computed here independently: against the ground
     # truth, and against the ground truth fitted (gain, offset) to each frame's brightness
@@ -75,6 +75,31 @@ def test_quality_part_scores_every_model_against_the_ground_truth(data_dir):
     assert [p["psnr"] for p in progress if p["seed"] == 1] == [
         result["psnr_db_by_seed"][name][1] for name in scores
     ]
+
+
+def test_quality_part_scores_temporal_context_on_a_drifting_field(data_dir):
+    command = [sys.executable, "-m", "pn2v_live", "bench", "--part", "quality", "--steps", "1",
+               "--k", "16", "--threads", "2", "--data", str(data_dir), "--noise-model",
+               "histogram", "--context", "1:1", "--drift", "3", "--target", "fov04",
+               "--score-frames", "2"]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(line)
+    assert (result["target"], result["drift_px_per_frame"]) == ("fov04", 3)
+    scores = result["psnr_db"]
+    # the temporal model is scored on its refined and on its live (causal) twins
+    assert set(scores) == {
+        "raw", "n2v", "pn2v[histogram,1:1]", "pn2v[histogram,1:1] live", "supervised"
+    }  # fmt: skip
+    # raw PSNR of the drifting crops, computed here: frame t shows columns 3t … 3t + 512 − 147
+    raw, truth = load_field(data_dir, "fov04")
+    width = 512 - 49 * 3
+    errors = [((raw[t, :, 3 * t : 3 * t + width].astype(np.float64)
+                - truth[:, 3 * t : 3 * t + width]) ** 2).mean() for t in range(2)]  # fmt: skip
+    assert scores["raw"] == pytest.approx(np.mean(10 * np.log10(255**2 / np.array(errors))))
+    progress = [json.loads(x) for x in completed.stderr.splitlines() if x.startswith('{"run"')]
+    assert {p["context"] for p in progress if p["run"].startswith("pn2v")} == {"1:1"}
+    assert all(p["drift"] == 3 for p in progress)
 
 
 def test_drift_correction_recovers_a_frame_s_gain_and_offset():

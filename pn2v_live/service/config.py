@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pn2v_live.core.context import Context
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.folder_source import DEFAULT_PATTERN, compile_pattern
 
@@ -103,6 +104,14 @@ class TrainerConfig(Section):
     k: int = Field(800, gt=1)
     learning_rate: float = Field(4e-4, gt=0)
     precision: Precision = "auto"
+    context: str = "auto"  # frames "before:after" each frame the network sees, or "auto"
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, value: str) -> str:
+        if value != "auto":
+            Context.parse(value)  # ValueError names the expected form
+        return value
 
 
 class InferenceConfig(Section):

@@ -256,6 +256,7 @@ class Daemon:
         return {
             "model_version": model.version if model else None,
             "model_source": (model.source if model else "waiting for the first trained model"),
+            "model_context": inference.context if inference else None,
             "waiting_for_model": inference.waiting_for_model if inference else True,
             "backlog": inference.backlog if inference else 0,
             "training_rounds": trainer.rounds if trainer else 0,
@@ -266,7 +267,7 @@ class Daemon:
     def status_line(self) -> str:
         status = self.status()
         model = (
-            f"model v{status['model_version']}"
+            f"model v{status['model_version']} (context {status['model_context']})"
             if status["model_version"]
             else "waiting for the first model"
         )

@@ -295,23 +295,23 @@ class ViewerServer:
         if (lo is None) != (hi is None) or (lo is not None and hi <= lo):
             raise _bad_request("give both lo and hi with lo < hi, or neither for auto contrast")
 
-        def draw() -> tuple[bytes, int | None] | None:
+        def draw() -> tuple[bytes, dict[str, str]] | None:
+            headers = {"Cache-Control": "no-store"}
             if kind == "raw":
-                frame, version = acquisition.read_raw(t), None
+                frame = acquisition.read_raw(t)
             else:
-                frame, version = acquisition.read_denoised(t), acquisition.denoised_version(t)
+                frame = acquisition.read_denoised(t)
                 if frame is None:
                     return None
+                headers["X-Model-Version"] = str(acquisition.denoised_version(t))
+                headers["X-Context-Window"] = str(acquisition.denoised_window(t))
             window = (lo, hi) if lo is not None else contrast_limits(acquisition.read_raw(t))
-            return render(frame, *window, max_size, fmt), version
+            return render(frame, *window, max_size, fmt), headers
 
         drawn = await self._in_thread(draw)
         if drawn is None:
             raise _not_found(f"frame {t} of {acquisition.name!r} has no denoised twin yet")
-        body, version = drawn
-        headers = {"Cache-Control": "no-store"}
-        if version is not None:
-            headers["X-Model-Version"] = str(version)
+        body, headers = drawn
         return web.Response(body=body, content_type=FORMATS[fmt], headers=headers)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:

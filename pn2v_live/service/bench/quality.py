@@ -22,15 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pn2v_live.core.context import CANDIDATES, SPATIAL, Context, Windows, window
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import affine_fit, psnr
-from pn2v_live.core.model import new_denoiser, normalisation_of
+from pn2v_live.core.model import Denoiser, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel, as_pairs
-from pn2v_live.core.training import train
+from pn2v_live.core.training import total_steps, train, train_choosing_context
 from pn2v_live.pipeline.calibration import fit_models
 from pn2v_live.storage.images import read_image, read_stack
 
 FMD = "fmd_confocal_bpae"
+FIELDS = ("fov01", "fov02", "fov03", "fov04")
 DATA_RANGE = 255.0
 
 
@@ -41,6 +43,19 @@ def load_field(data_dir: Path, field: str) -> tuple[np.ndarray, np.ndarray]:
         read_stack(folder / "raw.tif").astype(np.float32),
         read_image(folder / "gt.tif").astype(np.float32),
     )
+
+
+def drifting(raw: np.ndarray, truth: np.ndarray, px: int) -> tuple[np.ndarray, np.ndarray]:
+    """A scene drifting by `px` pixels per frame, made from a static (T, Y, X) field: frame t is
+    the crop of columns t·px … t·px + X − (T−1)·px, so the noise stays the camera's own; returns
+    the (T, Y, X') raw frames and their (T, Y, X') ground truths (the same crops of `truth`)."""
+    frames, _, width = raw.shape
+    kept = width - (frames - 1) * px
+    if kept < 64:
+        raise ValueError(f"{px} px per frame over {frames} frames leaves {kept} of {width} columns")
+    columns = [slice(t * px, t * px + kept) for t in range(frames)]
+    crops = np.stack([frame[:, c] for frame, c in zip(raw, columns, strict=True)])
+    return crops, np.stack([truth[:, c] for c in columns])
 
 
 def drift_corrected(frame: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -69,51 +84,90 @@ def compare(
     k: int = 800,
     score_frames: int = 5,
     seed: int = 0,
+    contexts: tuple[Context | None, ...] = (SPATIAL,),
+    drift: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, float]]:
-    """Train each mode (PN2V once per noise model) for `minutes` (or `steps`, whichever ends
-    first) and score the target's frames against the ground truth and against the ground truth
-    corrected for drift (see the module docstring).
+    """Train each mode (PN2V once per noise model and temporal context, None meaning "auto")
+    for `minutes` (or `steps`, whichever ends first) and score the target's frames against the
+    ground truth and against the ground truth corrected for drift (see the module docstring).
+    With `drift` (pixels per frame) the target is `drifting`. A PN2V model with temporal
+    context is also scored on its causal (live) twins, as "<name> live".
 
-    Returns {"psnr_db": {"raw": dB, "n2v": dB, "pn2v[<noise model name>]": dB,
+    Returns {"psnr_db": {"raw": dB, "n2v": dB, "pn2v[<noise model>,<context>]": dB,
     "supervised": dB, ...}, "psnr_drift_corrected_db": {the same names: dB}}.
     """
     raw, truth = load_field(data_dir, target)
+    raw, truths = drifting(raw, truth, drift) if drift else (raw, [truth] * len(raw))
     test_frames = raw[:score_frames]
-    corrected = [drift_corrected(frame, truth) for frame in test_frames]
+    references = list(truths[:score_frames])
+    corrected = [drift_corrected(f, t) for f, t in zip(test_frames, references, strict=True)]
     results: dict[str, dict[str, float]] = {"psnr_db": {}, "psnr_drift_corrected_db": {}}
 
-    def record(name: str, frames: np.ndarray, **facts: float) -> None:
-        scores = {"psnr": score(frames, truth), "psnr_drift_corrected": score(frames, corrected)}
+    def record(name: str, frames: np.ndarray, **facts: object) -> None:
+        scores = {
+            "psnr": score(frames, references),
+            "psnr_drift_corrected": score(frames, corrected),
+        }
         results["psnr_db"][name] = scores["psnr"]
         results["psnr_drift_corrected_db"][name] = scores["psnr_drift_corrected"]
-        log(json.dumps({"run": name, "seed": seed, **scores, **facts}))
+        log(json.dumps({"run": name, "seed": seed, "drift": drift, **scores, **facts}))
 
     record("raw", test_frames)
-    runs: list[tuple[str, str, NoiseModel | None]] = []
+    runs: list[tuple[str, str, NoiseModel | None, Context | None]] = []
     for mode in modes:
         if mode == "pn2v":
-            runs += [("pn2v", f"pn2v[{name}]", model) for name, model in noise_models.items()]
+            runs += [
+                ("pn2v", f"pn2v[{name},{context or 'auto'}]", model, context)
+                for name, model in noise_models.items()
+                for context in contexts
+            ]
         else:
-            runs.append((mode, mode, None))
-    for mode, name, noise_model in runs:
+            runs.append((mode, mode, None, SPATIAL))
+    for mode, name, noise_model, context in runs:
+        series, run_truths = [raw], None
         if mode == "supervised":
             fields = [load_field(data_dir, field) for field in supervised_fields]
-            frames = [np.stack([f, gt]) for stack, gt in fields for f in stack]
-        else:
-            frames = list(raw)
-        mean, std = normalisation_of([f if f.ndim == 2 else f[0] for f in frames])
-        torch.manual_seed(seed)  # the same initial weights for every run: differences are real
-        denoiser = new_denoiser(mode, mean, std, k=k)
+            series = [stack for stack, _ in fields]
+            run_truths = [[gt] * len(stack) for stack, gt in fields]
+        mean, std = normalisation_of([f for stack in series for f in stack])
+        make_denoiser = seeded(mode, mean, std, k, seed)
         started = time.monotonic()
-        history = train(denoiser, frames, noise_model, steps=steps, minutes=minutes, seed=seed)
+        budget = dict(steps=steps, minutes=minutes, seed=seed)
+        if context is None:
+            denoiser, losses = train_choosing_context(
+                make_denoiser, series, CANDIDATES, noise_model, truths=run_truths, **budget
+            )
+        else:
+            denoiser, losses = make_denoiser(context), {}
+            frames = Windows(series, context, truths=run_truths)
+            train(denoiser, frames, noise_model, **budget)
         trained = time.monotonic() - started
-        denoised = np.stack(
-            [denoise(denoiser, f, noise_model, compiled=True)["denoised"] for f in test_frames]
-        )
+        history = denoiser.history
         last = history[-1] if history else {"step": 0, "batch_size": 0}
-        record(name, denoised, steps=last["step"], batch_size=last["batch_size"], seconds=trained)
+        chosen = denoiser.context
+        views = [(name, chosen)] + ([(f"{name} live", chosen.causal)] if chosen.after else [])
+        for view_name, visible in views:
+            windows = [window(raw, t, chosen, visible) for t in range(score_frames)]
+            denoised = np.stack(
+                [denoise(denoiser, w, noise_model, compiled=True)["denoised"] for w in windows]
+            )
+            record(
+                view_name, denoised, context=str(chosen), context_validation_loss=losses,
+                steps=total_steps(history), batch_size=last["batch_size"], seconds=trained,
+            )  # fmt: skip
     return results
+
+
+def seeded(mode: str, mean: float, std: float, k: int, seed: int) -> Callable[[Context], Denoiser]:
+    """Makes fresh denoisers of one mode and normalisation for a given context, from the same
+    initial weights for every run (seeded), so differences between runs are real."""
+
+    def make(context: Context) -> Denoiser:
+        torch.manual_seed(seed)
+        return new_denoiser(mode, mean, std, k=k, context=context)
+
+    return make
 
 
 def calibrated_models(

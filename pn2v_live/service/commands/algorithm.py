@@ -11,6 +11,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from pn2v_live.core.context import CANDIDATES, Context, Windows
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
 
@@ -36,25 +37,37 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def training_frames(images: list[Path], gt: list[Path] | None) -> list[np.ndarray]:
-    """All frames of `images` as float32 (Y, X), or (2, Y, X) raw + ground truth with `gt`."""
+def training_series(
+    images: list[Path], gt: list[Path] | None
+) -> tuple[list[np.ndarray], list[list[np.ndarray]] | None]:
+    """Each of `images` as a float32 (T, Y, X) time series, and with `gt` each one's ground
+    truth per frame (one image for all frames of its stack)."""
     from pn2v_live.storage.images import read_image, read_stack
 
     if gt is not None and len(gt) != len(images):
         raise UserError(
             f"--gt: give one ground-truth image per IMAGE ({len(images)}), not {len(gt)}"
         )
-    frames = []
-    for index, path in enumerate(images):
-        stack = read_stack(path).astype(np.float32)
-        if gt is None:
-            frames.extend(stack)
-            continue
-        truth = read_image(gt[index]).astype(np.float32)
+    series = [read_stack(path).astype(np.float32) for path in images]
+    if gt is None:
+        return series, None
+    truths = []
+    for path, truth_path, stack in zip(images, gt, series, strict=True):
+        truth = read_image(truth_path).astype(np.float32)
         if truth.shape != stack.shape[1:]:
-            raise UserError(f"{gt[index]}: shape {truth.shape} differs from {path}'s frames")
-        frames.extend(np.stack([frame, truth]) for frame in stack)
-    return frames
+            raise UserError(f"{truth_path}: shape {truth.shape} differs from {path}'s frames")
+        truths.append([truth] * len(stack))
+    return series, truths
+
+
+def parse_context(text: str) -> Context | None:
+    """ "A:B" → that window; "auto" → None (chosen per acquisition by validation loss)."""
+    if text == "auto":
+        return None
+    try:
+        return Context.parse(text)
+    except ValueError as error:
+        raise UserError(f"--context: {error}, or auto") from None
 
 
 def warn_if_out_of_calibration(noise_model, frames: list[np.ndarray]) -> None:
@@ -92,12 +105,20 @@ def train(
     ] = None,
     patch_size: Annotated[int, typer.Option(help="patch side in pixels")] = 96,
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 4e-4,
+    context: Annotated[
+        str,
+        typer.Option(
+            help="frames before:after each frame that the network sees (0:0 single-frame), or "
+            "auto: chosen by validation loss among " + ", ".join(map(str, CANDIDATES))
+        ),
+    ] = "auto",
 ) -> None:
     """Train a PN2V, N2V or supervised denoiser on IMAGES and write it to OUTPUT."""
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pn2v_live.core.model import new_denoiser, normalisation_of
+    from pn2v_live.core.model import Denoiser, new_denoiser, normalisation_of
+    from pn2v_live.core.training import total_steps, train_choosing_context
     from pn2v_live.core.training import train as train_denoiser
     from pn2v_live.storage.checkpoints import save_denoiser
     from pn2v_live.storage.noise_model_file import load_noise_model
@@ -110,15 +131,24 @@ def train(
         raise UserError(
             "--mode pn2v needs --noise-model FILE (make one with `pn2v-live calibrate`)"
         )
+    window = parse_context(context)
     device = resolve_device(device)
-    torch.manual_seed(seed)
-    frames = training_frames(images, gt)
+    series, truths = training_series(images, gt)
     model = load_noise_model(noise_model, device) if noise_model else None
     if model is not None:
-        warn_if_out_of_calibration(model, [f if f.ndim == 2 else f[0] for f in frames])
-    mean, std = normalisation_of([f if f.ndim == 2 else f[0] for f in frames])
-    denoiser = new_denoiser(mode.value, mean, std, k=k)
-    denoiser.net.to(device)
+        warn_if_out_of_calibration(model, [frame for stack in series for frame in stack][:20])
+    mean, std = normalisation_of([frame for stack in series for frame in stack])
+    shortest = min(len(stack) for stack in series)
+    candidates = [c for c in CANDIDATES if c.channels <= shortest]
+    if window is not None and window.channels > shortest:
+        raise UserError(f"--context {window} needs {window.channels} frames, not {shortest}")
+
+    def make_denoiser(chosen: Context) -> Denoiser:
+        torch.manual_seed(seed)  # the same initial weights for every candidate
+        denoiser = new_denoiser(mode.value, mean, std, k=k, context=chosen)
+        denoiser.net.to(device)
+        return denoiser
+
     with Progress(
         TextColumn("training"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn()
     ) as bar:
@@ -131,22 +161,34 @@ def train(
                 description=f"step {record['step']} val {record['validation_loss']:.4f}",
             )
 
+        options = dict(
+            batch_size=batch_size, patch_size=patch_size, lr=lr, val_fraction=val_fraction,
+            seed=seed, progress=report,
+        )  # fmt: skip
+        losses = {}
         try:
-            train_denoiser(
-                denoiser, frames, model, steps=steps, minutes=minutes, batch_size=batch_size,
-                patch_size=patch_size, lr=lr, val_fraction=val_fraction, seed=seed,
-                progress=report,
-            )  # fmt: skip
+            if window is None and len(candidates) > 1:
+                denoiser, losses = train_choosing_context(
+                    make_denoiser, series, candidates, model, steps, minutes, truths,
+                    log=lambda line: bar.console.print(line), **options,
+                )  # fmt: skip
+                log.info("context %s chosen by validation loss", denoiser.context)
+            else:
+                denoiser = make_denoiser(window or candidates[0])
+                frames = Windows(series, denoiser.context, truths=truths)
+                train_denoiser(denoiser, frames, model, steps, minutes, **options)
         except ValueError as error:
             raise UserError(str(error)) from error
     metadata = {
         "images": [str(p) for p in images],
         "noise_model": str(noise_model) if noise_model else None,
         "noise_model_state": model.to("cpu").state() if model else None,
+        "context_validation_loss": losses,
     }
     save_denoiser(denoiser, output, metadata)
     last = denoiser.history[-1] if denoiser.history else {}
-    print(json.dumps({"model": str(output), "mode": mode.value, **last}))
+    summary = {"model": str(output), "mode": mode.value, "context": str(denoiser.context)}
+    print(json.dumps({**summary, **last, "total_steps": total_steps(denoiser.history)}))
 
 
 def parse_frames(frames: str | None, count: int) -> slice:
@@ -176,10 +218,22 @@ def denoise(
     uncertainty: Annotated[
         Path | None, typer.Option(help="also write the posterior std (pn2v) to this TIFF")
     ] = None,
+    causal: Annotated[
+        bool,
+        typer.Option(
+            "--causal",
+            help="a model with temporal context sees no frame after the one it denoises (the "
+            "daemon's live twin)",
+        ),
+    ] = False,
 ) -> None:
-    """Denoise INPUT with MODEL; OUTPUT has INPUT's leading shape, float32."""
+    """Denoise INPUT with MODEL; OUTPUT has INPUT's leading shape, float32.
+
+    A model trained with temporal context sees its window of INPUT's frames around each frame
+    (frames outside --frames included)."""
     from rich.progress import track
 
+    from pn2v_live.core.context import window
     from pn2v_live.core.inference import denoise as denoise_frame
     from pn2v_live.core.noise import noise_model_from_state
     from pn2v_live.storage.checkpoints import load_denoiser
@@ -190,7 +244,6 @@ def denoise(
     selected = parse_frames(frames, len(stack))
     if selected.start >= selected.stop:
         raise UserError(f"--frames {frames} selects none of the {len(stack)} frames of {input}")
-    stack = stack[selected]
     device = resolve_device(device)
     denoiser, metadata = load_denoiser(model, device)
     noise = None
@@ -204,17 +257,21 @@ def denoise(
     if uncertainty is not None and denoiser.mode != "pn2v":
         raise UserError("--uncertainty needs a pn2v model")
     if noise is not None:
-        warn_if_out_of_calibration(noise, list(stack.astype(np.float32)))
+        warn_if_out_of_calibration(noise, list(stack[selected].astype(np.float32)))
     outputs = ("denoised", "posterior_std") if uncertainty else ("denoised",)
+    context = denoiser.context
+    visible = context.causal if causal else context
     results = [
-        denoise_frame(denoiser, frame, noise, tile=tile, outputs=outputs)
-        for frame in track(stack, description="denoising")
+        denoise_frame(denoiser, window(stack, t, context, visible), noise, tile, outputs)
+        for t in track(range(selected.start, selected.stop), description="denoising")
     ]
-    shape = stack.shape if stack.shape[0] > 1 else stack.shape[1:]
+    count = selected.stop - selected.start
+    shape = (count, *stack.shape[1:]) if count > 1 else stack.shape[1:]
     write_tiff(output, np.stack([r["denoised"] for r in results]).reshape(shape))
     if uncertainty:
         write_tiff(uncertainty, np.stack([r["posterior_std"] for r in results]).reshape(shape))
-    print(json.dumps({"output": str(output), "frames": len(results)}))
+    summary = {"output": str(output), "frames": len(results), "context": str(context)}
+    print(json.dumps({**summary, "causal": causal}))
 
 
 @app.command()

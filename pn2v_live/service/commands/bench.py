@@ -62,20 +62,35 @@ def bench(
         ),
     ] = ["histogram", "hybrid"],  # noqa: B006
     score_frames: Annotated[
-        int, typer.Option(min=1, max=50, help="quality: score fov03's first N frames")
+        int, typer.Option(min=1, max=50, help="quality: score the target's first N frames")
     ] = 5,
+    context: Annotated[
+        list[str],
+        typer.Option(
+            help="quality: train PN2V with each of these temporal contexts (repeatable): A:B "
+            "frames before:after, or auto"
+        ),
+    ] = ["0:0"],  # noqa: B006
+    drift: Annotated[
+        int, typer.Option(min=0, help="quality: the target drifts by PX pixels per frame")
+    ] = 0,
+    target: Annotated[
+        str, typer.Option(help="quality: field of view scored (fov03 or fov04 are held out)")
+    ] = "fov03",
 ) -> None:
     """Measure PARTs; each prints one JSON line (median/min seconds, throughput, peak memory,
     device, torch threads, dtype; with --baseline naive also the ratio to the naive formulation).
     `quality` trains N2V, PN2V (with each --noise-model kind, fitted on fov01 + fov02) and
     supervised on the shared FMD confocal data, each for the same budget, and reports the PSNR
     (dB) of fov03's first --score-frames frames (5) against its ground truth, and against the
-    ground truth brought to each frame's brightness (the scene drifts during the acquisition)."""
+    ground truth brought to each frame's brightness (the scene drifts during the acquisition).
+    PN2V is trained once per --noise-model kind and --context; with --drift PX the target is
+    cropped by a window sliding PX pixels per frame (real camera noise, moving scene)."""
     import torch
 
     from pn2v_live.service.bench.algorithm import bench_predict, bench_train
     from pn2v_live.service.bench.measure import device_facts
-    from pn2v_live.service.commands.algorithm import resolve_device
+    from pn2v_live.service.commands.algorithm import parse_context, resolve_device
 
     if baseline not in (None, "naive"):
         raise UserError(f"--baseline must be 'naive', not {baseline!r}")
@@ -97,7 +112,11 @@ def bench(
             result = run_ingest(side, frames)
         elif name is Part.quality:
             side = 512
-            result = run_quality(data, minutes, steps, k, seeds, tuple(noise_model), score_frames)
+            contexts = tuple(parse_context(text) for text in context)
+            result = run_quality(
+                data, minutes, steps, k, seeds, tuple(noise_model), score_frames,
+                contexts=contexts, drift=drift, target=target,
+            )  # fmt: skip
         else:
             from pn2v_live.service.bench.pipeline import run_pipeline
 
@@ -114,21 +133,26 @@ def run_quality(
     seeds: int,
     kinds: tuple[str, ...],
     score_frames: int,
+    contexts: tuple,
+    drift: int,
+    target: str,
 ) -> dict:
-    """PSNR of raw and of every trained model on fov03 (see `bench`), PN2V once per noise-model
-    kind in `kinds`, with the budget used: the mean over `seeds` runs, and each run's score
-    under "<score>_by_seed"."""
+    """PSNR of raw and of every trained model on `target` (see `bench`), PN2V once per noise-
+    model kind in `kinds` and context in `contexts` (None: auto), with the budget used: the mean
+    over `seeds` runs, and each run's score under "<score>_by_seed"."""
     import numpy as np
     import torch
 
     from pn2v_live.pipeline.calibration import KINDS
     from pn2v_live.service.bench.algorithm import body_dtype
-    from pn2v_live.service.bench.quality import FMD, calibrated_models, compare
+    from pn2v_live.service.bench.quality import FIELDS, FMD, calibrated_models, compare
 
     if data is None or not (data / FMD).is_dir():
         raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
     if unknown := sorted(set(kinds) - set(KINDS)):
         raise UserError(f"--noise-model must be one of {', '.join(KINDS)}, not {unknown[0]!r}")
+    if target not in FIELDS:
+        raise UserError(f"--target must be one of {', '.join(FIELDS)}, not {target!r}")
     models = calibrated_models(data, kinds=kinds)
     runs = [
         compare(
@@ -139,6 +163,9 @@ def run_quality(
             k=k,
             score_frames=score_frames,
             seed=seed,
+            target=target,
+            contexts=contexts,
+            drift=drift,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
         for seed in range(seeds)
@@ -155,5 +182,7 @@ def run_quality(
         "minutes_per_model": minutes,
         "steps_per_model": steps,
         "scored_frames": score_frames,
+        "target": target,
+        "drift_px_per_frame": drift,
         "body_dtype": body,
     }

@@ -100,6 +100,7 @@ function updateStatus(status) {
   state.modelVersion = status.model_version;
   $("model-version").textContent = status.model_version ?? "none yet";
   $("model-source").textContent = status.model_source ? `(${status.model_source})` : "";
+  $("model-context").textContent = status.model_context ? `context ${status.model_context}` : "";
   $("backlog").textContent = status.backlog ?? "–";
   $("trainer-state").textContent =
     { idle: "idle", training: "training", waiting: "waiting for inference" }[status.trainer_state]
@@ -152,7 +153,8 @@ async function render() {
   if (raw) showImage("raw", raw.url, `t = ${t}`);
   const missing = $("denoised-missing");
   if (denoised) {
-    showImage("denoised", denoised.url, `t = ${t}, model v${denoised.version}`);
+    const made = `model v${denoised.version}, ${windowLabel(denoised.window)}`;
+    showImage("denoised", denoised.url, `t = ${t}, ${made}`);
     state.denoisedT = t;
   } else {
     $("denoised-caption").textContent = `t = ${t}`;
@@ -182,7 +184,19 @@ async function fetchImage(url) {
   const response = await fetch(url);
   if (!response.ok) return null;
   const blob = await response.blob();
-  return { url: URL.createObjectURL(blob), version: response.headers.get("X-Model-Version") };
+  return {
+    url: URL.createObjectURL(blob),
+    version: response.headers.get("X-Model-Version"),
+    window: response.headers.get("X-Context-Window"),
+  };
+}
+
+function windowLabel(window) {
+  // "before:after" frames the model saw around t: a live twin sees none after t.
+  const [before, after] = (window || "0:0").split(":").map(Number);
+  if (before === 0 && after === 0) return "single frame";
+  const frames = `frames t−${before}…t${after ? "+" + after : ""}`;
+  return after ? `refined, ${frames}` : `live, ${frames}`;
 }
 
 function showImage(panel, url, caption) {
