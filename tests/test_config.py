@@ -102,6 +102,8 @@ def test_keep_versions_default_and_value_survive_path_resolution(tmp_path):
         ("[inference]\nprecision = 'float16'\n", [], "inference.precision: Input should be 'auto'"),
         ("", ["trainer.precision=fp32"], "trainer.precision: Input should be 'auto'"),
         ("[store]\nzarr_format = 4\n", [], "store.zarr_format: Input should be 2 or 3"),
+        ("[trainer]\ncontext = 'two'\n", [], "trainer.context: context must look like A:B"),
+        ("", ["trainer.context=-1:0"], "trainer.context: context must look like A:B"),
         ("[ingest.folder]\npattern = '(.*'\n", [], "ingest.folder.pattern: acquisition pattern"),
         ("[ingest.folder]\npattern = '.*'\n", [], "needs a group named acquisition"),
         ("", ["trainer.every_frames=0"], "trainer.every_frames: Input should be greater than 0"),

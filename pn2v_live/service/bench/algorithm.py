@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pn2v_live.core.context import SPATIAL, Context, window
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import Denoiser, native_bf16, new_denoiser
 from pn2v_live.core.noise import HistogramNoiseModel
@@ -35,11 +36,17 @@ def body_dtype(device: torch.device) -> str:
 
 
 def bench_predict(
-    size: int, k: int, device: torch.device, repeats: int, baseline: str | None
+    size: int,
+    k: int,
+    device: torch.device,
+    repeats: int,
+    baseline: str | None,
+    context: Context = SPATIAL,
 ) -> dict[str, Any]:
     """MMSE denoising of one size×size frame: fused (tiled, chunked, compiled, the body in
     bfloat16 where native) vs naive (float32); the difference is measured in float32, where the
-    two formulations must agree."""
+    two formulations must agree. With a temporal `context`, also the time of a model with that
+    window over the single-frame one's (`context_cost_ratio`)."""
     denoiser, noise_model, frame = synthetic_setup(size, k, device)
     fused = timed(lambda: denoise(denoiser, frame, noise_model, compiled=True), device, repeats)
     result: dict[str, Any] = {
@@ -47,6 +54,11 @@ def bench_predict(
         "frames_per_s": round(1 / fused["median_s"], 3),
         "body_dtype": body_dtype(denoiser.device),
     }
+    if context != SPATIAL:
+        result["context"] = str(context)
+        result["context_cost_ratio"] = bench_context_cost(
+            denoiser, noise_model, frame, context, repeats, fused["median_s"]
+        )
     if baseline == "naive":
         last = {}  # the timed naive result, kept for the difference (one more run costs ~17 s)
         naive = timed(
@@ -63,6 +75,32 @@ def bench_predict(
         ).max()
         result["max_relative_difference"] = float(difference / np.abs(frame).max())
     return result
+
+
+def bench_context_cost(
+    spatial: Denoiser,
+    noise_model: Any,
+    frame: np.ndarray,
+    context: Context,
+    repeats: int,
+    spatial_seconds: float,
+) -> float:
+    """Median time to denoise `frame` with a `context` window (its channels: noisy copies of
+    `frame`) divided by `spatial_seconds`, the single-frame model's time in the same run."""
+    torch.manual_seed(0)
+    denoiser = new_denoiser("pn2v", spatial.mean, spatial.std, k=spatial.k, context=context)
+    denoiser.net.to(spatial.device)
+    rng = np.random.default_rng(3)
+    stack = np.stack([frame + rng.normal(0, 3, frame.shape) for _ in range(context.channels)])
+    timing = timed(
+        lambda: denoise(
+            denoiser, window(stack.astype(np.float32), context.before, context), noise_model,
+            compiled=True,
+        ),
+        spatial.device,
+        repeats,
+    )  # fmt: skip
+    return round(timing["median_s"] / spatial_seconds, 3)
 
 
 def bench_train(

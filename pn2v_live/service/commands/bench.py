@@ -68,7 +68,8 @@ def bench(
         list[str],
         typer.Option(
             help="quality: train PN2V with each of these temporal contexts (repeatable): A:B "
-            "frames before:after, or auto"
+            "frames before:after, or auto; predict: also time a model with the first A:B other "
+            "than 0:0 (context_cost_ratio)"
         ),
     ] = ["0:0"],  # noqa: B006
     drift: Annotated[
@@ -77,6 +78,9 @@ def bench(
     target: Annotated[
         str, typer.Option(help="quality: field of view scored (fov03 or fov04 are held out)")
     ] = "fov03",
+    mode: Annotated[
+        list[str], typer.Option(help="quality: models to train (repeatable): n2v, pn2v, supervised")
+    ] = ["n2v", "pn2v", "supervised"],  # noqa: B006
 ) -> None:
     """Measure PARTs; each prints one JSON line (median/min seconds, throughput, peak memory,
     device, torch threads, dtype; with --baseline naive also the ratio to the naive formulation).
@@ -88,6 +92,7 @@ def bench(
     cropped by a window sliding PX pixels per frame (real camera noise, moving scene)."""
     import torch
 
+    from pn2v_live.core.context import SPATIAL
     from pn2v_live.service.bench.algorithm import bench_predict, bench_train
     from pn2v_live.service.bench.measure import device_facts
     from pn2v_live.service.commands.algorithm import parse_context, resolve_device
@@ -97,11 +102,15 @@ def bench(
     if threads is not None:
         torch.set_num_threads(threads)
     torch_device = torch.device(resolve_device(device))
+    contexts = tuple(parse_context(text) for text in context)
     facts = {**device_facts(torch_device), "dtype": "float32"}
     for name in part:
         if name is Part.predict:
             side = size or 512
-            result = bench_predict(side, k, torch_device, repeats, baseline)
+            temporal = [c for c in contexts if c not in (None, SPATIAL)]
+            result = bench_predict(
+                side, k, torch_device, repeats, baseline, temporal[0] if temporal else SPATIAL
+            )
         elif name is Part.train:
             side = size or 100
             result = bench_train(side, k, torch_device, repeats, baseline)
@@ -112,10 +121,9 @@ def bench(
             result = run_ingest(side, frames)
         elif name is Part.quality:
             side = 512
-            contexts = tuple(parse_context(text) for text in context)
             result = run_quality(
                 data, minutes, steps, k, seeds, tuple(noise_model), score_frames,
-                contexts=contexts, drift=drift, target=target,
+                contexts=contexts, drift=drift, target=target, modes=tuple(mode),
             )  # fmt: skip
         else:
             from pn2v_live.service.bench.pipeline import run_pipeline
@@ -136,6 +144,7 @@ def run_quality(
     contexts: tuple,
     drift: int,
     target: str,
+    modes: tuple[str, ...],
 ) -> dict:
     """PSNR of raw and of every trained model on `target` (see `bench`), PN2V once per noise-
     model kind in `kinds` and context in `contexts` (None: auto), with the budget used: the mean
@@ -143,6 +152,7 @@ def run_quality(
     import numpy as np
     import torch
 
+    from pn2v_live.core.model import MODES
     from pn2v_live.pipeline.calibration import KINDS
     from pn2v_live.service.bench.algorithm import body_dtype
     from pn2v_live.service.bench.quality import FIELDS, FMD, calibrated_models, compare
@@ -151,6 +161,8 @@ def run_quality(
         raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
     if unknown := sorted(set(kinds) - set(KINDS)):
         raise UserError(f"--noise-model must be one of {', '.join(KINDS)}, not {unknown[0]!r}")
+    if unknown := sorted(set(modes) - set(MODES)):
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, not {unknown[0]!r}")
     if target not in FIELDS:
         raise UserError(f"--target must be one of {', '.join(FIELDS)}, not {target!r}")
     models = calibrated_models(data, kinds=kinds)
@@ -164,6 +176,7 @@ def run_quality(
             score_frames=score_frames,
             seed=seed,
             target=target,
+            modes=modes,
             contexts=contexts,
             drift=drift,
             log=lambda line: print(line, file=sys.stderr, flush=True),
