@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pn2v_live.core.context import Context
 from pn2v_live.errors import UserError
 from pn2v_live.service.viewer import ViewerServer
 from pn2v_live.service.viewer_render import contrast_limits, downsample, render, to_uint8
@@ -106,9 +107,12 @@ def test_rendering_is_the_contrast_window_of_the_stored_frame(viewer) -> None:
 def test_denoised_frame_is_404_until_written_then_carries_its_model_version(viewer) -> None:
     server, acquisition = viewer
     assert get(server, "/api/acquisitions/live01/denoised/0")[0] == 404
-    acquisition.write_denoised(0, np.full(FRAME_SHAPE, 7.5, np.float32), model_version=3)
+    acquisition.write_denoised(
+        0, np.full(FRAME_SHAPE, 7.5, np.float32), model_version=3, window=Context(2, 0)
+    )
     status, headers, body = get(server, "/api/acquisitions/live01/denoised/0?lo=0&hi=15")
     assert status == 200 and headers["X-Model-Version"] == "3"
+    assert headers["X-Context-Window"] == "2:0"  # a live twin: frames t−2 … t
     assert np.all(np.asarray(Image.open(io.BytesIO(body))) == 128)  # 7.5 of [0, 15]
 
 

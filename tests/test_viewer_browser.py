@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import require
 
+from pn2v_live.core.context import Context
 from pn2v_live.service.viewer import ViewerServer
 from pn2v_live.storage.store import Store
 
@@ -67,7 +68,8 @@ def write_frames(store: Store, stop: threading.Event, frames: int, fps: float) -
             return
         clean = clean_frame(t)
         acquisition.write_raw(t, rng.poisson(clean).astype(np.uint16))
-        acquisition.write_denoised(t, clean, model_version=1)
+        window = Context(1, 1) if t % 2 else Context(1, 0)  # refined and live twins
+        acquisition.write_denoised(t, clean, model_version=1, window=window)
 
 
 @pytest.fixture()
@@ -156,6 +158,8 @@ def test_page_follows_scrubs_and_changes_contrast_while_frames_stream(
             what="the raw panel to show frame 2's bar position",
         )
         assert abs(stats("denoised")["brightest_column"] - expected) <= BAR_WIDTH // 2
+        caption = browser.find_element("id", "denoised-caption").text
+        assert caption == "t = 2, model v1, live, frames t−1…t", caption
         shown_sources = [image_source(panel) for panel in ("raw", "denoised")]
         time.sleep(1.0)  # about 8 new frames arrive meanwhile
         assert shown_t() == 2, "scrubbed-back view must not jump to the newest frame"
