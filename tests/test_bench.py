@@ -86,6 +86,7 @@ def test_quality_part_scores_temporal_context_on_a_drifting_field(data_dir):
     (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     result = json.loads(line)
     assert (result["target"], result["drift_px_per_frame"]) == ("fov04", 3)
+    assert result["minutes_per_model"] is None  # --steps alone: no wall-clock limit
     scores = result["psnr_db"]
     # the temporal model is scored on its refined and on its live (causal) twins
     assert set(scores) == {

@@ -39,8 +39,13 @@ def bench(
     frames: Annotated[int, typer.Option(help="frames to stream (ingest, pipeline)")] = 500,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     minutes: Annotated[
-        float, typer.Option(help="quality: training budget per model, wall-clock minutes")
-    ] = 20.0,
+        float | None,
+        typer.Option(
+            help="quality: training budget per model, wall-clock minutes [default: 20 unless "
+            "--steps is given, whose step budget is then the only one, as on a busy machine "
+            "minutes would cut it short]"
+        ),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(help="quality: stop each model after this many steps")
     ] = None,
@@ -121,6 +126,8 @@ def bench(
             result = run_ingest(side, frames)
         elif name is Part.quality:
             side = 512
+            if minutes is None and steps is None:
+                minutes = 20.0
             result = run_quality(
                 data, minutes, steps, k, seeds, tuple(noise_model), score_frames,
                 contexts=contexts, drift=drift, target=target, modes=tuple(mode),
@@ -135,7 +142,7 @@ def bench(
 
 def run_quality(
     data: Path | None,
-    minutes: float,
+    minutes: float | None,
     steps: int | None,
     k: int,
     seeds: int,
