@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -89,6 +90,22 @@ def new_denoiser(
     out_channels = k if mode == "pn2v" else 1
     net = UNet(out_channels, depth, features, in_channels=context.channels)
     return Denoiser(net, mode, float(mean), float(max(std, 1e-6)), context=context)
+
+
+def seeded_denoisers(
+    mode: Mode, mean: float, std: float, k: int, seed: int, device: str | torch.device = "cpu"
+) -> Callable[[Context], Denoiser]:
+    """Makes fresh denoisers (`new_denoiser`) of one mode and normalisation on `device`, one per
+    temporal context asked for, all from the initial weights of `seed`, so that runs differ only
+    in what they are meant to."""
+
+    def make(context: Context) -> Denoiser:
+        torch.manual_seed(seed)
+        denoiser = new_denoiser(mode, mean, std, k=k, context=context)
+        denoiser.net.to(device)
+        return denoiser
+
+    return make
 
 
 def normalisation_of(images: list[np.ndarray]) -> tuple[float, float]:

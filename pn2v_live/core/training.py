@@ -323,16 +323,16 @@ def train_choosing_context(
     share = PILOT_SHARE / len(candidates)
     pilot_steps = None if steps is None else max(1, round(steps * share))
     pilot_minutes = None if minutes is None else minutes * share
-    losses, pilots = {}, {}
+    losses, best = {}, None
     for context in candidates:
         denoiser = make_denoiser(context)
         frames = Windows(series, context, truths=truths)
         history = train(denoiser, frames, noise_model, pilot_steps, pilot_minutes, **options)
         losses[str(context)] = min(r["validation_loss"] for r in history)
-        pilots[str(context)] = denoiser
+        if best is None or losses[str(context)] < losses[str(best.context)]:
+            best = denoiser
         if log is not None:
             log(f"context {context}: validation loss {losses[str(context)]:.4f}")
-    best = pilots[min(losses, key=losses.get)]
     rest_steps = None if steps is None else max(1, steps - pilot_steps * len(candidates))
     rest_minutes = None if minutes is None else minutes * (1 - PILOT_SHARE)
     frames = Windows(series, best.context, truths=truths)

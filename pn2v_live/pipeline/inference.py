@@ -173,7 +173,7 @@ class InferenceScheduler(Stage):
         ]
         if fresh:
             return fresh[: self.max_in_flight], len(fresh)
-        context = self._denoiser.context if self._denoiser else SPATIAL
+        context = self._context
         version = self.model.version if self.model else 1
         recent = [a for a in acquisitions if self._recent(a)]
         refine = [
@@ -197,14 +197,15 @@ class InferenceScheduler(Stage):
         """The current model's temporal window "before:after", None before the first model."""
         return str(self._denoiser.context) if self._denoiser else None
 
+    @property
+    def _context(self) -> Context:
+        return self._denoiser.context if self._denoiser else SPATIAL
+
     def _window(self, acquisition: Acquisition, t: int) -> Context:
         """The frames around `t` the current model sees now: its whole window once the frames
         after `t` are stored (or the acquisition is closed), else those after `t` hidden."""
-        context = self._denoiser.context if self._denoiser else SPATIAL
-        later = range(t + 1, t + context.after + 1)
-        if acquisition.closed or all(acquisition.is_stored(n) for n in later):
-            return context
-        return context.causal
+        context = self._context
+        return context if acquisition.has_later_frames(t, context.after) else context.causal
 
     def _due(self, acquisition: Acquisition, t: int) -> bool:
         """False while frame `t` waits out RETRY_SECONDS after failing to read back."""
@@ -262,7 +263,7 @@ class InferenceScheduler(Stage):
         """The jobs whose raw frame reads back, with those frames (or their temporal windows); a
         damaged frame (see `Stage.read_raw`) is tried again after RETRY_SECONDS, so it never
         holds up the others, and is left out (as missing) of its neighbours' windows."""
-        context = self._denoiser.context
+        context = self._context
         readable, raws = [], []
         for job in jobs:
             raw = self.read_raw(job.acquisition, job.t)
@@ -270,9 +271,6 @@ class InferenceScheduler(Stage):
                 self._unreadable[(job.acquisition.name, job.t)] = time.monotonic() + RETRY_SECONDS
                 continue
             readable.append(job)
-            if context == SPATIAL:
-                raws.append(raw)
-                continue
             frames = {job.t: raw}
             for n in job.window.frame_numbers(job.t):
                 if n != job.t and job.acquisition.is_stored(n):

@@ -180,21 +180,20 @@ class Acquisition:
         """The frames around `t` that the model saw for denoised frame `t`, or None."""
         return self._windows.get(t)
 
+    def has_later_frames(self, t: int, after: int) -> bool:
+        """Whether the `after` frames following `t` are stored, or never will be (closed)."""
+        return self.closed or all(t + j in self._stored for j in range(1, after + 1))
+
     def frames_to_refine(self, after: int) -> list[int]:
-        """Denoised frames whose model saw fewer than `after` later frames (live twins) and whose
-        `after` later frames are now stored, or never will be (closed), newest first."""
+        """Denoised frames whose model saw fewer than `after` later frames (live twins) and
+        whose later frames are now there (`has_later_frames`), newest first."""
         with self._lock:
-            stored, closed = set(self._stored), self.closed
             windows = dict(self._windows)
-        return sorted(
-            (
-                t
-                for t, window in windows.items()
-                if window.after < after
-                and (closed or all(t + j in stored for j in range(1, after + 1)))
-            ),
-            reverse=True,
-        )
+        refinable = (
+            t for t, window in windows.items()
+            if window.after < after and self.has_later_frames(t, after)
+        )  # fmt: skip
+        return sorted(refinable, reverse=True)
 
     def frames_to_denoise(self, current_version: int) -> list[int]:
         """Stored frames without a denoised twin from `current_version` or newer, newest first.

@@ -25,7 +25,7 @@ import torch
 from pn2v_live.core.context import CANDIDATES, SPATIAL, Context, Windows, window
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import affine_fit, psnr
-from pn2v_live.core.model import Denoiser, new_denoiser, normalisation_of
+from pn2v_live.core.model import normalisation_of, seeded_denoisers
 from pn2v_live.core.noise.base import NoiseModel, as_pairs
 from pn2v_live.core.training import total_steps, train, train_choosing_context
 from pn2v_live.pipeline.calibration import fit_models
@@ -131,7 +131,7 @@ def compare(
             series = [stack for stack, _ in fields]
             run_truths = [[gt] * len(stack) for stack, gt in fields]
         mean, std = normalisation_of([f for stack in series for f in stack])
-        make_denoiser = seeded(mode, mean, std, k, seed)
+        make_denoiser = seeded_denoisers(mode, mean, std, k, seed)
         started = time.monotonic()
         budget = dict(steps=steps, minutes=minutes, seed=seed)
         if context is None:
@@ -157,17 +157,6 @@ def compare(
                 steps=total_steps(history), batch_size=last["batch_size"], seconds=trained,
             )  # fmt: skip
     return results
-
-
-def seeded(mode: str, mean: float, std: float, k: int, seed: int) -> Callable[[Context], Denoiser]:
-    """Makes fresh denoisers of one mode and normalisation for a given context, from the same
-    initial weights for every run (seeded), so differences between runs are real."""
-
-    def make(context: Context) -> Denoiser:
-        torch.manual_seed(seed)
-        return new_denoiser(mode, mean, std, k=k, context=context)
-
-    return make
 
 
 def calibrated_models(

@@ -114,10 +114,9 @@ def train(
     ] = "auto",
 ) -> None:
     """Train a PN2V, N2V or supervised denoiser on IMAGES and write it to OUTPUT."""
-    import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pn2v_live.core.model import Denoiser, new_denoiser, normalisation_of
+    from pn2v_live.core.model import normalisation_of, seeded_denoisers
     from pn2v_live.core.training import total_steps, train_choosing_context
     from pn2v_live.core.training import train as train_denoiser
     from pn2v_live.storage.checkpoints import save_denoiser
@@ -143,12 +142,7 @@ def train(
     if window is not None and window.channels > shortest:
         raise UserError(f"--context {window} needs {window.channels} frames, not {shortest}")
 
-    def make_denoiser(chosen: Context) -> Denoiser:
-        torch.manual_seed(seed)  # the same initial weights for every candidate
-        denoiser = new_denoiser(mode.value, mean, std, k=k, context=chosen)
-        denoiser.net.to(device)
-        return denoiser
-
+    make_denoiser = seeded_denoisers(mode.value, mean, std, k, seed, device)  # same initial weights
     with Progress(
         TextColumn("training"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn()
     ) as bar:
