@@ -20,6 +20,7 @@ from pn2v_live.core.losses import mse, pn2v_loss
 from pn2v_live.core.masking import DEFAULT_FRACTION, n2v_mask
 from pn2v_live.core.model import Denoiser
 from pn2v_live.core.noise.base import NoiseModel
+from pn2v_live.core.quality import GainEstimate, estimate_gain
 from pn2v_live.core.unet import INFERENCE_MEMORY_FORMAT
 
 VALIDATION_SEED = 12345
@@ -153,6 +154,32 @@ class Training:
         """Loss on `batch` with a fixed mask, so values are comparable between calls."""
         self.denoiser.net.eval()
         return float(self.loss(batch, torch.Generator().manual_seed(VALIDATION_SEED)))
+
+    @torch.no_grad()
+    def estimated_gain(
+        self, batch: torch.Tensor, noise_model: NoiseModel | None = None, draws: int = 4
+    ) -> GainEstimate:
+        """The ground-truth-free PSNR gain over raw (`core.quality`) of a "pn2v" or "n2v" model
+        on `batch` of held-back patches, from `draws` fixed masks of it; `noise_model` defaults
+        to the one trained with (an "n2v" model needs one given)."""
+        d = self.denoiser
+        if d.mode == "supervised":
+            raise ValueError("a supervised model has no blind spot to estimate its gain from")
+        d.net.eval()
+        raw = batch.to(d.device)[:, : d.context.channels]
+        weight, bias = d.head_in_adu()  # the prior mean is the mean of the K samples' heads
+        weight, bias = weight.mean(dim=0, keepdim=True), bias.mean(dim=0, keepdim=True)
+        means, observations, patches = [], [], []
+        for draw in range(draws):
+            generator = torch.Generator().manual_seed(VALIDATION_SEED + draw)
+            features, (b, y, x) = self.masked_features(raw, generator)
+            means.append(torch.addmm(bias, features, weight.T)[:, 0])
+            observations.append(raw[b, d.context.before, y, x])
+            patches.append(b)
+        return estimate_gain(
+            torch.cat(means), torch.cat(observations), torch.cat(patches),
+            noise_model or self.noise_model,
+        )  # fmt: skip
 
 
 def train(
