@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
+from numpy.random import default_rng as rng
 
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import psnr
 from pn2v_live.core.model import new_denoiser, normalisation_of
 from pn2v_live.core.noise import HistogramNoiseModel
-from pn2v_live.core.training import train
-from pn2v_live.service.bench.quality import load_field
+from pn2v_live.core.quality import denoised_gain
+from pn2v_live.core.training import sample_patches, train
+from pn2v_live.service.bench.quality import calibrated_models, drift_corrected, load_field
 
 
 def test_pn2v_on_fov03_beats_raw_with_a_small_budget(data_dir):
@@ -26,3 +30,28 @@ def test_pn2v_on_fov03_beats_raw_with_a_small_budget(data_dir):
     denoised = denoise(denoiser, frames[0], noise_model)["denoised"]
     raw_psnr = psnr(frames[0], truth[crop], 255)
     assert psnr(denoised, truth[crop], 255) > raw_psnr + 3.0
+
+
+@pytest.mark.parametrize("field", ["fov03", "fov04"])
+def test_ground_truth_free_gain_estimate_is_close_to_the_true_gain(data_dir, field):
+    """The frame-pair estimate (`core.quality.denoised_gain`, raw frames only) against the true
+    PSNR gain of the MMSE output on the same frames, the ground truth brought to each frame's
+    brightness (the scene bleaches), with the noise model calibrated on other fields."""
+    noise_model = calibrated_models(data_dir, ("fov01", "fov02"), ("hybrid",))["hybrid"]
+    raw, truth = load_field(data_dir, field)
+    crop = (slice(128, 384), slice(128, 384))
+    frames = [f[crop] for f in raw[:12]]
+    torch.manual_seed(0)
+    denoiser = new_denoiser("pn2v", *normalisation_of(frames), k=64, features=16)
+    train(denoiser, frames, noise_model, steps=300, batch_size=4, patch_size=64, lr=1e-3)
+    held_back = range(12, 16)
+    pairs = [np.stack([raw[t][crop], raw[t + 1][crop]]) for t in held_back]
+    estimate = denoised_gain(denoiser, noise_model, sample_patches(pairs, 32, 64, rng(0)))
+    gains = []
+    for t in held_back:
+        frame, reference = raw[t][crop], drift_corrected(raw[t][crop], truth[crop])
+        denoised = denoise(denoiser, frame, noise_model)["denoised"]
+        gains.append(psnr(denoised, reference, 255) - psnr(frame, reference, 255))
+    print(field, estimate, "true", np.mean(gains))
+    assert abs(estimate.gain_db - np.mean(gains)) < 1.0
+    assert estimate.uncertainty_db < 0.5

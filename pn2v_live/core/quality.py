@@ -1,16 +1,23 @@
-"""How much better than raw a model is, measured without ground truth.
+"""How much better than raw a model's output is, measured without ground truth.
 
-At a blind-spot pixel the network's prior mean μ never saw the pixel's own value x = s + n, so
-the noise n is independent of μ − s and
+Frame pairs (`denoised_gain`, the daemon's estimate): camera noise is independent from frame to
+frame, so the next frame x_{t+1} of a static scene is an independent noisy copy of frame t's
+signal, and
 
-    E[(x − μ)²] = E[(μ − s)²] + E[σ²(s)],
+    E[(ŝ_t − x_{t+1})²] = E[(ŝ_t − s)²] + σ²,    E[(x_t − x_{t+1})²] = 2σ²,
 
-where σ²(s) is the noise model's variance at signal s. The prior mean's error against the
-unknown truth is therefore mean((x − μ)²) − mean(σ²), and the raw frame's own error is
-mean(σ²). Their ratio, in dB, is the gain of the prior mean over raw; the MMSE estimate also
-uses x and is at least as close to the truth on average, so this gain is a cautious estimate of
-the denoised output's gain. Its uncertainty comes from resampling the patches the pixels were
-drawn from.
+which give the denoised output's error and the raw frame's (σ²), hence the PSNR gain, with no
+noise model. A scene that changes between the two frames adds to both errors, so the estimate is
+cautious (lower than the truth), never higher.
+
+Blind spot (`estimate_gain`, for a single frame): at a masked pixel the network's prior mean μ
+never saw the pixel's own value x = s + n, so E[(x − μ)²] = E[(μ − s)²] + E[σ²(s)], with σ²
+the noise model's variance (estimated without bias by σ²(x) where it grows linearly with the
+signal). This is the prior mean's gain; the MMSE output also uses x and gains more, far more
+early in training, so it is a loose lower bound. Noise correlated between neighbouring pixels
+leaks into μ and makes it optimistic.
+
+Uncertainties come from resampling the patches the pixels were drawn from.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pn2v_live.core.inference import denoise
+from pn2v_live.core.model import Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 
 GRID_POINTS = 2048  # observation values the noise model's variance is integrated over
@@ -75,21 +84,68 @@ def estimate_gain(
     """The gain of the prior mean over raw (see the module docstring) from P blind-spot pixels:
     `prior_mean` and `observations` (P,) in ADU, `patch_index` (P,) the patch each came from."""
     residual = (observations - prior_mean).double().square()
-    variance = noise_variance(noise_model, prior_mean).double()
-    patches = torch.unique(patch_index, return_inverse=True)[1]
+    variance = noise_variance(noise_model, observations).double()
+    patches = torch.unique(patch_index, return_inverse=True)[1].cpu()
     n = int(patches.max()) + 1
-    residual_sums = torch.zeros(n, dtype=torch.float64).index_add_(0, patches.cpu(), residual.cpu())
-    variance_sums = torch.zeros(n, dtype=torch.float64).index_add_(0, patches.cpu(), variance.cpu())
-    gain = _gain_db(residual_sums.sum(), variance_sums.sum())
+    residual_sums = torch.zeros(n, dtype=torch.float64).index_add_(0, patches, residual.cpu())
+    variance_sums = torch.zeros(n, dtype=torch.float64).index_add_(0, patches, variance.cpu())
+    return _bootstrapped(residual_sums.numpy(), variance_sums.numpy(), len(observations), seed)
+
+
+def _bootstrapped(
+    residual: np.ndarray, variance: np.ndarray, pixels: int, seed: int
+) -> GainEstimate:
+    """The gain from per-patch sums of squared residuals and noise variances (N,), with its
+    standard error over RESAMPLES resamples of the patches."""
     rng = np.random.default_rng(seed)
-    picks = torch.from_numpy(rng.integers(0, n, size=(RESAMPLES, n)))
-    resampled = [_gain_db(residual_sums[p].sum(), variance_sums[p].sum()) for p in picks]
-    return GainEstimate(gain, float(np.std(resampled)), len(observations))
+    picks = rng.integers(0, len(residual), size=(RESAMPLES, len(residual)))
+    resampled = [_gain_db(residual[p].sum(), variance[p].sum()) for p in picks]
+    return GainEstimate(_gain_db(residual.sum(), variance.sum()), float(np.std(resampled)), pixels)
 
 
-def _gain_db(residual: torch.Tensor, variance: torch.Tensor) -> float:
-    """10·log10(raw error / prior-mean error) from summed squared residuals and variances."""
-    error = float(residual - variance)
+def _gain_db(residual: float, variance: float) -> float:
+    """10·log10(raw error / estimate's error) from summed squared residuals (x − estimate)² and
+    summed noise variances: the estimate's error is their difference."""
+    error = float(residual) - float(variance)
     if error <= 0:
         return MAX_GAIN_DB
     return min(MAX_GAIN_DB, 10 * math.log10(float(variance) / error))
+
+
+def denoised_gain(
+    denoiser: Denoiser, noise_model: NoiseModel | None, windows: torch.Tensor, margin: int = 8
+) -> GainEstimate:
+    """The gain of `denoiser`'s output from frame pairs: `windows` are (N, C + 1, Y, X) raw
+    patches (ADU) of the denoiser's C-frame window plus, last, the frame after the window
+    (`Context(before, after + 1)`); patches missing that frame (NaN) are left out. Scored
+    `margin` pixels (at most a quarter of the side) inside each patch's edges, where the network
+    sees more of its neighbourhood."""
+    windows = windows.numpy() if isinstance(windows, torch.Tensor) else windows
+    windows = windows[~np.isnan(windows[:, -1]).any(axis=(1, 2))]
+    if len(windows) == 0:
+        raise ValueError("no patch has the frame after its window")
+    margin = min(margin, windows.shape[-1] // 4)  # small patches keep their middle half
+    end = windows.shape[-1] - margin
+    centre, inner = denoiser.context.before, (slice(margin, end), slice(margin, end))
+    denoised = np.stack([denoise(denoiser, w[:-1], noise_model)["denoised"] for w in windows])
+    return estimate_gain_from_pairs(
+        denoised[(slice(None), *inner)],
+        windows[(slice(None), centre, *inner)],
+        windows[(slice(None), -1, *inner)],
+    )
+
+
+def estimate_gain_from_pairs(
+    denoised: np.ndarray, current: np.ndarray, following: np.ndarray, seed: int = 0
+) -> GainEstimate:
+    """The gain over raw of denoised frames, from the frame that follows each (no noise model).
+
+    `denoised`, `current` (the raw frames denoised) and `following` (the raw frames just after
+    them, never seen by the denoiser) are (N, Y, X) patches in ADU. Noise is independent from
+    frame to frame, so for a static scene E[(ŝ_t − x_{t+1})²] = E[(ŝ_t − s)²] + σ² and
+    E[(x_t − x_{t+1})²] = 2σ²; a scene that changes between the frames adds to both and makes
+    the estimate cautious (lower), never higher.
+    """
+    residual = np.square(denoised - following, dtype=np.float64).mean(axis=(1, 2))
+    noise = np.square(current - following, dtype=np.float64).mean(axis=(1, 2)) / 2
+    return _bootstrapped(residual, noise, int(denoised.size), seed)

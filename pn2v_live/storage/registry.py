@@ -48,6 +48,10 @@ class ModelInfo:
     validation_loss: float | None  # Eq. 7 loss on held-back frames, None when not measured
     noise_model_id: str | None  # content_id() of the noise model file it was trained with
     source: str = "trained"  # "trained", or the path of an imported initial checkpoint
+    # Ground-truth-free PSNR gain over raw on held-back frames (core.quality) and its standard
+    # error, dB; None for imported models and versions written before it was measured.
+    estimated_gain_db: float | None = None
+    estimated_gain_uncertainty_db: float | None = None
 
 
 class ModelRegistry:
@@ -100,6 +104,8 @@ class ModelRegistry:
         noise_model_id: str | None,
         baseline_loss: float | None = None,
         source: str = "trained",
+        estimated_gain_db: float | None = None,
+        estimated_gain_uncertainty_db: float | None = None,
     ) -> ModelInfo | None:
         """Store `denoiser` as the next version and point `current` at it, if it is better.
 
@@ -128,6 +134,8 @@ class ModelRegistry:
                 validation_loss=validation_loss,
                 noise_model_id=noise_model_id,
                 source=source,
+                estimated_gain_db=estimated_gain_db,
+                estimated_gain_uncertainty_db=estimated_gain_uncertainty_db,
             )
             save_denoiser(denoiser, self._path(info.version, ".pt"), asdict(info))  # atomic
             write_atomically(self._path(info.version, ".json"), _writer(json.dumps(asdict(info))))
