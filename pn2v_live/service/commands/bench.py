@@ -20,6 +20,7 @@ class Part(StrEnum):
     ingest = "ingest"
     pipeline = "pipeline"
     quality = "quality"
+    live = "live"
 
 
 @app.command()
@@ -43,7 +44,8 @@ def bench(
         typer.Option(
             help="quality: training budget per model, wall-clock minutes [default: 20 unless "
             "--steps is given, whose step budget is then the only one, as on a busy machine "
-            "minutes would cut it short]"
+            "minutes would cut it short]; live: how long the daemon runs from the first frame "
+            "sent (required)"
         ),
     ] = None,
     steps: Annotated[
@@ -56,7 +58,9 @@ def bench(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="quality: folder holding fmd_confocal_bpae/", envvar="PN2V_LIVE_TEST_DATA"
+            help="quality: folder holding fmd_confocal_bpae/; live: the stack to replay (TIFF "
+            "stack or folder of frames, uint8/uint16)",
+            envvar="PN2V_LIVE_TEST_DATA",
         ),
     ] = None,
     noise_model: Annotated[
@@ -86,6 +90,42 @@ def bench(
     mode: Annotated[
         list[str], typer.Option(help="quality: models to train (repeatable): n2v, pn2v, supervised")
     ] = ["n2v", "pn2v", "supervised"],  # noqa: B006
+    gt: Annotated[
+        Path | None,
+        typer.Option(help="live: ground truth, one image for every frame or a stack of one each"),
+    ] = None,
+    fps: Annotated[
+        float | None, typer.Option(min=0.001, help="live: frames per second of the replay")
+    ] = None,
+    noise_model_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="live: the daemon's noise-model file (make one with pn2v-live calibrate)"
+        ),
+    ] = None,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="live: also train offline on the replayed frames for the daemon's total steps, "
+            "with its settings and window, and report that model's gain (offline_gain_db)",
+        ),
+    ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="live: override one daemon config key (repeatable), e.g. --set "
+            "trainer.device=cuda; the shipped defaults otherwise",
+        ),
+    ] = None,
+    keep: Annotated[
+        Path | None,
+        typer.Option(
+            help="live: keep the daemon's store (DIR/store) and log (DIR/serve.log) in DIR "
+            "[default: a temporary folder, removed]"
+        ),
+    ] = None,
 ) -> None:
     """Measure PARTs; each prints one JSON line (median/min seconds, throughput, peak memory,
     device, torch threads, dtype; with --baseline naive also the ratio to the naive formulation).
@@ -94,7 +134,11 @@ def bench(
     (dB) of fov03's first --score-frames frames (5) against its ground truth, and against the
     ground truth brought to each frame's brightness (the scene drifts during the acquisition).
     PN2V is trained once per --noise-model kind and --context; with --drift PX the target is
-    cropped by a window sliding PX pixels per frame (real camera noise, moving scene)."""
+    cropped by a window sliding PX pixels per frame (real camera noise, moving scene).
+    `live` runs the real daemon (`pn2v-live serve`, shipped defaults plus --set) on a temporary
+    store, replays --data to it over ZeroMQ at --fps for --minutes, and reports how soon and how
+    much the denoised twins beat the raw frames against --gt (one JSON line per twin seen on
+    stderr)."""
     import torch
 
     from pn2v_live.core.context import SPATIAL
@@ -124,6 +168,10 @@ def bench(
 
             side = size or 512
             result = run_ingest(side, frames)
+        elif name is Part.live:
+            side = None  # the result says the frame shape
+            result = run_live_part(data, gt, fps, minutes, noise_model_file, set_ or [],
+                                   offline, keep)  # fmt: skip
         elif name is Part.quality:
             side = 512
             if minutes is None and steps is None:
@@ -138,6 +186,32 @@ def bench(
             side = size or 256
             result = run_pipeline(side, frames, k, torch_device)
         print(json.dumps({"part": name.value, "size": side, "k": k, **facts, **result}), flush=True)
+
+
+def run_live_part(
+    data: Path | None,
+    gt: Path | None,
+    fps: float | None,
+    minutes: float | None,
+    noise_model_file: Path | None,
+    overrides: list[str],
+    offline: bool,
+    keep: Path | None,
+) -> dict:
+    """`bench --part live` (see `service.bench.live`), once its required options are there."""
+    from pn2v_live.service.bench.live import run_live
+
+    required = {
+        "--data STACK": data,
+        "--gt IMAGE": gt,
+        "--fps F": fps,
+        "--minutes M": minutes,
+        "--noise-model-file FILE": noise_model_file,
+    }
+    missing = [option for option, value in required.items() if value is None]
+    if missing:
+        raise UserError(f"--part live needs {', '.join(missing)}")
+    return run_live(data, gt, fps, minutes, noise_model_file, overrides, offline, keep)
 
 
 def run_quality(

@@ -1,0 +1,642 @@
+"""A live replay through the real daemon: how soon, and how well, the denoised twins come.
+
+`pn2v-live serve` runs in a subprocess (what users run) on a temporary store with the shipped
+defaults plus the user's `--set` overrides; the stack's frames are replayed to it over ZeroMQ by
+`FrameSender` at a fixed rate, as one acquisition, and the clock starts at the first frame sent.
+For M minutes from then the store is polled: every denoised twin that is new, or was replaced
+(a newer model version, or a live twin refined once the later frames arrived), is read and
+scored against the ground truth: PSNR of the twin and of its raw frame, and both against the
+ground truth brought to the raw frame's brightness (`quality.drift_corrected`). Then the daemon
+gets SIGTERM, drains, and the store it leaves is scored once more (the final twins).
+
+The store is only read while the daemon writes it: the ledger (SQLite in WAL mode: the `denoised`
+table says which model version and window made each twin) and the denoised array, reopened at
+every poll because it grows; the registry's `v*.json` files and `current` pointer as plain files
+(a `ModelRegistry` object would sweep the daemon's half-written temporary files). A twin whose
+chunk is replaced between reading the ledger and reading the chunk can be scored under the
+previous version for one poll; the next poll reads it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pn2v_live.core.metrics import psnr
+from pn2v_live.errors import UserError
+from pn2v_live.service.bench.quality import drift_corrected
+
+if TYPE_CHECKING:
+    from pn2v_live.core.context import Context
+    from pn2v_live.service.config import Config
+
+ACQUISITION = "live"
+GOOD_GAIN_DB = 3.0  # a twin this much above its raw frame (PSNR) is "good"
+POLL_SECONDS = 0.5  # store polling period: the resolution of every *_s result
+START_TIMEOUT_S = 300.0  # the daemon's start-up (imports, noise model, sockets, dask)
+STOP_TIMEOUT_S = 300.0  # its drain after SIGTERM (the frames in flight, then the store)
+SEND_TIMEOUT_S = 60.0  # one frame may wait this long for the receiver's backpressure
+LOG_TAIL_LINES = 20
+# Keys the bench sets itself: the store it reads, the noise model it was given, the sockets it
+# sends to. The viewer, metrics and publisher get free ports, which `--set` may override.
+RESERVED_KEYS = ("store.root", "noise_model.path", "ingest.zmq.bind", "ingest.zmq.status_bind")
+
+Log = Callable[[str], None]
+
+
+# ---- inputs ----------------------------------------------------------------------------
+
+
+def load_inputs(stack_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The (T, Y, X) uint8/uint16 stack to replay and its ground truth, float32: one (Y, X)
+    image for every frame, or a (T, Y, X) stack with one per frame. UserError when they do not
+    fit together."""
+    from pn2v_live.storage.images import read_stack
+
+    stack = read_stack(stack_path)
+    if stack.dtype not in (np.uint8, np.uint16):
+        raise UserError(
+            f"--data {stack_path}: frames are {stack.dtype}; the daemon stores camera frames "
+            "(uint8 or uint16)"
+        )
+    truth = read_stack(gt_path).astype(np.float32)
+    truth = truth[0] if len(truth) == 1 else truth
+    if truth.shape[-2:] != stack.shape[1:]:
+        raise UserError(f"--gt {gt_path}: shape {truth.shape[-2:]} differs from the frames' "
+                        f"{stack.shape[1:]}")  # fmt: skip
+    if truth.ndim == 3 and len(truth) != len(stack):
+        raise UserError(
+            f"--gt {gt_path}: {len(truth)} frames for a stack of {len(stack)}; give one image "
+            "for all frames or one per frame"
+        )
+    return stack, truth
+
+
+def data_range(stack: np.ndarray, truth: np.ndarray) -> float:
+    """PSNR data range: 255 for 8-bit frames, else the ground truth's max − min."""
+    if stack.dtype == np.uint8:
+        return 255.0
+    return float(truth.max() - truth.min())
+
+
+def frames_within(count: int, fps: float, minutes: float) -> int:
+    """How many of `count` frames, frame n sent n / fps seconds after the first, are sent
+    before `minutes` have passed (at least one)."""
+    return max(1, min(count, int(np.ceil(minutes * 60 * fps))))
+
+
+class Reference:
+    """The ground truth of every replayed frame, plain and drift-corrected, and the raw frames'
+    own scores against both (computed once per frame)."""
+
+    def __init__(self, raw: np.ndarray, truth: np.ndarray, data_range: float):
+        """`raw` (T, Y, X) as sent; `truth` (Y, X) for all frames or (T, Y, X)."""
+        self.raw, self.truth, self.data_range = raw, truth, data_range
+        self._corrected: dict[int, np.ndarray] = {}
+        self._raw_scores: dict[int, tuple[float, float]] = {}
+
+    def truth_of(self, t: int) -> np.ndarray:
+        """(Y, X) ground truth of frame t."""
+        return self.truth if self.truth.ndim == 2 else self.truth[t]
+
+    def corrected_of(self, t: int) -> np.ndarray:
+        """(Y, X) ground truth of frame t fitted (gain, offset) to the raw frame's brightness."""
+        if t not in self._corrected:
+            self._corrected[t] = drift_corrected(self.raw[t].astype(np.float32), self.truth_of(t))
+        return self._corrected[t]
+
+    def scores(self, t: int, image: np.ndarray) -> tuple[float, float]:
+        """PSNR (dB) of a (Y, X) `image` of frame t: against the truth, and drift-corrected."""
+        return (
+            psnr(image, self.truth_of(t), self.data_range),
+            psnr(image, self.corrected_of(t), self.data_range),
+        )
+
+    def raw_scores(self, t: int) -> tuple[float, float]:
+        """`scores` of raw frame t."""
+        if t not in self._raw_scores:
+            self._raw_scores[t] = self.scores(t, self.raw[t])
+        return self._raw_scores[t]
+
+
+# ---- the daemon ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the daemon receives frames and answers status requests (IPC sockets in a private
+    temporary folder: no port to collide with another daemon)."""
+
+    frames: str
+    status: str
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> Endpoints:
+        return cls(f"ipc://{folder / 'frames'}", f"ipc://{folder / 'status'}")
+
+
+def daemon_overrides(
+    store_root: Path, noise_model: Path, endpoints: Endpoints, user: list[str]
+) -> list[str]:
+    """`--set` overrides for `pn2v-live serve`: the bench's own keys, free ports for the other
+    listeners, then the user's overrides (which win, except for RESERVED_KEYS: UserError)."""
+    for override in user:
+        key = override.partition("=")[0].strip()
+        if key in RESERVED_KEYS:
+            raise UserError(
+                f"--set {override!r}: the live bench sets {key} itself "
+                "(--keep DIR keeps the store, --noise-model-file names the noise model)"
+            )
+    own = {
+        "store.root": store_root,
+        "noise_model.path": noise_model.resolve(),
+        "ingest.zmq.bind": endpoints.frames,
+        "ingest.zmq.status_bind": endpoints.status,
+        "metrics.bind": "127.0.0.1:0",
+        "viewer.bind": "127.0.0.1:0",
+        "publish.bind": "tcp://127.0.0.1:*",
+    }
+    return [f"{key}={json.dumps(str(value))}" for key, value in own.items()] + list(user)
+
+
+def start_daemon(overrides: list[str], log_path: Path) -> subprocess.Popen:
+    """`pn2v-live serve --set …` in a subprocess, its log lines going to `log_path`."""
+    command = [sys.executable, "-m", "pn2v_live", "serve"]
+    for override in overrides:
+        command += ["--set", override]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_until_ready(process: subprocess.Popen, endpoints: Endpoints, log_path: Path) -> None:
+    """Block until the daemon's status socket answers (its sources start last but for inference
+    and training); UserError with the log's tail when it exits or takes over START_TIMEOUT_S."""
+    from pn2v_live.pipeline.sender import FrameSender
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with FrameSender(endpoints.frames, endpoints.status) as probe:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise UserError(
+                    f"the daemon exited with code {process.returncode} at start-up:\n"
+                    + log_tail(log_path)
+                )
+            if probe.status(ACQUISITION, timeout=1.0) is not None:
+                return
+    raise UserError(
+        f"the daemon did not start within {START_TIMEOUT_S:.0f} s:\n{log_tail(log_path)}"
+    )
+
+
+def stop_daemon(process: subprocess.Popen) -> int:
+    """SIGTERM, wait for the drain (SIGKILL after STOP_TIMEOUT_S); the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of the daemon's log."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM (e.g. from `timeout`) raises KeyboardInterrupt in the main thread,
+    so the clean-up stops the daemon instead of leaving it running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---- the replay ------------------------------------------------------------------------
+
+
+class Replay(threading.Thread):
+    """Sends `frames` (T, Y, X) with `FrameSender` at `fps` as one acquisition, waits until the
+    receiver stored them all, then (with `end`) sends the end marker. `started_at` is the
+    monotonic time the first frame was sent; `error` what stopped it early, if anything."""
+
+    def __init__(
+        self, endpoints: Endpoints, frames: np.ndarray, fps: float, end: bool, budget_s: float
+    ):
+        super().__init__(name="bench-live-replay", daemon=True)
+        self.endpoints, self.frames, self.fps, self.end = endpoints, frames, fps, end
+        self.budget_s = budget_s  # seconds from the first frame to give up waiting for storage
+        self.started = threading.Event()
+        self.started_at: float | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from pn2v_live.pipeline.sender import FrameSender
+
+        try:
+            with FrameSender(
+                self.endpoints.frames, self.endpoints.status, send_timeout=SEND_TIMEOUT_S
+            ) as sender:
+                self.started_at = time.monotonic()
+                self.started.set()
+                sender.send_stack(ACQUISITION, self.frames, fps=self.fps)
+                sender.ensure_stored(ACQUISITION, self.frames, timeout=self._left())
+                if self.end:
+                    sender.end(ACQUISITION, len(self.frames), confirm_timeout=self._left())
+        except BaseException as error:  # reported by the caller
+            self.error = error
+        finally:
+            self.started.set()
+
+    def _left(self) -> float:
+        return max(5.0, self.started_at + self.budget_s - time.monotonic())
+
+
+# ---- watching the store ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Twin:
+    """One observation of denoised frame `frame`: when (s after the first frame sent), which
+    model version and window made it, and its scores (dB)."""
+
+    t_s: float
+    frame: int
+    version: int
+    window: str
+    psnr_db: float
+    raw_psnr_db: float
+    psnr_drift_corrected_db: float
+    raw_psnr_drift_corrected_db: float
+
+    @property
+    def gain_db(self) -> float:
+        return self.psnr_db - self.raw_psnr_db
+
+    @property
+    def gain_drift_corrected_db(self) -> float:
+        return self.psnr_drift_corrected_db - self.raw_psnr_drift_corrected_db
+
+    def line(self) -> dict[str, Any]:
+        """The progress line's fields."""
+        return {
+            "t_s": round(self.t_s, 2),
+            "frame": self.frame,
+            "version": self.version,
+            "window": self.window,
+            "psnr_db": round(self.psnr_db, 4),
+            "raw_psnr_db": round(self.raw_psnr_db, 4),
+            "gain_db": round(self.gain_db, 4),
+            "gain_drift_corrected_db": round(self.gain_drift_corrected_db, 4),
+        }
+
+
+class TwinWatcher:
+    """Reads the twins of ACQUISITION under the store `root` that are new or were replaced
+    since the last `poll` (ledger row, then chunk), and scores them."""
+
+    def __init__(self, root: Path, reference: Reference):
+        from pn2v_live.storage.ledger import Ledger
+
+        self.root, self.reference = root, reference
+        self.ledger = Ledger(root)  # the daemon created it before its sockets answered
+        self.seen: dict[int, tuple[int, str]] = {}  # frame → (version, window) last scored
+        self.latest: dict[int, Twin] = {}
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def poll(self, t_s: float) -> list[Twin]:
+        """The twins new or changed since the last poll, observed at `t_s`."""
+        import zarr
+
+        from pn2v_live.storage.store import SUFFIX
+
+        twins = self.ledger.denoised_twins(ACQUISITION)
+        changed = {t: made for t, made in twins.items() if self.seen.get(t) != made}
+        if not changed:
+            return []
+        array = zarr.open_array(self.root / (ACQUISITION + SUFFIX) / "denoised" / "0", mode="r")
+        observed = []
+        for t, (version, window) in sorted(changed.items()):
+            if t >= len(self.reference.raw):
+                continue  # not a frame this bench sent
+            twin_scores = self.reference.scores(t, np.asarray(array[t, 0, 0]))
+            raw_scores = self.reference.raw_scores(t)
+            twin = Twin(t_s, t, version, window, twin_scores[0], raw_scores[0],
+                        twin_scores[1], raw_scores[1])  # fmt: skip
+            self.seen[t], self.latest[t] = (version, window), twin
+            observed.append(twin)
+        return observed
+
+    def frames_stored(self) -> int:
+        return len(self.ledger.frames(ACQUISITION))
+
+
+class ModelWatcher:
+    """Remembers the metadata of every model version the registry folder held at any poll (a
+    promotion prunes old versions) and reports promotions."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.infos: dict[int, dict[str, Any]] = {}
+        self.current: int | None = None
+
+    def poll(self) -> int | None:
+        """The newly promoted version since the last poll, or None."""
+        from pn2v_live.storage.registry import POINTER
+
+        for path in sorted(self.folder.glob("v[0-9]*.json")):
+            version = int(path.name[1:].split(".")[0])
+            if version not in self.infos:
+                try:
+                    self.infos[version] = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue  # pruned meanwhile (files are written whole, then renamed)
+        try:
+            current = int((self.folder / POINTER).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if current == self.current or current not in self.infos:
+            return None
+        self.current = current
+        return current
+
+    def training_steps(self, version: int) -> int | None:
+        """Optimiser steps behind `version`: its `training_steps` and those of its parents.
+        None when a parent's metadata was never seen."""
+        steps = 0
+        while version is not None:
+            info = self.infos.get(version)
+            if info is None:
+                return None
+            steps += int(info["training_steps"])
+            version = info["parent"]
+        return steps
+
+
+# ---- offline comparison ----------------------------------------------------------------
+
+
+def offline_gains(
+    reference: Reference,
+    noise_model_path: Path,
+    config: Config,
+    context: Context,
+    steps: int,
+    log: Log,
+) -> dict[str, Any]:
+    """Train PN2V offline on the replayed frames for `steps` steps with the daemon's settings
+    (`config`: its `Config`; `context`: the window its final model chose), denoise every frame
+    with the whole window, and return the mean gains over raw (dB)."""
+    import torch
+
+    from pn2v_live.core.context import Windows, window
+    from pn2v_live.core.inference import denoise
+    from pn2v_live.core.model import PRECISIONS, normalisation_of, seeded_denoisers
+    from pn2v_live.core.training import train
+    from pn2v_live.pipeline.trainer import pick_device
+    from pn2v_live.storage.noise_model_file import load_noise_model
+
+    t = config.trainer
+    device = pick_device(t.device)
+    noise_model = load_noise_model(noise_model_path, device)
+    frames = list(reference.raw.astype(np.float32))
+    mean, std = normalisation_of(frames)
+    denoiser = seeded_denoisers("pn2v", mean, std, t.k, seed=0, device=device)(context)
+    patch = min(t.patch_size, *(side - side % 8 for side in frames[0].shape))
+    started = time.monotonic()
+    train(
+        denoiser, Windows([frames], context), noise_model, steps=steps, batch_size=t.batch_size,
+        patch_size=patch, lr=t.learning_rate, bf16=PRECISIONS[t.precision],
+        progress=lambda r: log(json.dumps({"offline_step": r["step"],
+                                           "validation_loss": r["validation_loss"]})),
+    )  # fmt: skip
+    gains, corrected = [], []
+    bf16 = PRECISIONS[config.inference.precision]
+    with torch.inference_mode():
+        for n in range(len(frames)):
+            denoised = denoise(denoiser, window(frames, n, context), noise_model,
+                               tile=config.inference.tile, compiled=config.inference.compile,
+                               bf16=bf16)["denoised"]  # fmt: skip
+            scores, raw = reference.scores(n, denoised), reference.raw_scores(n)
+            gains.append(scores[0] - raw[0])
+            corrected.append(scores[1] - raw[1])
+    return {
+        "offline_gain_db": round(float(np.mean(gains)), 4),
+        "offline_gain_drift_corrected_db": round(float(np.mean(corrected)), 4),
+        "offline_steps": steps,
+        "offline_context": str(context),
+        "offline_seconds": round(time.monotonic() - started, 1),
+    }
+
+
+# ---- the whole run ---------------------------------------------------------------------
+
+
+def summarise(twins: list[Twin], final: dict[int, Twin], reference: Reference) -> dict[str, Any]:
+    """The result's timing and gain keys from every observation and the final twins."""
+
+    def first(condition: Callable[[Twin], bool]) -> float | None:
+        times = [twin.t_s for twin in twins if condition(twin)]
+        return round(min(times), 2) if times else None
+
+    def mean(values: list[float]) -> float | None:
+        return round(float(np.mean(values)), 4) if values else None
+
+    def lowest(values: list[float]) -> float | None:
+        return round(float(min(values)), 4) if values else None
+
+    last = list(final.values())
+    raw = [reference.raw_scores(t) for t in range(len(reference.raw))]
+    return {
+        "first_twin_s": first(lambda twin: True),
+        "first_good_twin_s": first(lambda twin: twin.gain_db >= GOOD_GAIN_DB),
+        "first_good_twin_drift_corrected_s": first(
+            lambda twin: twin.gain_drift_corrected_db >= GOOD_GAIN_DB
+        ),
+        "min_gain_db": lowest([twin.gain_db for twin in twins]),
+        "min_gain_drift_corrected_db": lowest([twin.gain_drift_corrected_db for twin in twins]),
+        "final_gain_db": mean([twin.gain_db for twin in last]),
+        "final_gain_drift_corrected_db": mean([twin.gain_drift_corrected_db for twin in last]),
+        "final_psnr_db": mean([twin.psnr_db for twin in last]),
+        "raw_psnr_db": mean([score[0] for score in raw]),
+        "raw_psnr_drift_corrected_db": mean([score[1] for score in raw]),
+        "frames_denoised": len(last),
+        "twins_observed": len(twins),
+    }
+
+
+def run_live(
+    stack_path: Path,
+    gt_path: Path,
+    fps: float,
+    minutes: float,
+    noise_model: Path,
+    overrides: list[str],
+    offline: bool = False,
+    keep: Path | None = None,
+    log: Log = lambda line: print(line, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Replay `stack_path` through `pn2v-live serve` at `fps` for `minutes` and score its twins
+    against `gt_path` (see the module docstring); with `offline`, also an offline model trained
+    for the daemon's steps. Keeps the store and the daemon's log under `keep` (DIR/store,
+    DIR/serve.log) when given. Returns the result's keys; progress lines go to `log`."""
+    from pn2v_live.service.config import load_config
+    from pn2v_live.storage.noise_model_file import load_noise_model
+
+    load_noise_model(noise_model)  # a bad file is the user's: say so before starting anything
+    keep = None if keep is None else keep.resolve()
+    stack, truth = load_inputs(stack_path, gt_path)
+    sent = frames_within(len(stack), fps, minutes)
+    reference = Reference(stack[:sent], truth[:sent] if truth.ndim == 3 else truth,
+                          data_range(stack, truth))  # fmt: skip
+    with ExitStack() as cleanup:
+        sockets = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pn2v-live-")))
+        work = keep if keep is not None else sockets
+        if keep is not None and (keep / "store").exists():
+            raise UserError(f"--keep {keep}: {keep / 'store'} exists; give a new folder")
+        work.mkdir(parents=True, exist_ok=True)
+        endpoints = Endpoints.in_folder(sockets)
+        settings = daemon_overrides(work / "store", noise_model, endpoints, overrides)
+        config = load_config(None, settings)  # UserError for a bad --set, before starting
+        cleanup.enter_context(sigterm_as_interrupt())
+        result = _replay_and_watch(reference, config, settings, endpoints, work, fps, minutes,
+                                   end=sent == len(stack), log=log)  # fmt: skip
+        if offline:
+            result |= _offline(reference, noise_model, config, result, log)
+    return {
+        **result,
+        "frames": sent,
+        "fps": fps,
+        "minutes": minutes,
+        "size": list(stack.shape[1:]),
+        "dtype": str(stack.dtype),
+        "data_range": reference.data_range,
+        "acquisition": ACQUISITION,
+        "store": str(work / "store") if keep is not None else None,
+    }
+
+
+def _replay_and_watch(
+    reference: Reference,
+    config: Config,
+    settings: list[str],
+    endpoints: Endpoints,
+    work: Path,
+    fps: float,
+    minutes: float,
+    end: bool,
+    log: Log,
+) -> dict[str, Any]:
+    """Start the daemon, replay, poll for `minutes` from the first frame, stop it, score the
+    store it leaves; the result's daemon, timing and gain keys."""
+    from pn2v_live.pipeline.trainer import pick_device
+    from pn2v_live.service.bench.measure import device_facts
+
+    log_path = work / "serve.log"
+    process = start_daemon(settings, log_path)
+    try:
+        wait_until_ready(process, endpoints, log_path)
+        twins = TwinWatcher(config.store.root, reference)
+        models = ModelWatcher(config.store.root / "models")
+        replay = Replay(endpoints, reference.raw, fps, end, budget_s=minutes * 60)
+        replay.start()
+        replay.started.wait()
+        started = replay.started_at or time.monotonic()
+        log(json.dumps({"t_s": 0.0, "event": "first frame sent", "frames": len(reference.raw),
+                        "fps": fps, "daemon_log": str(log_path)}))  # fmt: skip
+        observed: list[Twin] = []
+        failures: list[BaseException] = []
+
+        def poll() -> None:
+            now = time.monotonic() - started
+            if replay.error is not None and not replay.is_alive() and not failures:
+                failures.append(replay.error)  # the run goes on with the frames that left
+                log(json.dumps({"t_s": round(now, 2), "replay_error":
+                                f"{type(replay.error).__name__}: {replay.error}"}))  # fmt: skip
+            if (version := models.poll()) is not None:
+                info = models.infos[version]
+                log(json.dumps({"t_s": round(now, 2), "promoted": version,
+                                "training_steps": models.training_steps(version),
+                                "estimated_gain_db": info.get("estimated_gain_db")}))  # fmt: skip
+            for twin in twins.poll(now):
+                observed.append(twin)
+                log(json.dumps(twin.line()))
+
+        deadline = started + minutes * 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise UserError(f"the daemon exited with code {process.returncode} during the "
+                                f"replay:\n{log_tail(log_path)}")  # fmt: skip
+            poll()
+            time.sleep(max(0.0, min(POLL_SECONDS, deadline - time.monotonic())))
+        replay.join(SEND_TIMEOUT_S)
+        exit_code = stop_daemon(process)
+        poll()  # what the drain finished, and the store as the daemon left it
+        stored = twins.frames_stored()
+        twins.close()
+    finally:
+        stop_daemon(process)
+    version = models.current
+    trainer_device = pick_device(config.trainer.device)
+    return {
+        **summarise(observed, twins.latest, reference),
+        "frames_stored": stored,
+        "model_version": version,
+        "training_steps": None if version is None else models.training_steps(version),
+        "model_estimated_gain_db": (
+            None if version is None else models.infos[version].get("estimated_gain_db")
+        ),
+        "daemon_exit_code": exit_code,
+        **device_facts(trainer_device),
+        "inference_device": pick_device(config.inference.device).type,
+        "k": config.trainer.k,
+    }
+
+
+def _offline(
+    reference: Reference,
+    noise_model: Path,
+    config: Config,
+    result: dict[str, Any],
+    log: Log,
+) -> dict[str, Any]:
+    """`offline_gains` for the daemon's final model's steps and window; nulls (with a
+    reason) when the daemon promoted no trained model."""
+    from pn2v_live.storage.registry import ModelRegistry
+
+    version, steps = result["model_version"], result["training_steps"]
+    if version is None or not steps:
+        log(json.dumps({"offline": "skipped: the daemon promoted no trained model"}))
+        return {"offline_gain_db": None, "offline_gain_drift_corrected_db": None}
+    denoiser, _ = ModelRegistry(config.store.root / "models").load(version)  # daemon stopped
+    return offline_gains(reference, noise_model, config, denoiser.context, steps, log)
