@@ -45,3 +45,16 @@ SIGNAL_OUT_OF_CALIBRATION = Gauge(
     "Fraction of pixels of the newest frame whose estimated signal lies above the noise model's "
     "calibrated range",
 )
+NOISE_MODEL_REFINEMENTS = Counter(
+    "pn2v_live_noise_model_refinements_total",
+    "Attempts to refine the noise model from the stream's (denoised, raw) pairs above its range; "
+    "outcome is refined (a new noise-model version is in use) or refused (reason logged)",
+    ["outcome"],
+)
+for _outcome in ("refined", "refused"):
+    NOISE_MODEL_REFINEMENTS.labels(_outcome)
+NOISE_MODEL_SIGNAL_MAX = Gauge(
+    "pn2v_live_noise_model_signal_max",
+    "Top of the signal range (ADU) the noise model in use covers: the calibration's, raised by "
+    "each refinement",
+)

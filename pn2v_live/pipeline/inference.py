@@ -44,6 +44,7 @@ from pn2v_live.metrics import (
     MODEL_VERSION,
     SIGNAL_OUT_OF_CALIBRATION,
 )
+from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelInfo, ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
@@ -117,6 +118,11 @@ class InferenceScheduler(Stage):
         self._client = None
         self._remote: tuple | None = None  # (denoiser, noise model) futures on the cluster
         self._warned: set[str] = set()  # acquisitions already warned about uncalibrated signal
+        self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
+        # The end of the warning about signal above the range (the daemon's refiner changes it).
+        self.out_of_range_advice = (
+            "recalibrate with brighter test-pattern frames for the best denoising"
+        )
         self._unreadable: dict[tuple[str, int], float] = {}  # (acquisition, t) → retry time
         if scheduler != "local":
             self._client = connect(scheduler)
@@ -130,6 +136,7 @@ class InferenceScheduler(Stage):
         return ended
 
     def work(self) -> bool:
+        self._switch_noise_model()
         self.load_current_model()
         jobs, self.backlog = self._next_jobs()
         BACKLOG.set(self.backlog)
@@ -142,6 +149,28 @@ class InferenceScheduler(Stage):
             return False
         self._run(jobs)
         return True
+
+    def use_noise_model(self, model: NoiseModel, model_id: str) -> None:
+        """Denoise with `model` (a refined noise model) from the next pass on; thread-safe."""
+        self._next_noise_model.put((on_device(model, self.device), model_id))
+
+    def _switch_noise_model(self) -> None:
+        """Take up a noise model handed over by `use_noise_model` (between passes)."""
+        handed = self._next_noise_model.take()
+        if handed is None:
+            return
+        model, model_id = handed
+        self.noise_model = model
+        self._warned.clear()  # warn again about signal above the new range
+        if self._client is not None and self._denoiser is not None:
+            self._remote = tuple(
+                self._client.scatter([self._denoiser, model], broadcast=True, hash=False)
+            )
+        self.log.info(
+            "now denoising with noise model %s (signal range %.0f–%.0f ADU)",
+            model_id,
+            *model.signal_range,
+        )
 
     def load_current_model(self) -> None:
         """Load the promoted model if it changed since the last pass."""
@@ -286,9 +315,10 @@ class InferenceScheduler(Stage):
             self._warned.add(acquisition.name)
             self.log.warning(
                 "%.1f %% of the signal lies above the noise model's calibrated maximum %.0f ADU; "
-                "recalibrate with brighter test-pattern frames for the best denoising",
+                "%s",
                 100 * fraction,
                 self.noise_model.signal_range[1],
+                self.out_of_range_advice,
                 extra={"acquisition": acquisition.name},
             )
 

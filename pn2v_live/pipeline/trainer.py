@@ -32,6 +32,7 @@ from pn2v_live.core.model import PRECISIONS, Denoiser, new_denoiser, normalisati
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.training import Training, cosine_rate, sample_patches
 from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
+from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
@@ -87,10 +88,12 @@ class Trainer(Stage):
         self._seen: dict[str, int] | None = None  # frames per acquisition at the last round
         self._last_round = time.monotonic()
         self._unreadable = False  # the last attempt's window had no readable frame of a kind
+        self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
 
     def work(self) -> bool:
         """Run a round when one is due, on the acquisition with the most new frames (ties, e.g.
         while the microscope is idle: the one with the newest frame)."""
+        self._switch_noise_model()
         acquisitions = self.store.open_acquisitions()
         counts = {a.name: a.frame_count for a in acquisitions}
         if self._seen is None:  # frames stored before this start are not new
@@ -123,6 +126,22 @@ class Trainer(Stage):
         finally:
             self._set_state("idle")
         return True
+
+    def use_noise_model(self, model: NoiseModel, model_id: str) -> None:
+        """Train with `model` (a refined noise model) from the next round on, and record
+        `model_id` in the models promoted from then on; thread-safe."""
+        self._next_noise_model.put((on_device(model, self.device), model_id))
+
+    def _switch_noise_model(self) -> None:
+        """Take up a noise model handed over by `use_noise_model` (between rounds); the working
+        model goes on fine-tuning under it."""
+        handed = self._next_noise_model.take()
+        if handed is None:
+            return
+        self.noise_model, self.noise_model_id = handed
+        if self._training is not None:
+            self._training.noise_model = self.noise_model
+        self.log.info("training with noise model %s from the next round on", self.noise_model_id)
 
     def _set_state(self, state: str) -> None:
         self.state = state

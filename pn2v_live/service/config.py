@@ -87,6 +87,10 @@ class IngestConfig(Section):
 
 class NoiseModelConfig(Section):
     path: Path = Path("noise-model.pt")
+    refine: bool = True  # refine it from the stream when the signal goes above its range
+    refine_every_frames: int = Field(50, gt=0)  # at most one refinement per this many frames ...
+    refine_every_seconds: float = Field(300.0, ge=0)  # ... and per this many seconds
+    refine_min_pairs: int = Field(10_000, ge=1000)  # (denoised, raw) pairs above the range needed
 
 
 class ModelConfig(Section):
@@ -236,7 +240,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
                     )
                 }
             ),
-            "noise_model": NoiseModelConfig(path=resolve(config.noise_model.path)),
+            "noise_model": config.noise_model.model_copy(
+                update={"path": resolve(config.noise_model.path)}
+            ),
             "model": config.model.model_copy(update={"initial": initial}),
         }
     )

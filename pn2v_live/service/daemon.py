@@ -20,9 +20,12 @@ from collections.abc import Callable
 import torch
 from prometheus_client import start_http_server
 
+from pn2v_live.core.noise import NoiseModel
 from pn2v_live.errors import UserError
+from pn2v_live.metrics import NOISE_MODEL_SIGNAL_MAX
 from pn2v_live.pipeline.folder_source import FolderSource
-from pn2v_live.pipeline.inference import InferenceScheduler
+from pn2v_live.pipeline.inference import FrameListener, InferenceScheduler
+from pn2v_live.pipeline.noise_refinement import NoiseRefiner, RefinementSettings, on_device
 from pn2v_live.pipeline.publisher import DenoisedPublisher
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings, pick_device
@@ -33,6 +36,8 @@ from pn2v_live.service.stop_request import StopRequest
 from pn2v_live.service.viewer import ViewerServer
 from pn2v_live.storage.checkpoints import load_denoiser
 from pn2v_live.storage.noise_model_file import load_noise_model
+from pn2v_live.storage.noise_model_versions import FOLDER as VERSIONS_FOLDER
+from pn2v_live.storage.noise_model_versions import NoiseModelVersions
 from pn2v_live.storage.registry import ModelRegistry, content_id
 from pn2v_live.storage.store import Store
 
@@ -53,6 +58,9 @@ class Daemon:
         self.store: Store | None = None
         self.inference: InferenceScheduler | None = None
         self.trainer: Trainer | None = None
+        self.refiner: NoiseRefiner | None = None  # None with noise_model.refine = false
+        self.noise_versions: NoiseModelVersions | None = None
+        self._noise_model_status: dict = {}
         self.viewer = None
         self.sources: list = []
         self.addresses: dict[str, str] = {}  # where each listener really is, once started
@@ -73,15 +81,14 @@ class Daemon:
         c = self.config
         trainer_device = _device(c.trainer.device, "trainer.device")
         inference_device = _device(c.inference.device, "inference.device")
-        noise_path = c.noise_model.path
-        trainer_noise = load_noise_model(noise_path, trainer_device)
-        inference_noise = load_noise_model(noise_path, inference_device)
+        noise_model = load_noise_model(c.noise_model.path)  # checked before anything starts
         registry = self._open_store()
+        noise_model, noise_model_id = self._newest_noise_model(noise_model)
         self._import_initial_model(registry)
         self.inference = InferenceScheduler(
             self.store,
             registry,
-            inference_noise,
+            on_device(noise_model, inference_device),
             inference_device,
             scheduler=c.inference.scheduler,
             max_in_flight=c.inference.max_in_flight,
@@ -94,15 +101,22 @@ class Daemon:
         self.trainer = Trainer(
             self.store,
             registry,
-            trainer_noise,
-            content_id(noise_path),
+            on_device(noise_model, trainer_device),
+            noise_model_id,
             TrainerSettings(**c.trainer.model_dump(exclude={"device"})),
             trainer_device,
             self.inference.idle,
         )
+        self._start_refiner(noise_model, noise_model_id)
         self._start_metrics()
         self._start_publisher()
         self._start_viewer()
+        if self.refiner is not None:  # after the publisher: both see every denoised frame
+            self.inference.on_frame = _and_offer(self.inference.on_frame, self.refiner.offer)
+            self.inference.out_of_range_advice = (
+                "the noise model will be refined from the stream once enough such frames are "
+                "denoised (noise_model.refine; a log line says when)"
+            )
         # Closers run last-in first-out: at shutdown the sources stop accepting first, then the
         # trainer abandons its round, then inference finishes its in-flight frames.
         self._closers += [self.inference.stop, self.trainer.stop]
@@ -110,6 +124,9 @@ class Daemon:
         self._start_sources()
         self.inference.start()
         self.trainer.start()
+        if self.refiner is not None:
+            self.refiner.start()
+            self._closers.append(self.refiner.stop)
         log.info("serving store %s; %s", c.store.root, self.status_line())
         self.notifier.ready(self.status_line())
 
@@ -127,6 +144,57 @@ class Daemon:
                 f"store.root {root}: cannot create or write it ({reason}); choose a folder "
                 "this user may write"
             ) from error
+
+    def _newest_noise_model(self, calibrated: NoiseModel) -> tuple[NoiseModel, str]:
+        """The noise model to start with, and its id: the newest version refined from the
+        configured file (`noise_model.refine`), else that file's model."""
+        c = self.config.noise_model
+        calibrated_id = content_id(c.path)
+        self.noise_versions = NoiseModelVersions(self.config.store.root / VERSIONS_FOLDER)
+        newest = self.noise_versions.newest(calibrated_id) if c.refine else None
+        if newest is None:
+            if not c.refine and self.noise_versions.versions(calibrated_id):
+                log.info(
+                    "noise_model.refine is off: using %s as calibrated, not its refined versions "
+                    "in %s",
+                    c.path,
+                    self.noise_versions.folder,
+                )
+            return calibrated, calibrated_id
+        version, model = newest
+        log.info(
+            "using noise model %s, refined from %s (generation %d, signal range %.0f–%.0f ADU, "
+            "calibrated %.0f–%.0f ADU); noise_model.refine = false uses %s alone",
+            version.id,
+            c.path,
+            version.generation,
+            *model.signal_range,
+            *calibrated.signal_range,
+            c.path,
+        )
+        return model, version.id
+
+    def _start_refiner(self, noise_model: NoiseModel, noise_model_id: str) -> None:
+        """The stage that refines the noise model from the stream (`noise_model.refine`); it
+        sees every denoised frame and hands new versions to inference and the trainer."""
+        c = self.config.noise_model
+        self._noise_model_status = {
+            "id": noise_model_id,
+            "kind": noise_model.kind,
+            "signal_range": list(noise_model.signal_range),
+            "refined_from": (noise_model.metadata.get("refinement") or {}).get("parent"),
+        }
+        NOISE_MODEL_SIGNAL_MAX.set(noise_model.signal_range[1])
+        if not c.refine:
+            return
+        self.refiner = NoiseRefiner(
+            self.noise_versions,
+            noise_model,
+            noise_model_id,
+            content_id(c.path),
+            RefinementSettings(c.refine_every_frames, c.refine_every_seconds, c.refine_min_pairs),
+            [self.inference.use_noise_model, self.trainer.use_noise_model],
+        )
 
     def _import_initial_model(self, registry: ModelRegistry) -> None:
         """Make `[model] initial` version 1 when the registry has no promoted model yet."""
@@ -246,7 +314,7 @@ class Daemon:
     # ---- status -------------------------------------------------------------------------
 
     def _stages(self) -> list[Stage]:
-        stages = [self.inference, self.trainer, *self.sources]
+        stages = [self.inference, self.trainer, self.refiner, *self.sources]
         return [s for s in stages if isinstance(s, Stage)]
 
     def status(self) -> dict:
@@ -262,6 +330,19 @@ class Daemon:
             "training_rounds": trainer.rounds if trainer else 0,
             "trainer_state": trainer.state if trainer else "idle",
             "loss_history": list(trainer.history) if trainer else [],
+            "noise_model": self.noise_model_status(),
+        }
+
+    def noise_model_status(self) -> dict:
+        """The noise model in use (id, kind, signal range, what it was refined from) and the
+        refinements: whether they are on, how many this run, the latest one's record."""
+        if self.refiner is not None:
+            return {**self.refiner.status(), "refine": True}
+        return {
+            **self._noise_model_status,
+            "refinements": 0,
+            "last_refinement": None,
+            "refine": self.config.noise_model.refine,
         }
 
     def status_line(self) -> str:
@@ -292,6 +373,17 @@ def _device(name: str, key: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f'{key} = {name!r} but MPS is not available here; use "auto" or "cpu"')
     return device
+
+
+def _and_offer(listener: FrameListener | None, offer: Callable) -> FrameListener:
+    """A frame listener calling `listener` (if any), then `offer(acquisition, t, denoised)`."""
+
+    def on_frame(acquisition, t, denoised, version):
+        if listener is not None:
+            listener(acquisition, t, denoised, version)
+        offer(acquisition, t, denoised)
+
+    return on_frame
 
 
 def _host_port(bind: str) -> tuple[str, int]:

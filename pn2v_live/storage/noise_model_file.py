@@ -13,6 +13,7 @@ half-written model.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -27,8 +28,15 @@ VERSION = 1
 
 def save_noise_model(model: NoiseModel, path: str | Path) -> Path:
     """Write `model` (state + metadata) to `path` atomically; returns the path."""
-    content = {"format": FORMAT, "version": VERSION, "state": model.state()}
-    return write_atomically(path, lambda file: torch.save(content, file))
+    content = encoded(model)
+    return write_atomically(path, lambda file: file.write(content))
+
+
+def encoded(model: NoiseModel) -> bytes:
+    """The bytes of `model`'s file (what `save_noise_model` writes)."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, "state": model.state()}, buffer)
+    return buffer.getvalue()
 
 
 def load_noise_model(path: str | Path, device: torch.device | str = "cpu") -> NoiseModel:

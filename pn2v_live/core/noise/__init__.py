@@ -6,6 +6,7 @@ from pn2v_live.core.noise.gmm import GaussianMixtureNoiseModel
 from pn2v_live.core.noise.histogram import HistogramNoiseModel
 from pn2v_live.core.noise.hybrid import HybridNoiseModel
 from pn2v_live.core.noise.poisson_gaussian import PoissonGaussianNoiseModel, darkest_level
+from pn2v_live.core.noise.refined import RefinedNoiseModel
 
 __all__ = [
     "GaussianMixtureNoiseModel",
@@ -13,6 +14,7 @@ __all__ = [
     "HybridNoiseModel",
     "NoiseModel",
     "PoissonGaussianNoiseModel",
+    "RefinedNoiseModel",
     "as_pairs",
     "coverage_warning",
     "out_of_calibration_ratio",

@@ -1,0 +1,372 @@
+"""Refining the noise model from the stream when its signal goes above the calibrated range.
+
+A Poisson–Gaussian camera with known gain, offset and read noise; a histogram noise model
+calibrated on dim signal only (100–220 ADU, as `pn2v-live calibrate --kind histogram` would make
+it: it clamps above its range); frames whose signal reaches 900 ADU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from scipy import ndimage
+from test_trainer_stage import SETTINGS
+
+from pn2v_live.core.model import new_denoiser
+from pn2v_live.core.noise import HistogramNoiseModel, PoissonGaussianNoiseModel, RefinedNoiseModel
+from pn2v_live.core.synthetic import Camera
+from pn2v_live.pipeline import inference
+from pn2v_live.pipeline.noise_refinement import (
+    NoiseRefiner,
+    RefinementRefused,
+    RefinementSettings,
+    noise_variance,
+    refine_noise_model,
+)
+from pn2v_live.pipeline.trainer import Trainer
+from pn2v_live.service.config import load_config
+from pn2v_live.service.daemon import Daemon
+from pn2v_live.service.notify import SystemdNotifier
+from pn2v_live.storage.checkpoints import save_denoiser
+from pn2v_live.storage.noise_model_file import load_noise_model, save_noise_model
+from pn2v_live.storage.noise_model_versions import NoiseModelVersions
+from pn2v_live.storage.registry import ModelRegistry, content_id
+from pn2v_live.storage.store import Store
+
+CAMERA = Camera(gain=2.0, offset=100.0, read_noise=3.0)
+TRUE = PoissonGaussianNoiseModel(CAMERA.gain, CAMERA.offset, CAMERA.read_noise, (100, 900))
+DIM, BRIGHT = (100.0, 220.0), (100.0, 900.0)
+SHAPE = (64, 96)
+
+
+def ramp(low: float, high: float, shape=SHAPE) -> np.ndarray:
+    """A clean image whose signal runs evenly (every value a different one) from low to high."""
+    return np.linspace(low, high, shape[0] * shape[1], dtype=np.float32).reshape(shape)
+
+
+def exposures(clean: np.ndarray, frames: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([CAMERA.expose(clean, rng) for _ in range(frames)])
+
+
+def estimate(clean: np.ndarray, frames: np.ndarray, error: float, seed: int) -> np.ndarray:
+    """Signal estimates like a denoiser's: the clean signal off by `error` noise std devs."""
+    sigma = TRUE.variance(torch.from_numpy(clean)).sqrt().numpy()
+    noise = np.random.default_rng(seed).standard_normal(frames.shape).astype(np.float32)
+    return clean + error * sigma * noise
+
+
+@pytest.fixture(scope="module")
+def calibrated() -> HistogramNoiseModel:
+    """The dim calibration: a static scene's known signal against 16 noisy frames."""
+    clean = ramp(*DIM)
+    model = HistogramNoiseModel.fit(clean, exposures(clean, 16, seed=1))
+    model.metadata.update(offset=CAMERA.offset, camera="test")
+    return model
+
+
+@pytest.fixture(scope="module")
+def bright_pairs():
+    """(estimates, raw frames) of 8 frames up to 900 ADU; the estimates are off by 0.2 σ."""
+    clean = ramp(*BRIGHT)
+    frames = exposures(clean, 8, seed=2)
+    return estimate(clean, frames, 0.2, seed=3), frames
+
+
+@pytest.fixture(scope="module")
+def refined(calibrated, bright_pairs) -> RefinedNoiseModel:
+    signal, frames = bright_pairs
+    return refine_noise_model(calibrated, signal, frames, refinement={"parent": "p", "root": "r"})
+
+
+def test_refined_model_covers_the_bright_signal_like_the_camera(calibrated, refined, tmp_path):
+    version = NoiseModelVersions(tmp_path / "noise-models").save(refined)
+    assert content_id(version.path) == version.id
+    model = load_noise_model(version.path)  # what a restart reads back
+    assert model.kind == "refined" and model.signal_range[1] >= 880
+    record = model.metadata["refinement"]
+    assert (record["parent"], record["root"]) == ("p", "r")
+    assert record["previous_signal_range"] == [100.0, 220.0]
+    assert record["pairs_above"] > 10_000 and record["pairs"] > record["pairs_above"]
+    held_out = record["held_out_nll_above"]  # pairs kept back from the fit, above 220 ADU
+    assert held_out["after"] < held_out["before"] - 5
+    assert model.metadata["camera"] == "test"  # the calibration's metadata carries over
+
+    for signal in (300.0, 500.0, 800.0):
+        true_variance = float(TRUE.variance(torch.tensor(signal)))
+        assert noise_variance(model, signal) == pytest.approx(true_variance, rel=0.2)
+        assert noise_variance(calibrated, signal) > 5 * true_variance  # clamped: far off
+    # Fresh camera observations at bright signal: as likely under the refined model as under the
+    # camera's own noise law (and far more than under the calibration alone).
+    rng = np.random.default_rng(4)
+    clean = np.full(20_000, 700.0, np.float32)
+    observed = CAMERA.expose(clean, rng)
+    assert model.nll(clean, observed) == pytest.approx(TRUE.nll(clean, observed), abs=0.03)
+    assert calibrated.nll(clean, observed) > TRUE.nll(clean, observed) + 5
+
+
+def test_refined_model_is_the_calibration_below_the_join_and_smooth_across_it(calibrated, refined):
+    low, high = refined.join
+    assert DIM[0] < low < high == DIM[1]
+    x = torch.arange(60.0, 300.0)
+    below = torch.full_like(x, low - 5)
+    assert torch.equal(refined.log_likelihood(x, below), calibrated.log_likelihood(x, below))
+    # The variance moves smoothly from the calibration's to the stream fit's across the join.
+    levels = np.linspace(low - 10, high + 10, 9)
+    variances = np.array([noise_variance(refined, float(s)) for s in levels])
+    steps = np.diff(variances)
+    assert np.all(np.abs(steps) < 0.15 * variances[1:])
+    # Finite and differentiable in the signal everywhere, also where the parts blend.
+    signal = torch.linspace(90.0, 1000.0, 500, requires_grad=True)
+    log_p = refined.log_likelihood(torch.linspace(80.0, 1050.0, 500), signal)
+    log_p.sum().backward()
+    assert torch.isfinite(log_p).all() and torch.isfinite(signal.grad).all()
+
+
+def test_refusals_say_why(calibrated, bright_pairs):
+    signal, frames = bright_pairs
+    with pytest.raises(RefinementRefused, match="needed"):
+        refine_noise_model(calibrated, signal, frames, min_pairs=10**7)
+    # Twins that still hold the noise (a model not trained yet) would make a far too narrow model.
+    with pytest.raises(RefinementRefused, match="calibrated noise variance"):
+        refine_noise_model(calibrated, frames.astype(np.float32), frames)
+    # No pairs where the stream and the calibration meet: nothing to join the two with.
+    bright_only = signal > 300
+    with pytest.raises(RefinementRefused, match="overlap"):
+        refine_noise_model(calibrated, signal[bright_only], frames[bright_only])
+    # A calibration that extrapolates the camera's law already: nothing to gain, nothing changes.
+    extrapolating = PoissonGaussianNoiseModel(CAMERA.gain, CAMERA.offset, CAMERA.read_noise, DIM)
+    with pytest.raises(RefinementRefused, match="already explains"):
+        refine_noise_model(extrapolating, signal, frames)
+
+
+def fake_refinement(parent: PoissonGaussianNoiseModel, root: str, generation: int, top: float):
+    stream = PoissonGaussianNoiseModel(2.0, 100.0, 3.0, (200.0, top))
+    metadata = {"refinement": {"root": root, "generation": generation, "parent": "x"}}
+    return RefinedNoiseModel(parent, stream, (180.0, 220.0), (100.0, top), metadata)
+
+
+def test_newest_version_of_the_same_calibration_wins_and_damaged_ones_are_skipped(tmp_path):
+    versions = NoiseModelVersions(tmp_path / "noise-models")
+    assert versions.newest("root-a") is None  # no folder yet
+    base = PoissonGaussianNoiseModel(2.0, 100.0, 3.0, (100.0, 220.0))
+    first = versions.save(fake_refinement(base, "root-a", 1, 500.0))
+    second = versions.save(fake_refinement(base, "root-a", 2, 800.0))
+    versions.save(fake_refinement(base, "root-b", 3, 900.0))  # another calibration's
+    (tmp_path / "noise-models" / "0123456789abcdef.pt").write_bytes(b"no sidecar: ignored")
+    version, model = versions.newest("root-a")
+    assert version.id == second.id and model.signal_range == (100.0, 800.0)
+    second.path.write_bytes(second.path.read_bytes()[:-10])  # damaged on disk
+    version, model = versions.newest("root-a")
+    assert version.id == first.id and model.signal_range == (100.0, 500.0)
+
+
+def refinements(outcome: str) -> float:
+    return REGISTRY.get_sample_value(
+        "pn2v_live_noise_model_refinements_total", {"outcome": outcome}
+    )
+
+
+@pytest.fixture
+def stream(tmp_path, calibrated):
+    """A store with an acquisition of bright raw frames and their (imperfect) denoised twins."""
+    store = Store(tmp_path / "store")
+    acquisition = store.create("bright", SHAPE, "uint16")
+    clean = ramp(*BRIGHT)
+    frames = exposures(clean, 12, seed=5)
+    twins = estimate(clean, frames, 0.2, seed=6)
+    for t, (frame, twin) in enumerate(zip(frames, twins, strict=True)):
+        acquisition.write_raw(t, frame)
+        acquisition.write_denoised(t, twin, 1)
+    yield store, acquisition, twins
+    store.close()
+
+
+def test_refiner_stage_stores_a_version_and_hands_it_to_the_trainer(stream, calibrated, tmp_path):
+    store, acquisition, twins = stream
+    registry = ModelRegistry(tmp_path / "store" / "models")
+    idle = threading.Event()
+    idle.set()
+    trainer = Trainer(
+        store, registry, calibrated, "calibrated-id", SETTINGS, torch.device("cpu"), idle
+    )
+    handed = []
+    refiner = NoiseRefiner(
+        NoiseModelVersions(tmp_path / "store" / "noise-models"),
+        calibrated,
+        "calibrated-id",
+        "calibrated-id",
+        RefinementSettings(every_frames=10, every_seconds=0, min_pairs=5000),
+        [trainer.use_noise_model, lambda model, model_id: handed.append(model_id)],
+    )
+    before = refinements("refined")
+    for t in range(9):
+        refiner.offer(acquisition, t, twins[t])
+    refiner.work()
+    assert refiner.refinements == 0  # 9 frames: the rate limit wants 10
+    refiner.offer(acquisition, 9, twins[9])
+    refiner.work()
+    assert refinements("refined") == before + 1 and refiner.refinements == 1
+    (version,) = NoiseModelVersions(tmp_path / "store" / "noise-models").versions("calibrated-id")
+    assert handed == [version.id] == [refiner.model_id]
+    assert version.refinement["parent"] == "calibrated-id" and version.refinement["frames"] == 10
+    assert version.refinement["acquisitions"] == ["bright"]
+    status = refiner.status()
+    assert status["id"] == version.id and status["refined_from"] == "calibrated-id"
+    assert status["signal_range"][1] > 850 and status["last_refinement"]["outcome"] == "refined"
+    assert REGISTRY.get_sample_value("pn2v_live_noise_model_signal_max") > 850
+
+    # Frames now inside the refined range are not offered for another refinement.
+    refiner.offer(acquisition, 10, twins[10])
+    assert not refiner._queue
+
+    # The trainer's next round trains with the refined model; its model records the version.
+    assert trainer.work() is True
+    assert trainer.noise_model.kind == "refined"
+    assert registry.current().noise_model_id == version.id
+
+
+def test_refusals_are_logged_counted_and_back_off(tmp_path, calibrated, caplog):
+    """Twins that are still the raw frames (no denoising yet) cannot measure the noise."""
+    store = Store(tmp_path / "store")
+    acquisition = store.create("raw-twins", SHAPE, "uint16")
+    frames = exposures(ramp(*BRIGHT), 4, seed=9)
+    for t, frame in enumerate(frames):
+        acquisition.write_raw(t, frame)
+        acquisition.write_denoised(t, frame.astype(np.float32), 1)
+    versions = NoiseModelVersions(tmp_path / "store" / "noise-models")
+    settings = RefinementSettings(every_frames=2, every_seconds=0, min_pairs=1000)
+    refiner = NoiseRefiner(versions, calibrated, "calibrated-id", "calibrated-id", settings)
+    before = refinements("refused")
+    try:
+        for t in (0, 1):
+            refiner.offer(acquisition, t, frames[t])
+        refiner.work()
+        assert refinements("refused") == before + 1
+        assert "not refined" in caplog.text and "calibrated noise variance" in caplog.text
+        assert refiner.status()["last_refinement"]["outcome"] == "refused"
+        assert refiner.model_id == "calibrated-id" and versions.versions() == []
+        for t in (2, 3):  # after a refusal the next attempt waits for twice the frames
+            refiner.offer(acquisition, t, frames[t])
+        refiner.work()
+        assert refinements("refused") == before + 1
+    finally:
+        store.close()
+
+
+def stand_in_denoiser(denoiser, noise_model, raw, *args):
+    """Inference's per-frame task with a denoiser as good as a trained one on these smooth
+    ramps (a Gaussian blur), so that the daemon's twins can be measured from at once."""
+    (frame,) = raw  # the window of a single-frame model: just frame t
+    return ndimage.gaussian_filter(frame.astype(np.float32), 2.0)
+
+
+@pytest.fixture
+def daemon_config(tmp_path, calibrated, monkeypatch):
+    """Store, inference, trainer and refiner only (no sockets, no sources); an initial model so
+    inference starts at once (its MMSE replaced by `stand_in_denoiser`), no training rounds."""
+    monkeypatch.setattr(inference, "denoise_frame", stand_in_denoiser)
+    save_noise_model(calibrated, tmp_path / "calibrated.pt")
+    save_denoiser(new_denoiser("pn2v", 500.0, 200.0, k=4, depth=2, features=8), tmp_path / "m.pt")
+    sockets = ("ingest.zmq.bind", "metrics.bind", "viewer.bind", "publish.bind")
+
+    def config(*settings: str):
+        return load_config(
+            None,
+            [
+                f'store.root="{tmp_path / "store"}"',
+                f'noise_model.path="{tmp_path / "calibrated.pt"}"',
+                f'model.initial="{tmp_path / "m.pt"}"',
+                *(f'{key}=""' for key in sockets),
+                "trainer.device=cpu",
+                "inference.device=cpu",
+                "inference.compile=false",
+                "trainer.every_frames=1000000",
+                "trainer.every_seconds=1000000",
+                "noise_model.refine_every_frames=4",
+                "noise_model.refine_every_seconds=0",
+                "noise_model.refine_min_pairs=5000",
+                *settings,
+            ],
+        )
+
+    return config
+
+
+def run_daemon(config, frames: np.ndarray, until, name: str = "bright") -> dict:
+    """Start a daemon, store `frames` as acquisition `name`, wait until `until(daemon)` (or all
+    frames are denoised when None), and return its status; the daemon is closed after."""
+    daemon = Daemon(config, SystemdNotifier(environ={}))
+    try:
+        daemon.start()
+        acquisition = daemon.store.create(name, frames.shape[1:], frames.dtype)
+        for t, frame in enumerate(frames):
+            acquisition.write_raw(t, frame)
+        deadline = time.monotonic() + 120
+        done = until or (lambda d: all(acquisition.denoised_version(t) for t in range(len(frames))))
+        while not done(daemon):
+            assert time.monotonic() < deadline, daemon.status()["noise_model"]
+            time.sleep(0.1)
+        return {
+            **daemon.status(),
+            "inference_noise_model": daemon.inference.noise_model,
+            "trainer_noise_model_id": daemon.trainer.noise_model_id,
+        }
+    finally:
+        daemon.close()
+
+
+def test_daemon_refines_switches_and_resumes_the_refined_version(daemon_config, tmp_path):
+    calibrated_id = content_id(tmp_path / "calibrated.pt")
+    before = refinements("refined")
+    frames = exposures(ramp(*BRIGHT), 8, seed=7)
+
+    def switched(daemon) -> bool:
+        return (
+            daemon.trainer.noise_model_id != calibrated_id
+            and daemon.inference.noise_model.kind == "refined"
+        )
+
+    status = run_daemon(daemon_config(), frames, switched)
+    assert refinements("refined") == before + 1
+    noise = status["noise_model"]
+    assert noise["refine"] and noise["refinements"] == 1 and noise["refined_from"] == calibrated_id
+    assert noise["signal_range"][1] > 850 and noise["last_refinement"]["frames"] >= 4
+    (version,) = NoiseModelVersions(tmp_path / "store" / "noise-models").versions(calibrated_id)
+    assert noise["id"] == version.id == status["trainer_noise_model_id"]
+    assert status["inference_noise_model"].signal_range[1] > 850
+
+    # A restart goes on with the refined version of the configured calibration ...
+    status = run_daemon(daemon_config(), frames[:1], None, name="again")
+    assert status["noise_model"]["id"] == version.id == status["trainer_noise_model_id"]
+    assert status["noise_model"]["refinements"] == 0  # its range covers the frames already
+    # ... but not with another calibration, nor with refinement switched off.
+    other = tmp_path / "other.pt"
+    save_noise_model(PoissonGaussianNoiseModel(2.0, 100.0, 3.0, (100.0, 220.0)), other)
+    status = run_daemon(
+        daemon_config(f'noise_model.path="{other}"', "noise_model.refine=false"),
+        frames[:1],
+        None,
+        name="other",
+    )
+    assert status["noise_model"]["id"] == content_id(other) == status["trainer_noise_model_id"]
+    status = run_daemon(daemon_config("noise_model.refine=false"), frames[:1], None, name="off")
+    assert status["noise_model"]["id"] == calibrated_id
+
+
+def test_with_refine_off_nothing_changes(daemon_config, tmp_path):
+    calibrated_id = content_id(tmp_path / "calibrated.pt")
+    before = refinements("refined"), refinements("refused")
+    frames = exposures(ramp(*BRIGHT), 8, seed=8)
+    status = run_daemon(daemon_config("noise_model.refine=false"), frames, None)
+    noise = status["noise_model"]
+    assert noise["refine"] is False and noise["refinements"] == 0
+    assert noise["id"] == calibrated_id == status["trainer_noise_model_id"]
+    assert status["inference_noise_model"].kind == "histogram"
+    assert (refinements("refined"), refinements("refused")) == before
+    assert not (tmp_path / "store" / "noise-models").exists()
