@@ -119,7 +119,8 @@ def denoised_gain(
     patches (ADU) of the denoiser's C-frame window plus, last, the frame after the window
     (`Context(before, after + 1)`); patches missing that frame (NaN) are left out. Scored
     `margin` pixels (at most a quarter of the side) inside each patch's edges, where the network
-    sees more of its neighbourhood."""
+    sees more of its own neighbourhood (the patches are denoised side by side, so near an edge it
+    also sees the next patch: a worse prediction there, never a leak of the frame after)."""
     windows = windows.numpy() if isinstance(windows, torch.Tensor) else windows
     windows = windows[~np.isnan(windows[:, -1]).any(axis=(1, 2))]
     if len(windows) == 0:
@@ -127,7 +128,11 @@ def denoised_gain(
     margin = min(margin, windows.shape[-1] // 4)  # small patches keep their middle half
     end = windows.shape[-1] - margin
     centre, inner = denoiser.context.before, (slice(margin, end), slice(margin, end))
-    denoised = np.stack([denoise(denoiser, w[:-1], noise_model)["denoised"] for w in windows])
+    # One call on the patches side by side (C, Y, N·X): small calls cost a whole chunk each.
+    count, side = len(windows), windows.shape[-1]
+    mosaic = np.concatenate(list(windows[:, :-1]), axis=-1)
+    denoised = denoise(denoiser, mosaic, noise_model)["denoised"]
+    denoised = denoised.reshape(side, count, side).transpose(1, 0, 2)
     return estimate_gain_from_pairs(
         denoised[(slice(None), *inner)],
         windows[(slice(None), centre, *inner)],
