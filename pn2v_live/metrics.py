@@ -28,6 +28,15 @@ INFERENCE_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 MODEL_VERSION = Gauge("pn2v_live_model_version", "Version number of the model used for inference")
+MODEL_ESTIMATED_GAIN = Gauge(
+    "pn2v_live_model_estimated_gain_db",
+    "Ground-truth-free estimate of the PSNR gain over raw of the model used for inference (dB, "
+    "measured on held-back frames when it was promoted; NaN when not measured)",
+)
+MODEL_ESTIMATED_GAIN_UNCERTAINTY = Gauge(
+    "pn2v_live_model_estimated_gain_uncertainty_db",
+    "Standard error of pn2v_live_model_estimated_gain_db (dB)",
+)
 TRAINING_LOSS = Gauge("pn2v_live_training_loss", "Mean training loss of the last round")
 VALIDATION_LOSS = Gauge("pn2v_live_validation_loss", "Validation loss of the last round")
 TRAINING_ROUNDS = Counter("pn2v_live_training_rounds_total", "Training rounds", ["outcome"])

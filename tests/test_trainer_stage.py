@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.core.training import Training, sample_patches
-from pn2v_live.pipeline.trainer import VALIDATION_PATCHES, Trainer, TrainerSettings
+from pn2v_live.pipeline.trainer import VALIDATION_PATCHES, BusyTime, Trainer, TrainerSettings
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 
@@ -26,6 +26,9 @@ SETTINGS = TrainerSettings(
     k=8,
     learning_rate=1e-3,
     context="0:0",
+    first_model_frames=12,
+    first_model_steps=2,
+    min_gain_db=float("-inf"),  # tests of the round's logic: any model may be promoted
 )
 
 
@@ -100,6 +103,7 @@ def test_later_rounds_promote_only_improvements(setup):
 
 def test_training_waits_while_inference_has_fresh_frames(setup):
     trainer, registry, add_frames, idle = setup
+    trainer.settings = replace(trainer.settings, training_share=0.0)  # inference takes all
     idle.clear()  # inference busy with new frames
     add_frames(12)
     trainer.start()
@@ -118,6 +122,33 @@ def test_training_waits_while_inference_has_fresh_frames(setup):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert trainer_state_metric() == "idle"
+
+
+def test_busy_time_share_of_a_sliding_window():
+    busy = BusyTime(window=10.0)
+    busy.add(0.0, 2.0)
+    busy.add(5.0, 6.0)
+    assert busy.share(10.0) == pytest.approx(0.3)
+    assert busy.share(11.0) == pytest.approx(0.2)  # the first interval half out of the window
+    assert busy.share(17.0) == pytest.approx(0.0)
+
+
+def test_training_takes_its_share_while_inference_is_behind(setup):
+    """A stream faster than inference: training still runs, for about its share of the time."""
+    trainer, _, add_frames, idle = setup
+    trainer.settings = replace(
+        trainer.settings, training_share=0.25, steps_per_round=10**6, first_model_steps=10**6
+    )
+    trainer._busy = BusyTime(window=2.0)
+    idle.clear()  # inference never catches up
+    add_frames(12)
+    trainer.start()
+    started = time.monotonic()
+    time.sleep(8)
+    elapsed = time.monotonic() - started
+    # Training ran about its share (a step may overrun it by one step; waits are 0.1 s ticks).
+    assert 0.12 < trainer._busy.total / elapsed < 0.45
+    assert trainer.alive(max_silence=2)
 
 
 def test_precision_setting_decides_the_body_dtype_of_training(setup, tmp_path):
@@ -149,7 +180,7 @@ def test_auto_context_tries_every_candidate_and_keeps_the_lowest_validation_loss
     trainer, _, add_frames, idle = setup
     add_frames(12)
     registry = ModelRegistry(tmp_path / "models-auto")
-    settings = replace(SETTINGS, context="auto", steps_per_round=8)
+    settings = replace(SETTINGS, context="auto", first_model_steps=32)
     auto = Trainer(
         trainer.store, registry, trainer.noise_model, "nm-id", settings, torch.device("cpu"), idle
     )
@@ -164,8 +195,9 @@ def test_auto_context_tries_every_candidate_and_keeps_the_lowest_validation_loss
     chosen = registry.load()[0].context
     assert str(chosen) == min(losses, key=losses.get)
     assert auto.history[-1]["context"] == str(chosen)
-    # the promoted model's steps: its own pilot (a quarter of a round) plus the round
-    assert registry.current().training_steps == 2 + settings.steps_per_round
+    # the promoted model's steps: its own pilot (a quarter of the round shared by the four
+    # candidates, 2 steps each) plus the rest of the round (32 - 4 · 2)
+    assert registry.current().training_steps == 2 + 24
     # a pinned context is used as it is, without trying the others
     pinned = Trainer(
         trainer.store, ModelRegistry(tmp_path / "models-pinned"), trainer.noise_model, "nm-id",
@@ -231,3 +263,32 @@ def test_a_window_that_does_not_read_back_is_tried_again_only_on_new_frames(setu
     add_frames(7)  # frames 13..19; 19 is held back and reads
     assert trainer.work() is True
     assert registry.current().version == 1 and unreadable_count() == unreadable + 6
+
+
+def test_first_model_waits_for_enough_frames_or_the_end_of_the_acquisition(setup):
+    trainer, registry, add_frames, idle = setup
+    trainer.settings = replace(trainer.settings, first_model_frames=20)
+    add_frames(12)
+    assert trainer.work() is False  # 12 of 20 frames: too few to learn from yet
+    trainer.store.acquisition("cells").close()
+    trainer.store.open_acquisitions()  # the closed flag is read back from the store
+    closed = trainer.store.acquisition("cells")
+    assert closed.closed
+    assert trainer.work() is True  # all the frames there will be
+    assert registry.current() is not None
+
+
+def test_a_model_not_measurably_better_than_raw_is_never_promoted(setup):
+    trainer, registry, add_frames, idle = setup
+    trainer.settings = replace(trainer.settings, min_gain_db=20.0)
+    add_frames(13)  # held-back frame 3 and 11, with the frames after them: frame pairs
+    assert trainer.work() is True
+    record = trainer.history[-1]
+    assert record["promoted_version"] is None and registry.current() is None
+    assert record["estimated_gain_db"] - 2 * record["estimated_gain_uncertainty_db"] < 20.0
+    trainer.settings = replace(trainer.settings, min_gain_db=-100.0)
+    add_frames(SETTINGS.every_frames)
+    assert trainer.work() is True
+    info = registry.current()
+    assert info.estimated_gain_db == trainer.history[-1]["estimated_gain_db"]
+    assert info.estimated_gain_uncertainty_db > 0

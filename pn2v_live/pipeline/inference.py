@@ -41,6 +41,8 @@ from pn2v_live.metrics import (
     BACKLOG,
     FRAMES_DENOISED,
     INFERENCE_SECONDS,
+    MODEL_ESTIMATED_GAIN,
+    MODEL_ESTIMATED_GAIN_UNCERTAINTY,
     MODEL_VERSION,
     SIGNAL_OUT_OF_CALIBRATION,
 )
@@ -185,6 +187,8 @@ class InferenceScheduler(Stage):
                 self._client.scatter([denoiser, self.noise_model], broadcast=True, hash=False)
             )
         MODEL_VERSION.set(info.version)
+        MODEL_ESTIMATED_GAIN.set(_or_nan(info.estimated_gain_db))
+        MODEL_ESTIMATED_GAIN_UNCERTAINTY.set(_or_nan(info.estimated_gain_uncertainty_db))
         self.log.info("now denoising with model version %d (%s)", info.version, info.source)
 
     def _next_jobs(self) -> tuple[list[Job], int]:
@@ -334,3 +338,7 @@ def connect(address: str, timeout: float = 5.0):
             f"inference.scheduler {address}: no dask scheduler answers there ({error}); start "
             'it (dask scheduler) or set inference.scheduler = "local"'
         ) from error
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value

@@ -7,13 +7,21 @@ of the recent frames (newer ones drawn more often) of the acquisition with the m
 `learning_rate` to 0 within the round (so each round ends settled and the next can follow a
 changing sample), then compares the working model with the promoted one on the same validation
 batch from held-back frames (t % 8 == 3, never trained on) and promotes it through the registry
-only if it is better. Before every step it waits until inference has no fresh frame waiting, so
-training never delays denoising.
+only if it is better and measurably better than raw.
+
+The first model: rounds wait until an acquisition has `first_model_frames` frames (or is
+closed) and last `first_model_steps` steps, and a model is promoted only when the lower bound
+of its ground-truth-free gain estimate (`core.quality`, on the held-back frames) reaches
+`min_gain_db`; until then inference waits and the viewer shows raw frames as "learning".
+
+Sharing the machine: inference comes first, but while it has a backlog training still takes up
+to `training_share` of the wall time (measured over the last SHARE_WINDOW_SECONDS), so a stream
+faster than inference cannot starve training.
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
-round that starts a new model first trains each candidate window for an equal share of
-`steps_per_round` and keeps the one with the lowest validation loss on the round's held-back
-frames (a static sample gets a wide window, a moving one less or none), so that round costs two;
+round that starts a new model first trains each candidate window for an equal part of
+PILOT_SHARE of its steps and goes on with the one with the lowest validation loss on the
+round's held-back frames (a static sample gets a wide window, a moving one less or none);
 a pinned "A:B" skips the choice.
 """
 
@@ -30,7 +38,8 @@ import torch
 from pn2v_live.core.context import CANDIDATES, Context, Windows
 from pn2v_live.core.model import PRECISIONS, Denoiser, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
-from pn2v_live.core.training import Training, cosine_rate, sample_patches
+from pn2v_live.core.quality import GainEstimate, denoised_gain
+from pn2v_live.core.training import PILOT_SHARE, Training, cosine_rate, sample_patches
 from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
@@ -45,6 +54,7 @@ WINDOW_BYTES = 512 * 2**20  # ... as long as they fit in this much memory
 HALF_LIFE_FRAMES = 100  # a frame this much older than the newest is drawn half as often
 MIN_SIDE = 8  # smallest frame side a patch (a multiple of 8) fits in
 HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
+SHARE_WINDOW_SECONDS = 60.0  # training's share of time is measured over this much of the past
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,10 @@ class TrainerSettings:
     learning_rate: float
     precision: str = "auto"  # U-Net body: "auto", "float32" or "bfloat16" (core.model.PRECISIONS)
     context: str = "auto"  # temporal window "A:B", or "auto" (chosen by validation loss)
+    first_model_frames: int = 16  # frames an acquisition needs (or to be closed) for a first model
+    first_model_steps: int = 300  # steps of the rounds that make the first model
+    min_gain_db: float = 1.0  # a model is promoted only when its estimated gain's lower bound ≥
+    training_share: float = 0.5  # share of wall time training may take while inference is behind
 
 
 class Trainer(Stage):
@@ -89,6 +103,7 @@ class Trainer(Stage):
         self._last_round = time.monotonic()
         self._unreadable = False  # the last attempt's window had no readable frame of a kind
         self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
+        self._busy = BusyTime(SHARE_WINDOW_SECONDS)  # when training steps ran
 
     def work(self) -> bool:
         """Run a round when one is due, on the acquisition with the most new frames (ties, e.g.
@@ -105,6 +120,8 @@ class Trainer(Stage):
         overdue = time.monotonic() - self._last_round >= self.settings.every_seconds
         if new_frames < self.settings.every_frames and not (overdue or first_model):
             return False
+        if self.registry.current() is None:  # a first model learns from enough frames
+            acquisitions = [a for a in acquisitions if self._enough_for_first_model(a)]
         ranked = sorted(
             acquisitions, key=lambda a: (growth[a.name], a.last_frame_at or 0.0), reverse=True
         )
@@ -126,6 +143,10 @@ class Trainer(Stage):
         finally:
             self._set_state("idle")
         return True
+
+    def _enough_for_first_model(self, acquisition: Acquisition) -> bool:
+        """`first_model_frames` frames stored, or all there will be (closed)."""
+        return acquisition.closed or acquisition.frame_count >= self.settings.first_model_frames
 
     def use_noise_model(self, model: NoiseModel, model_id: str) -> None:
         """Train with `model` (a refined noise model) from the next round on, and record
@@ -166,14 +187,17 @@ class Trainer(Stage):
         s = self.settings
         patch = min(s.patch_size, *(side - side % 8 for side in series.frame_shape))
         started = time.monotonic()
-        training = self._working_model(series, weights, patch)
-        if training is None:
+        steps = s.first_model_steps if self.registry.current() is None else s.steps_per_round
+        chosen = self._working_model(series, weights, patch, steps)
+        if chosen is None:
             return  # stopping during the choice of context
-        losses = self._steps(training, series, weights, patch, s.steps_per_round)
+        training, spent = chosen
+        losses = self._steps(training, series, weights, patch, max(1, steps - spent))
         if losses is None:
             return  # stopping: abandon the round, nothing is promoted
-        self._steps_since_promotion += s.steps_per_round
-        val_loss = training.validation_loss(series.validation_batch(training.denoiser, patch))
+        self._steps_since_promotion += max(1, steps - spent)
+        validation_batch = series.validation_batch(training.denoiser, patch)
+        val_loss = training.validation_loss(validation_batch)
         if not np.isfinite(val_loss) or not np.all(np.isfinite(losses)):
             self._training = None  # diverged: the next round restarts from the promoted model
             raise FloatingPointError(
@@ -181,14 +205,19 @@ class Trainer(Stage):
                 "model next round. Check the noise model: its log-likelihood must stay finite."
             )
         baseline = self._promoted_loss(series, patch)
-        promoted = self.registry.promote(
-            training.denoiser,
-            validation_loss=val_loss,
-            baseline_loss=baseline,
-            training_frames=len(series.trained),
-            training_steps=self._steps_since_promotion,
-            noise_model_id=self.noise_model_id,
-        )
+        estimate = series.estimated_gain(training, self.noise_model, patch)
+        promoted = None
+        if estimate.lower_db >= s.min_gain_db:  # never show a model not measurably above raw
+            promoted = self.registry.promote(
+                training.denoiser,
+                validation_loss=val_loss,
+                baseline_loss=baseline,
+                training_frames=len(series.trained),
+                training_steps=self._steps_since_promotion,
+                noise_model_id=self.noise_model_id,
+                estimated_gain_db=estimate.gain_db,
+                estimated_gain_uncertainty_db=estimate.uncertainty_db,
+            )
         if promoted is not None:
             self._steps_since_promotion = 0
         outcome = "promoted" if promoted else "kept"
@@ -204,19 +233,23 @@ class Trainer(Stage):
             "training_loss": float(np.mean(losses)),
             "validation_loss": val_loss,
             "promoted_loss": baseline,
+            "estimated_gain_db": estimate.gain_db,
+            "estimated_gain_uncertainty_db": estimate.uncertainty_db,
             "promoted_version": promoted.version if promoted else None,
             "seconds": time.monotonic() - started,
         }
         self.history.append(record)
         self.log.info(
             "round %d on %d frames, context %s: training loss %.4f, validation loss %.4f "
-            "(promoted model %s) -> %s",
+            "(promoted model %s), estimated gain over raw %.1f ± %.1f dB -> %s",
             record["round"],
             len(series.trained),
             record["context"],
             record["training_loss"],
             val_loss,
             "none" if baseline is None else f"{baseline:.4f}",
+            estimate.gain_db,
+            estimate.uncertainty_db,
             f"version {promoted.version}" if promoted else "kept current model",
             extra={"acquisition": name},
         )
@@ -232,17 +265,22 @@ class Trainer(Stage):
         for step in range(steps):
             if not self._wait_for_turn():
                 return None
+            started = time.monotonic()
             batch = sample_patches(windows, s.batch_size, patch, self.rng, weights)
             losses.append(training.step(batch, cosine_rate(s.learning_rate, step / steps)))
+            self._busy.add(started, time.monotonic())
             self.beat()
         return None if self.stopping else losses
 
-    def _working_model(self, series: Series, weights: np.ndarray, patch: int) -> Training | None:
-        """The model being fine-tuned: kept across rounds, started from the promoted one when
-        its context is the pinned one (or any, with "auto"), else new, its context chosen by
-        `_choose_context` under "auto". None when the stage stopped while choosing."""
+    def _working_model(
+        self, series: Series, weights: np.ndarray, patch: int, steps: int
+    ) -> tuple[Training, int] | None:
+        """The model being fine-tuned, and how many of the round's `steps` choosing it took:
+        kept across rounds, started from the promoted one when its context is the pinned one
+        (or any, with "auto"), else new, its context chosen by `_choose_context` under "auto".
+        None when the stage stopped while choosing."""
         if self._training is not None:
-            return self._training
+            return self._training, 0
         pinned = None if self.settings.context == "auto" else Context.parse(self.settings.context)
         denoiser = self.registry.load()[0] if self.registry.current() is not None else None
         usable = denoiser is not None and denoiser.mode == "pn2v"  # not an initial N2V model
@@ -251,14 +289,21 @@ class Trainer(Stage):
         elif pinned is not None:
             self._training = self._new_training(self._new_denoiser(series, pinned))
         else:
-            self._training = self._choose_context(series, weights, patch)
-        return self._training
+            chosen = self._choose_context(series, weights, patch, steps)
+            if chosen is None:
+                return None
+            self._training, spent = chosen
+            return self._training, spent
+        return self._training, 0
 
-    def _choose_context(self, series: Series, weights: np.ndarray, patch: int) -> Training | None:
-        """Train each candidate window the frames allow for an equal share of one round's steps;
-        the one with the lowest validation loss on the held-back frames (whole window visible)."""
+    def _choose_context(
+        self, series: Series, weights: np.ndarray, patch: int, round_steps: int
+    ) -> tuple[Training, int] | None:
+        """Train each candidate window the frames allow for an equal part of PILOT_SHARE of the
+        round's steps; the one with the lowest validation loss on the held-back frames (whole
+        window visible), and the steps all candidates took."""
         candidates = [c for c in CANDIDATES if c.channels <= len(series.frames)]
-        steps = max(1, self.settings.steps_per_round // len(candidates))
+        steps = max(1, round(round_steps * PILOT_SHARE / len(candidates)))
         best, best_loss = None, float("inf")
         for context in candidates:
             training = self._new_training(self._new_denoiser(series, context))
@@ -270,7 +315,7 @@ class Trainer(Stage):
                 best, best_loss = training, loss
         self._steps_since_promotion += steps  # the winner's own pilot steps
         self.log.info("context %s chosen by validation loss", best.denoiser.context)
-        return best
+        return best, steps * len(candidates)
 
     def _new_denoiser(self, series: Series, context: Context) -> Denoiser:
         mean, std = normalisation_of([f for f in series.frames if f is not None])
@@ -293,14 +338,40 @@ class Trainer(Stage):
         return training.validation_loss(series.validation_batch(denoiser, patch))
 
     def _wait_for_turn(self) -> bool:
-        """Block while inference has fresh frames; False when the stage is stopping."""
-        while not self.inference_idle.wait(0.5):
+        """Block while inference has fresh frames and training has had its `training_share` of
+        the last SHARE_WINDOW_SECONDS; False when the stage is stopping."""
+        while not (
+            self.inference_idle.is_set()
+            or self._busy.share(time.monotonic()) < self.settings.training_share
+        ):
             self._set_state("waiting")
             self.beat()
             if self.stopping:
                 return False
+            self.inference_idle.wait(0.1)
         self._set_state("training")
         return not self.stopping
+
+
+class BusyTime:
+    """The share of the last `window` seconds spent inside intervals `add`ed (monotonic s), and
+    the `total` seconds ever added."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self.total = 0.0
+        self._intervals: deque[tuple[float, float]] = deque()
+
+    def add(self, start: float, end: float) -> None:
+        self._intervals.append((start, end))
+        self.total += end - start
+
+    def share(self, now: float) -> float:
+        since = now - self.window
+        while self._intervals and self._intervals[0][1] <= since:
+            self._intervals.popleft()
+        busy = sum(end - max(start, since) for start, end in self._intervals)
+        return busy / self.window
 
 
 @dataclass
@@ -318,6 +389,21 @@ class Series:
 
     def training_windows(self, context: Context) -> Windows:
         return Windows([self.frames], context, [(0, t) for t in self.trained])
+
+    def estimated_gain(
+        self, training: Training, noise_model: NoiseModel, patch: int
+    ) -> GainEstimate:
+        """The ground-truth-free gain over raw of `training`'s model on the held-back frames:
+        from frame pairs (`core.quality.denoised_gain`) where the frame after a held-back
+        frame's window is stored, else from the blind spot (`Training.estimated_gain`)."""
+        context = training.denoiser.context
+        with_next = Context(context.before, context.after + 1)
+        windows = Windows([self.frames], with_next, [(0, t) for t in self.held_back])
+        batch = sample_patches(windows, VALIDATION_PATCHES, patch, np.random.default_rng(0))
+        try:
+            return denoised_gain(training.denoiser, noise_model, batch)
+        except ValueError:  # no held-back frame has its next frame yet
+            return training.estimated_gain(self.validation_batch(training.denoiser, patch))
 
     def validation_batch(self, denoiser: Denoiser, patch: int) -> torch.Tensor:
         """VALIDATION_PATCHES patches of the held-back frames in `denoiser`'s window; the same

@@ -109,6 +109,10 @@ class TrainerConfig(Section):
     learning_rate: float = Field(4e-4, gt=0)
     precision: Precision = "auto"
     context: str = "auto"  # frames "before:after" each frame the network sees, or "auto"
+    first_model_frames: int = Field(16, gt=0)  # frames before the first model is trained
+    first_model_steps: int = Field(300, gt=0)  # steps of the rounds that make the first model
+    min_gain_db: float = 1.0  # promote only models estimated at least this much above raw
+    training_share: float = Field(0.5, ge=0, le=1)  # of wall time, while inference is behind
 
     @field_validator("context")
     @classmethod

@@ -325,6 +325,10 @@ class Daemon:
             "model_version": model.version if model else None,
             "model_source": (model.source if model else "waiting for the first trained model"),
             "model_context": inference.context if inference else None,
+            "model_estimated_gain_db": model.estimated_gain_db if model else None,
+            "model_estimated_gain_uncertainty_db": (
+                model.estimated_gain_uncertainty_db if model else None
+            ),
             "waiting_for_model": inference.waiting_for_model if inference else True,
             "backlog": inference.backlog if inference else 0,
             "training_rounds": trainer.rounds if trainer else 0,
