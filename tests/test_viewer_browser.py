@@ -109,6 +109,9 @@ def test_page_follows_scrubs_and_changes_contrast_while_frames_stream(
     status = {
         "model_version": 1,
         "model_source": "pn2v",
+        "model_estimated_gain_db": 6.24,
+        "model_estimated_gain_uncertainty_db": 0.31,
+        "waiting_for_model": False,
         "backlog": 0,
         "trainer_state": "waiting",
         "loss_history": [
@@ -145,6 +148,7 @@ def test_page_follows_scrubs_and_changes_contrast_while_frames_stream(
         assert browser.execute_script("return window.notReloaded === true;")
         # The denoised panel shows the clean scene: far smoother than raw within the bar.
         assert browser.find_element("id", "model-version").text == "1"
+        assert browser.find_element("id", "model-gain").text == "≈ +6.2 ± 0.3 dB over raw"
         assert browser.find_element("id", "trainer-state").text == "waiting for inference"
 
         slider = browser.find_element("id", "t-slider")
@@ -199,5 +203,31 @@ def test_page_follows_scrubs_and_changes_contrast_while_frames_stream(
     finally:
         stop.set()
         writer.join()
+        server.stop()
+        store.close()
+
+
+def test_page_shows_raw_as_learning_until_a_model_beats_raw(tmp_path: Path, browser) -> None:
+    store = Store(tmp_path / "store")
+    acquisition = store.create("cells", (96, 128), "uint16")
+    for t in range(3):
+        acquisition.write_raw(t, (clean_frame(t) + 100).astype(np.uint16))
+    status = {"model_version": None, "waiting_for_model": True, "backlog": 3}
+    server = ViewerServer(store, "127.0.0.1:0", status=lambda: status, poll_seconds=0.1)
+    server.start()
+    try:
+        browser.get(server.url)
+        overlay = browser.find_element("id", "denoised-missing")
+        wait_for(lambda: overlay.is_displayed(), what="the learning overlay")
+        assert overlay.text == "learning: no model beats raw yet"
+        caption = browser.find_element("id", "denoised-caption")
+        wait_for(lambda: caption.text.endswith("raw while learning"), what="the caption")
+        panels = [
+            wait_for(lambda p=p: browser.execute_script(IMAGE_STATS_JS, f"{p}-image"))
+            for p in ("raw", "denoised")
+        ]
+        assert panels[0] == panels[1]  # the raw frame, not an empty or worse panel
+        assert browser.find_element("id", "model-version").text == "none yet"
+    finally:
         server.stop()
         store.close()

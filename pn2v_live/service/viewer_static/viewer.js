@@ -97,8 +97,11 @@ function updateStatus(status) {
   if (state.modelVersion !== undefined && status.model_version !== state.modelVersion) {
     requestRender();
   }
+  if (state.waitingForModel !== status.waiting_for_model) requestRender();
   state.modelVersion = status.model_version;
+  state.waitingForModel = status.waiting_for_model;
   $("model-version").textContent = status.model_version ?? "none yet";
+  $("model-gain").textContent = gainLabel(status);
   $("model-source").textContent = status.model_source ? `(${status.model_source})` : "";
   $("model-context").textContent = status.model_context ? `context ${status.model_context}` : "";
   $("backlog").textContent = status.backlog ?? "–";
@@ -156,6 +159,10 @@ async function render() {
     const made = `model v${denoised.version}, ${windowLabel(denoised.window)}`;
     showImage("denoised", denoised.url, `t = ${t}, ${made}`);
     state.denoisedT = t;
+  } else if (state.waitingForModel && raw) {
+    // No model is measurably better than raw yet: show raw rather than a worse "denoised".
+    showImage("denoised", raw.url, `t = ${t}, raw while learning`);
+    missing.textContent = "learning: no model beats raw yet";
   } else {
     $("denoised-caption").textContent = `t = ${t}`;
     missing.textContent = state.denoisedT === undefined
@@ -189,6 +196,14 @@ async function fetchImage(url) {
     version: response.headers.get("X-Model-Version"),
     window: response.headers.get("X-Context-Window"),
   };
+}
+
+function gainLabel(status) {
+  // The promoted model's ground-truth-free PSNR gain over raw, measured on held-back frames.
+  const gain = status.model_estimated_gain_db;
+  if (gain === null || gain === undefined) return "";
+  const spread = status.model_estimated_gain_uncertainty_db;
+  return `≈ ${gain >= 0 ? "+" : ""}${gain.toFixed(1)} ± ${(spread ?? 0).toFixed(1)} dB over raw`;
 }
 
 function windowLabel(window) {
