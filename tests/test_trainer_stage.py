@@ -292,3 +292,15 @@ def test_a_model_not_measurably_better_than_raw_is_never_promoted(setup):
     info = registry.current()
     assert info.estimated_gain_db == trainer.history[-1]["estimated_gain_db"]
     assert info.estimated_gain_uncertainty_db > 0
+
+
+def test_a_refined_noise_model_starts_a_round_at_once(setup):
+    trainer, registry, add_frames, idle = setup
+    add_frames(12)
+    assert trainer.work() is True
+    assert trainer.work() is False  # no new frames, not overdue
+    refined = PoissonGaussianNoiseModel(gain=1.0, offset=0.0, read_noise=2.5, signal_range=(0, 300))
+    trainer.use_noise_model(refined, "refined-id")
+    assert trainer.work() is True  # the refined model gets its round without waiting
+    assert trainer.noise_model_id == "refined-id"
+    assert trainer.work() is False

@@ -27,6 +27,7 @@ a pinned "A:B" skips the choice.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -155,10 +156,13 @@ class Trainer(Stage):
 
     def _switch_noise_model(self) -> None:
         """Take up a noise model handed over by `use_noise_model` (between rounds); the working
-        model goes on fine-tuning under it."""
+        model goes on fine-tuning under it in a round due at once, so that a model trained on it
+        (and, once promoted, the back-fill of every frame) follows without waiting for new
+        frames or `every_seconds`."""
         handed = self._next_noise_model.take()
         if handed is None:
             return
+        self._last_round = -math.inf
         self.noise_model, self.noise_model_id = handed
         if self._training is not None:
             self._training.noise_model = self.noise_model
