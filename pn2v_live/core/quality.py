@@ -35,7 +35,7 @@ from pn2v_live.core.noise.base import NoiseModel
 GRID_POINTS = 2048  # observation values the noise model's variance is integrated over
 SIGNAL_LEVELS = 64  # signal values it is computed at (interpolated in between)
 RESAMPLES = 200  # bootstrap resamples of the patches for the uncertainty
-MAX_GAIN_DB = 40.0  # reported when the prior mean's error is not measurably above zero
+MAX_GAIN_DB = 40.0  # reported when the estimated error is not measurably above zero
 
 
 @dataclass(frozen=True)
