@@ -67,3 +67,21 @@ NOISE_MODEL_SIGNAL_MAX = Gauge(
     "Top of the signal range (ADU) the noise model in use covers: the calibration's, raised by "
     "each refinement",
 )
+STAGE_FAILURES = Counter(
+    "pn2v_live_stage_failures_total",
+    "Failed units of work of a long-running stage or thread (a pass, a round, a frame write), "
+    "by a short reason: disk_full, permission, io, memory, diverged or error",
+    ["stage", "reason"],
+)
+STAGE_HEALTHY = Gauge(
+    "pn2v_live_stage_healthy",
+    "1 while a long-running stage or thread makes progress (or waits out a full disk), 0 when "
+    "it is stuck, keeps failing past its timeout or has ended; the daemon pings systemd's "
+    "watchdog only while every one is 1",
+    ["stage"],
+)
+DISK_FULL = Gauge(
+    "pn2v_live_disk_full",
+    "1 while the store's file system is full (ENOSPC, EDQUOT): ingest refuses new frames (senders "
+    "keep and resend them), training and denoising pause; back to 0 once space returns",
+)

@@ -15,8 +15,9 @@ frame) are rejected with a reason in the ledger, a log line and a metric; a reje
 that changes later is tried again. A stored file that grows (a time-lapse written page by page)
 has its added pages stored after its frames; one that changes otherwise is counted as rejected
 (`changed`) and its stored frames are kept. A file that cannot be opened or stored now
-(permissions, a share lock, disk full) is logged and tried again at the next rescan, while the
-files after it are taken.
+(permissions, a share lock) is logged (at its 1st, 2nd, 4th, ... try) and tried again at every
+rescan, while the files after it are taken; a full disk pauses the source instead (see
+`Stage`: backing off from 1 s to 5 min, at once when space is freed) and the files wait.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from pn2v_live.errors import UserError
+from pn2v_live.metrics import STAGE_FAILURES
 from pn2v_live.pipeline.ingest import Rejected, open_acquisition, reject, store_frame
-from pn2v_live.pipeline.stage import Stage
+from pn2v_live.pipeline.stage import Stage, failure_reason
 from pn2v_live.storage.ledger import Item
 from pn2v_live.storage.store import Acquisition, Store, validate_name
 
@@ -265,7 +267,7 @@ class FolderSource(Stage):
         rescan_seconds: float = 10.0,
         pattern: str = DEFAULT_PATTERN,
     ) -> None:
-        super().__init__("folder-source", idle_seconds=0.1)
+        super().__init__("folder-source", idle_seconds=0.1, disk_path=store.root)
         self.store = store
         self.roots = [Path(p).resolve() for p in ([paths] if isinstance(paths, Path) else paths)]
         self.polling = polling
@@ -277,6 +279,7 @@ class FolderSource(Stage):
         self._observer = None
         self._next_rescan = 0.0
         self._touched: set[Acquisition] = set()
+        self._failing_files: dict[str, int] = {}  # path → failed tries, until it is taken
         self.counts = {"stored_files": 0, "stored_frames": 0, "rejected_files": 0}
 
     # lifecycle --------------------------------------------------------------------------
@@ -347,25 +350,53 @@ class FolderSource(Stage):
             self.rescan(check_stored=self._next_rescan == 0.0)
             self._next_rescan = time.monotonic() + self.rescan_seconds
         ready = self._ready()
-        for path, candidate in ready:
+        for n, (path, candidate) in enumerate(ready):
             if self.stopping:
                 break
             try:
                 self._ingest(Path(path), candidate)
             except Exception as error:  # unreadable or unwritable now: the others go on
-                self.failures += 1
-                self.last_error = f"{type(error).__name__}: {error}"
-                log.warning(
-                    "cannot take %s now (%s); trying again at the next rescan",
-                    path,
-                    self.last_error,
-                    exc_info=not isinstance(error, OSError),  # a traceback only for a bug
-                )
+                if failure_reason(error) == "disk_full":  # so would the others: pause
+                    self._requeue(ready[n:])
+                    raise
+                self._file_failed(path, error)
+            else:
+                self._file_taken(path)
             self.beat()  # a long backlog is progress, not a hang
         for acquisition in self._touched:
             acquisition.flush()
         self._touched = set()
         return bool(ready)
+
+    def _file_failed(self, path: str, error: Exception) -> None:
+        """Count a file that cannot be taken now (it is tried again at the next rescan); its
+        1st, 2nd, 4th, 8th, ... failure is logged, with a traceback only for a bug."""
+        self.failures += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        reason = failure_reason(error)
+        STAGE_FAILURES.labels(self.name, reason).inc()
+        count = self._failing_files[path] = self._failing_files.get(path, 0) + 1
+        if count & (count - 1) == 0:
+            log.warning(
+                "cannot take %s now (%s: %s); trying again at every rescan (%d tries so far)",
+                path,
+                reason,
+                self.last_error,
+                count,
+                exc_info=count == 1 and not isinstance(error, OSError),  # a traceback: a bug
+            )
+
+    def _file_taken(self, path: str) -> None:
+        """A file that failed before was taken (or found already stored) now."""
+        tries = self._failing_files.pop(path, None)
+        if tries is not None:
+            log.info("took %s after %d failed tries", path, tries)
+
+    def _requeue(self, items: list[tuple[str, _Candidate]]) -> None:
+        """Put ready files back in the waiting set, to be taken after a pause."""
+        with self._lock:
+            for path, candidate in items:
+                self._candidates.setdefault(path, candidate)
 
     def rescan(self, check_stored: bool = False) -> None:
         """Queue every TIFF under the roots that the ledger does not hold as stored, nor as
@@ -402,6 +433,7 @@ class FolderSource(Stage):
                     stat = _stat(path)
                 except OSError:
                     del self._candidates[path]
+                    self._failing_files.pop(path, None)  # gone: no longer failing
                     continue
                 if stat != candidate.stat:
                     candidate.stat, candidate.since = stat, now

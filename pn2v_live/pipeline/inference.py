@@ -104,7 +104,7 @@ class InferenceScheduler(Stage):
         precision: str = "auto",
         backfill_hours: float = 12.0,
     ):
-        super().__init__("inference", idle_seconds=0.1)
+        super().__init__("inference", idle_seconds=0.1, disk_path=store.root)
         self.store, self.registry, self.device = store, registry, device
         self.noise_model, self.tile = noise_model, tile
         self.max_in_flight = max_in_flight or default_in_flight(scheduler, device)

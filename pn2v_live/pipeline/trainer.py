@@ -89,7 +89,7 @@ class Trainer(Stage):
         inference_idle: threading.Event,  # set while no fresh frame waits for inference
         seed: int = 0,
     ):
-        super().__init__("trainer", idle_seconds=0.5)
+        super().__init__("trainer", idle_seconds=0.5, disk_path=store.root)
         self.store, self.registry, self.settings, self.device = store, registry, settings, device
         self.noise_model, self.noise_model_id = noise_model, noise_model_id
         self.inference_idle = inference_idle
