@@ -231,3 +231,41 @@ def test_page_shows_raw_as_learning_until_a_model_beats_raw(tmp_path: Path, brow
     finally:
         server.stop()
         store.close()
+
+
+def test_page_opens_from_a_token_link_beyond_loopback_and_says_when_the_server_is_busy(
+    tmp_path: Path, browser
+) -> None:
+    store = Store(tmp_path / "store")
+    acquisition = store.create("cells", (96, 128), "uint16")
+    for t in range(3):
+        acquisition.write_raw(t, (clean_frame(t) + 100).astype(np.uint16))
+    token = "a-long-random-token-for-the-browser"
+    status = {"model_version": None, "waiting_for_model": True, "backlog": 3}
+    server = ViewerServer(
+        store,
+        "0.0.0.0:0",
+        status=lambda: status,
+        poll_seconds=0.1,
+        token=token,
+        max_streams=1,
+        max_connections=16,
+    )
+    server.start()
+    base = f"http://127.0.0.1:{server.port}/"
+    try:
+        browser.get(base)  # no token: refused, nothing of the store shown
+        assert "viewer.token" in browser.find_element("tag name", "body").text
+        browser.get(f"{base}?token={token}")  # the link: a cookie, and the token leaves the URL
+        wait_for(lambda: browser.current_url == base, what="the token to leave the address bar")
+        badge = browser.find_element("id", "connection")
+        wait_for(lambda: badge.text == "live", what="the event stream with the cookie")
+        wait_for(lambda: browser.execute_script(IMAGE_STATS_JS, "raw-image"), what="the raw frame")
+        # A second tab past viewer.max_streams: refused (503), said so, retried later.
+        browser.switch_to.new_window("tab")
+        browser.get(base)
+        badge = browser.find_element("id", "connection")
+        wait_for(lambda: badge.text == "server busy, retrying…", what="the busy badge")
+    finally:
+        server.stop()
+        store.close()

@@ -11,15 +11,33 @@ Endpoints (all read-only; acquisition names must be ones the store lists, indice
   rendering, downsampled so its longer side is at most `max` pixels; header `X-Model-Version`.
 - `GET /api/events`: server-sent events `acquisitions` and `status`, pushed when the store or
   the status changes (the server polls the store; browsers never poll per frame).
+
+Limits, so that no browser or script can exhaust the daemon (its open files above all):
+
+- at most `max_connections` connections at once; one past that is answered 503 and closed at
+  once, before its request is read; one that sends no request is closed after
+  `IDLE_SECONDS`;
+- at most `max_streams` event streams; one past that gets 503 with the reason;
+- each stream keeps only the newest unsent state per event kind (a client that does not read
+  holds two pending events at most, plus the socket's bounded write buffer) and is dropped when
+  a write has not gone through for `STALLED_SECONDS`;
+- every number in a path or query is ASCII decimal (`²`, `١`, `1_0`, a sign or 5,000 digits
+  are 400/404, never read as a number);
+- `Host` and `Origin` must name this server (421/403, see `access`), and with a token every
+  request must carry it (401); beyond loopback a token is required.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
+import re
+import resource
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +46,15 @@ from importlib import resources
 from aiohttp import web
 
 from pn2v_live.errors import UserError
+from pn2v_live.service.access import (
+    TOKEN_ADVICE,
+    HostCheck,
+    bearer_token,
+    exposure_warning,
+    is_loopback,
+    split_host_port,
+    token_matches,
+)
 from pn2v_live.service.viewer_render import FORMATS, contrast_limits, render
 from pn2v_live.storage.store import Acquisition, Store
 
@@ -40,17 +67,46 @@ STATIC_FILES = {
 }
 MAX_RENDER_SIZE = 8192
 HEARTBEAT_SECONDS = 15.0
+IDLE_SECONDS = 15.0  # a connection with no request in progress is closed after this long
+STALLED_SECONDS = 60.0  # an event stream whose write has not gone through this long is dropped
+# Connections the kernel queues for us (they hold no open file until accepted, one at a time):
+# a burst of new connections waits there instead of being dropped and retried seconds later.
+LISTEN_BACKLOG = 1024
+REFUSAL_SECONDS = 1.0  # a refused connection that sends no request is closed after this long
+RESERVED_FILES = 256  # open files the rest of the daemon needs beside the viewer's connections
+TOKEN_COOKIE = "pn2v_live_viewer_token"
 # The store holds one plane per frame (axes t, c, z, y, x with c = z = 1); the page shows c/z
 # selectors only for sizes above 1.
 PLANE_SIZES = {"c": 1, "z": 1}
+# Numbers in URLs: ASCII digits only. str.isdigit() takes '²' (which int() then refuses: a 500),
+# int() and float() take '١' (Arabic-Indic one), '1_0' and spaces, and 5,000 digits hit int()'s
+# 4,300-digit limit.
+MAX_INDEX_DIGITS = 12
+ASCII_INT = re.compile(rf"[0-9]{{1,{MAX_INDEX_DIGITS}}}")
+ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+MAX_FLOAT_CHARS = 40
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
     """'host:port' (IPv6 as '[::1]:8080') → (host, port)."""
-    host, _, port = bind.rpartition(":")
-    if not host or not port.isdigit():
+    parsed = split_host_port(bind)
+    if parsed is None:
         raise UserError(f"viewer bind {bind!r} is not host:port, e.g. 127.0.0.1:8080")
-    return host.strip("[]"), int(port)
+    return parsed
+
+
+def ascii_int(text: str) -> int | None:
+    """A non-negative ASCII-decimal integer of at most MAX_INDEX_DIGITS digits, else None."""
+    return int(text) if ASCII_INT.fullmatch(text) else None
+
+
+def ascii_float(text: str) -> float | None:
+    """A finite number written in ASCII decimal ('12', '-0.5', '1e3'), else None (also for
+    'nan', 'inf', '1_0', Unicode digits and anything longer than MAX_FLOAT_CHARS)."""
+    if len(text) > MAX_FLOAT_CHARS or not ASCII_FLOAT.fullmatch(text):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 def to_json(data: object) -> str:
@@ -76,25 +132,35 @@ def _not_found(message: str) -> web.HTTPNotFound:
     return web.HTTPNotFound(text=json.dumps({"error": message}), content_type="application/json")
 
 
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    """A JSON error response that closes its connection (for refusals: free the socket)."""
+    response = web.json_response({"error": message}, status=status, headers=headers)
+    response.force_close()
+    return response
+
+
+def _shown(text: str) -> str:
+    """A query or path value for an error message (never thousands of characters)."""
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + f"… ({len(text)} characters)"
+
+
 def _int_query(request: web.Request, key: str, default: int, low: int, high: int) -> int:
     text = request.query.get(key)
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise _bad_request(f"{key}={text!r} must be an integer in [{low}, {high}]")
-    return int(text)
+    value = ascii_int(text)
+    if value is None or not low <= value <= high:
+        raise _bad_request(f"{key}={_shown(text)} must be an integer in [{low}, {high}]")
+    return value
 
 
 def _float_query(request: web.Request, key: str) -> float | None:
     text = request.query.get(key)
     if text is None:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise _bad_request(f"{key}={text!r} must be a finite number")
+    value = ascii_float(text)
+    if value is None:
+        raise _bad_request(f"{key}={_shown(text)} must be a finite decimal number")
     return value
 
 
@@ -114,12 +180,86 @@ def acquisition_summary(acquisition: Acquisition) -> dict:
     }
 
 
+def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Non-blocking listening sockets on every address `host` resolves to (as asyncio's
+    create_server binds them), all on one port; OSError if any cannot be bound."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = dict.fromkeys((family, address[:2]) for family, _, _, _, address in infos)
+    sockets: list[socket.socket] = []
+    try:
+        for family, address in addresses:
+            if sockets:  # with port 0 the others take the port the first one got
+                address = (address[0], sockets[0].getsockname()[1])
+            sock = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+            sock.setblocking(False)
+            sockets.append(sock)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class _Stream:
+    """One browser's event stream: the newest unsent encoded event per kind, never more."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, bytes] = {}
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.transport: asyncio.BaseTransport | None = None
+
+    def push(self, kind: str, message: bytes) -> None:
+        self.pending[kind] = message  # replaces an unsent older state of the same kind
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+
+def _same(protocol: asyncio.Protocol) -> asyncio.Protocol:
+    return protocol
+
+
+def _event(kind: str, data: object) -> bytes:
+    return f"event: {kind}\ndata: {to_json(data)}\n\n".encode()
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection past `max_connections`: 503 at once, never parsed, closed once the request
+    has come in (closing before would make the kernel answer the request with a reset, which
+    can destroy the 503 before the client reads it) or after REFUSAL_SECONDS."""
+
+    def __init__(self, server: ViewerServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.server.refused_connections += 1
+        transport.write(self.server._busy_response)
+        self.timer = asyncio.get_running_loop().call_later(REFUSAL_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._refusal_slots.release()
+        if self.timer is not None:
+            self.timer.cancel()
+
+
 class ViewerServer:
     """Serves the viewer for `store` on `bind` ('host:port'; port 0 picks a free one).
 
     `status()` is called from the viewer thread and returns a JSON-able dict such as
     {"model_version", "model_source", "backlog", "loss_history": [{"round", "time",
     "training_loss", "validation_loss"}, ...]}.
+
+    `token` (viewer.token), when not empty, is required of every request; it must be set when
+    `bind` is beyond loopback. `allowed_hosts` adds names the Host/Origin check accepts.
     """
 
     def __init__(
@@ -128,28 +268,60 @@ class ViewerServer:
         bind: str = "127.0.0.1:8080",
         status: Callable[[], dict] | None = None,
         poll_seconds: float = 0.25,
+        *,
+        token: str = "",
+        allowed_hosts: list[str] | tuple[str, ...] = (),
+        max_streams: int = 64,
+        max_connections: int = 256,
     ) -> None:
         self.store = store
+        self.bind = bind
         self.host, self.port = parse_bind(bind)
         self.status = status or dict
         self.poll_seconds = poll_seconds
+        self.token = token
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.max_streams = max_streams
+        self.max_connections = max_connections
+        self.refused_connections = 0  # connections answered 503 before their request was read
+        self.refused_streams = 0  # event streams answered 503 (max_streams reached)
+        self.stalled_seconds = STALLED_SECONDS
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="viewer-render")
-        self._clients: set[asyncio.Queue] = set()
+        self._streams: set[_Stream] = set()
+        self._refusal_slots: asyncio.Semaphore | None = None  # 503s being sent, at most
+        self._busy_response = b""
         self._finished: dict[str, dict] = {}  # summaries of complete acquisitions
+        self._host_check: HostCheck | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self._listeners: list[socket.socket] = []
+        self._accepting: list[asyncio.Task] = []
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def beyond_loopback(self) -> bool:
+        return not is_loopback(self.host)
 
     # ---- lifecycle (called from the daemon's thread) ------------------------------------
 
     def start(self) -> None:
-        """Bind and serve in a background thread; raises UserError if the address is taken."""
+        """Bind and serve in a background thread; raises UserError if the address is taken or
+        the bind is beyond loopback without a token."""
+        if self.beyond_loopback and not self.token:
+            raise UserError(
+                f"viewer.token: required because viewer.bind {self.bind} listens beyond "
+                f"loopback (anyone on the network could read the data); set a long random "
+                f"token, {TOKEN_ADVICE}, or bind to 127.0.0.1"
+            )
+        self._host_check = HostCheck(self.host, self.allowed_hosts)
+        self._busy_response = self._refusal_bytes()
         self._thread = threading.Thread(target=self._serve, name="viewer", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -158,7 +330,24 @@ class ViewerServer:
                 f"viewer cannot listen on {self.host}:{self.port}: {self._start_error}; "
                 "choose another [viewer] bind or stop the program using it"
             ) from self._start_error
+        if self.beyond_loopback:
+            log.warning(exposure_warning("viewer", self.bind, "viewer.token"))
+        self._check_open_file_limit()
         log.info("viewer at %s", self.url)
+
+    def _check_open_file_limit(self) -> None:
+        """Warn when the viewer's worst case of open sockets does not fit the process's limit."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = 2 * self.max_connections + RESERVED_FILES  # served + being refused (_accept)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            log.warning(
+                "the open-file limit (%d) is below what viewer.max_connections = %d may need "
+                "with the rest of the daemon (about %d): lower viewer.max_connections or raise "
+                "the limit (LimitNOFILE= in the systemd unit, ulimit -n)",
+                soft,
+                self.max_connections,
+                needed,
+            )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close all connections and the listening socket; returns once the thread has ended."""
@@ -169,6 +358,26 @@ class ViewerServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def stream_stats(self, timeout: float = 5.0) -> list[dict[str, int]]:
+        """Per open event stream: events and bytes waiting to be written, and bytes in the
+        socket's user-space write buffer (what a client that does not read costs)."""
+
+        async def collect() -> list[dict[str, int]]:
+            return [
+                {
+                    "pending_events": len(stream.pending),
+                    "pending_bytes": sum(len(m) for m in stream.pending.values()),
+                    "buffered_bytes": (
+                        stream.transport.get_write_buffer_size()
+                        if stream.transport is not None and not stream.transport.is_closing()
+                        else 0
+                    ),
+                }
+                for stream in self._streams
+            ]
+
+        return asyncio.run_coroutine_threadsafe(collect(), self._loop).result(timeout)
 
     def _serve(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -184,7 +393,7 @@ class ViewerServer:
         self._loop.close()
 
     async def _open(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._guard])
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{file}", self._static)
         app.router.add_get("/api/status", self._status)
@@ -192,21 +401,110 @@ class ViewerServer:
         app.router.add_get("/api/acquisitions", self._acquisitions)
         app.router.add_get("/api/acquisitions/{name}/limits", self._limits)
         app.router.add_get(r"/api/acquisitions/{name}/{kind:raw|denoised}/{t}", self._frame)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=1.0,
+            keepalive_timeout=IDLE_SECONDS,
+            handler_cancellation=True,  # a stream whose browser went away ends at once
+        )
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, self.host, self.port).start()
+            self._listeners = _listening_sockets(self.host, self.port)
         except OSError:
             await self._runner.cleanup()
             raise
-        self.port = self._runner.addresses[0][1]
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self.port = self._listeners[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        self._refusal_slots = asyncio.Semaphore(self.max_connections)
+        self._accepting = [loop.create_task(self._accept(sock)) for sock in self._listeners]
+        self._watcher = loop.create_task(self._watch())
+
+    async def _accept(self, listener: socket.socket) -> None:
+        """Accept connections one by one, so that open sockets stay bounded: up to
+        `max_connections` served, up to as many more being refused with a 503; while all
+        refusal slots are taken, nothing is accepted (the kernel queues new connections, then
+        makes their clients retry) instead of opening ever more sockets."""
+        loop = asyncio.get_running_loop()
+        http = self._runner.server
+        while True:
+            await self._refusal_slots.acquire()  # a slot in case this one must be refused
+            try:
+                client, _ = await loop.sock_accept(listener)
+            except OSError as error:  # e.g. the process is at its open-file limit: let it be
+                self._refusal_slots.release()
+                log.warning("viewer cannot accept a connection (%s); retrying in 1 s", error)
+                await asyncio.sleep(1.0)
+                continue
+            refusal = None if len(http.connections) < self.max_connections else _Refusal(self)
+            if refusal is None:
+                self._refusal_slots.release()
+            try:
+                factory = http if refusal is None else functools.partial(_same, refusal)
+                await loop.connect_accepted_socket(factory, client)
+            except OSError:  # the client is gone already
+                client.close()
+                if refusal is not None and refusal.transport is None:
+                    self._refusal_slots.release()
 
     async def _shutdown(self) -> None:
         self._watcher.cancel()
-        for queue in self._clients:
-            queue.put_nowait(None)
+        for task in self._accepting:
+            task.cancel()
+        for sock in self._listeners:
+            sock.close()
+        for stream in self._streams:
+            stream.close()
         await self._runner.cleanup()
+
+    def _refusal_bytes(self) -> bytes:
+        body = json.dumps(
+            {
+                "error": f"the viewer is busy ({self.max_connections} connections, "
+                "viewer.max_connections); try again shortly"
+            }
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
+        )
+        return head.encode() + body
+
+    # ---- access: Host/Origin names and the token ---------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        refusal = self._host_check.refusal(
+            request.headers.get("Host"),
+            request.headers.get("Origin"),
+            sockname[0] if sockname else None,
+        )
+        if refusal is not None:
+            return _error(*refusal)
+        if not self.token:
+            return await handler(request)
+        if token_matches(bearer_token(request.headers.get("Authorization")), self.token):
+            return await handler(request)
+        if token_matches(request.cookies.get(TOKEN_COOKIE), self.token):
+            return await handler(request)
+        if token_matches(request.query.get("token"), self.token):
+            # A link with ?token=: remember it in a cookie and, for the page, drop it from the
+            # address bar (so it is not bookmarked, shared or shown over someone's shoulder).
+            if request.path == "/":
+                response: web.StreamResponse = web.Response(status=303, headers={"Location": "/"})
+            else:
+                response = await handler(request)
+            response.set_cookie(
+                TOKEN_COOKIE, self.token, httponly=True, samesite="Strict", path="/"
+            )
+            return response
+        return _error(
+            401,
+            "this viewer needs its access token (viewer.token): open the viewer's URL with "
+            "?token=TOKEN once, or send the header 'Authorization: Bearer TOKEN'",
+            **{"WWW-Authenticate": 'Bearer realm="pn2v-live viewer"'},
+        )
 
     # ---- request helpers -----------------------------------------------------------------
 
@@ -214,16 +512,17 @@ class ViewerServer:
         """The acquisition named in the URL; only names the store lists are accepted."""
         name = request.match_info["name"]
         if name not in self.store.acquisitions():
-            raise _not_found(f"no acquisition named {name!r}")
+            raise _not_found(f"no acquisition named {_shown(name)}")
         return self.store.acquisition(name)
 
     def _frame_index(self, request: web.Request, acquisition: Acquisition, text: str) -> int:
-        if not text.isdigit() or int(text) >= acquisition.valid_t:
+        t = ascii_int(text)
+        if t is None or t >= acquisition.valid_t:
             raise _not_found(
-                f"frame {text!r} is not stored in {acquisition.name!r} "
+                f"frame {_shown(text)} is not stored in {acquisition.name!r} "
                 f"({acquisition.valid_t} frames)"
             )
-        return int(text)
+        return t
 
     @staticmethod
     def _check_plane(request: web.Request) -> None:
@@ -315,42 +614,65 @@ class ViewerServer:
         return web.Response(body=body, content_type=FORMATS[fmt], headers=headers)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
-        )
-        await response.prepare(request)
-        queue: asyncio.Queue = asyncio.Queue()
-        queue.put_nowait(("acquisitions", await self._in_thread(self._summaries)))
-        queue.put_nowait(("status", await self._in_thread(self.status)))
-        self._clients.add(queue)
+        if len(self._streams) >= self.max_streams:
+            self.refused_streams += 1
+            return _error(
+                503,
+                f"too many live views ({self.max_streams} event streams, viewer.max_streams); "
+                "close another viewer tab or raise viewer.max_streams",
+                **{"Retry-After": "10"},
+            )
+        stream = _Stream()  # counted before the first await, so the cap holds
+        self._streams.add(stream)
         try:
-            while True:
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+            )
+            await response.prepare(request)
+            stream.transport = request.transport
+            if "acquisitions" not in stream.pending:  # a newer state may have come meanwhile
+                stream.push("acquisitions", _event("acquisitions", await self._summaries_async()))
+            if "status" not in stream.pending:
+                stream.push("status", _event("status", await self._in_thread(self.status)))
+            while not stream.closed:
                 try:
-                    event = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
+                    await asyncio.wait_for(stream.wake.wait(), HEARTBEAT_SECONDS)
                 except TimeoutError:
-                    await response.write(b": heartbeat\n\n")
+                    await asyncio.wait_for(response.write(b": heartbeat\n\n"), self.stalled_seconds)
                     continue
-                if event is None:
-                    break
-                kind, data = event
-                await response.write(f"event: {kind}\ndata: {to_json(data)}\n\n".encode())
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+                stream.wake.clear()
+                messages, stream.pending = stream.pending, {}
+                for message in messages.values():
+                    await asyncio.wait_for(response.write(message), self.stalled_seconds)
+        except TimeoutError:
+            # Abort, not close: a close would wait (forever) to flush what the client won't read.
+            log.info("viewer: dropped an event stream whose client stopped reading")
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionResetError:
+            pass  # the browser went away
         finally:
-            self._clients.discard(queue)
+            stream.close()
+            self._streams.discard(stream)
         return response
 
+    async def _summaries_async(self) -> list[dict]:
+        return await self._in_thread(self._summaries)
+
     async def _watch(self) -> None:
-        """Push `acquisitions`/`status` events to every browser when what they show changes."""
+        """Push `acquisitions`/`status` events to every browser when what they show changes.
+
+        Each changed state is encoded once and handed to every stream, replacing whatever
+        older state of that kind a stream has not written yet."""
         last: dict[str, object] = {}
         while True:
             await asyncio.sleep(self.poll_seconds)
-            if not self._clients:
+            if not self._streams:
                 last.clear()
                 continue
             try:
                 current = {
-                    "acquisitions": await self._in_thread(self._summaries),
+                    "acquisitions": await self._summaries_async(),
                     "status": await self._in_thread(self.status),
                 }
             except Exception:  # a half-written acquisition must not end live updates
@@ -358,6 +680,7 @@ class ViewerServer:
                 continue
             for kind, data in current.items():
                 if last.get(kind) != data:
-                    for queue in self._clients:
-                        queue.put_nowait((kind, data))
+                    message = _event(kind, data)
+                    for stream in self._streams:
+                        stream.push(kind, message)
             last = current

@@ -21,10 +21,21 @@ let renderAgain = false;
 
 // ---- live updates -------------------------------------------------------------------------
 
+const RETRY_REFUSED_MS = 10000; // after the server refused the stream (busy: 503, no token: 401)
+
 function connect() {
   const events = new EventSource("/api/events");
   events.onopen = () => setConnection("live", "live");
-  events.onerror = () => setConnection("lost", "reconnecting…");
+  events.onerror = () => {
+    if (events.readyState !== EventSource.CLOSED) {
+      setConnection("lost", "reconnecting…"); // the browser retries by itself
+      return;
+    }
+    // Refused (e.g. the viewer's limit of live views is reached): the browser gives up, so
+    // try again later ourselves.
+    setConnection("lost", "server busy, retrying…");
+    setTimeout(connect, RETRY_REFUSED_MS);
+  };
   events.addEventListener("acquisitions", (e) => updateAcquisitions(JSON.parse(e.data)));
   events.addEventListener("status", (e) => updateStatus(JSON.parse(e.data)));
 }
