@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from pn2v_live.core.context import Context
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.folder_source import DEFAULT_PATTERN, compile_pattern
+from pn2v_live.service.access import TOKEN_ADVICE, TOKEN_MIN_LENGTH, is_loopback, split_host_port
 
 
 def _check_device(value: str) -> str:
@@ -33,12 +43,39 @@ Precision = Literal["auto", "float32", "bfloat16"]
 
 
 def _check_host_port(value: str) -> str:
-    """Accept "" (off) or "host:port" with a port in 0..65535 (0: any free port)."""
-    if value == "":
+    """Accept "" (off) or "host:port" with an ASCII-decimal port in 0..65535 (0: any free port)."""
+    if value == "" or split_host_port(value) is not None:
         return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError('expected host:port such as 127.0.0.1:9464 (or "" for off)')
+    raise ValueError('expected host:port such as 127.0.0.1:9464 (or "" for off)')
+
+
+def _listener_token(section: str) -> Callable[[str, ValidationInfo], str]:
+    """The check of `section.token`: required (and long enough) when its bind is beyond
+    loopback."""
+
+    def check(value: str, info: ValidationInfo) -> str:
+        bind = info.data.get("bind")  # absent when bind itself was refused
+        parsed = split_host_port(bind) if bind else None
+        if parsed is not None and not is_loopback(parsed[0]) and not value:
+            raise ValueError(
+                f"required because {section}.bind {bind} listens beyond loopback (anyone on "
+                f"the network could connect); set a long random token, {TOKEN_ADVICE}, or "
+                "bind to 127.0.0.1"
+            )
+        if value and len(value) < TOKEN_MIN_LENGTH:
+            raise ValueError(f"too short: use at least {TOKEN_MIN_LENGTH} random characters")
+        if value and not re.fullmatch(r"[\x21-\x7e]+", value):
+            raise ValueError("use printable ASCII without spaces (it goes in headers and cookies)")
+        return value
+
+    return check
+
+
+def _check_host_names(value: list[str]) -> list[str]:
+    """Extra names the Host/Origin check accepts: plain host names or IP addresses."""
+    for name in value:
+        if not re.fullmatch(r"\[?[A-Za-z0-9._:-]+\]?", name):
+            raise ValueError(f"{name!r} is not a host name such as scope-pc.lab.example.org")
     return value
 
 
@@ -141,12 +178,35 @@ class InferenceConfig(Section):
 
 class MetricsConfig(Section):
     bind: str = "127.0.0.1:9464"
+    # Required beyond loopback (checked also when left out): Prometheus sends it as a bearer token.
+    token: str = Field("", validate_default=True)
+    allowed_hosts: list[str] = []  # names besides localhost/this machine a Host may carry
     _check = field_validator("bind")(_check_host_port)
+    _check_token = field_validator("token")(_listener_token("metrics"))
+    _check_hosts = field_validator("allowed_hosts")(_check_host_names)
 
 
 class ViewerConfig(Section):
     bind: str = "127.0.0.1:8080"
+    # Required beyond loopback (checked also when left out): header, cookie or ?token= once.
+    token: str = Field("", validate_default=True)
+    allowed_hosts: list[str] = []  # names besides localhost/this machine a Host may carry
+    max_streams: int = Field(64, ge=1, le=10_000)  # live views (event streams) at once
+    max_connections: int = Field(256, ge=2, le=100_000)  # HTTP connections at once
     _check = field_validator("bind")(_check_host_port)
+    _check_token = field_validator("token")(_listener_token("viewer"))
+    _check_hosts = field_validator("allowed_hosts")(_check_host_names)
+
+    @field_validator("max_connections")
+    @classmethod
+    def _room_beside_streams(cls, value: int, info: ValidationInfo) -> int:
+        streams = info.data.get("max_streams")
+        if streams is not None and value <= streams:
+            raise ValueError(
+                f"must exceed max_streams ({streams}): pages and images need connections "
+                "beside the event streams"
+            )
+        return value
 
 
 class PublishConfig(Section):

@@ -18,7 +18,6 @@ import threading
 from collections.abc import Callable
 
 import torch
-from prometheus_client import start_http_server
 
 from pn2v_live.core.noise import NoiseModel
 from pn2v_live.errors import UserError
@@ -31,6 +30,7 @@ from pn2v_live.pipeline.stage import Stage
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings, pick_device
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.service.config import Config
+from pn2v_live.service.metrics_server import start_metrics_server
 from pn2v_live.service.notify import SystemdNotifier
 from pn2v_live.service.stop_request import StopRequest
 from pn2v_live.service.viewer import ViewerServer
@@ -217,8 +217,9 @@ class Daemon:
         if not bind:
             return
         host, port = _host_port(bind)
+        metrics = self.config.metrics
         try:
-            server, _ = start_http_server(port, addr=host)
+            server = start_metrics_server(host, port, metrics.token, metrics.allowed_hosts)
         except OSError as error:
             raise UserError(
                 f"metrics.bind {bind}: cannot listen ({error.strerror or error}); choose another "
@@ -241,7 +242,16 @@ class Daemon:
     def _start_viewer(self) -> None:
         if not self.config.viewer.bind:
             return
-        self.viewer = ViewerServer(self.store, self.config.viewer.bind, self.status)
+        viewer = self.config.viewer
+        self.viewer = ViewerServer(
+            self.store,
+            viewer.bind,
+            self.status,
+            token=viewer.token,
+            allowed_hosts=viewer.allowed_hosts,
+            max_streams=viewer.max_streams,
+            max_connections=viewer.max_connections,
+        )
         self.viewer.start()
         self._closers.append(self.viewer.stop)
         self.addresses["viewer"] = self.viewer.url
