@@ -7,17 +7,33 @@ sender's PUSH: storage slower than acquisition slows the sender down instead of 
 The backlog is `health()["queue"]` and the `pn2v_live_ingest_queue_frames` gauge.
 
 Status requests (REP, JSON): `{"acquisition": name}` → `{"acquisition", "known", "stored":
-[[start, stop), ...], "valid_t", "closed", "queue"}`. A sender resumes by resending the frames
-missing from `stored` (see `sender.FrameSender`); a duplicate of a stored frame is ignored.
+[[start, stop), ...], "valid_t", "closed", "queue", "refusing"}`. A sender resumes by resending
+the frames missing from `stored` (see `sender.FrameSender`); a duplicate of a stored frame is
+ignored.
+
+A full disk (ENOSPC, EDQUOT) is not a per-frame error: from the first frame that does not fit,
+new frames are refused unwritten (`pn2v_live_frames_rejected_total{reason="disk_full"}`) and
+`refusing` says so (`{"reason": "disk_full", "since", "detail"}`, else null), so a sender keeps
+them and resends the missing ones later. One frame now and then tries the disk again (after
+1 s, doubling up to 5 min, at once when space is freed); once it is stored, frames are taken
+again, and end markers that could not be written then are written.
+
+Health: `health_reports` gives the receiver's and each writer's liveness (see `stage.Liveness`)
+for the daemon's watchdog: a thread that ended or hangs is unhealthy; writers refusing frames on
+a full disk are "paused" (healthy: a restart would not help).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import zmq
@@ -26,6 +42,13 @@ from pn2v_live.errors import UserError
 from pn2v_live.metrics import FRAMES_REJECTED, INGEST_QUEUE
 from pn2v_live.pipeline.ingest import Rejected, open_acquisition, reject, store_frame
 from pn2v_live.pipeline.protocol import EndMessage, FrameMessage, ProtocolError, decode_message
+from pn2v_live.pipeline.stage import (
+    MAX_BACKOFF_SECONDS,
+    Failures,
+    Liveness,
+    describe,
+    failure_reason,
+)
 from pn2v_live.storage.store import Acquisition, Store, validate_name
 
 log = logging.getLogger(__name__)
@@ -36,6 +59,14 @@ IDLE_SECONDS = 0.2  # a writer idle this long trims the arrays to their exact le
 PUBLISH_SECONDS = 0.25  # under load, valid_t on disk lags the stored frames by at most this
 MAX_MESSAGE_BYTES = 1 << 30  # refused by libzmq before it is received: no huge allocation
 MAX_STATUS_BYTES = 1 << 16  # a status request is a few dozen bytes; a bigger one drops its peer
+PROBE_FILE = ".disk-probe"  # in the store's root, written while refusing to see if space is back
+PROBE_BYTES = 256 * 1024
+RECEIVER = "zmq-receive"  # thread names, also the `stage` of their metrics
+WRITER = "zmq-write"
+REFUSING_DETAIL = (
+    "the store's disk is full: new frames are refused, not stored; keep them and resend the "
+    'ones missing from "stored" once "refusing" is null'
+)
 
 
 def status_endpoint(endpoint: str) -> str:
@@ -50,6 +81,20 @@ def status_endpoint(endpoint: str) -> str:
             "or name the status endpoint explicitly"
         )
     return f"tcp://{parts.hostname}:{parts.port + 1}"
+
+
+@dataclass
+class Refusal:
+    """While frames are refused: why, since when (Unix time), from when one frame may try the
+    disk again (monotonic; inf while one tries), and how many were refused."""
+
+    reason: str
+    since: float
+    retry_at: float
+    refused: int = 0
+
+    def as_reply(self) -> dict:
+        return {"reason": self.reason, "since": self.since, "detail": REFUSING_DETAIL}
 
 
 def stored_ranges(frames: list[int]) -> list[list[int]]:
@@ -89,6 +134,14 @@ class ZmqSource:
         self._state = "stopped"
         self._last_error: str | None = None
         self._flush_failing: set[str] = set()  # acquisitions whose metadata write fails now
+        self._beats: dict[str, float] = {}  # thread name → when its loop last came round
+        self._ended: dict[str, str] = {}  # thread name → what ended it
+        self._refusal: Refusal | None = None  # set while frames are refused (disk full)
+        self._refusal_lock = threading.Lock()
+        self._pending_ends: dict[str, int | None] = {}  # end markers to write once space returns
+        # Messages that did not store, and status requests or decodings that failed:
+        self._store_failures = Failures(WRITER, log, store.root, per_item=True)
+        self._receive_failures = Failures(RECEIVER, log, per_item=True)
 
     # lifecycle --------------------------------------------------------------------------
 
@@ -119,11 +172,13 @@ class ZmqSource:
         self._stop.clear()
         self._state = "running"
         self._threads = [
-            threading.Thread(target=self._receive, args=(pull, status), name="zmq-receive")
+            threading.Thread(target=self._receive, args=(pull, status), name=RECEIVER)
         ] + [
-            threading.Thread(target=self._write, name=f"zmq-write-{k}") for k in range(self.writers)
+            threading.Thread(target=self._write, name=f"{WRITER}-{k}") for k in range(self.writers)
         ]
+        now = time.monotonic()
         for thread in self._threads:
+            self._beats[thread.name] = now
             thread.start()
         log.info("receiving frames on %s, status on %s", self.bind, self.status_bind)
 
@@ -141,16 +196,38 @@ class ZmqSource:
         self._state = "stopped"
 
     def health(self) -> dict:
-        """State ("running", "stopped", "failed", ...), queue length and message counts."""
+        """State ("running", "stopped", "failed", ...), queue length, message counts, and the
+        reason frames are refused now (None when they are not)."""
         with self._counts_lock:
             counts = dict(self._counts)
         dead = self._state == "running" and not all(t.is_alive() for t in self._threads)
+        refusal = self._refusal
         return {
             "state": "failed" if dead else self._state,
             "queue": self._queue.qsize(),
             **counts,
             "last_error": self._last_error,
+            "refusing": refusal.reason if refusal else None,
         }
+
+    def health_reports(self, max_silence: float) -> list[Liveness]:
+        """The liveness of the receiver and of each writer thread (see the module docstring)."""
+        now, refusal, reports = time.monotonic(), self._refusal, []
+        for thread in self._threads:
+            name = thread.name
+            silent = now - self._beats.get(name, now)
+            if not thread.is_alive():
+                state = "stopped" if self._stop.is_set() else "dead"
+                reports.append(Liveness(name, state, detail=self._ended.get(name, "ended")))
+            elif silent >= max_silence:
+                reports.append(Liveness(name, "stuck", detail=f"no progress for {silent:.0f} s"))
+            elif refusal is not None and name != RECEIVER:
+                since = time.strftime("%H:%M:%S", time.localtime(refusal.since))
+                detail = f"refusing new frames since {since}, {refusal.refused} so far"
+                reports.append(Liveness(name, "paused", refusal.reason, detail))
+            else:
+                reports.append(Liveness(name, "ok"))
+        return reports
 
     def _count(self, key: str) -> None:
         with self._counts_lock:
@@ -164,6 +241,7 @@ class ZmqSource:
         poller.register(pull, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                self._beats[RECEIVER] = time.monotonic()
                 # Read frames only while the queue has room: backpressure through the HWM.
                 poller.modify(pull, 0 if self._queue.full() else zmq.POLLIN)
                 events = dict(poller.poll(100))
@@ -172,11 +250,23 @@ class ZmqSource:
                     try:
                         reply = self._status(request)
                     except Exception as error:  # e.g. an acquisition damaged on disk
-                        log.exception("status request failed")
-                        reply = {"error": f"{type(error).__name__}: {error}"}
+                        self._receive_failures.failed(error, "a status request")
+                        reply = {"error": describe(error)}
+                    else:
+                        self._receive_failures.succeeded(quiet=True)
                     status.send_json(reply)
                 if pull in events:
                     self._accept(pull.recv_multipart(copy=False))
+        except BaseException as error:  # the receiver is gone: say so, the health check sees it
+            self._ended[RECEIVER] = describe(error)
+            log.critical(
+                "the ZeroMQ receiver stopped (%s): frames and status requests on %s and %s are "
+                "no longer answered; the daemon reports itself unhealthy",
+                describe(error),
+                self.bind,
+                self.status_bind,
+                exc_info=error,
+            )
         finally:
             pull.close()
             status.close()
@@ -189,6 +279,11 @@ class ZmqSource:
             self._count("rejected")
             reject(SOURCE, Rejected(error.reason, str(error)), "message")
             return
+        except Exception as error:  # a bug in decoding: this message is lost, not the receiver
+            self._count("rejected")
+            FRAMES_REJECTED.labels(source=SOURCE, reason="error").inc()
+            self._receive_failures.failed(error, "decoding a message")
+            return
         self._queue.put_nowait(message)
         INGEST_QUEUE.set(self._queue.qsize())
 
@@ -200,7 +295,13 @@ class ZmqSource:
             name = validate_name(json.loads(request[0])["acquisition"])
         except (ValueError, KeyError, TypeError, RecursionError) as error:
             return {"error": f'status request must be {{"acquisition": NAME}}: {error}'}
-        reply = {"acquisition": name, "known": True, "queue": self._queue.qsize()}
+        refusal = self._refusal
+        reply = {
+            "acquisition": name,
+            "known": True,
+            "queue": self._queue.qsize(),
+            "refusing": refusal.as_reply() if refusal else None,
+        }
         try:
             acquisition = self.store.acquisition(name)
         except KeyError:
@@ -214,29 +315,155 @@ class ZmqSource:
     # writer threads ---------------------------------------------------------------------
 
     def _write(self) -> None:
-        while True:
-            try:
-                message = self._queue.get(timeout=IDLE_SECONDS)
-            except queue.Empty:
-                if self._stop.is_set():
-                    return
-                self._flush_all(trim=True)
-                continue
-            INGEST_QUEUE.set(self._queue.qsize())
-            try:
-                self._handle(message)
-            except Rejected as error:
-                self._count("rejected")
-                reject(SOURCE, error, f"a message for {message.acquisition}")
-            except Exception as error:  # disk full, permissions: keep running, sender resends
-                self._count("rejected")
-                self._last_error = f"{type(error).__name__}: {error}"
-                FRAMES_REJECTED.labels(source=SOURCE, reason="error").inc()
-                log.exception("could not store a frame of %s", message.acquisition)
-            if time.monotonic() - self._published > PUBLISH_SECONDS:
-                self._flush_all(trim=False)
+        name = threading.current_thread().name
+        try:
+            while True:
+                self._beats[name] = time.monotonic()
+                try:
+                    message = self._queue.get(timeout=IDLE_SECONDS)
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return
+                    self._probe_disk()
+                    self._flush_all(trim=True)
+                    continue
+                INGEST_QUEUE.set(self._queue.qsize())
+                self._store(message)
+                if time.monotonic() - self._published > PUBLISH_SECONDS:
+                    self._flush_all(trim=False)
+        except BaseException as error:  # a writer is gone: the health check sees it
+            self._ended[name] = describe(error)
+            log.critical("ZeroMQ writer %s stopped: %s", name, describe(error), exc_info=error)
 
-    def _handle(self, message: FrameMessage | EndMessage) -> None:
+    def _store(self, message: FrameMessage | EndMessage) -> None:
+        """Store one message, or refuse it while the disk is full (see `_admit`)."""
+        admitted = self._admit(message)
+        if not admitted:
+            return
+        probe = admitted == "probe"
+        try:
+            wrote = self._handle(message)
+        except Rejected as error:
+            self._count("rejected")
+            reject(SOURCE, error, f"a message for {message.acquisition}")
+            self._stored(probe, wrote=False)
+        except Exception as error:  # disk full, permissions: keep running, sender resends
+            self._failed(message, error, probe)
+        else:
+            self._stored(probe, wrote)
+
+    def _admit(self, message: FrameMessage | EndMessage) -> str | None:
+        """Whether to store `message` now: "store"; "probe" while refusing, for the one frame
+        that tries the full disk again (after the back-off, or once space was freed); None when
+        it is refused (counted; an end marker is kept and written once frames store again)."""
+        with self._refusal_lock:
+            refusal = self._refusal
+            if refusal is None:
+                return "store"
+            if isinstance(message, EndMessage):
+                self._pending_ends[message.acquisition] = message.frames
+                log.info("end marker of %s kept until frames are stored again", message.acquisition)
+                return None
+            if refusal.retry_at <= time.monotonic() or (
+                refusal.retry_at < math.inf and self._store_failures.space_returned()
+            ):
+                refusal.retry_at = math.inf  # until this frame's write says how the disk is
+                return "probe"
+            refusal.refused += 1
+        self._count("rejected")
+        FRAMES_REJECTED.labels(source=SOURCE, reason=refusal.reason).inc()
+        return None
+
+    def _probe_disk(self) -> None:
+        """While refusing and no frame comes to try the disk with: once the back-off is over
+        or space was freed, write (and fsync, and remove) PROBE_BYTES in the store's root; when
+        that fits, frames are taken again (and "refusing" is null) without waiting for one."""
+        with self._refusal_lock:
+            refusal = self._refusal
+            if refusal is None or refusal.retry_at == math.inf:
+                return
+            if refusal.retry_at > time.monotonic() and not self._store_failures.space_returned():
+                return
+            refusal.retry_at = math.inf
+        probe = self.store.root / PROBE_FILE
+        try:
+            with open(probe, "wb") as file:
+                file.write(bytes(PROBE_BYTES))
+                file.flush()
+                os.fsync(file.fileno())
+        except Exception as error:
+            self._write_failed(error, probe=True, what="trying the disk")
+        else:
+            self._stored(probe=True, wrote=True)
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
+    def _stored(self, probe: bool, wrote: bool) -> None:
+        """After a message was handled: a probe that wrote ends the refusal; one that did not
+        write (a duplicate, a rejected message) lets the next frame try."""
+        with self._refusal_lock:
+            refusal = self._refusal
+            if refusal is not None and probe and not wrote:
+                refusal.retry_at = time.monotonic()
+            if refusal is None or not (probe and wrote):
+                if wrote and refusal is None:
+                    self._store_failures.succeeded(quiet=True)
+                return
+            self._refusal = None
+            ends, self._pending_ends = self._pending_ends, {}
+        self._store_failures.succeeded(quiet=True)
+        log.info(
+            "storing frames again: %d frame(s) were refused over %.0f s (%s); their senders "
+            "resend them",
+            refusal.refused,
+            time.time() - refusal.since,
+            refusal.reason,
+        )
+        for name, frames in ends.items():
+            self._store(EndMessage(name, frames))
+
+    def _failed(self, message: FrameMessage | EndMessage, error: Exception, probe: bool) -> None:
+        """A message that could not be stored: counted and logged when due (`Failures`); a full
+        disk starts (or prolongs) the refusal of new frames."""
+        self._count("rejected")
+        full = failure_reason(error) == "disk_full"
+        FRAMES_REJECTED.labels(source=SOURCE, reason="disk_full" if full else "error").inc()
+        end = isinstance(message, EndMessage)
+        if full and end:
+            with self._refusal_lock:
+                self._pending_ends[message.acquisition] = message.frames
+        what = "closing an acquisition" if end else "storing a frame"
+        self._write_failed(error, probe, what, message.acquisition)
+
+    def _write_failed(
+        self, error: Exception, probe: bool, what: str, acquisition: str | None = None
+    ) -> None:
+        """Count and log (when due) a write that failed; a full disk starts or prolongs the
+        refusal of new frames, another error lets the next frame try the disk."""
+        self._last_error = describe(error)
+        delay = self._store_failures.failed(error, what, acquisition)
+        with self._refusal_lock:
+            refusal = self._refusal
+            if failure_reason(error) != "disk_full":
+                if refusal is not None and probe:
+                    refusal.retry_at = time.monotonic()
+                return
+            if refusal is not None:
+                refusal.retry_at = time.monotonic() + delay
+                return
+            self._refusal = Refusal("disk_full", time.time(), time.monotonic() + delay)
+        log.error(
+            "the store's disk is full: new frames are refused, not stored, until one fits again "
+            "(one tries after %.0f s, then less and less often up to every %.0f min, and at once "
+            "when space is freed); senders keep them and resend, the status reply says "
+            '"refusing"',
+            delay,
+            MAX_BACKOFF_SECONDS / 60,
+        )
+
+    def _handle(self, message: FrameMessage | EndMessage) -> bool:
+        """Store a frame or close an acquisition; False for a duplicate (nothing written)."""
         if isinstance(message, EndMessage):
             try:
                 acquisition = self.store.acquisition(message.acquisition)
@@ -248,7 +475,7 @@ class ZmqSource:
             log.info(
                 "%s closed by its sender (%s frames announced)", acquisition.name, message.frames
             )
-            return
+            return True
         if message.c or message.z:
             raise Rejected("plane", "only single-plane frames (c = 0, z = 0) are stored")
         acquisition = open_acquisition(
@@ -258,8 +485,9 @@ class ZmqSource:
             with self._counts_lock:
                 self._touched.add(acquisition)
             self._count("stored")
-        else:
-            self._count("duplicates")
+            return True
+        self._count("duplicates")
+        return False
 
     def _flush_all(self, trim: bool) -> None:
         """Write valid_t of the acquisitions stored to since the last trim (see `flush`).
