@@ -13,6 +13,7 @@ signal during start-up lets start-up finish, then `run` drains at once.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -21,12 +22,12 @@ import torch
 
 from pn2v_live.core.noise import NoiseModel
 from pn2v_live.errors import UserError
-from pn2v_live.metrics import NOISE_MODEL_SIGNAL_MAX
+from pn2v_live.metrics import DISK_FULL, NOISE_MODEL_SIGNAL_MAX, STAGE_HEALTHY
 from pn2v_live.pipeline.folder_source import FolderSource
 from pn2v_live.pipeline.inference import FrameListener, InferenceScheduler
 from pn2v_live.pipeline.noise_refinement import NoiseRefiner, RefinementSettings, on_device
 from pn2v_live.pipeline.publisher import DenoisedPublisher
-from pn2v_live.pipeline.stage import Stage
+from pn2v_live.pipeline.stage import Liveness, thread_liveness
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings, pick_device
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.service.config import Config
@@ -281,18 +282,28 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or `request_stop`), then drain and close (also when the
-        loop fails)."""
+        loop fails). Every tick: the health check (`health`) — WATCHDOG=1 only while every
+        thread is healthy, one log line when that changes — and STATUS= when it changed."""
         interval = self.notifier.watchdog_interval
         tick = min(TICK_SECONDS, interval) if interval else TICK_SECONDS
-        max_silence = 2 * interval if interval else UNWATCHED_SILENCE
-        last_status = None
+        last_status, last_problems = None, []
         try:
             while not self._stop.wait(tick):
-                if all(stage.alive(max_silence) for stage in self._stages()):
+                reports = self.health()
+                problems = [report for report in reports if not report.healthy]
+                if not problems:
                     self.notifier.watchdog()
-                else:
-                    log.error("a stage stopped making progress; not pinging the watchdog")
-                status = self.status_line()
+                key = [(report.name, report.state) for report in problems]
+                if key != last_problems:
+                    if problems:
+                        log.error(
+                            "unhealthy, no WATCHDOG=1 until it recovers: %s",
+                            "; ".join(str(report) for report in problems),
+                        )
+                    else:
+                        log.info("healthy again: every thread makes progress")
+                    last_problems = key
+                status = self.status_line(reports)
                 if status != last_status:
                     self.notifier.status(status)
                     last_status = status
@@ -323,12 +334,35 @@ class Daemon:
 
     # ---- status -------------------------------------------------------------------------
 
-    def _stages(self) -> list[Stage]:
-        stages = [self.inference, self.trainer, self.refiner, *self.sources]
-        return [s for s in stages if isinstance(s, Stage)]
+    @property
+    def max_silence(self) -> float:
+        """Seconds without progress after which a thread is unhealthy: twice the watchdog
+        interval (WatchdogSec) under systemd, else UNWATCHED_SILENCE."""
+        interval = self.notifier.watchdog_interval
+        return 2 * interval if interval else UNWATCHED_SILENCE
+
+    def health(self) -> list[Liveness]:
+        """The liveness of every long-running thread — inference, trainer, noise refiner,
+        folder watcher, the ZeroMQ receiver and writers, the viewer's server — also exported as
+        pn2v_live_stage_healthy{stage} and pn2v_live_disk_full."""
+        parts = [self.inference, self.trainer, self.refiner, *self.sources]
+        reports = [
+            report
+            for part in parts
+            if hasattr(part, "health_reports")
+            for report in part.health_reports(self.max_silence)
+        ]
+        viewer_thread = getattr(self.viewer, "_thread", None)  # its server loop
+        if viewer_thread is not None:
+            reports.append(thread_liveness("viewer", viewer_thread))
+        for report in reports:
+            STAGE_HEALTHY.labels(report.name).set(report.healthy)
+        DISK_FULL.set(any(_disk_full(report) for report in reports))
+        return reports
 
     def status(self) -> dict:
         """What the viewer's /api/status shows."""
+        reports = self.health()
         inference, trainer = self.inference, self.trainer
         model = inference.model if inference else None
         return {
@@ -345,6 +379,9 @@ class Daemon:
             "trainer_state": trainer.state if trainer else "idle",
             "loss_history": list(trainer.history) if trainer else [],
             "noise_model": self.noise_model_status(),
+            "healthy": all(report.healthy for report in reports),
+            "disk_full": any(_disk_full(report) for report in reports),
+            "health": [report.as_dict() for report in reports],
         }
 
     def noise_model_status(self) -> dict:
@@ -359,17 +396,56 @@ class Daemon:
             "refine": self.config.noise_model.refine,
         }
 
-    def status_line(self) -> str:
+    def status_line(self, reports: list[Liveness] | None = None) -> str:
+        """systemd's STATUS=: what is wrong first (unhealthy threads, a full disk, failures
+        being retried), then model, backlog and trainer."""
         status = self.status()
         model = (
             f"model v{status['model_version']} (context {status['model_context']})"
             if status["model_version"]
             else "waiting for the first model"
         )
-        return (
+        line = (
             f"{model}, backlog {status['backlog']} frames, {status['training_rounds']} rounds, "
             f"trainer {status['trainer_state']}"
         )
+        return _health_line(self.health() if reports is None else reports) + line
+
+
+def _disk_full(report: Liveness) -> bool:
+    return report.state == "paused" and report.reason == "disk_full"
+
+
+def _short(report: Liveness) -> str:
+    """E.g. "trainer failing (disk_full)", "zmq-receive dead (InjectedFault: ...)"."""
+    why = report.detail if report.state == "dead" else report.reason
+    return f"{report.name} {report.state}" + (f" ({why})" if why else "")
+
+
+def _health_line(reports: list[Liveness]) -> str:
+    """The start of the STATUS= line: e.g. "UNHEALTHY: zmq-receive dead (InjectedFault: ...);
+    DISK FULL: new frames refused, paused: zmq-write, trainer; " ("" when all is well). Names
+    and states only (no times), so the line changes only when the health does."""
+
+    def names(selected: list[Liveness]) -> str:
+        return ", ".join(dict.fromkeys(re.sub(r"-\d+$", "", r.name) for r in selected))
+
+    unhealthy = [r for r in reports if not r.healthy]
+    paused = [r for r in reports if _disk_full(r)]
+    retrying = [r for r in reports if r.state == "retrying"]
+    parts = []
+    if unhealthy:
+        parts.append("UNHEALTHY: " + ", ".join(map(_short, unhealthy)))
+    if paused:
+        refusing = any(r.name.startswith("zmq-write") for r in paused)
+        parts.append(
+            "DISK FULL: "
+            + ("new frames refused, " if refusing else "")
+            + f"paused: {names(paused)}"
+        )
+    if retrying:
+        parts.append("retrying after failures: " + names(retrying))
+    return "".join(f"{part}; " for part in parts)
 
 
 def _device(name: str, key: str) -> torch.device:
