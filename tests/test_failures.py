@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 
+import numpy as np
 from prometheus_client import REGISTRY
 
 from pn2v_live.pipeline.stage import (
@@ -153,3 +154,52 @@ def test_a_hung_stage_is_stuck_and_a_stopped_one_is_not_healthy():
         assert stage.stop(timeout=5)
     assert stage.liveness(max_silence=0.5).state == "stopped"
     assert not stage.alive(max_silence=0.5)
+
+
+def test_the_folder_watcher_pauses_on_a_full_disk_and_takes_the_waiting_files_after(
+    tmp_path, monkeypatch, caplog
+):
+    """Every write fails as on a full disk for a few seconds: the watcher pauses (no line per
+    file), then stores all files in order once writes work again."""
+    import tifffile
+
+    from pn2v_live.pipeline.folder_source import FolderSource
+    from pn2v_live.storage.store import Acquisition, Store
+
+    watched = tmp_path / "scope" / "cells"
+    watched.mkdir(parents=True)
+    data = np.random.default_rng(0).integers(0, 250, (6, 16, 16)).astype("uint16")
+    for t, frame in enumerate(data):
+        tifffile.imwrite(watched / f"img_{t}.tif", frame)
+    full = threading.Event()
+    full.set()
+    write_raw = Acquisition.write_raw
+
+    def write_unless_full(self, t, frame, publish=True):
+        if full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_raw(self, t, frame, publish)
+
+    monkeypatch.setattr(Acquisition, "write_raw", write_unless_full)
+    caplog.set_level(logging.INFO, logger="pn2v_live")
+    before = failures_metric("folder-source", "disk_full")
+    store = Store(tmp_path / "store")
+    source = FolderSource(store, [tmp_path / "scope"], stable_seconds=0.2, rescan_seconds=60)
+    source.start()
+    try:
+        wait_until(lambda: source.failure_log.in_a_row >= 1, timeout=30)
+        time.sleep(2.5)  # failures at 0, 1 and 3 s
+        assert source.liveness(max_silence=5).state == "paused"
+        assert source.counts["stored_frames"] == 0
+        full.clear()
+        wait_until(lambda: source.counts["stored_frames"] == 6, timeout=20)
+    finally:
+        source.stop()
+    failed = failures_metric("folder-source", "disk_full") - before
+    assert 1 <= failed <= 3  # at 0, 1 and 3 s: backed off, not once per file and pass
+    lines = [r.getMessage() for r in caplog.records if "folder" in r.name]
+    assert sum("failed" in line for line in lines) <= 2, lines
+    assert any("folder-source works again" in line for line in lines)
+    acquisition = store.acquisition("cells")
+    np.testing.assert_array_equal(np.stack([acquisition.read_raw(t) for t in range(6)]), data)
+    store.close()
