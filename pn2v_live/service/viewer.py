@@ -451,6 +451,7 @@ class ViewerServer:
         self._watcher.cancel()
         for task in self._accepting:
             task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
         for sock in self._listeners:
             sock.close()
         for stream in self._streams:
