@@ -44,7 +44,7 @@ def test_quality_part_scores_every_model_against_the_ground_truth(data_dir):
     (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     result = json.loads(line)
     assert result["part"] == "quality" and result["steps_per_model"] == 1
-    assert result["seeds"] == 2 and result["scored_frames"] == 2
+    assert result["seeds"] == 2 and result["scored_frames"] == [0, 1]
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert result["body_dtype"] == ("bfloat16" if native else "float32")
     scores, corrected = result["psnr_db"], result["psnr_drift_corrected_db"]
@@ -81,12 +81,13 @@ def test_quality_part_scores_temporal_context_on_a_drifting_field(data_dir):
     command = [sys.executable, "-m", "pn2v_live", "bench", "--part", "quality", "--steps", "1",
                "--k", "16", "--threads", "2", "--data", str(data_dir), "--noise-model",
                "histogram", "--context", "1:1", "--drift", "3", "--target", "fov04",
-               "--score-frames", "2"]  # fmt: skip
+               "--score-frames", "2", "--score-spread"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
     (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     result = json.loads(line)
     assert (result["target"], result["drift_px_per_frame"]) == ("fov04", 3)
     assert result["minutes_per_model"] is None  # --steps alone: no wall-clock limit
+    assert result["scored_frames"] == [0, 25]  # two frames spread over the 50
     scores = result["psnr_db"]
     # the temporal model is scored on its refined and on its live (causal) twins
     assert set(scores) == {
@@ -96,7 +97,7 @@ def test_quality_part_scores_temporal_context_on_a_drifting_field(data_dir):
     raw, truth = load_field(data_dir, "fov04")
     width = 512 - 49 * 3
     errors = [((raw[t, :, 3 * t : 3 * t + width].astype(np.float64)
-                - truth[:, 3 * t : 3 * t + width]) ** 2).mean() for t in range(2)]  # fmt: skip
+                - truth[:, 3 * t : 3 * t + width]) ** 2).mean() for t in (0, 25)]  # fmt: skip
     assert scores["raw"] == pytest.approx(np.mean(10 * np.log10(255**2 / np.array(errors))))
     progress = [json.loads(x) for x in completed.stderr.splitlines() if x.startswith('{"run"')]
     assert {p["context"] for p in progress if p["run"].startswith("pn2v")} == {"1:1"}

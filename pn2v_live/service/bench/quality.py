@@ -33,11 +33,13 @@ from pn2v_live.storage.images import read_image, read_stack
 
 FMD = "fmd_confocal_bpae"
 FIELDS = ("fov01", "fov02", "fov03", "fov04")
+FIELD_FRAMES = 50  # frames per field of view
 DATA_RANGE = 255.0
 
 
 def load_field(data_dir: Path, field: str) -> tuple[np.ndarray, np.ndarray]:
-    """(50, 512, 512) raw frames and the (512, 512) ground truth of one field of view, float32."""
+    """(FIELD_FRAMES, 512, 512) raw frames and the (512, 512) ground truth of one field of
+    view, float32."""
     folder = Path(data_dir) / FMD / field
     return (
         read_stack(folder / "raw.tif").astype(np.float32),
@@ -65,6 +67,14 @@ def drift_corrected(frame: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return (gain * truth + offset).astype(np.float32)
 
 
+def scored_frames(frames: int, count: int, spread: bool) -> list[int]:
+    """Indices of the `count` frames scored out of `frames`: the first ones, or with `spread`
+    every (frames / count)-th from frame 0."""
+    if not spread:
+        return list(range(min(count, frames)))
+    return sorted({t * frames // count for t in range(min(count, frames))})
+
+
 def score(frames: np.ndarray, references: np.ndarray | list[np.ndarray]) -> float:
     """Mean PSNR (dB, data range 255) of `frames` (N, Y, X) against `references`: one (Y, X)
     image for all frames, or one per frame."""
@@ -83,6 +93,7 @@ def compare(
     steps: int | None = None,
     k: int = 800,
     score_frames: int = 5,
+    score_spread: bool = False,
     seed: int = 0,
     contexts: tuple[Context | None, ...] = (SPATIAL,),
     drift: int = 0,
@@ -91,6 +102,8 @@ def compare(
     """Train each mode (PN2V once per noise model and temporal context, None meaning "auto")
     for `minutes` (or `steps`, whichever ends first) and score the target's frames against the
     ground truth and against the ground truth corrected for drift (see the module docstring).
+    The frames scored are the first `score_frames`, or with `score_spread` that many spread
+    evenly over the acquisition (where a temporal window is whole for most of them).
     With `drift` (pixels per frame) the target is `drifting`. A PN2V model with temporal
     context is also scored on its causal (live) twins, as "<name> live".
 
@@ -99,8 +112,9 @@ def compare(
     """
     raw, truth = load_field(data_dir, target)
     raw, truths = drifting(raw, truth, drift) if drift else (raw, [truth] * len(raw))
-    test_frames = raw[:score_frames]
-    references = list(truths[:score_frames])
+    scored = scored_frames(len(raw), score_frames, score_spread)
+    test_frames = raw[scored]
+    references = [truths[t] for t in scored]
     corrected = [drift_corrected(f, t) for f, t in zip(test_frames, references, strict=True)]
     results: dict[str, dict[str, float]] = {"psnr_db": {}, "psnr_drift_corrected_db": {}}
 
@@ -148,7 +162,7 @@ def compare(
         chosen = denoiser.context
         views = [(name, chosen)] + ([(f"{name} live", chosen.causal)] if chosen.after else [])
         for view_name, visible in views:
-            windows = [window(raw, t, chosen, visible) for t in range(score_frames)]
+            windows = [window(raw, t, chosen, visible) for t in scored]
             denoised = np.stack(
                 [denoise(denoiser, w, noise_model, compiled=True)["denoised"] for w in windows]
             )

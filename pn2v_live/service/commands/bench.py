@@ -73,6 +73,13 @@ def bench(
     score_frames: Annotated[
         int, typer.Option(min=1, max=50, help="quality: score the target's first N frames")
     ] = 5,
+    score_spread: Annotated[
+        bool,
+        typer.Option(
+            "--score-spread",
+            help="quality: score the N frames spread evenly over the acquisition instead",
+        ),
+    ] = False,
     context: Annotated[
         list[str],
         typer.Option(
@@ -177,7 +184,7 @@ def bench(
             if minutes is None and steps is None:
                 minutes = 20.0
             result = run_quality(
-                data, minutes, steps, k, seeds, tuple(noise_model), score_frames,
+                data, minutes, steps, k, seeds, tuple(noise_model), score_frames, score_spread,
                 contexts=contexts, drift=drift, target=target, modes=tuple(mode),
             )  # fmt: skip
         else:
@@ -222,6 +229,7 @@ def run_quality(
     seeds: int,
     kinds: tuple[str, ...],
     score_frames: int,
+    score_spread: bool,
     contexts: tuple,
     drift: int,
     target: str,
@@ -236,7 +244,14 @@ def run_quality(
     from pn2v_live.core.model import MODES
     from pn2v_live.pipeline.calibration import KINDS
     from pn2v_live.service.bench.algorithm import body_dtype
-    from pn2v_live.service.bench.quality import FIELDS, FMD, calibrated_models, compare
+    from pn2v_live.service.bench.quality import (
+        FIELD_FRAMES,
+        FIELDS,
+        FMD,
+        calibrated_models,
+        compare,
+        scored_frames,
+    )
 
     if data is None or not (data / FMD).is_dir():
         raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
@@ -255,6 +270,7 @@ def run_quality(
             steps=steps,
             k=k,
             score_frames=score_frames,
+            score_spread=score_spread,
             seed=seed,
             target=target,
             modes=modes,
@@ -275,7 +291,7 @@ def run_quality(
         "seeds": seeds,
         "minutes_per_model": minutes,
         "steps_per_model": steps,
-        "scored_frames": score_frames,
+        "scored_frames": scored_frames(FIELD_FRAMES, score_frames, score_spread),
         "target": target,
         "drift_px_per_frame": drift,
         "body_dtype": body,
