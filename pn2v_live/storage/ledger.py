@@ -3,14 +3,21 @@
 Three tables:
 
 - `frames(acquisition, t)`: a raw frame counts as stored once its row exists. The store writes
-  the chunk first and this row second, so a crash between the two leaves an unrecorded chunk that
-  the next delivery of the same frame simply overwrites.
+  the chunk and fsyncs it and its folders first, and commits this row second (`record`, many
+  frames per transaction), so a crash or power cut between the two leaves an unrecorded chunk
+  that the next delivery of the same frame simply overwrites, never a row without its chunk.
 - `items(source, key, ...)`: every source item (a file, or one ZeroMQ message identified by
   acquisition and index) with its size, mtime, the frame range it maps to and its status:
   `pending` (frame range reserved, being written), `stored`, or `rejected` with a reason.
 - `denoised(acquisition, t, version, window)`: which model version produced each denoised frame,
   and which frames around it that model saw ("before:after" t; "2:0" is a live twin that the
   back-fill refines to "2:2" once the later frames are stored).
+
+Durability: `record` commits with `synchronous=FULL` (the WAL is fsynced before it returns);
+every other write commits with `synchronous=NORMAL` (durable at the next `record` or
+checkpoint; the WAL is append-only, so a power cut can only lose the newest commits, never one
+before a `record` that survived). Losing such a commit is harmless: a pending item is
+ingested again into the same frames, a `stored` mark follows from a pending one.
 
 All methods are thread-safe (one connection behind a lock).
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +87,8 @@ class Ledger:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a process crash loses nothing, a power cut at most the last commits.
+        # NORMAL in WAL mode: a process crash loses nothing, a power cut at most the last
+        # commits; `record` (stored and denoised frames) switches to FULL for its transaction.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
@@ -97,9 +106,36 @@ class Ledger:
 
     # frames -----------------------------------------------------------------------------
 
+    def record(
+        self,
+        frames: Sequence[tuple[str, int]] = (),
+        denoised: Sequence[tuple[str, int, int, str]] = (),
+    ) -> None:
+        """Record stored raw frames (acquisition, t) and denoised frames (acquisition, t, model
+        version, window) in one transaction, on disk (WAL fsynced) when this returns.
+
+        Call only once their chunks and folders are fsynced (the store's group commit does).
+        """
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany("INSERT OR IGNORE INTO frames VALUES (?, ?)", frames)
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO denoised VALUES (?, ?, ?, ?)", denoised
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+
     def add_frame(self, acquisition: str, t: int) -> None:
-        """Record raw frame `t` of `acquisition` as stored (call after its chunk is written)."""
-        self._run("INSERT OR IGNORE INTO frames VALUES (?, ?)", (acquisition, t))
+        """Record raw frame `t` of `acquisition` as stored (call after its chunk is on disk)."""
+        self.record(frames=[(acquisition, t)])
 
     def forget_frames(self, acquisition: str, ts: list[int]) -> None:
         """Drop the rows of frames whose raw chunks turned out to be missing (reconciliation),
@@ -128,9 +164,8 @@ class Ledger:
 
     def set_denoised(self, acquisition: str, t: int, version: int, window: str = "0:0") -> None:
         """Record that denoised frame `t` was written by model `version` seeing the frames
-        `window` ("before:after") around it (after its chunk)."""
-        row = (acquisition, t, version, window)
-        self._run("INSERT OR REPLACE INTO denoised VALUES (?, ?, ?, ?)", row)
+        `window` ("before:after") around it (after its chunk is on disk)."""
+        self.record(denoised=[(acquisition, t, version, window)])
 
     def denoised_twins(self, acquisition: str) -> dict[int, tuple[int, str]]:
         """{t: (model version, window)} of every denoised frame of `acquisition`."""

@@ -6,8 +6,9 @@ Layout of the registry folder (usually `<store root>/models/`):
     v0003.json    the same metadata, for listing without loading weights
     current       the promoted version number, e.g. "3"
 
-Every file is written to a temporary name, fsynced and renamed over the final name: checkpoint,
-then metadata, then the pointer. After a SIGKILL or power cut the pointer names a complete
+Every file is written to a temporary name, fsynced, renamed over the final name and the folder
+fsynced (`atomic.write_atomically`): checkpoint, then metadata, then the pointer, each on disk
+before the next is written. After a SIGKILL or power cut the pointer names a complete
 checkpoint, and a half-written newer version is never used (its number is simply skipped).
 
 With `keep_versions`, each promotion then deletes every version but the current one and the newest
@@ -28,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pn2v_live.core.model import Denoiser
-from pn2v_live.storage.atomic import sync_folder, write_atomically
+from pn2v_live.storage.atomic import make_folders, sync_folder, write_atomically
 from pn2v_live.storage.checkpoints import load_denoiser, save_denoiser
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class ModelRegistry:
             raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
         self.folder = Path(folder)
         self.keep_versions = keep_versions
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folders(self.folder)  # durably: a promoted version must not lose its folder
         self._lock = threading.Lock()
         for leftover in self.folder.glob(".*"):  # temporary files of a writer that was killed
             leftover.unlink()

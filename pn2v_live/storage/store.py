@@ -17,6 +17,12 @@ once its ledger row exists; `valid_t` (number of contiguous stored frames from t
 live readers should trust, not the array shape. The ledger records for every denoised frame the
 model version and the temporal window ("before:after") that made it.
 
+Durability (power cut): a ledger row commits only after its chunk file and every folder leading
+to it are fsynced (`GroupCommit`: concurrent writers' fsyncs share the disk's cache flushes and
+their rows one ledger transaction), so after a power cut every frame the ledger (and so the
+sender's status reply) calls stored is on disk. A chunk written but not yet recorded is simply
+written again when its frame is resent.
+
 One process writes a data root at a time: `Store(root, writer=True)` (ingest, serve) holds an
 exclusive lock on `<root>/writer.lock` and refuses to open while another process holds it. Only the
 writer removes the temporary chunk files (`*.partial`) a killed writer left behind; other processes
@@ -44,6 +50,7 @@ from zarr.core.sync import sync
 
 from pn2v_live.core.context import SPATIAL, Context
 from pn2v_live.errors import UserError
+from pn2v_live.storage.atomic import make_folders, sync_folder, sync_paths
 from pn2v_live.storage.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -80,6 +87,80 @@ def _compressor(zarr_format: int) -> object:
     return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
+class GroupCommit:
+    """Makes written chunks durable, then records them in the ledger, many frames per commit.
+
+    A writer first fsyncs its chunk file and the folders leading to it (`sync_paths`: all at
+    once, and at the same time as other writers' fsyncs, which share the disk's cache flushes),
+    then hands over its ledger row and waits. A writer that finds no commit running leads one:
+    it takes every row handed over so far, commits them in one transaction (`Ledger.record`,
+    one WAL fsync) and wakes their writers; rows handed over meanwhile wait for the next one,
+    led by one of their writers. No thread of its own. When a commit fails, each of its writers
+    gets the error and its frame is not recorded.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._changed = threading.Condition()
+        self._waiting: list[_Handover] = []
+        self._leading = False
+        self.rounds = 0  # rounds committed, and the frames they held (for tests and benches)
+        self.committed = 0
+
+    def commit(
+        self,
+        paths: list[Path],
+        frame: tuple[str, int] | None = None,
+        denoised: tuple[str, int, int, str] | None = None,
+    ) -> None:
+        """Return once `paths` are fsynced and then the raw `frame` (acquisition, t) or
+        `denoised` row (acquisition, t, version, window) is committed; raise what made either
+        fail (nothing is recorded then)."""
+        sync_paths(paths)
+        handover = _Handover(frame, denoised)
+        with self._changed:
+            self._waiting.append(handover)
+            while self._leading and not handover.done:
+                self._changed.wait()
+            if not handover.done:
+                self._leading = True
+                batch, self._waiting = self._waiting, []
+        if not handover.done:
+            self._round(batch)
+        if handover.error is not None:
+            raise handover.error
+
+    def _round(self, batch: list[_Handover]) -> None:
+        error = None
+        try:
+            self._ledger.record(
+                [h.frame for h in batch if h.frame is not None],
+                [h.denoised for h in batch if h.denoised is not None],
+            )
+        except BaseException as caught:  # the writers see it, each for its own frame
+            error = caught
+        with self._changed:
+            for handover in batch:
+                handover.error = error
+                handover.done = True
+            if error is None:
+                self.rounds += 1
+                self.committed += len(batch)
+            self._leading = False
+            self._changed.notify_all()
+
+
+class _Handover:
+    """One frame waiting in a GroupCommit."""
+
+    __slots__ = ("frame", "denoised", "done", "error")
+
+    def __init__(self, frame, denoised) -> None:
+        self.frame, self.denoised = frame, denoised
+        self.done = False
+        self.error: BaseException | None = None
+
+
 class Acquisition:
     """One acquisition: raw and denoised frames of shape `frame_shape` (Y, X).
 
@@ -88,12 +169,19 @@ class Acquisition:
     """
 
     def __init__(
-        self, group: zarr.Group, name: str, path: Path, ledger: Ledger, writer: bool
+        self,
+        group: zarr.Group,
+        name: str,
+        path: Path,
+        ledger: Ledger,
+        writer: bool,
+        committer: GroupCommit | None = None,
     ) -> None:
         self.name = name
         self.path = path
         self._group = group
         self._ledger = ledger
+        self._committer = committer or GroupCommit(ledger)
         self._lock = threading.Lock()
         # Every frame gets its chunk, even one equal to the fill value (an all-dark frame is data;
         # reconciliation checks chunk files), and zarr skips its per-write fill-value scan.
@@ -225,7 +313,8 @@ class Acquisition:
             self._in_flight.discard(t)
 
     def write_raw(self, t: int, frame: np.ndarray, publish: bool = True) -> None:
-        """Store raw frame `t` (Y, X): chunk first, ledger row second.
+        """Store raw frame `t` (Y, X): chunk first, fsync of it and its folders, ledger row
+        last (see `GroupCommit`); when this returns the frame is on disk and recorded.
 
         Overwrites any earlier chunk at `t`; callers that must not store a frame twice use
         `claim` first (the ingest sources do). When this returns, the on-disk `valid_t` counts
@@ -242,7 +331,7 @@ class Acquisition:
             self._ensure_length(t + 1)
         try:
             self._raw[t, 0, 0] = frame
-            self._ledger.add_frame(self.name, t)
+            self._committer.commit(self._durable_paths(self._raw, t), frame=(self.name, t))
         finally:
             with self._lock:
                 self._writing.discard(t)
@@ -266,7 +355,8 @@ class Acquisition:
             raise KeyError(f"{self.name}: cannot denoise frame {t}, its raw frame is not stored")
         self._check_frame(frame, np.dtype("float32"))
         self._denoised[t, 0, 0] = frame
-        self._ledger.set_denoised(self.name, t, int(model_version), str(window))
+        row = (self.name, t, int(model_version), str(window))
+        self._committer.commit(self._durable_paths(self._denoised, t), denoised=row)
         with self._lock:
             self._versions[t] = int(model_version)
             self._windows[t] = window
@@ -299,6 +389,19 @@ class Acquisition:
                 f"{self.name}: frame is {frame.shape} {frame.dtype}, "
                 f"the acquisition holds {self.frame_shape} {dtype}"
             )
+
+    def _durable_paths(self, array: zarr.Array, t: int) -> list[Path]:
+        """What to fsync so frame `t`'s chunk of `array` survives a power cut: the chunk file and
+        every folder from the array's own down to the chunk's (each frame's key, e.g.
+        `t/0/0/0/0`, makes new folders)."""
+        root = Path(array.store_path.store.root) / array.store_path.path
+        chunk = root / array.metadata.encode_chunk_key((t, 0, 0, 0, 0))
+        paths = [chunk]
+        folder = chunk.parent
+        while folder != root and root in folder.parents:
+            paths.append(folder)
+            folder = folder.parent
+        return [*paths, root]
 
     def _ensure_length(self, frames: int) -> None:
         """Grow both images to hold `frames` frames, in steps of GROW_STEP (caller holds lock).
@@ -370,12 +473,12 @@ class Store:
         UserError when another process already is."""
         if zarr_format not in (2, 3):
             raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format}")
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = make_folders(root)
         self.zarr_format = zarr_format
         self.writer = writer
         self._writer_lock = _lock_writer(self.root) if writer else None
         self.ledger = Ledger(self.root)
+        self.committer = GroupCommit(self.ledger)
         self._lock = threading.Lock()
         self._open: dict[str, Acquisition] = {}
         self._unopenable: set[str] = set()  # acquisitions already logged as damaged
@@ -422,7 +525,9 @@ class Store:
                 if not (path / "raw").is_dir():
                     raise KeyError(f"no acquisition {name!r} under {self.root}")
                 group = zarr.open_group(path, mode="r+")
-                self._open[name] = Acquisition(group, name, path, self.ledger, self.writer)
+                self._open[name] = Acquisition(
+                    group, name, path, self.ledger, self.writer, self.committer
+                )
             return self._open[name]
 
     def create(self, name: str, frame_shape: tuple[int, int], dtype: str | np.dtype) -> Acquisition:
@@ -490,7 +595,9 @@ class Store:
                 name=image,
             )
         group.attrs["pn2v_live"] = {"valid_t": 0, "closed": False}
+        sync_paths([*building.rglob("*"), building])  # all of it on disk before it appears
         building.rename(path)
+        sync_folder(self.root)
 
 
 def _lock_writer(root: Path) -> int:
