@@ -155,6 +155,11 @@ class Ledger:
                 for table in ("frames", "denoised", "items")
             )
 
+    def length(self, acquisition: str) -> int:
+        """One past the last stored raw frame of `acquisition` (0 when none is stored)."""
+        rows = self._run("SELECT max(t) FROM frames WHERE acquisition = ?", (acquisition,))
+        return 0 if rows[0][0] is None else rows[0][0] + 1
+
     def frames(self, acquisition: str) -> list[int]:
         """Indices of the stored raw frames of `acquisition`, ascending."""
         rows = self._run("SELECT t FROM frames WHERE acquisition = ? ORDER BY t", (acquisition,))

@@ -10,8 +10,10 @@ Layout under the data root::
 
 Axes are t, c, z, y, x; each chunk is one frame plane (1, 1, 1, Y, X), so appending a frame
 writes one new chunk file and never rewrites an old one. The arrays grow GROW_STEP frames at a
-time (a metadata-only resize) and `flush()` trims them to the exact length. Chunk files are written
-atomically (temporary file + rename) by zarr's LocalStore, so readers in other processes
+time (a metadata-only resize) and `flush()` trims them to the exact length; the writer also
+trims every acquisition when it opens one and when it closes the store, so after a stop (also
+one following a crash) every array is exactly as long as its stored frames. Chunk files are
+written atomically (temporary file + rename) by zarr's LocalStore, so readers in other processes
 (napari, Fiji, dask) see either a whole frame or the fill value. A frame counts as stored only
 once its ledger row exists; `valid_t` (number of contiguous stored frames from t = 0) is what
 live readers should trust, not the array shape. The ledger records for every denoised frame the
@@ -21,7 +23,8 @@ Durability (power cut): a ledger row commits only after its chunk file and every
 to it are fsynced (`GroupCommit`: concurrent writers' fsyncs share the disk's cache flushes and
 their rows one ledger transaction), so after a power cut every frame the ledger (and so the
 sender's status reply) calls stored is on disk. A chunk written but not yet recorded is simply
-written again when its frame is resent.
+written again when its frame is resent. Array metadata is not fsynced per resize: the writer
+makes each array as long as its stored frames when it opens the acquisition.
 
 One process writes a data root at a time: `Store(root, writer=True)` (ingest, serve) holds an
 exclusive lock on `<root>/writer.lock` and refuses to open while another process holds it. Only the
@@ -34,6 +37,7 @@ Default is OME-NGFF 0.4 on Zarr format 2; `zarr_format=3` writes OME-NGFF 0.5 on
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
@@ -192,9 +196,11 @@ class Acquisition:
         self.dtype = np.dtype(self._raw.dtype)
         if writer:
             self._sweep_partials()
-            if self._denoised.shape[0] != self._raw.shape[0]:  # killed between the two resizes
-                self._resize(self._raw.shape[0])
         self._stored = set(self._reconcile())
+        if writer:  # killed while grown, between the two resizes, or a resize lost to a power cut
+            length = max(self._stored, default=-1) + 1
+            if self._raw.shape[0] != length or self._denoised.shape[0] != length:
+                self._resize(length)
         self._in_flight: set[int] = set()
         self._writing: set[int] = set()
         self.wrote = False  # raw frames written through this object (then close() trims)
@@ -368,18 +374,21 @@ class Acquisition:
         self.flush(closed=True, **extra)
         self.closed = True
 
-    def flush(self, trim: bool = True, **attrs: object) -> None:
+    def flush(self, trim: bool = True, **attrs: object) -> bool:
         """Write `valid_t` (and `attrs`) to disk; with `trim`, also cut both arrays to the exact
-        length (last stored frame + 1) so readers see no empty frames at the end.
+        length (last stored frame + 1) so readers see no empty frames at the end. True when
+        that changed their length.
 
         Ingest sources trim when they fall idle; `close()` and `Store.close()` do too.
         """
         with self._lock:
             busy = self._stored | self._writing | self._in_flight
             length = max(busy, default=-1) + 1
-            if trim and self._raw.shape[0] != length:
+            resize = trim and (self._raw.shape[0], self._denoised.shape[0]) != (length, length)
+            if resize:
                 self._resize(length)
             self._set_attrs(**attrs)
+            return resize
 
     # internals --------------------------------------------------------------------------
 
@@ -484,16 +493,46 @@ class Store:
         self._unopenable: set[str] = set()  # acquisitions already logged as damaged
 
     def close(self) -> None:
-        """Flush the acquisitions this process wrote raw frames to, close the ledger and give up
-        the writer lock."""
-        with self._lock:
-            for acquisition in self._open.values():
-                if acquisition.wrote:
-                    acquisition.flush()
+        """Flush the acquisitions this process wrote raw frames to (the writer: trim every
+        acquisition to its stored frames, see `trim_all`), close the ledger and give up the
+        writer lock."""
+        if self.writer:
+            self.trim_all()
+        else:
+            with self._lock:
+                for acquisition in self._open.values():
+                    if acquisition.wrote:
+                        acquisition.flush()
         self.ledger.close()
         if self._writer_lock is not None:
             os.close(self._writer_lock)  # closing the descriptor releases the lock
             self._writer_lock = None
+
+    def trim_all(self) -> int:
+        """Flush every acquisition and make its arrays (raw and denoised) exactly as long as
+        its stored frames, also one grown before a crash and not opened since (the store's
+        writer calls this when it closes); returns how many were trimmed. An acquisition not
+        open here costs two small metadata reads and one ledger query unless it needs a trim.
+        One that cannot be trimmed (damaged, disk full) is logged and left as it is."""
+        trimmed = 0
+        for name in self.acquisitions():
+            with self._lock:
+                acquisition = self._open.get(name)
+            try:
+                if acquisition is None:
+                    length = self.ledger.length(name)
+                    arrays = [self.path(name) / image / "0" for image in IMAGES]
+                    if all(_array_length(array) == length for array in arrays):
+                        continue
+                    acquisition = self.acquisition(name)  # a writer trims it on opening
+                    trimmed += int(self.writer)
+                trimmed += acquisition.flush()
+            except Exception as error:  # zarr, JSON and OS errors: the others still get trimmed
+                log.error("could not trim acquisition %s to its stored frames: %s: %s",
+                          name, type(error).__name__, error)  # fmt: skip
+        if trimmed:
+            log.info("trimmed %d acquisition(s) to their stored frames", trimmed)
+        return trimmed
 
     def acquisitions(self) -> list[str]:
         """Names of all acquisitions under the root, sorted."""
@@ -617,6 +656,19 @@ def _lock_writer(root: Path) -> int:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
     return descriptor
+
+
+def _array_length(folder: Path) -> int | None:
+    """The first dimension of the zarr array in `folder` (format 2 or 3), read from its metadata
+    file alone; None when that cannot be read."""
+    for metadata in (".zarray", "zarr.json"):
+        try:
+            return int(json.loads((folder / metadata).read_text())["shape"][0])
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return None
+    return None
 
 
 def _contiguous(frames: set[int]) -> int:
