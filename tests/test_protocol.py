@@ -86,6 +86,36 @@ def test_malformed_messages_are_refused_with_a_reason(parts, reason):
 
 
 @pytest.mark.parametrize(
+    "header, reason",
+    [
+        (GOOD | {"dtype": "int16"}, "dtype"),
+        (GOOD | {"dtype": "uint32"}, "dtype"),
+        (GOOD | {"dtype": "float32"}, "dtype"),
+        (GOOD | {"c": 1}, "plane"),
+        (GOOD | {"z": 2}, "plane"),
+    ],
+)
+def test_a_storing_receiver_refuses_what_the_store_cannot_keep(header, reason):
+    buffer = bytes(4 * 5 * np.dtype(header["dtype"]).itemsize)
+    assert isinstance(decode_message(message(header, buffer)), FrameMessage)  # a valid message
+    with pytest.raises(ProtocolError, match="cannot be stored") as error:
+        decode_message(message(header, buffer), storable=True)
+    assert error.value.reason == reason
+    pixels = np.zeros((4, 5), header["dtype"])
+    plane = {key: header[key] for key in ("c", "z") if key in header}
+    with pytest.raises(ProtocolError) as error:
+        encode_frame("cells_01", 3, pixels, storable=True, **plane)
+    assert error.value.reason == reason
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_camera_frames_decode_for_storing(dtype):
+    pixels = np.arange(20, dtype=dtype).reshape(4, 5)
+    parts = [bytes(p) for p in encode_frame("cells_01", 0, pixels, storable=True)]
+    np.testing.assert_array_equal(decode_message(parts, storable=True).pixels, pixels)
+
+
+@pytest.mark.parametrize(
     "shape, reason",
     [([100000, 100000], "shape"), ([2**31, 2**31], "shape"), ([16384, 16384], "size")],
 )

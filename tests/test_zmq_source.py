@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.ingest import Rejected, store_frame
-from pn2v_live.pipeline.protocol import encode_frame
+from pn2v_live.pipeline.protocol import ProtocolError, encode_frame
 from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.pipeline.zmq_source import ZmqSource, status_endpoint, stored_ranges
 from pn2v_live.storage.store import Acquisition, Store
@@ -155,6 +155,27 @@ def test_storage_stall_blocks_the_sender_instead_of_dropping(receiver, tmp_path)
         assert 8 < sent < 300
         wait_for(lambda: sender.missing("slow", sent) == [])
     np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(sent)]), data[:sent])
+
+
+def test_frames_the_store_cannot_keep_are_refused_when_decoded(receiver, sender):
+    """int16, uint32 and float32 frames and other planes: refused by reason as they arrive,
+    without queueing or creating an acquisition; the sender's own encoder refuses them too."""
+    header = {"acquisition": "odd", "index": 0, "shape": [24, 32]}
+    before = {reason: rejected(reason) for reason in ("dtype", "plane")}
+    for dtype in ("int16", "uint32", "float32"):
+        buffer = bytes(24 * 32 * np.dtype(dtype).itemsize)
+        sender._push.send_multipart([json.dumps(header | {"dtype": dtype}).encode(), buffer])
+        with pytest.raises(ProtocolError, match="cannot be stored") as error:
+            sender.send_frame("odd", 0, np.zeros((24, 32), dtype))
+        assert error.value.reason == "dtype"
+    plane = header | {"dtype": "uint16", "z": 3}
+    sender._push.send_multipart([json.dumps(plane).encode(), bytes(24 * 32 * 2)])
+    sender.send_frame("fine", 0, stack(1)[0])
+    wait_for(lambda: sender.missing("fine", 1) == [])
+    wait_for(lambda: rejected("dtype") == before["dtype"] + 3)
+    wait_for(lambda: rejected("plane") == before["plane"] + 1)
+    assert sender.status("odd")["known"] is False
+    assert not receiver.store.path("odd").exists()
 
 
 def test_ensure_stored_resends_what_the_receiver_lost(receiver, sender):

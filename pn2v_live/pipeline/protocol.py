@@ -4,7 +4,7 @@ Header (UTF-8 JSON object, at most 64 KiB)::
 
     {"acquisition": "cells_01",   # safe name: letters, digits, . _ -, no '..'
      "index": 17,                 # frame number within the acquisition, >= 0
-     "dtype": "uint16",           # one of DTYPES, little-endian
+     "dtype": "uint16",           # one of DTYPES, little-endian (stored: STORED_DTYPES)
      "shape": [512, 512],         # [Y, X], each 1..MAX_SIDE
      "timestamp": 1732580000.25,  # optional, Unix seconds when the camera took it
      "c": 0, "z": 0,              # optional plane indices (channel, z-slice), default 0
@@ -14,6 +14,12 @@ The buffer holds exactly Y*X*itemsize bytes in C order. End of an acquisition is
 message `{"acquisition": "cells_01", "end": true, "frames": 500}` (`frames`, the total count,
 is optional). `decode_message` checks every field and the buffer size from the header alone, so
 a hostile header can never make the receiver allocate what it claims.
+
+The protocol also carries what the store does not keep (the publisher's float32 denoised frames).
+A receiver that stores frames decodes with `storable=True`, which refuses at once, with a reason
+the sender can act on, a frame the store could not take: a dtype other than uint8/uint16
+(reason "dtype") or a plane other than c = z = 0 ("plane"). `FrameSender` encodes with the same
+check, so a sender learns it before sending.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pn2v_live.storage.store import validate_name
+from pn2v_live.storage.store import RAW_DTYPES, validate_name
 
 DTYPES = ("uint8", "uint16", "int16", "uint32", "float32")
+STORED_DTYPES = RAW_DTYPES  # what a receiver stores: camera frames, uint8 or uint16
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 256 Mpixel: 1 GiB of float32, far beyond any camera frame
 MAX_HEADER_BYTES = 65536
@@ -71,8 +78,12 @@ def encode_frame(
     c: int = 0,
     z: int = 0,
     model_version: int | None = None,
+    storable: bool = False,
 ) -> list[bytes | memoryview]:
-    """The two message parts for one (Y, X) frame; the buffer part is zero-copy when possible."""
+    """The two message parts for one (Y, X) frame; the buffer part is zero-copy when possible.
+
+    ProtocolError for a frame the protocol cannot carry, and with `storable` also for one a
+    receiver cannot store (see the module docstring)."""
     pixels = np.ascontiguousarray(pixels)
     dtype = pixels.dtype.newbyteorder("<") if pixels.dtype.byteorder == ">" else pixels.dtype
     pixels = pixels.astype(dtype, copy=False)
@@ -88,6 +99,8 @@ def encode_frame(
     if model_version is not None:
         header["model_version"] = int(model_version)
     _check_header(header)
+    if storable:
+        _check_storable(header)
     return [json.dumps(header).encode(), memoryview(pixels).cast("B")]
 
 
@@ -100,8 +113,10 @@ def encode_end(acquisition: str, frames: int | None = None) -> list[bytes]:
     return [json.dumps(header).encode()]
 
 
-def decode_message(parts: list[bytes]) -> FrameMessage | EndMessage:
-    """Validate and decode a received multipart message; raises ProtocolError saying why."""
+def decode_message(parts: list[bytes], storable: bool = False) -> FrameMessage | EndMessage:
+    """Validate and decode a received multipart message; raises ProtocolError saying why.
+
+    With `storable`, a frame the store cannot keep is refused too (see the module docstring)."""
     if not parts or len(parts) > 2:
         raise ProtocolError("parts", f"expected 1 or 2 message parts, got {len(parts)}")
     raw_header = parts[0]
@@ -121,6 +136,8 @@ def decode_message(parts: list[bytes]) -> FrameMessage | EndMessage:
             raise ProtocolError("parts", "an end message carries no pixel buffer")
         return EndMessage(header["acquisition"], header.get("frames"))
     _check_header(header)
+    if storable:
+        _check_storable(header)
     if len(parts) != 2:
         raise ProtocolError("parts", "a frame message needs 2 parts: header and pixel buffer")
     dtype = np.dtype(header["dtype"]).newbyteorder("<")
@@ -176,6 +193,24 @@ def _check_header(header: dict) -> None:
         raise ProtocolError("field", f"timestamp must be a number, got {timestamp!r}")
     if not 0 <= timestamp <= sys.float_info.max:  # also refuses NaN, inf and huge integers
         raise ProtocolError("field", f"timestamp must be finite and >= 0, got {timestamp}")
+
+
+def _check_storable(header: dict) -> None:
+    """Refuse a well-formed frame header that the store cannot keep."""
+    if header["dtype"] not in STORED_DTYPES:
+        raise ProtocolError(
+            "dtype",
+            f"dtype {header['dtype']!r} cannot be stored: the store keeps camera frames as "
+            f"{' or '.join(STORED_DTYPES)}; convert the frames before sending (e.g. int16 with "
+            "an offset to uint16)",
+        )
+    if header.get("c", 0) or header.get("z", 0):
+        raise ProtocolError(
+            "plane",
+            f"plane c = {header.get('c', 0)}, z = {header.get('z', 0)} cannot be stored: only "
+            "single-plane frames (c = 0, z = 0) are; send each channel or z-slice as its own "
+            "acquisition",
+        )
 
 
 def _check_end(header: dict) -> None:

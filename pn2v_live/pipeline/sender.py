@@ -8,7 +8,9 @@
 `send_frame` never waits for acknowledgement (PUSH, blocked only by backpressure). The receiver's
 status socket (frame port + 1) says which frames are stored durably; `ensure_stored` resends the
 missing ones until all are stored, which survives any number of receiver crashes. Resending a
-frame that is already stored is harmless: the receiver ignores duplicates.
+frame that is already stored is harmless: the receiver ignores duplicates. A frame the receiver
+could not store (a dtype other than uint8/uint16, a plane other than c = z = 0) raises
+`protocol.ProtocolError` saying why, before it is sent.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ class FrameSender:
     def send_frame(
         self, acquisition: str, index: int, frame: np.ndarray, timestamp: float | None = None
     ) -> None:
-        """Queue one (Y, X) frame; blocks while the receiver applies backpressure."""
-        self._send(encode_frame(acquisition, index, frame, timestamp))
+        """Queue one (Y, X) frame; blocks while the receiver applies backpressure. ProtocolError
+        (a ValueError) for a frame the receiver could not store."""
+        self._send(encode_frame(acquisition, index, frame, timestamp, storable=True))
 
     def send_stack(
         self,

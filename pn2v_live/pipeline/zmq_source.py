@@ -1,7 +1,8 @@
 """ZeroMQ ingest: a PULL socket for frames and a REP socket answering "what is stored?".
 
-One receiver thread owns both sockets. It decodes and validates each message and hands good
-frames to a bounded queue drained by writer threads. While the queue is full it stops reading
+One receiver thread owns both sockets. It decodes and validates each message (`storable`: a
+frame the store cannot keep is refused at once, with its reason) and hands good frames to a
+bounded queue drained by writer threads. While the queue is full it stops reading
 the PULL socket, so messages pile up to the socket's high-water mark and then block the
 sender's PUSH: storage slower than acquisition slows the sender down instead of losing frames.
 The backlog is `health()["queue"]` and the `pn2v_live_ingest_queue_frames` gauge.
@@ -274,7 +275,7 @@ class ZmqSource:
     def _accept(self, parts: list[zmq.Frame]) -> None:
         self._count("received")
         try:
-            message = decode_message([part.buffer for part in parts])
+            message = decode_message([part.buffer for part in parts], storable=True)
         except ProtocolError as error:
             self._count("rejected")
             reject(SOURCE, Rejected(error.reason, str(error)), "message")

@@ -81,6 +81,7 @@ def send(
     """
     import numpy as np
 
+    from pn2v_live.pipeline.protocol import ProtocolError
     from pn2v_live.storage.images import read_stack
 
     name = acquisition_name(acquisition, files[0])
@@ -96,6 +97,8 @@ def send(
                 advance(1)
         except TimeoutError as error:
             raise UserError(f"{error}; is pn2v-live serve or ingest running there?") from error
+        except ProtocolError as error:  # a frame the receiver could not store
+            raise UserError(f"{name}: {error}") from error
         _confirm(sender, name, stack, timeout)
         sender.end(name, frames=len(stack), confirm_timeout=timeout)
     typer.echo(f"{name}: all {len(stack)} frames stored by the receiver at {to}")
