@@ -22,6 +22,14 @@ FRAMES_UNREADABLE = Counter(
 )
 BACKLOG = Gauge("pn2v_live_backlog_frames", "Stored raw frames still waiting for a denoised twin")
 INGEST_QUEUE = Gauge("pn2v_live_ingest_queue_frames", "Frames received but not yet stored")
+RECEIVE_QUEUE_BYTES = Gauge(
+    "pn2v_live_receive_queue_bytes",
+    "Bytes of ZeroMQ messages received but not yet stored (queued or being written)",
+)
+RECEIVE_QUEUE_LIMIT_BYTES = Gauge(
+    "pn2v_live_receive_queue_limit_bytes",
+    "ingest.zmq.queue_mib in bytes: at this fill the receiver stops reading (backpressure)",
+)
 INFERENCE_SECONDS = Histogram(
     "pn2v_live_inference_seconds",
     "Time to denoise one frame (read, MMSE, write)",

@@ -143,3 +143,12 @@ def test_shipped_example_config_is_valid():
     config = load_config(EXAMPLE)
     assert config.inference.scheduler == "local"
     assert config.store.root.is_absolute()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "true", "1e3", "512.0", "'512'", "65537", "inf"])
+def test_the_receive_queue_bound_is_a_sane_whole_number_of_mib(value):
+    with pytest.raises(UserError) as caught:
+        load_config(None, [f"ingest.zmq.queue_mib={value}"])
+    assert "ingest.zmq.queue_mib: " in str(caught.value) and "\n" not in str(caught.value)
+    assert load_config(None).ingest.zmq.queue_mib == 512
+    assert load_config(None, ["ingest.zmq.queue_mib=64"]).ingest.zmq.queue_mib == 64

@@ -157,6 +157,64 @@ def test_storage_stall_blocks_the_sender_instead_of_dropping(receiver, tmp_path)
     np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(sent)]), data[:sent])
 
 
+def queue_bytes_metric() -> float:
+    return REGISTRY.get_sample_value("pn2v_live_receive_queue_bytes")
+
+
+def test_the_queue_is_bounded_in_bytes_and_holds_back_the_sender_losslessly(tmp_path):
+    """Storage stalls with 256² frames (128 KiB) and a 1 MiB byte bound: the receiver stops
+    reading once it holds the bound (plus at most the message that crossed it), long before its
+    64-message bound; the sender is held back, and every frame is stored once storage resumes."""
+    frame_bytes = 256 * 256 * 2
+    source = ZmqSource(Store(tmp_path), "tcp://127.0.0.1:*", queue_frames=64, queue_bytes=1 << 20)
+    source.start()
+    data = stack(200, (256, 256))
+    try:
+        with FrameSender(source.bind, source.status_bind, high_water_mark=4, send_timeout=0.3) as (
+            sender
+        ):
+            sender.send_frame("big", 0, data[0])
+            wait_for(lambda: sender.missing("big", 1) == [])
+            assert source.health()["queue_bytes"] == 0 and queue_bytes_metric() == 0
+            acquisition = source.store.acquisition("big")
+            sent = 1
+            with acquisition._lock:  # storage stalls: writers block inside write_raw
+                with pytest.raises(TimeoutError):
+                    for t in range(1, 200):
+                        sender.send_frame("big", t, data[t])
+                        sent += 1
+                health = source.health()
+                header = len(encode_frame("big", 199, data[0])[0])
+                assert 1 << 20 <= health["queue_bytes"] < (1 << 20) + frame_bytes + header
+                assert health["queue_limit_bytes"] == 1 << 20
+                assert health["queue"] < 64  # the byte bound held it, not the message bound
+                assert queue_bytes_metric() == health["queue_bytes"]
+                reply = sender.status("other")  # "big" itself is locked: its status waits
+                assert reply["queue_bytes"] == health["queue_bytes"] and reply["refusing"] is None
+                assert REGISTRY.get_sample_value("pn2v_live_receive_queue_limit_bytes") == 1 << 20
+            assert sent < 200
+            wait_for(lambda: sender.missing("big", sent) == [])
+            wait_for(lambda: source.health()["queue_bytes"] == 0)
+            assert queue_bytes_metric() == 0
+        stored = np.stack([acquisition.read_raw(t) for t in range(sent)])
+        np.testing.assert_array_equal(stored, data[:sent])
+    finally:
+        source.stop()
+
+
+def test_a_frame_bigger_than_the_whole_byte_bound_is_still_stored(tmp_path):
+    source = ZmqSource(Store(tmp_path), "tcp://127.0.0.1:*", queue_bytes=1000)
+    source.start()
+    try:
+        with FrameSender(source.bind, source.status_bind) as sender:
+            data = stack(3, (64, 64))  # 8 KiB each
+            sender.send_stack("huge", data)
+            sender.ensure_stored("huge", data, timeout=20)
+        np.testing.assert_array_equal(source.store.acquisition("huge").read_raw(2), data[2])
+    finally:
+        source.stop()
+
+
 def test_frames_the_store_cannot_keep_are_refused_when_decoded(receiver, sender):
     """int16, uint32 and float32 frames and other planes: refused by reason as they arrive,
     without queueing or creating an acquisition; the sender's own encoder refuses them too."""

@@ -2,13 +2,19 @@
 
 One receiver thread owns both sockets. It decodes and validates each message (`storable`: a
 frame the store cannot keep is refused at once, with its reason) and hands good frames to a
-bounded queue drained by writer threads. While the queue is full it stops reading
-the PULL socket, so messages pile up to the socket's high-water mark and then block the
-sender's PUSH: storage slower than acquisition slows the sender down instead of losing frames.
-The backlog is `health()["queue"]` and the `pn2v_live_ingest_queue_frames` gauge.
+queue drained by writer threads. The queue is bounded twice: `queue_frames` messages and
+`queue_bytes` bytes (messages queued or being written; one message may take it past the byte
+bound, so a frame bigger than the whole bound is still taken when nothing else is held). While
+either bound is reached it stops reading the PULL socket, so messages pile up to the socket's
+small high-water mark (RECEIVE_HWM messages per sender) and then block the sender's PUSH:
+storage slower than acquisition slows the sender down instead of losing frames, and the memory
+that received frames hold stays below about queue_bytes + (1 + RECEIVE_HWM per sender) messages
+of at most MAX_MESSAGE_BYTES. The backlog is `health()["queue"]` / `["queue_bytes"]` and the
+`pn2v_live_ingest_queue_frames` / `pn2v_live_receive_queue_bytes` gauges.
 
 Status requests (REP, JSON): `{"acquisition": name}` → `{"acquisition", "known", "stored":
-[[start, stop), ...], "valid_t", "closed", "queue", "refusing"}`. A sender resumes by resending
+[[start, stop), ...], "valid_t", "closed", "queue", "queue_bytes", "queue_limit_bytes",
+"refusing"}`. A sender resumes by resending
 the frames missing from `stored` (see `sender.FrameSender`); a duplicate of a stored frame is
 ignored.
 
@@ -37,12 +43,26 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import numpy as np
 import zmq
 
 from pn2v_live.errors import UserError
-from pn2v_live.metrics import FRAMES_REJECTED, INGEST_QUEUE
+from pn2v_live.metrics import (
+    FRAMES_REJECTED,
+    INGEST_QUEUE,
+    RECEIVE_QUEUE_BYTES,
+    RECEIVE_QUEUE_LIMIT_BYTES,
+)
 from pn2v_live.pipeline.ingest import Rejected, open_acquisition, reject, store_frame
-from pn2v_live.pipeline.protocol import EndMessage, FrameMessage, ProtocolError, decode_message
+from pn2v_live.pipeline.protocol import (
+    MAX_HEADER_BYTES,
+    MAX_PIXELS,
+    STORED_DTYPES,
+    EndMessage,
+    FrameMessage,
+    ProtocolError,
+    decode_message,
+)
 from pn2v_live.pipeline.stage import (
     MAX_BACKOFF_SECONDS,
     Failures,
@@ -58,7 +78,12 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 SOURCE = "zmq"
 IDLE_SECONDS = 0.2  # a writer idle this long trims the arrays to their exact length
 PUBLISH_SECONDS = 0.25  # under load, valid_t on disk lags the stored frames by at most this
-MAX_MESSAGE_BYTES = 1 << 30  # refused by libzmq before it is received: no huge allocation
+DEFAULT_QUEUE_BYTES = 512 << 20  # received frames held in memory before backpressure
+RECEIVE_HWM = 4  # messages libzmq buffers per sender while the queue is full
+# The largest message a storable frame makes; a bigger one is refused by libzmq before it is
+# received (no huge allocation; libzmq drops that sender's connection).
+MAX_STORED_ITEMSIZE = max(np.dtype(name).itemsize for name in STORED_DTYPES)
+MAX_MESSAGE_BYTES = MAX_HEADER_BYTES + MAX_PIXELS * MAX_STORED_ITEMSIZE
 MAX_STATUS_BYTES = 1 << 16  # a status request is a few dozen bytes; a bigger one drops its peer
 PROBE_FILE = ".disk-probe"  # in the store's root, written while refusing to see if space is back
 PROBE_BYTES = 256 * 1024
@@ -119,12 +144,20 @@ class ZmqSource:
         status_bind: str | None = None,
         queue_frames: int = 64,
         writers: int = 2,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> None:
+        if queue_bytes < 1 or queue_frames < 1:
+            raise ValueError(f"queue bounds must be >= 1, got {queue_frames}, {queue_bytes}")
         self.store = store
         self.bind = bind
         self.status_bind = status_bind or status_endpoint(bind)
         self.writers = writers
-        self._queue: queue.Queue[FrameMessage | EndMessage] = queue.Queue(maxsize=queue_frames)
+        self.queue_bytes = queue_bytes
+        # Messages with their size in bytes, which `_held` counts until they are handled.
+        self._queue: queue.Queue[tuple[FrameMessage | EndMessage, int]] = queue.Queue(
+            maxsize=queue_frames
+        )
+        self._held = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._context: zmq.Context | None = None
@@ -150,7 +183,7 @@ class ZmqSource:
         """Bind both sockets (UserError when an address is taken) and start the threads."""
         self._context = zmq.Context()
         pull = self._context.socket(zmq.PULL)
-        pull.setsockopt(zmq.RCVHWM, self._queue.maxsize)
+        pull.setsockopt(zmq.RCVHWM, min(RECEIVE_HWM, self._queue.maxsize))
         pull.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         pull.setsockopt(zmq.LINGER, 0)
         status = self._context.socket(zmq.REP)
@@ -172,6 +205,7 @@ class ZmqSource:
         self.status_bind = status.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop.clear()
         self._state = "running"
+        RECEIVE_QUEUE_LIMIT_BYTES.set(self.queue_bytes)
         self._threads = [
             threading.Thread(target=self._receive, args=(pull, status), name=RECEIVER)
         ] + [
@@ -197,15 +231,18 @@ class ZmqSource:
         self._state = "stopped"
 
     def health(self) -> dict:
-        """State ("running", "stopped", "failed", ...), queue length, message counts, and the
-        reason frames are refused now (None when they are not)."""
+        """State ("running", "stopped", "failed", ...), queue length in messages and in bytes,
+        message counts, and the reason frames are refused now (None when they are not)."""
         with self._counts_lock:
             counts = dict(self._counts)
+            held = self._held
         dead = self._state == "running" and not all(t.is_alive() for t in self._threads)
         refusal = self._refusal
         return {
             "state": "failed" if dead else self._state,
             "queue": self._queue.qsize(),
+            "queue_bytes": held,
+            "queue_limit_bytes": self.queue_bytes,
             **counts,
             "last_error": self._last_error,
             "refusing": refusal.reason if refusal else None,
@@ -234,6 +271,17 @@ class ZmqSource:
         with self._counts_lock:
             self._counts[key] += 1
 
+    def _full(self) -> bool:
+        """Whether the queue holds its bound of messages or of bytes."""
+        return self._queue.full() or self._held >= self.queue_bytes
+
+    def _hold(self, size: int) -> None:
+        """Count `size` bytes more (a received message) or less (a handled one)."""
+        with self._counts_lock:
+            self._held += size
+            held = self._held
+        RECEIVE_QUEUE_BYTES.set(held)
+
     # receiver thread --------------------------------------------------------------------
 
     def _receive(self, pull: zmq.Socket, status: zmq.Socket) -> None:
@@ -244,7 +292,7 @@ class ZmqSource:
             while not self._stop.is_set():
                 self._beats[RECEIVER] = time.monotonic()
                 # Read frames only while the queue has room: backpressure through the HWM.
-                poller.modify(pull, 0 if self._queue.full() else zmq.POLLIN)
+                poller.modify(pull, 0 if self._full() else zmq.POLLIN)
                 events = dict(poller.poll(100))
                 if status in events:
                     request = status.recv_multipart()  # all parts, or REP cannot reply
@@ -274,8 +322,9 @@ class ZmqSource:
 
     def _accept(self, parts: list[zmq.Frame]) -> None:
         self._count("received")
+        buffers = [part.buffer for part in parts]
         try:
-            message = decode_message([part.buffer for part in parts], storable=True)
+            message = decode_message(buffers, storable=True)
         except ProtocolError as error:
             self._count("rejected")
             reject(SOURCE, Rejected(error.reason, str(error)), "message")
@@ -285,7 +334,9 @@ class ZmqSource:
             FRAMES_REJECTED.labels(source=SOURCE, reason="error").inc()
             self._receive_failures.failed(error, "decoding a message")
             return
-        self._queue.put_nowait(message)
+        size = sum(buffer.nbytes for buffer in buffers)
+        self._hold(size)
+        self._queue.put_nowait((message, size))
         INGEST_QUEUE.set(self._queue.qsize())
 
     def _status(self, request: list[bytes]) -> dict:
@@ -301,6 +352,8 @@ class ZmqSource:
             "acquisition": name,
             "known": True,
             "queue": self._queue.qsize(),
+            "queue_bytes": self._held,
+            "queue_limit_bytes": self.queue_bytes,
             "refusing": refusal.as_reply() if refusal else None,
         }
         try:
@@ -321,7 +374,7 @@ class ZmqSource:
             while True:
                 self._beats[name] = time.monotonic()
                 try:
-                    message = self._queue.get(timeout=IDLE_SECONDS)
+                    message, size = self._queue.get(timeout=IDLE_SECONDS)
                 except queue.Empty:
                     if self._stop.is_set():
                         return
@@ -329,7 +382,11 @@ class ZmqSource:
                     self._flush_all(trim=True)
                     continue
                 INGEST_QUEUE.set(self._queue.qsize())
-                self._store(message)
+                try:
+                    self._store(message)
+                finally:
+                    del message  # its buffer is freed now, not at the next message
+                    self._hold(-size)
                 if time.monotonic() - self._published > PUBLISH_SECONDS:
                     self._flush_all(trim=False)
         except BaseException as error:  # a writer is gone: the health check sees it

@@ -114,6 +114,8 @@ class FolderIngestConfig(Section):
 class ZmqIngestConfig(Section):
     bind: str = "tcp://127.0.0.1:5555"
     status_bind: str | None = None  # REP socket for "what is stored?"; default: bind's port + 1
+    # Received frames held in memory before the receiver holds senders back (up to 64 GiB).
+    queue_mib: int = Field(512, ge=1, le=65_536, strict=True)
     _check = field_validator("bind", "status_bind")(_check_zmq_endpoint)
 
 

@@ -261,7 +261,14 @@ class Daemon:
         """The ZeroMQ receiver and folder watcher, each only when configured."""
         ingest = self.config.ingest
         if ingest.zmq.bind:
-            self.sources.append(ZmqSource(self.store, ingest.zmq.bind, ingest.zmq.status_bind))
+            self.sources.append(
+                ZmqSource(
+                    self.store,
+                    ingest.zmq.bind,
+                    ingest.zmq.status_bind,
+                    queue_bytes=ingest.zmq.queue_mib << 20,
+                )
+            )
         if ingest.folder.paths:
             self.sources.append(
                 FolderSource(
