@@ -1,6 +1,9 @@
 """The daemon's configuration: one TOML file, validated with pydantic, overridable key by key.
 
-Every section refuses unknown keys. Relative paths are resolved against the config file's folder.
+Every section refuses unknown keys. Numbers are strict and bounded: an integer key takes only an
+integer (not `true`, not `1e8`), a number key only a finite number (not `inf` or `nan`; integers
+are fine), each within a range that makes sense for it (up to `MAX_*` below), and a boolean key
+only `true` or `false`. Relative paths are resolved against the config file's folder.
 An empty `bind` turns that listener off. Overrides use dotted keys with TOML values, e.g.
 `trainer.steps_per_round=50` or `ingest.folder.paths=["/data/scope1"]`; a value that is not
 valid TOML is taken as a plain string (`inference.scheduler=tcp://gpu-box:8786`).
@@ -8,6 +11,7 @@ valid TOML is taken as a plain string (`inference.scheduler=tcp://gpu-box:8786`)
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable
@@ -16,9 +20,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AllowInfNan,
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -28,6 +34,42 @@ from pn2v_live.core.context import Context
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.folder_source import DEFAULT_PATTERN, compile_pattern
 from pn2v_live.service.access import TOKEN_ADVICE, TOKEN_MIN_LENGTH, is_loopback, split_host_port
+
+# Strict numbers: pydantic's lax mode would take true as 1, 1e8 as an integer and "50" as 50;
+# these take an integer only (Int), a finite int or float only (Number), true/false only (Bool).
+Int = Annotated[int, Strict()]
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+Bool = Annotated[bool, Strict()]
+
+# Upper bounds: far beyond any real use, low enough that a typo (an extra zero or three, a
+# value in the wrong unit) is refused at start instead of exhausting memory or never happening.
+MAX_FRAMES = 1_000_000_000  # frame counts (every_frames, first_model_frames, ...)
+MAX_STEPS = 1_000_000  # optimiser steps per round
+MAX_SECONDS = 7 * 24 * 3600.0  # periods: a week
+MAX_SIDE = 16_384  # pixels: training patch and inference tile sides
+MAX_BATCH = 4096  # patches per training step
+MAX_K = 4096  # prior samples per pixel (the paper uses 800)
+MAX_IN_FLIGHT = 1024  # frames denoised at once
+MAX_VERSIONS = 1_000_000  # model versions kept
+MAX_PAIRS = 10_000_000_000  # (denoised, raw) pixel pairs a noise-model refinement needs
+MAX_BACKFILL_HOURS = 24 * 366.0  # a year
+MAX_GAIN_DB = 100.0  # |trainer.min_gain_db|
+
+
+def _check_zarr_format(value: int) -> int:
+    if value in (2, 3):
+        return value
+    raise ValueError("expected 2 (OME-NGFF 0.4) or 3 (OME-NGFF 0.5)")
+
+
+def _check_gain_db(value: float) -> float:
+    """A gain in dB within ±MAX_GAIN_DB, or -inf (promote any model with a lower loss)."""
+    if value == -math.inf or abs(value) <= MAX_GAIN_DB:
+        return value
+    raise ValueError(
+        f"expected a number of dB within ±{MAX_GAIN_DB:g}, or -inf to promote every model "
+        "that validates better"
+    )
 
 
 def _check_device(value: str) -> str:
@@ -92,13 +134,13 @@ class Section(BaseModel):
 
 class StoreConfig(Section):
     root: Path = Path("pn2v-data")
-    zarr_format: Literal[2, 3] = 2
+    zarr_format: Annotated[Int, AfterValidator(_check_zarr_format)] = 2
 
 
 class FolderIngestConfig(Section):
     paths: list[Path] = []
-    polling: bool = False
-    stable_seconds: float = Field(2.0, gt=0)
+    polling: Bool = False
+    stable_seconds: Number = Field(2.0, gt=0, le=3600)
     pattern: str = DEFAULT_PATTERN  # file path inside a watched folder → acquisition name
 
     @field_validator("pattern")
@@ -126,32 +168,35 @@ class IngestConfig(Section):
 
 class NoiseModelConfig(Section):
     path: Path = Path("noise-model.pt")
-    refine: bool = True  # refine it from the stream when the signal goes above its range
-    refine_every_frames: int = Field(50, gt=0)  # at most one refinement per this many frames ...
-    refine_every_seconds: float = Field(300.0, ge=0)  # ... and per this many seconds
-    refine_min_pairs: int = Field(10_000, ge=1000)  # (denoised, raw) pairs above the range needed
+    refine: Bool = True  # refine it from the stream when the signal goes above its range
+    # at most one refinement per this many frames ... and per this many seconds
+    refine_every_frames: Int = Field(50, gt=0, le=MAX_FRAMES)
+    refine_every_seconds: Number = Field(300.0, ge=0, le=MAX_SECONDS)
+    # (denoised, raw) pairs above the range needed
+    refine_min_pairs: Int = Field(10_000, ge=1000, le=MAX_PAIRS)
 
 
 class ModelConfig(Section):
     initial: Path | None = None
-    keep_versions: int = Field(10, ge=1)  # newest model versions a promotion keeps
+    keep_versions: Int = Field(10, ge=1, le=MAX_VERSIONS)  # newest versions a promotion keeps
 
 
 class TrainerConfig(Section):
     device: Device = "auto"
-    every_frames: int = Field(50, gt=0)
-    every_seconds: float = Field(600.0, gt=0)
-    steps_per_round: int = Field(100, gt=0)
-    patch_size: int = Field(64, ge=16, multiple_of=8)
-    batch_size: int = Field(16, gt=0)
-    k: int = Field(800, gt=1)
-    learning_rate: float = Field(4e-4, gt=0)
+    every_frames: Int = Field(50, gt=0, le=MAX_FRAMES)
+    every_seconds: Number = Field(600.0, gt=0, le=MAX_SECONDS)
+    steps_per_round: Int = Field(100, gt=0, le=MAX_STEPS)
+    patch_size: Int = Field(64, ge=16, le=MAX_SIDE, multiple_of=8)
+    batch_size: Int = Field(16, gt=0, le=MAX_BATCH)
+    k: Int = Field(800, gt=1, le=MAX_K)
+    learning_rate: Number = Field(4e-4, gt=0, le=1)
     precision: Precision = "auto"
     context: str = "auto"  # frames "before:after" each frame the network sees, or "auto"
-    first_model_frames: int = Field(16, gt=0)  # frames before the first model is trained
-    first_model_steps: int = Field(300, gt=0)  # steps of the rounds that make the first model
-    min_gain_db: float = 1.0  # promote only models estimated at least this much above raw
-    training_share: float = Field(0.5, ge=0, le=1)  # of wall time, while inference is behind
+    first_model_frames: Int = Field(16, gt=0, le=MAX_FRAMES)  # before the first model trains
+    first_model_steps: Int = Field(300, gt=0, le=MAX_STEPS)  # per round making the first model
+    # promote only models estimated at least this much above raw (-inf: no such threshold)
+    min_gain_db: Annotated[float, Strict(), AfterValidator(_check_gain_db)] = 1.0
+    training_share: Number = Field(0.5, ge=0, le=1)  # of wall time, while inference is behind
 
     @field_validator("context")
     @classmethod
@@ -163,12 +208,12 @@ class TrainerConfig(Section):
 
 class InferenceConfig(Section):
     scheduler: str = "local"
-    max_in_flight: int | None = Field(None, gt=0)
+    max_in_flight: Int | None = Field(None, gt=0, le=MAX_IN_FLIGHT)
     device: Device = "auto"
-    tile: int | None = Field(None, ge=32)
-    compile: bool = True
+    tile: Int | None = Field(None, ge=32, le=MAX_SIDE)
+    compile: Bool = True
     precision: Precision = "auto"
-    backfill_hours: float = Field(12.0, ge=0)
+    backfill_hours: Number = Field(12.0, ge=0, le=MAX_BACKFILL_HOURS)
 
     @field_validator("scheduler")
     @classmethod
@@ -193,8 +238,8 @@ class ViewerConfig(Section):
     # Required beyond loopback (checked also when left out): header, cookie or ?token= once.
     token: str = Field("", validate_default=True)
     allowed_hosts: list[str] = []  # names besides localhost/this machine a Host may carry
-    max_streams: int = Field(64, ge=1, le=10_000)  # live views (event streams) at once
-    max_connections: int = Field(256, ge=2, le=100_000)  # HTTP connections at once
+    max_streams: Int = Field(64, ge=1, le=10_000)  # live views (event streams) at once
+    max_connections: Int = Field(256, ge=2, le=100_000)  # HTTP connections at once
     _check = field_validator("bind")(_check_host_port)
     _check_token = field_validator("token")(_listener_token("viewer"))
     _check_hosts = field_validator("allowed_hosts")(_check_host_names)
@@ -275,16 +320,28 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
+# Pydantic's type errors, with what a TOML editor needs to know added.
+_TYPE_REASONS = {
+    "int_type": "Input should be a valid integer (a whole number: no decimal point, no exponent)",
+    "bool_type": "Input should be true or false",
+    "finite_number": "Input should be a finite number, not inf or nan",
+}
+
+
 def _describe(error: ValidationError) -> str:
     """One line: "key.path: reason (got value)" for each problem, joined by "; "."""
     parts = []
     for problem in error.errors():
         key = ".".join(str(p) for p in problem["loc"])
         reason = problem["msg"].removeprefix("Value error, ")
+        reason = _TYPE_REASONS.get(problem["type"], reason)
+        value = problem.get("input")
         if problem["type"] == "extra_forbidden":
             reason = "unknown key (check the spelling; see README 'Configuration')"
+        elif problem["type"] in ("int_type", "float_type") and isinstance(value, bool):
+            reason = f"Input should be a number, not {str(value).lower()}"
         elif problem["type"] != "missing" and "input" in problem:
-            reason += f" (got {problem['input']!r})"
+            reason += f" (got {value!r})"
         parts.append(f"{key}: {reason}")
     return "; ".join(parts)
 
