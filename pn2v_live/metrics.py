@@ -3,7 +3,7 @@
 Labels stay low-cardinality: `source` is "folder" or "zmq", `reason` a short fixed word.
 """
 
-from prometheus_client import Counter, Enum, Gauge, Histogram
+from prometheus_client import Counter, Enum, Gauge, Histogram, Info
 
 FRAMES_INGESTED = Counter("pn2v_live_frames_ingested_total", "Raw frames stored", ["source"])
 FRAMES_REJECTED = Counter(
@@ -92,4 +92,10 @@ DISK_FULL = Gauge(
     "pn2v_live_disk_full",
     "1 while the store's file system is full (ENOSPC, EDQUOT): ingest refuses new frames (senders "
     "keep and resend them), training and denoising pause; back to 0 once space returns",
+)
+BUILD_INFO = Info(
+    "pn2v_live_build",
+    "pn2v-live version, torch version and build (CUDA version or CPU-only), the inference device "
+    '("cuda:0 (NVIDIA H200)", "CPU, 2 threads") and the U-Net body precision: '
+    "pn2v_live_build_info{version,torch,device,precision} = 1",
 )

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import free_port
 
+from pn2v_live.core.device import resolve_device
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.errors import UserError
-from pn2v_live.service.daemon import _device
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
 
@@ -172,6 +172,6 @@ def test_device_that_is_not_there(tmp_path, setting):
 def test_gpu_number_beyond_the_visible_ones(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert _device("cuda:1", "trainer.device") == torch.device("cuda:1")
+    assert resolve_device("cuda:1", "trainer.device") == torch.device("cuda:1")
     with pytest.raises(UserError, match=r"trainer.device = 'cuda:3' but only 2 CUDA GPU"):
-        _device("cuda:3", "trainer.device")
+        resolve_device("cuda:3", "trainer.device")

@@ -269,3 +269,36 @@ def test_page_opens_from_a_token_link_beyond_loopback_and_says_when_the_server_i
     finally:
         server.stop()
         store.close()
+
+
+def test_header_shows_the_inference_device_and_the_unused_gpu_warning(
+    tmp_path: Path, browser
+) -> None:
+    import torch
+
+    from pn2v_live.core.device import describe_device, gpu_advice, torch_build
+
+    store = Store(tmp_path / "store")
+    cpu = describe_device(torch.device("cpu"))
+    warning = gpu_advice("/proc/driver/nvidia/version", torch.__version__, None)
+    device = {"inference": cpu, "training": cpu, "torch": torch_build(), "warning": None}
+
+    def status() -> dict:  # a fresh dict each time, as the daemon's: changes are pushed
+        return {"model_version": None, "waiting_for_model": True, "device": dict(device)}
+
+    server = ViewerServer(store, "127.0.0.1:0", status=status, poll_seconds=0.1)
+    server.start()
+    try:
+        browser.get(server.url)
+        info = browser.find_element("id", "device-info")
+        wait_for(lambda: info.is_displayed(), what="the device in the header")
+        assert info.text == f"inference on {cpu}"
+        assert info.get_attribute("title") == f"training on {cpu}; {torch_build()}"
+        assert not browser.find_element("id", "device-warning").is_displayed()
+        device["warning"] = warning  # the next status event carries it
+        badge = browser.find_element("id", "device-warning")
+        wait_for(lambda: badge.is_displayed(), what="the unused-GPU badge")
+        assert badge.text == "GPU unused" and badge.get_attribute("title") == warning
+    finally:
+        server.stop()
+        store.close()

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from pn2v_live.core.context import CANDIDATES, Context, Windows
+from pn2v_live.core.device import resolve_device
 from pn2v_live.core.model import PRECISIONS, Denoiser, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.quality import GainEstimate, denoised_gain
@@ -432,7 +433,6 @@ def _usable_window(acquisition: Acquisition) -> tuple[list[int], list[int]] | No
 
 
 def pick_device(name: str) -> torch.device:
-    """The torch device for a config value: "auto" is CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The torch device for a config value (`core.device.resolve_device`: "auto" is CUDA when
+    torch can use it, else the CPU, with a warning when an NVIDIA GPU sits unused)."""
+    return resolve_device(name, "device")

@@ -20,15 +20,25 @@ from collections.abc import Callable
 
 import torch
 
+from pn2v_live import __version__
+from pn2v_live.core.device import (
+    describe_device,
+    device_name,
+    precision_name,
+    resolve_device,
+    torch_build,
+    unusable_gpu_warning,
+)
+from pn2v_live.core.model import PRECISIONS
 from pn2v_live.core.noise import NoiseModel
 from pn2v_live.errors import UserError
-from pn2v_live.metrics import DISK_FULL, NOISE_MODEL_SIGNAL_MAX, STAGE_HEALTHY
+from pn2v_live.metrics import BUILD_INFO, DISK_FULL, NOISE_MODEL_SIGNAL_MAX, STAGE_HEALTHY
 from pn2v_live.pipeline.folder_source import FolderSource
 from pn2v_live.pipeline.inference import FrameListener, InferenceScheduler
 from pn2v_live.pipeline.noise_refinement import NoiseRefiner, RefinementSettings, on_device
 from pn2v_live.pipeline.publisher import DenoisedPublisher
 from pn2v_live.pipeline.stage import Liveness, thread_liveness
-from pn2v_live.pipeline.trainer import Trainer, TrainerSettings, pick_device
+from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.service.config import Config
 from pn2v_live.service.metrics_server import start_metrics_server
@@ -65,6 +75,9 @@ class Daemon:
         self.viewer = None
         self.sources: list = []
         self.addresses: dict[str, str] = {}  # where each listener really is, once started
+        # What runs where: "inference" and "training" ("cuda:0 (NVIDIA H200), bfloat16"),
+        # "torch" (its version and build) and "warning" (an NVIDIA GPU torch cannot use, or None).
+        self.devices: dict[str, str | None] = {}
 
     # ---- start --------------------------------------------------------------------------
 
@@ -80,8 +93,7 @@ class Daemon:
 
     def _start(self) -> None:
         c = self.config
-        trainer_device = _device(c.trainer.device, "trainer.device")
-        inference_device = _device(c.inference.device, "inference.device")
+        inference_device, trainer_device = self._devices()
         noise_model = load_noise_model(c.noise_model.path)  # checked before anything starts
         registry = self._open_store()
         noise_model, noise_model_id = self._newest_noise_model(noise_model)
@@ -130,6 +142,44 @@ class Daemon:
             self._closers.append(self.refiner.stop)
         log.info("serving store %s; %s", c.store.root, self.status_line())
         self.notifier.ready(self.status_line())
+
+    def _devices(self) -> tuple[torch.device, torch.device]:
+        """The inference and trainer devices (a UserError when one is not on this machine);
+        `devices` describes them, the log and `pn2v_live_build_info` say what they are."""
+        c = self.config
+        inference = resolve_device(c.inference.device, "inference.device")
+        trainer = (  # the same setting twice: one resolution, one warning
+            inference
+            if c.trainer.device == c.inference.device
+            else resolve_device(c.trainer.device, "trainer.device")
+        )
+        inference_bf16 = PRECISIONS[c.inference.precision]
+        where = "" if c.inference.scheduler == "local" else f" (dask at {c.inference.scheduler})"
+        auto_on_cpu = any(
+            setting == "auto" and device.type == "cpu"
+            for setting, device in ((c.inference.device, inference), (c.trainer.device, trainer))
+        )
+        self.devices = {
+            "inference": describe_device(inference, inference_bf16) + where,
+            "training": describe_device(trainer, PRECISIONS[c.trainer.precision]),
+            "torch": torch_build(),
+            "warning": unusable_gpu_warning() if auto_on_cpu else None,
+        }
+        log.info(
+            "inference on %s; training on %s; %s",
+            self.devices["inference"],
+            self.devices["training"],
+            self.devices["torch"],
+        )
+        BUILD_INFO.info(
+            {
+                "version": __version__,
+                "torch": self.devices["torch"].removeprefix("torch "),
+                "device": device_name(inference) + where,
+                "precision": precision_name(inference, inference_bf16),
+            }
+        )
+        return inference, trainer
 
     def _open_store(self) -> ModelRegistry:
         """Open the store as its one writer, and its model registry; UserError when store.root
@@ -389,6 +439,7 @@ class Daemon:
             "healthy": all(report.healthy for report in reports),
             "disk_full": any(_disk_full(report) for report in reports),
             "health": [report.as_dict() for report in reports],
+            "device": self.devices,
         }
 
     def noise_model_status(self) -> dict:
@@ -416,6 +467,8 @@ class Daemon:
             f"{model}, backlog {status['backlog']} frames, {status['training_rounds']} rounds, "
             f"trainer {status['trainer_state']}"
         )
+        if self.devices:
+            line += f"; inference on {self.devices['inference']}"
         return _health_line(self.health() if reports is None else reports) + line
 
 
@@ -453,23 +506,6 @@ def _health_line(reports: list[Liveness]) -> str:
     if retrying:
         parts.append("retrying after failures: " + names(retrying))
     return "".join(f"{part}; " for part in parts)
-
-
-def _device(name: str, key: str) -> torch.device:
-    """The torch device for a config value; UserError when that device is not on this machine."""
-    device = pick_device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(f'{key} = {name!r} but no CUDA GPU is visible; use "auto" or "cpu"')
-        if (device.index or 0) >= count:
-            raise UserError(
-                f"{key} = {name!r} but only {count} CUDA GPU(s) are visible, cuda:0 to "
-                f'cuda:{count - 1}; use one of them, "cuda" or "auto"'
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f'{key} = {name!r} but MPS is not available here; use "auto" or "cpu"')
-    return device
 
 
 def _and_offer(listener: FrameListener | None, offer: Callable) -> FrameListener:

@@ -4,7 +4,8 @@ Endpoints (all read-only; acquisition names must be ones the store lists, indice
 
 - `GET /`, `GET /static/{file}`: the page (a fixed set of packaged files, nothing else).
 - `GET /api/acquisitions`: summaries (frames, denoised, lag, closed, shape, dtype, sizes).
-- `GET /api/status`: the daemon's status (model version and source, backlog, loss history).
+- `GET /api/status`: the daemon's status (model version and source, backlog, loss history, the
+  inference and training devices with the torch build, shown in the page's header).
 - `GET /api/acquisitions/{name}/limits?t=&c=&z=&low=&high=`: auto-contrast window (ADU) from the
   raw frame's percentiles, so both panels share it.
 - `GET /api/acquisitions/{name}/{raw|denoised}/{t}?c=&z=&lo=&hi=&max=&format=`: an 8-bit

@@ -25,16 +25,26 @@ class TrainingMode(StrEnum):
 
 
 def resolve_device(device: str) -> str:
-    """ "auto" → "cuda" when a GPU is usable, else "cpu"; an unusable "cuda" is a user error."""
+    """ "auto" → "cuda" when torch can use a GPU, else "cpu" (with a WARNING when an NVIDIA GPU
+    is present but this torch cannot use it); an unusable "cuda" is a user error. See
+    `core.device.resolve_device`."""
+    from pn2v_live.core.device import resolve_device as resolve
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return str(resolve(device, "--device"))
+
+
+def announce_device(what: str, device: str, bf16: bool | None = None) -> str:
+    """Log "`what` on cuda:0 (NVIDIA H200), bfloat16; torch …" and return the description
+    (for the command's JSON summary): every command that trains or denoises says where."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is usable here; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
-    return device
+    from pn2v_live.core.device import describe_device, torch_build
+
+    description = describe_device(torch.device(device), bf16)
+    log.info("%s on %s; %s", what, description, torch_build())
+    return description
 
 
 def training_series(
@@ -132,6 +142,7 @@ def train(
         )
     window = parse_context(context)
     device = resolve_device(device)
+    description = announce_device("training", device)
     series, truths = training_series(images, gt)
     model = load_noise_model(noise_model, device) if noise_model else None
     if model is not None:
@@ -182,6 +193,7 @@ def train(
     save_denoiser(denoiser, output, metadata)
     last = denoiser.history[-1] if denoiser.history else {}
     summary = {"model": str(output), "mode": mode.value, "context": str(denoiser.context)}
+    summary["device"] = description
     print(json.dumps({**summary, **last, "total_steps": total_steps(denoiser.history)}))
 
 
@@ -239,6 +251,7 @@ def denoise(
     if selected.start >= selected.stop:
         raise UserError(f"--frames {frames} selects none of the {len(stack)} frames of {input}")
     device = resolve_device(device)
+    description = announce_device("denoising", device)
     denoiser, metadata = load_denoiser(model, device)
     noise = None
     if denoiser.mode == "pn2v":
@@ -265,7 +278,7 @@ def denoise(
     if uncertainty:
         write_tiff(uncertainty, np.stack([r["posterior_std"] for r in results]).reshape(shape))
     summary = {"output": str(output), "frames": len(results), "context": str(context)}
-    print(json.dumps({**summary, "causal": causal}))
+    print(json.dumps({**summary, "causal": causal, "device": description}))
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,8 @@ import typer
 
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
+
+log = logging.getLogger("pn2v_live.cli")
 
 
 class CalibrationKind(StrEnum):
@@ -79,6 +82,7 @@ def calibrate(
     if report is not None and report.suffix.lower() != ".png":
         raise UserError(f"--report {report}: the report is a PNG image; name it *.png")
     acquisitions = [read_acquisition(path) for path in inputs]
+    log.info("%s", calibration_device(bootstrap))
     clean = read_image(signal) if signal is not None else None
     signals = None
     if bootstrap:
@@ -96,6 +100,19 @@ def calibrate(
     )
     summary = write_outputs(result, output, report, everything=kind == CalibrationKind.all)
     print(json.dumps(summary))
+
+
+def calibration_device(bootstrap: bool) -> str:
+    """Where calibration runs: always the CPU (the fits are small); with `bootstrap` the N2V
+    network trains there too, in the precision its body uses."""
+    import torch
+
+    from pn2v_live.core.device import describe_device, device_name, torch_build
+
+    cpu = torch.device("cpu")
+    if bootstrap:
+        return f"calibration and bootstrap N2V training on {describe_device(cpu)}; {torch_build()}"
+    return f"calibration on {device_name(cpu)}; {torch_build()}"
 
 
 @app.command("fit-noise-model")

@@ -276,6 +276,11 @@ def demo(
         daemon = Daemon(demo_config(workdir, noise_model, viewer, metrics, steps, k, every))
         daemon.start()
         cleanup.callback(daemon.close)
+        devices = daemon.devices
+        print(
+            f"inference on {devices['inference']}; training on {devices['training']}; "
+            f"{devices['torch']}"
+        )
         print(f"viewer:  {daemon.addresses.get('viewer', 'off')}")  # off: --viewer ""
         print(f"metrics: {daemon.addresses.get('metrics', 'off')}")
         print(f"denoised frames published on {daemon.addresses['publish']} (ZeroMQ PUB)")

@@ -120,6 +120,18 @@ function updateStatus(status) {
     { idle: "idle", training: "training", waiting: "waiting for inference" }[status.trainer_state]
     ?? "–";
   drawLossPlot(status.loss_history || []);
+  showDevice(status.device);
+}
+
+function showDevice(device) {
+  // "inference on cuda:0 (NVIDIA H200), bfloat16"; training and torch build on hover, and a
+  // red badge when an NVIDIA GPU is present that this torch cannot use (the fix on hover).
+  $("device-info").hidden = !device?.inference;
+  if (!device?.inference) return;
+  $("device").textContent = device.inference;
+  $("device-info").title = `training on ${device.training}; ${device.torch}`;
+  $("device-warning").hidden = !device.warning;
+  $("device-warning").title = device.warning ?? "";
 }
 
 // ---- rendering ----------------------------------------------------------------------------
