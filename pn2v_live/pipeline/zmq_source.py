@@ -277,10 +277,9 @@ class ZmqSource:
 
     def _hold(self, size: int) -> None:
         """Count `size` bytes more (a received message) or less (a handled one)."""
-        with self._counts_lock:
+        with self._counts_lock:  # the gauge too: set outside, an older value could land last
             self._held += size
-            held = self._held
-        RECEIVE_QUEUE_BYTES.set(held)
+            RECEIVE_QUEUE_BYTES.set(self._held)
 
     # receiver thread --------------------------------------------------------------------
 
