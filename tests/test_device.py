@@ -170,9 +170,9 @@ def test_calibrate_prints_where_it_runs(tmp_path):
     tifffile.imwrite(tmp_path / "pattern.tif", frames)
     done = pn2v_live_cli("calibrate", str(tmp_path / "pattern.tif"), "-o", str(tmp_path / "n.pt"),
                          "--kind", "histogram", "--bins", "16")  # fmt: skip
-    threads = torch.get_num_threads()
-    assert f"calibration on CPU, {threads} thread" in done.stderr
-    assert torch_build() in done.stderr
+    cpu = f"CPU, {torch.get_num_threads()} threads"
+    assert f"noise models fitted on {cpu}; {torch_build()}" in done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["device"] == cpu
 
 
 def test_daemon_says_its_device_in_the_log_status_metrics_and_viewer(tmp_path):

@@ -142,7 +142,6 @@ def train(
         )
     window = parse_context(context)
     device = resolve_device(device)
-    description = announce_device("training", device)
     series, truths = training_series(images, gt)
     model = load_noise_model(noise_model, device) if noise_model else None
     if model is not None:
@@ -153,6 +152,7 @@ def train(
     if window is not None and window.channels > shortest:
         raise UserError(f"--context {window} needs {window.channels} frames, not {shortest}")
 
+    description = announce_device("training", device)  # inputs checked: the work starts
     make_denoiser = seeded_denoisers(mode.value, mean, std, k, seed, device)  # same initial weights
     with Progress(
         TextColumn("training"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn()
@@ -251,7 +251,6 @@ def denoise(
     if selected.start >= selected.stop:
         raise UserError(f"--frames {frames} selects none of the {len(stack)} frames of {input}")
     device = resolve_device(device)
-    description = announce_device("denoising", device)
     denoiser, metadata = load_denoiser(model, device)
     noise = None
     if denoiser.mode == "pn2v":
@@ -266,6 +265,7 @@ def denoise(
     if noise is not None:
         warn_if_out_of_calibration(noise, list(stack[selected].astype(np.float32)))
     outputs = ("denoised", "posterior_std") if uncertainty else ("denoised",)
+    description = announce_device("denoising", device)  # inputs checked: the work starts
     context = denoiser.context
     visible = context.causal if causal else context
     results = [

@@ -65,6 +65,7 @@ def calibrate(
 ) -> None:
     """Fit noise models from a calibration acquisition, compare them on held-out frames and write
     the best; prints a one-line JSON summary."""
+    from pn2v_live.core.device import torch_build
     from pn2v_live.pipeline.calibration import (
         bootstrap_signal,
         read_acquisition,
@@ -82,12 +83,13 @@ def calibrate(
     if report is not None and report.suffix.lower() != ".png":
         raise UserError(f"--report {report}: the report is a PNG image; name it *.png")
     acquisitions = [read_acquisition(path) for path in inputs]
-    log.info("%s", calibration_device(bootstrap))
     clean = read_image(signal) if signal is not None else None
     signals = None
+    device = calibration_device(bootstrap)
     if bootstrap:
         if steps is None and minutes is None:
             steps = 400
+        log.info("bootstrap N2V training on %s; %s", device, torch_build())
         signals = bootstrap_signal(acquisitions, steps, minutes)
     result = run_calibration(
         acquisitions,
@@ -98,21 +100,21 @@ def calibrate(
         offset=offset,
         bootstrap_signals=signals,
     )
+    if not bootstrap:  # after the checks, as the bootstrap's line comes before its training
+        log.info("noise models fitted on %s; %s", device, torch_build())
     summary = write_outputs(result, output, report, everything=kind == CalibrationKind.all)
-    print(json.dumps(summary))
+    print(json.dumps({**summary, "device": device}))
 
 
 def calibration_device(bootstrap: bool) -> str:
-    """Where calibration runs: always the CPU (the fits are small); with `bootstrap` the N2V
-    network trains there too, in the precision its body uses."""
+    """Where calibration runs: always the CPU (the fits are small), with the precision of the
+    U-Net body when `bootstrap` trains an N2V network there too."""
     import torch
 
-    from pn2v_live.core.device import describe_device, device_name, torch_build
+    from pn2v_live.core.device import describe_device, device_name
 
     cpu = torch.device("cpu")
-    if bootstrap:
-        return f"calibration and bootstrap N2V training on {describe_device(cpu)}; {torch_build()}"
-    return f"calibration on {device_name(cpu)}; {torch_build()}"
+    return describe_device(cpu) if bootstrap else device_name(cpu)
 
 
 @app.command("fit-noise-model")
