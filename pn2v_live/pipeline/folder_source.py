@@ -92,7 +92,9 @@ def read_tiff_frames(path: Path) -> np.ndarray:
                 if axis not in FRAME_AXES and count > 1:
                     what = PLANE_NAMES.get(axis, f"planes along axis {axis}")
                     raise Rejected(
-                        "shape", f"holds {count} {what}; expected one grayscale plane per frame"
+                        "shape",
+                        f"holds {count} {what}; expected one grayscale plane per frame (save "
+                        "one channel per file, e.g. Fiji: Image > Color > Split Channels)",
                     )
             if appended:
                 data = np.concatenate([s.asarray().reshape(-1, *s.shape[-2:]) for s in tif.series])
@@ -111,6 +113,13 @@ def read_tiff_frames(path: Path) -> np.ndarray:
         data = data[np.newaxis]
     if data.ndim != 3:
         raise Rejected("shape", f"expected 2-D frames or a stack of them, found shape {data.shape}")
+    height, width = data.shape[1:]
+    if width in (3, 4) and height > width:  # an RGB(A) image written without colour metadata
+        raise Rejected(
+            "shape",
+            f"frames of {height}x{width} pixels: the last axis looks like {width} colour "
+            "samples per pixel, not an image; expected one grayscale plane per frame",
+        )
     return data
 
 
