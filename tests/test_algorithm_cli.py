@@ -61,9 +61,11 @@ def test_train_denoise_evaluate_round_trip(camera_data, tmp_path):
     scores = json.loads(pn2v_live("evaluate", str(output), str(camera_data["gt"])).stdout)
     truth = tifffile.imread(camera_data["gt"])
     assert scores["frames"] == 2
-    assert scores["psnr"] == pytest.approx(np.mean([psnr(d, truth, 255) for d in denoised]))
+    span = float(truth.max() - truth.min())  # the default range: the ground truth's own
+    assert scores["data_range"] == pytest.approx(span)
+    assert scores["psnr"] == pytest.approx(np.mean([psnr(d, truth, span) for d in denoised]))
     assert scores["psnr_star"] == pytest.approx(
-        np.mean([psnr_star(d, truth, 255) for d in denoised])
+        np.mean([psnr_star(d, truth, span) for d in denoised])
     )
 
 

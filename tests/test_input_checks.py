@@ -1,9 +1,11 @@
 """Inputs checked: colour and multi-channel images are refused (not denoised as 128 frames of
-128x3). Real files written and read back, real CLI processes checked for their exit code and
-message."""
+128x3), `evaluate` says what it cannot compare and which PSNR range it uses, `ingest --data` on a
+path that cannot be written is one error line. Real files written and read back, real CLI
+processes checked for their exit code and message."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from pn2v_live.core.metrics import psnr, psnr_star
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.errors import UserError
 from pn2v_live.storage.checkpoints import save_denoiser
@@ -164,3 +167,53 @@ def test_folder_ingest_rejects_an_rgb_tiff_with_the_reason(rgb_tiff, tmp_path):
     (line,) = [line for line in log.read_text().splitlines() if "rejected" in line]
     assert "cells_rgb.tif" in line and "holds 3 colour samples per pixel" in line
     assert "Split Channels" in line
+
+
+def test_evaluate_with_mismatched_shapes_is_one_error_line(tmp_path):
+    prediction = tmp_path / "pred.tif"
+    write_grey_tiff(prediction, np.zeros((3, 64, 64), np.float32))  # as `denoise` writes it
+    other_size = write_tiff(tmp_path / "gt_size.tif", np.zeros((48, 64), np.float32))
+    other_count = write_tiff(
+        tmp_path / "gt_count.tif", np.zeros((2, 64, 64), np.float32), photometric="minisblack"
+    )
+    assert_one_error_line(
+        cli("evaluate", prediction, other_size),
+        "do not match: prediction 3 frame(s) of 64x64, ground truth 1 frame(s) of 48x64",
+    )
+    assert_one_error_line(
+        cli("evaluate", prediction, other_count),
+        "prediction 3 frame(s) of 64x64, ground truth 2 frame(s) of 64x64",
+        "one image for all frames or one per frame",
+    )
+
+
+def test_evaluate_on_16_bit_data_uses_and_prints_the_ground_truth_range(tmp_path):
+    truth = np.tile(np.linspace(1000, 5000, 64), (64, 1)).astype(np.uint16)
+    noisy = (truth + RNG.normal(0, 50, (2, 64, 64))).clip(0, 65535).astype(np.uint16)
+    write_tiff(tmp_path / "gt.tif", truth)
+    write_tiff(tmp_path / "pred.tif", noisy, photometric="minisblack")
+    done = cli("evaluate", tmp_path / "pred.tif", tmp_path / "gt.tif")
+    assert done.returncode == 0, done.stderr
+    scores = json.loads(done.stdout)
+    assert scores["data_range"] == 4000.0
+    assert "PSNR data range 4000 (ground truth max - min)" in done.stderr
+    expected = np.mean([psnr(frame, truth, 4000.0) for frame in noisy])
+    assert scores["psnr"] == pytest.approx(expected)
+    assert scores["psnr_star"] == pytest.approx(
+        np.mean([psnr_star(frame, truth, 4000.0) for frame in noisy])
+    )
+    fixed = cli("evaluate", tmp_path / "pred.tif", tmp_path / "gt.tif", "--data-range", "65535")
+    assert json.loads(fixed.stdout)["data_range"] == 65535.0
+    assert "PSNR data range 65535 (--data-range)" in fixed.stderr
+    assert json.loads(fixed.stdout)["psnr"] == pytest.approx(
+        np.mean([psnr(frame, truth, 65535.0) for frame in noisy])
+    )
+    write_tiff(tmp_path / "flat.tif", np.full((64, 64), 7, np.uint16))
+    flat = cli("evaluate", tmp_path / "pred.tif", tmp_path / "flat.tif")
+    assert_one_error_line(flat, "flat.tif is constant: give the PSNR range as --data-range R")
+
+
+def test_ingest_on_a_data_path_that_cannot_be_written_is_one_error_line(tmp_path):
+    (tmp_path / "file").write_text("")  # under a regular file nothing can be created, even as root
+    done = cli("ingest", "--data", tmp_path / "file" / "store", "--zmq", "tcp://127.0.0.1:0")
+    assert_one_error_line(done, f"--data {tmp_path / 'file' / 'store'}: cannot create or write it")

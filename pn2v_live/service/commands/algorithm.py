@@ -285,27 +285,45 @@ def denoise(
 def evaluate(
     prediction: Annotated[Path, typer.Argument(help="denoised image or stack")],
     ground_truth: Annotated[Path, typer.Argument(help="ground-truth image (or matching stack)")],
-    data_range: Annotated[float, typer.Option(help="PSNR data range")] = 255.0,
+    data_range: Annotated[
+        float | None,
+        typer.Option(help="PSNR data range [default: the ground truth's max - min]"),
+    ] = None,
 ) -> None:
-    """Print one JSON line with PSNR and PSNR* (means over frames for a stack)."""
+    """Print one JSON line with PSNR and PSNR* (means over frames for a stack) and the data range
+    they used: --data-range, else the ground truth's max − min (the PN2V paper's convention),
+    whatever the bit depth."""
     from pn2v_live.core.metrics import psnr, psnr_star
     from pn2v_live.storage.images import read_stack
 
-    if not data_range > 0:
+    if data_range is not None and not data_range > 0:
         raise UserError(f"--data-range must be > 0, got {data_range}")
     predicted = read_stack(prediction).astype(np.float64)
     truth = read_stack(ground_truth).astype(np.float64)
-    if truth.shape[0] == 1:
-        truth = np.broadcast_to(truth, predicted.shape)
-    if truth.shape != predicted.shape:
-        raise UserError(f"shapes differ: prediction {predicted.shape}, ground truth {truth.shape}")
+    if truth.shape[1:] != predicted.shape[1:] or len(truth) not in (1, len(predicted)):
+        raise UserError(
+            f"{prediction} and {ground_truth} do not match: prediction {len(predicted)} frame(s) "
+            f"of {_size(predicted)}, ground truth {len(truth)} frame(s) of {_size(truth)}; give "
+            "a ground truth of the prediction's frame size, one image for all frames or one per "
+            "frame"
+        )
+    truth = np.broadcast_to(truth, predicted.shape)
+    source = "--data-range"
+    if data_range is None:
+        data_range, source = float(truth.max() - truth.min()), "ground truth max - min"
+        if not data_range > 0:
+            raise UserError(f"{ground_truth} is constant: give the PSNR range as --data-range R")
+    log.info("PSNR data range %g (%s)", data_range, source)
+    pairs = list(zip(predicted, truth, strict=True))
     scores = {
-        "psnr": float(
-            np.mean([psnr(p, t, data_range) for p, t in zip(predicted, truth, strict=True)])
-        ),
-        "psnr_star": float(
-            np.mean([psnr_star(p, t, data_range) for p, t in zip(predicted, truth, strict=True)])
-        ),
+        "psnr": float(np.mean([psnr(p, t, data_range) for p, t in pairs])),
+        "psnr_star": float(np.mean([psnr_star(p, t, data_range) for p, t in pairs])),
         "frames": len(predicted),
+        "data_range": data_range,
     }
     print(json.dumps(scores))
+
+
+def _size(stack: np.ndarray) -> str:
+    """ "512x512" for a (T, Y, X) stack."""
+    return "x".join(map(str, stack.shape[1:]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 from pathlib import Path
 from typing import Annotated
 
@@ -168,7 +169,14 @@ def ingest(
         raise UserError("nothing to ingest: give --zmq tcp://HOST:PORT and/or --folder DIR")
     if zarr_format not in (2, 3):
         raise UserError(f"--zarr-format must be 2 or 3, not {zarr_format}")
-    store = Store(data, zarr_format, writer=True)
+    try:
+        store = Store(data, zarr_format, writer=True)
+    except (OSError, sqlite3.Error) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise UserError(
+            f"--data {data}: cannot create or write it ({reason}); choose a folder this user "
+            "may write"
+        ) from error
     sources = []
     if zmq is not None:
         sources.append(ZmqSource(store, zmq, status))
