@@ -75,6 +75,7 @@ COLOUR_FILES = {
     "ome-time-channels": (
         (4, 2, 64, 64), np.uint16, {"metadata": {"axes": "TCYX"}}, "imread('x.ome.tif')[:, 0]",
     ),
+    "ome-z-channels": ((3, 2, 64, 64), np.uint16, {"metadata": {"axes": "ZCYX"}}, "2 channels"),
     "palette": (
         (64, 64), np.uint8, {"photometric": "palette", "colormap": np.zeros((3, 256), np.uint16)},
         "palette colour",
@@ -106,9 +107,10 @@ def test_colour_png_and_non_finite_float_tiff_are_refused(tmp_path):
         read_stack(tmp_path / "nan.tif")
 
 
-def test_grey_stacks_still_read_as_written(tmp_path):
-    """What must not be refused: 3 or 4 grey frames saved as such, a 16-bit PNG, and an
-    OME-TIFF with one channel."""
+def test_grey_stacks_still_read_as_written(tmp_path, caplog):
+    """What must not be refused: 3 or 4 grey frames saved as such, a 16-bit PNG, an OME-TIFF
+    with one channel, and one of channels only (tifffile's axes for any 3-D array saved as
+    *.ome.tif), read as frames with a warning."""
     three = RNG.integers(0, 4000, (3, 64, 64), np.uint16)
     write_tiff(tmp_path / "three.tif", three, photometric="minisblack")
     np.testing.assert_array_equal(read_stack(tmp_path / "three.tif"), three)
@@ -117,6 +119,13 @@ def test_grey_stacks_still_read_as_written(tmp_path):
     np.testing.assert_array_equal(read_stack(tmp_path / "four.ome.tif"), four[:, 0])
     Image.fromarray(three[0]).save(tmp_path / "grey16.png")
     np.testing.assert_array_equal(read_stack(tmp_path / "grey16.png"), three[:1])
+    frames = RNG.integers(0, 4000, (40, 32, 32), np.uint16)
+    write_tiff(tmp_path / "frames.ome.tif", frames)  # no axes given: tifffile says CYX
+    with tifffile.TiffFile(tmp_path / "frames.ome.tif") as tif:
+        assert tif.series[0].axes == "CYX"
+    with caplog.at_level("WARNING", logger="pn2v_live.storage.images"):
+        np.testing.assert_array_equal(read_stack(tmp_path / "frames.ome.tif"), frames)
+    assert "reading its 40 channels as 40 frames" in caplog.text
 
 
 def test_stacks_of_3_or_4_frames_are_written_grey_and_read_back(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ import tifffile
 from PIL import Image
 
 from pn2v_live.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 
@@ -92,7 +95,16 @@ def _read_tiff(path: Path) -> np.ndarray:
                 f"pn2v-live denoises grey-scale frames of one channel: {how}{grey_frames}"
             )
         channels = sizes.get("C", 1)
-        if channels > 1:
+        others = [axis for axis in "TZQI" if sizes.get(axis, 1) > 1]
+        if channels > 1 and not tif.is_imagej and not others:
+            # An OME-TIFF of C planes only: what tifffile writes for any 3-D array saved as
+            # *.ome.tif without axes, so most likely frames; a real multi-channel image is told.
+            log.warning(
+                "%s: axes %s: reading its %d channels as %d frames; if they are channels, "
+                "denoise one at a time (%s)",
+                path, series.axes, channels, channels, SPLIT_HINT,
+            )  # fmt: skip
+        elif channels > 1:
             raise UserError(
                 f"{path}: {channels} channels (axes {series.axes}, shape {series.shape}); "
                 "pn2v-live denoises one channel at a time: save the channel to denoise as its "
