@@ -178,7 +178,7 @@ BAD_NUMBERS = [
     ("trainer.patch_size", "1048576", "Input should be less than or equal to 16384"),
     ("trainer.steps_per_round", "1000000000000", "Input should be less than or equal to 1000000"),
     ("trainer.every_frames", "10000000000", "Input should be less than or equal to 1000000000"),
-    ("trainer.every_seconds", "1e12", "Input should be less than or equal to 604800"),
+    ("trainer.every_seconds", "1e12", "Input should be less than or equal to 31622400"),
     ("trainer.learning_rate", "10", "Input should be less than or equal to 1"),
     ("trainer.min_gain_db", "1e6", "expected a number of dB within ±100"),
     ("inference.tile", "1000000", "Input should be less than or equal to 16384"),
