@@ -149,15 +149,16 @@ class Endpoints:
 
 
 def daemon_overrides(
-    store_root: Path, noise_model: Path, endpoints: Endpoints, user: list[str]
+    store_root: Path, noise_model: Path, endpoints: Endpoints, user: list[str], part: str = "live"
 ) -> list[str]:
     """`--set` overrides for `pn2v-live serve`: the bench's own keys, free ports for the other
-    listeners, then the user's overrides (which win, except for RESERVED_KEYS: UserError)."""
+    listeners, then the user's overrides (which win, except for RESERVED_KEYS: UserError naming
+    the bench `part`)."""
     for override in user:
         key = override.partition("=")[0].strip()
         if key in RESERVED_KEYS:
             raise UserError(
-                f"--set {override!r}: the live bench sets {key} itself "
+                f"--set {override!r}: the {part} bench sets {key} itself "
                 "(--keep DIR keeps the store, --noise-model-file names the noise model)"
             )
     own = {

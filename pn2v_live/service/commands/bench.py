@@ -21,6 +21,7 @@ class Part(StrEnum):
     pipeline = "pipeline"
     quality = "quality"
     live = "live"
+    soak = "soak"
 
 
 @app.command()
@@ -29,7 +30,8 @@ def bench(
         Part.predict
     ],
     size: Annotated[
-        int | None, typer.Option(help="frame side (predict, ingest) or patch side (train)")
+        int | None,
+        typer.Option(help="frame side (predict, ingest; soak: 256) or patch side (train)"),
     ] = None,
     k: Annotated[int, typer.Option(help="prior samples per pixel")] = 800,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -45,7 +47,7 @@ def bench(
             help="quality: training budget per model, wall-clock minutes [default: 20 unless "
             "--steps is given, whose step budget is then the only one, as on a busy machine "
             "minutes would cut it short]; live: how long the daemon runs from the first frame "
-            "sent (required)"
+            "sent (required); soak: how long frames stream [default: 10]"
         ),
     ] = None,
     steps: Annotated[
@@ -102,12 +104,17 @@ def bench(
         typer.Option(help="live: ground truth, one image for every frame or a stack of one each"),
     ] = None,
     fps: Annotated[
-        float | None, typer.Option(min=0.001, help="live: frames per second of the replay")
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="live: frames per second of the replay; soak: of the stream [default: 2]",
+        ),
     ] = None,
     noise_model_file: Annotated[
         Path | None,
         typer.Option(
-            help="live: the daemon's noise-model file (make one with pn2v-live calibrate)"
+            help="live: the daemon's noise-model file (make one with pn2v-live calibrate); soak: "
+            "instead of the synthetic camera's own"
         ),
     ] = None,
     offline: Annotated[
@@ -122,15 +129,15 @@ def bench(
         list[str] | None,
         typer.Option(
             "--set",
-            help="live: override one daemon config key (repeatable), e.g. --set "
+            help="live, soak: override one daemon config key (repeatable), e.g. --set "
             "trainer.device=cuda; the shipped defaults otherwise",
         ),
     ] = None,
     keep: Annotated[
         Path | None,
         typer.Option(
-            help="live: keep the daemon's store (DIR/store) and log (DIR/serve.log) in DIR "
-            "[default: a temporary folder, removed]"
+            help="live, soak: keep the daemon's store (DIR/store) and log (DIR/serve.log; soak "
+            "also DIR/samples.jsonl) in DIR [default: a temporary folder, removed]"
         ),
     ] = None,
 ) -> None:
@@ -145,7 +152,10 @@ def bench(
     `live` runs the real daemon (`pn2v-live serve`, shipped defaults plus --set) on a temporary
     store, replays --data to it over ZeroMQ at --fps for --minutes, and reports how soon and how
     much the denoised twins beat the raw frames against --gt (one JSON line per twin seen on
-    stderr)."""
+    stderr). `soak` streams synthetic --size² camera frames through the real daemon (training
+    on) at --fps (2) for --minutes (10), a new acquisition per minute, sampling its RSS, open
+    files, threads, inference backlog and receive-queue bytes every second; it reports start,
+    end and max of each, and the RSS slope (MB/h) and growth (%) after the first minute."""
     import torch
 
     from pn2v_live.core.context import SPATIAL
@@ -179,6 +189,12 @@ def bench(
             side = None  # the result says the frame shape
             result = run_live_part(data, gt, fps, minutes, noise_model_file, set_ or [],
                                    offline, keep)  # fmt: skip
+        elif name is Part.soak:
+            from pn2v_live.service.bench.soak import run_soak
+
+            side = size or 256
+            result = run_soak(10.0 if minutes is None else minutes, fps or 2.0, side,
+                              set_ or [], noise_model_file, keep)  # fmt: skip
         elif name is Part.quality:
             side = 512
             if minutes is None and steps is None:

@@ -1,0 +1,392 @@
+"""A soak run of the real daemon: does it hold its memory, files and queues over a long stream?
+
+`pn2v-live serve` runs in a subprocess (what users run) on a temporary store with the shipped
+defaults plus the user's `--set` overrides, training on, as in `bench --part live`. Synthetic
+camera frames (a tiled cell scene through the Poisson–Gaussian camera of `bench --part ingest`,
+a pool of POOL_FRAMES frames sent in turn) stream to it over ZeroMQ by `FrameSender` at a fixed
+rate for M minutes, as a new acquisition every ACQUISITION_SECONDS of frames, each ended with
+its end marker as a microscope does (so per-acquisition state is exercised, not only one
+growing array). The noise model is that camera's own (Poisson–Gaussian with its gain, offset and
+read noise) unless one is given.
+
+Every SAMPLE_SECONDS from the first frame sent (offset by half a frame interval, at most half a
+second, so that a sample never falls on the instant a frame is sent), the daemon is sampled:
+resident memory (RSS), open files (/proc/PID/fd), threads, and from its /metrics endpoint the
+inference backlog (`pn2v_live_backlog_frames`) and the receive queue's fill
+(`pn2v_live_receive_queue_bytes`).
+After M minutes the sender stops, makes sure every frame it sent is stored (resending any
+missing), and the daemon gets SIGTERM; the ledger it leaves says how many frames were stored and
+denoised.
+
+The result gives start, end and max of each sampled series, and for RSS the least-squares slope
+over the samples after the warm-up (the first minute, or a third of a shorter run: start-up,
+the first model, the compiled kernels) in MB per hour, and the growth over that stretch in
+percent of the fitted value where it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pn2v_live.errors import UserError
+from pn2v_live.service.bench.live import (
+    SEND_TIMEOUT_S,
+    Endpoints,
+    ModelWatcher,
+    daemon_overrides,
+    log_tail,
+    sigterm_as_interrupt,
+    start_daemon,
+    stop_daemon,
+    wait_until_ready,
+)
+
+SAMPLE_SECONDS = 1.0
+WARMUP_SECONDS = 60.0  # samples before this are left out of the RSS slope and growth
+ACQUISITION_SECONDS = 60.0  # a new acquisition per minute of frames
+POOL_FRAMES = 16  # distinct frames, sent in turn
+METRICS_TIMEOUT_S = 2.0
+STORE_TIMEOUT_S = 300.0  # after the stream: every frame stored (the backlog of writes drains)
+ACQUISITION = "soak-{:04d}"
+SERIES = ("rss_mb", "open_files", "threads", "backlog_frames", "receive_queue_bytes")
+METRICS = {
+    "backlog_frames": "pn2v_live_backlog_frames",
+    "receive_queue_bytes": "pn2v_live_receive_queue_bytes",
+}
+
+Log = Callable[[str], None]
+
+
+# ---- what is sent ----------------------------------------------------------------------
+
+
+class Cycled(Sequence):
+    """`length` frames cycling through `pool` (T, Y, X): frame t is pool[t % len(pool)]."""
+
+    def __init__(self, pool: np.ndarray, length: int):
+        self.pool, self.length = pool, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, t: int) -> np.ndarray:  # type: ignore[override]
+        if not 0 <= t < self.length:
+            raise IndexError(t)
+        return self.pool[t % len(self.pool)]
+
+
+def frame_pool(size: int, count: int = POOL_FRAMES) -> np.ndarray:
+    """`count` (size, size) uint16 frames of the ingest bench's camera (same seed: a reader can
+    make them again to compare with what was stored)."""
+    from pn2v_live.service.bench.ingest import camera_frames
+
+    return camera_frames(size, "uint16", count)
+
+
+def camera_noise_model(path: Path, pool: np.ndarray) -> Path:
+    """The Poisson–Gaussian noise model of the camera that made `pool`, saved at `path`."""
+    from pn2v_live.core import synthetic
+    from pn2v_live.core.noise import PoissonGaussianNoiseModel
+    from pn2v_live.storage.noise_model_file import save_noise_model
+
+    camera = synthetic.Camera()
+    signal_range = (camera.offset, float(pool.max()))
+    model = PoissonGaussianNoiseModel(camera.gain, camera.offset, camera.read_noise, signal_range)
+    return save_noise_model(model, path)
+
+
+class Stream(threading.Thread):
+    """Sends frames at `fps` until `stop` is set: acquisition k gets `per_acquisition` frames
+    (frame numbers 0..n-1) and its end marker, then k + 1 starts. Once stopped, resends what the
+    receiver lacks until all is stored. `sent` maps each acquisition to the frames sent."""
+
+    def __init__(self, endpoints: Endpoints, pool: np.ndarray, fps: float, per_acquisition: int):
+        super().__init__(name="bench-soak-stream", daemon=True)
+        self.endpoints, self.pool, self.fps = endpoints, pool, fps
+        self.per_acquisition = per_acquisition
+        self.stop = threading.Event()
+        self.started = threading.Event()
+        self.started_at: float | None = None
+        self.sent: dict[str, int] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from pn2v_live.pipeline.sender import FrameSender
+
+        try:
+            with FrameSender(
+                self.endpoints.frames, self.endpoints.status, send_timeout=SEND_TIMEOUT_S
+            ) as sender:
+                self.started_at = time.monotonic()
+                self.started.set()
+                self._stream(sender)
+                for name, count in self.sent.items():
+                    sender.ensure_stored(name, Cycled(self.pool, count), timeout=STORE_TIMEOUT_S)
+        except BaseException as error:  # reported by the caller
+            self.error = error
+        finally:
+            self.started.set()
+
+    def _stream(self, sender) -> None:
+        n = 0
+        while not self.stop.is_set():
+            wait = self.started_at + n / self.fps - time.monotonic()
+            if wait > 0 and self.stop.wait(wait):
+                break
+            k, t = divmod(n, self.per_acquisition)
+            name = ACQUISITION.format(k)
+            sender.send_frame(name, t, self.pool[n % len(self.pool)])
+            self.sent[name] = t + 1
+            if t + 1 == self.per_acquisition:
+                sender.end(name, self.per_acquisition)
+            n += 1
+        last = ACQUISITION.format(n // self.per_acquisition) if n else None
+        if last in self.sent and self.sent[last] < self.per_acquisition:
+            sender.end(last, self.sent[last])  # the acquisition the stop cut short
+
+
+# ---- what is sampled -------------------------------------------------------------------
+
+
+def metrics_url(log_path: Path, timeout: float = 30.0) -> str:
+    """The daemon's /metrics address, from its start-up log line "metrics at URL"."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = log_path.read_text("utf-8", "replace")
+        except OSError:
+            text = ""
+        found = re.search(r"metrics at (http://\S+/metrics)", text)
+        if found:
+            return found.group(1)
+        time.sleep(0.2)
+    raise UserError(f"the daemon's log names no metrics address:\n{log_tail(log_path)}")
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """The sampled gauges (METRICS) from the daemon's /metrics; those missing are left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:
+        text = response.read().decode("utf-8")
+    values = {}
+    wanted = {metric: key for key, metric in METRICS.items()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                values[wanted[sample.name]] = float(sample.value)
+    return values
+
+
+@dataclass
+class Samples:
+    """One row per sample: seconds since the first frame sent, then each of SERIES (None where
+    the metrics endpoint did not answer)."""
+
+    rows: list[dict[str, float | None]] = field(default_factory=list)
+    metrics_misses: int = 0
+
+    def take(self, pid: int, url: str, t_s: float) -> dict[str, float | None]:
+        import psutil
+
+        process = psutil.Process(pid)
+        row: dict[str, float | None] = {
+            "t_s": round(t_s, 3),
+            "rss_mb": process.memory_info().rss / 2**20,
+            "open_files": float(process.num_fds()),
+            "threads": float(process.num_threads()),
+        }
+        try:
+            gauges = read_metrics(url)
+        except (OSError, ValueError):  # busy or restarting: this sample goes without
+            gauges = {}
+        if len(gauges) < len(METRICS):
+            self.metrics_misses += 1
+        for key in METRICS:
+            row[key] = gauges.get(key)
+        self.rows.append(row)
+        return row
+
+
+def summary(rows: list[dict[str, float | None]], warmup_s: float) -> dict[str, Any]:
+    """Start, end and max of each of SERIES (over the samples that have it), and the RSS trend
+    after `warmup_s`: slope (MB/h, least squares) and growth (% of the fitted start)."""
+    result: dict[str, Any] = {}
+    for key in SERIES:
+        values = [row[key] for row in rows if row[key] is not None]
+        digits = 1 if key == "rss_mb" else 0
+        for name, value in (
+            ("start", values[0] if values else None),
+            ("end", values[-1] if values else None),
+            ("max", max(values) if values else None),
+        ):
+            result[f"{key}_{name}"] = None if value is None else round(value, digits)
+    after = [(row["t_s"], row["rss_mb"]) for row in rows if row["t_s"] >= warmup_s]
+    slope_per_s, at_warmup, growth = rss_trend(after, warmup_s)
+    result |= {
+        "rss_mb_per_hour": None if slope_per_s is None else round(slope_per_s * 3600, 1),
+        "rss_mb_fitted_at_warmup": None if at_warmup is None else round(at_warmup, 1),
+        "rss_growth_after_warmup_pct": None if growth is None else round(growth, 2),
+    }
+    return result
+
+
+def rss_trend(
+    points: list[tuple[float, float]], warmup_s: float
+) -> tuple[float | None, float | None, float | None]:
+    """Least-squares line through (t_s, rss_mb) `points`: its slope (MB/s), its value at
+    `warmup_s`, and its rise from there to the last point in percent of that value. Nones with
+    fewer than two points."""
+    if len(points) < 2:
+        return None, None, None
+    t, rss = np.array(points, dtype=np.float64).T
+    if np.ptp(t) == 0:
+        return None, None, None
+    slope, intercept = np.polyfit(t, rss, 1)
+    at_warmup = slope * warmup_s + intercept
+    growth = 100.0 * slope * (t[-1] - warmup_s) / at_warmup if at_warmup > 0 else math.nan
+    return float(slope), float(at_warmup), float(growth)
+
+
+# ---- the whole run ---------------------------------------------------------------------
+
+
+def run_soak(
+    minutes: float,
+    fps: float,
+    size: int,
+    overrides: list[str],
+    noise_model: Path | None = None,
+    keep: Path | None = None,
+    log: Log = lambda line: print(line, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Stream synthetic frames through `pn2v-live serve` for `minutes` at `fps` and sample it
+    every second (see the module docstring). Keeps the store, the daemon's log and the samples
+    under `keep` (DIR/store, DIR/serve.log, DIR/samples.jsonl) when given. Returns the result's
+    keys; one progress line every 10 samples goes to `log`."""
+    from pn2v_live.service.config import load_config
+    from pn2v_live.storage.noise_model_file import load_noise_model
+
+    if not minutes > 0 or not fps > 0 or size < 16:
+        raise UserError("--part soak needs --minutes > 0, --fps > 0 and --size >= 16")
+    if noise_model is not None:
+        load_noise_model(noise_model)  # a bad file is the user's: say so before starting
+    keep = None if keep is None else keep.resolve()
+    pool = frame_pool(size)
+    with ExitStack() as cleanup:
+        sockets = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pn2v-soak-")))
+        work = keep if keep is not None else sockets
+        if keep is not None and (keep / "store").exists():
+            raise UserError(f"--keep {keep}: {keep / 'store'} exists; give a new folder")
+        work.mkdir(parents=True, exist_ok=True)
+        if noise_model is None:
+            noise_model = camera_noise_model(work / "noise-model.pt", pool)
+        endpoints = Endpoints.in_folder(sockets)
+        settings = daemon_overrides(work / "store", noise_model, endpoints, overrides, "soak")
+        config = load_config(None, settings)  # UserError for a bad --set, before starting
+        cleanup.enter_context(sigterm_as_interrupt())
+        result = _stream_and_sample(config, settings, endpoints, work, pool, fps, minutes, log)
+    return {
+        **result,
+        "minutes": minutes,
+        "fps": fps,
+        "frame_shape": list(pool.shape[1:]),
+        "dtype": str(pool.dtype),
+        "k": config.trainer.k,
+        "store": str(work / "store") if keep is not None else None,
+    }
+
+
+def _stream_and_sample(
+    config,
+    settings: list[str],
+    endpoints: Endpoints,
+    work: Path,
+    pool: np.ndarray,
+    fps: float,
+    minutes: float,
+    log: Log,
+) -> dict[str, Any]:
+    """Start the daemon, stream and sample for `minutes`, stop it; the result's sample and
+    store keys."""
+    log_path = work / "serve.log"
+    samples = Samples()
+    process = start_daemon(settings, log_path)
+    try:
+        wait_until_ready(process, endpoints, log_path)
+        url = metrics_url(log_path)
+        per_acquisition = max(1, round(fps * ACQUISITION_SECONDS))
+        stream = Stream(endpoints, pool, fps, per_acquisition)
+        stream.start()
+        stream.started.wait()
+        started = stream.started_at or time.monotonic()
+        first = {"t_s": 0.0, "event": "first frame sent", "fps": fps, "daemon_log": str(log_path)}
+        log(json.dumps(first))
+        duration = minutes * 60
+        offset = min(0.5 / fps, 0.5 * SAMPLE_SECONDS)
+        n = 0
+        while n * SAMPLE_SECONDS <= duration + 1e-9:
+            time.sleep(max(0.0, started + offset + n * SAMPLE_SECONDS - time.monotonic()))
+            if process.poll() is not None:
+                raise UserError(f"the daemon exited with code {process.returncode} during the "
+                                f"stream:\n{log_tail(log_path)}")  # fmt: skip
+            if stream.error is not None:
+                raise UserError(f"the stream stopped: {type(stream.error).__name__}: "
+                                f"{stream.error}\n{log_tail(log_path)}")  # fmt: skip
+            row = samples.take(process.pid, url, time.monotonic() - started)
+            if n % 10 == 0:
+                log(json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
+                                for k, v in row.items()}))  # fmt: skip
+            n += 1
+        stream.stop.set()
+        stream.join(STORE_TIMEOUT_S + SEND_TIMEOUT_S)
+        if stream.error is not None or stream.is_alive():
+            what = "did not finish" if stream.is_alive() else repr(stream.error)
+            raise UserError(f"storing the sent frames {what}:\n{log_tail(log_path)}")
+        exit_code = stop_daemon(process)
+    finally:
+        stop_daemon(process)
+        if samples.rows:
+            with (work / "samples.jsonl").open("w") as out:
+                out.writelines(json.dumps(row) + "\n" for row in samples.rows)
+    return {
+        **_stored(config.store.root, stream.sent),
+        **summary(samples.rows, warmup_s=min(WARMUP_SECONDS, minutes * 60 / 3)),
+        "warmup_s": min(WARMUP_SECONDS, minutes * 60 / 3),
+        "samples": len(samples.rows),
+        "sample_s": SAMPLE_SECONDS,
+        "metrics_misses": samples.metrics_misses,
+        "frames_sent": sum(stream.sent.values()),
+        "acquisitions": len(stream.sent),
+        "daemon_exit_code": exit_code,
+    }
+
+
+def _stored(root: Path, sent: dict[str, int]) -> dict[str, Any]:
+    """What the stopped daemon's ledger holds of the acquisitions sent: frames stored and
+    denoised, and the model version it ended with."""
+    from pn2v_live.storage.ledger import Ledger
+
+    ledger = Ledger(root)
+    try:
+        stored = sum(len(ledger.frames(name)) for name in sent)
+        denoised = sum(len(ledger.denoised_twins(name)) for name in sent)
+    finally:
+        ledger.close()
+    models = ModelWatcher(root / "models")
+    models.poll()
+    return {"frames_stored": stored, "frames_denoised": denoised, "model_version": models.current}
