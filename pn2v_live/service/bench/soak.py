@@ -19,9 +19,13 @@ missing), and the daemon gets SIGTERM; the ledger it leaves says how many frames
 denoised.
 
 The result gives start, end and max of each sampled series, and for RSS the least-squares slope
-over the samples after the warm-up (the first minute, or a third of a shorter run: start-up,
-the first model, the compiled kernels) in MB per hour, and the growth over that stretch in
-percent of the fitted value where it starts.
+over the samples after the warm-up (the first minute, or a third of a shorter run) in MB per
+hour, and the growth over that stretch in percent of the fitted value where it starts. Where the
+first model comes later than that (training it takes minutes on a few CPU cores), inference
+starts then and adds its working set (the network's activations, the compiled MMSE kernel) as
+one step: the same slope and growth are also given from a minute after the first model was
+served (`pn2v_live_model_version` sampled too), the daemon's steady state, when there are at
+least STEADY_MIN_SECONDS of samples after it.
 """
 
 from __future__ import annotations
@@ -63,9 +67,12 @@ METRICS_TIMEOUT_S = 2.0
 STORE_TIMEOUT_S = 300.0  # after the stream: every frame stored (the backlog of writes drains)
 ACQUISITION = "soak-{:04d}"
 SERIES = ("rss_mb", "open_files", "threads", "backlog_frames", "receive_queue_bytes")
+STEADY_AFTER_MODEL_S = 60.0  # steady state: this long after the first model is served
+STEADY_MIN_SECONDS = 60.0  # fewer seconds of samples than this give no steady-state trend
 METRICS = {
     "backlog_frames": "pn2v_live_backlog_frames",
     "receive_queue_bytes": "pn2v_live_receive_queue_bytes",
+    "model_version": "pn2v_live_model_version",
 }
 
 Log = Callable[[str], None]
@@ -224,7 +231,8 @@ class Samples:
 
 def summary(rows: list[dict[str, float | None]], warmup_s: float) -> dict[str, Any]:
     """Start, end and max of each of SERIES (over the samples that have it), and the RSS trend
-    after `warmup_s`: slope (MB/h, least squares) and growth (% of the fitted start)."""
+    after `warmup_s`: slope (MB/h, least squares) and growth (% of the fitted start); the same
+    from the steady state on (see the module docstring), with when the first model came."""
     result: dict[str, Any] = {}
     for key in SERIES:
         values = [row[key] for row in rows if row[key] is not None]
@@ -238,11 +246,27 @@ def summary(rows: list[dict[str, float | None]], warmup_s: float) -> dict[str, A
     after = [(row["t_s"], row["rss_mb"]) for row in rows if row["t_s"] >= warmup_s]
     slope_per_s, at_warmup, growth = rss_trend(after, warmup_s)
     result |= {
-        "rss_mb_per_hour": None if slope_per_s is None else round(slope_per_s * 3600, 1),
-        "rss_mb_fitted_at_warmup": None if at_warmup is None else round(at_warmup, 1),
-        "rss_growth_after_warmup_pct": None if growth is None else round(growth, 2),
+        "rss_mb_per_hour": _rounded(slope_per_s, 1, 3600),
+        "rss_mb_fitted_at_warmup": _rounded(at_warmup, 1),
+        "rss_growth_after_warmup_pct": _rounded(growth, 2),
     }
-    return result
+    served = [row["t_s"] for row in rows if (row.get("model_version") or 0) >= 1]
+    first_model = served[0] if served else None
+    steady = None if first_model is None else max(warmup_s, first_model + STEADY_AFTER_MODEL_S)
+    slope_per_s = growth = None
+    if steady is not None and rows and rows[-1]["t_s"] - steady >= STEADY_MIN_SECONDS:
+        points = [(row["t_s"], row["rss_mb"]) for row in rows if row["t_s"] >= steady]
+        slope_per_s, _, growth = rss_trend(points, steady)
+    return result | {
+        "first_model_s": first_model,
+        "steady_from_s": steady,
+        "rss_mb_per_hour_steady": _rounded(slope_per_s, 1, 3600),
+        "rss_growth_steady_pct": _rounded(growth, 2),
+    }
+
+
+def _rounded(value: float | None, digits: int, scale: float = 1.0) -> float | None:
+    return None if value is None else round(value * scale, digits)
 
 
 def rss_trend(
