@@ -21,6 +21,7 @@ from pn2v_live.core.noise import (
 from pn2v_live.core.synthetic import Camera, acquisition
 from pn2v_live.core.training import (
     Training,
+    best_spread,
     budget_used,
     default_batch_size,
     train,
@@ -155,6 +156,51 @@ def test_masked_pixel_loss_equals_full_head_loss():
         denoiser, batch, camera_model(), 1 / 32, torch.Generator().manual_seed(8)
     )
     assert fused.item() == pytest.approx(naive.item(), rel=1e-5)
+
+
+def test_training_loss_adds_the_prior_mean_s_noise2void_loss():
+    torch.manual_seed(7)
+    denoiser = new_denoiser("pn2v", mean=200, std=40, k=64, features=8)
+    batch = 200 + 40 * torch.randn(3, 1, 32, 32)
+    training = Training(denoiser, camera_model(), bf16=False, mean_weight=0.5)
+    with torch.no_grad():
+        plain = training.loss(batch, torch.Generator().manual_seed(8))
+        both = training.loss(batch, torch.Generator().manual_seed(8), training=True)
+        # the same mask, computed independently: the K head outputs' mean at the masked pixels
+        features, (b, y, x) = training.masked_features(batch, torch.Generator().manual_seed(8))
+        head = denoiser.net.head
+        samples = (features @ head.weight.flatten(1).T + head.bias) * 40 + 200
+        error = ((samples.mean(dim=1) - batch[b, 0, y, x]) / 40).square().mean()
+    assert both.item() == pytest.approx(plain.item() + 0.5 * error.item(), rel=1e-5)
+
+
+def test_best_spread_is_the_maximum_likelihood_width_of_a_gaussian_prior():
+    # closed form: signal s ~ N(m, 3²), noise N(0, 2²); prior samples m + 12·z (z quantiles of
+    # N(0, 1)). The marginal N(m, (12τ)² + 2²) fits x ~ N(m, 3² + 2²) best at 12τ = 3.
+    generator = torch.Generator().manual_seed(3)
+    m = 100 + 50 * torch.rand(5000, generator=generator)
+    x = m + 3 * torch.randn(5000, generator=generator) + 2 * torch.randn(5000, generator=generator)
+    z = torch.special.ndtri((torch.arange(100) + 0.5) / 100)
+    samples = m[:, None] + 12 * z[None, :]
+    scale = best_spread(samples, x, gaussian(2.0), scales=np.geomspace(0.05, 2, 81))
+    assert scale == pytest.approx(0.25, abs=0.01)
+    # already right: kept as it is
+    assert best_spread(m[:, None] + 3 * z[None, :], x, gaussian(2.0)) == pytest.approx(1, abs=0.1)
+
+
+def test_fitting_the_spread_scales_every_sample_about_the_prior_mean():
+    torch.manual_seed(7)
+    denoiser = new_denoiser("pn2v", mean=200, std=40, k=64, features=8)
+    batch = 200 + 40 * torch.randn(4, 1, 32, 32)
+    training = Training(denoiser, camera_model(), bf16=False)
+    with torch.no_grad():
+        features = denoiser.net.body(denoiser.normalise(batch)).permute(0, 2, 3, 1)
+        before = features @ denoiser.head_in_adu()[0].T + denoiser.head_in_adu()[1]
+        scale = training.fit_prior_spread(batch)
+        after = features @ denoiser.head_in_adu()[0].T + denoiser.head_in_adu()[1]
+    mean = before.mean(dim=-1, keepdim=True)
+    torch.testing.assert_close(after, mean + scale * (before - mean), rtol=1e-4, atol=1e-3)
+    assert scale != 1  # an untrained network's spread is not already the best one
 
 
 def test_psnr_closed_form_and_affine_invariance():

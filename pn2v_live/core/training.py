@@ -24,6 +24,12 @@ from pn2v_live.core.quality import GainEstimate, estimate_gain
 from pn2v_live.core.unet import INFERENCE_MEMORY_FORMAT
 
 VALIDATION_SEED = 12345
+# PN2V training adds this weight × the Noise2Void loss of the prior mean (normalised units) to
+# Eq. 7: both are minimised by the right prior mean, which Eq. 7 alone learns slowly (its
+# gradient hardly depends on the samples' spread below the noise); the spread is then fitted
+# by Eq. 7 alone (`Training.fit_prior_spread`).
+MEAN_WEIGHT = 1.0
+SPREAD_SCALES = np.geomspace(0.02, 2.0, 41)  # the prior spreads `fit_prior_spread` tries
 
 
 def sample_patches(
@@ -68,6 +74,8 @@ class Training:
     are; the U-Net body in bfloat16 when
     `bf16` (None: where the device computes it natively), head and likelihood in float32.
     Lays the U-Net out in `training_memory_format` (`train` restores `INFERENCE_MEMORY_FORMAT`).
+    PN2V steps minimise Eq. 7 plus `mean_weight` × the Noise2Void loss of the prior mean;
+    validation is Eq. 7 alone.
     """
 
     def __init__(
@@ -78,11 +86,12 @@ class Training:
         fraction: float = DEFAULT_FRACTION,
         seed: int = 0,
         bf16: bool | None = None,
+        mean_weight: float = MEAN_WEIGHT,
     ):
         if denoiser.mode == "pn2v" and noise_model is None:
             raise ValueError("pn2v training needs a noise model")
         self.denoiser, self.noise_model, self.fraction = denoiser, noise_model, fraction
-        self.bf16 = bf16
+        self.bf16, self.mean_weight = bf16, mean_weight
         denoiser.net.use_memory_format(
             training_memory_format(denoiser.device, denoiser.body_in_bf16(bf16))
         )
@@ -90,10 +99,15 @@ class Training:
         self.generator = torch.Generator().manual_seed(seed)
 
     def loss(
-        self, batch: torch.Tensor, generator: torch.Generator | None = None, hide: bool = False
+        self,
+        batch: torch.Tensor,
+        generator: torch.Generator | None = None,
+        hide: bool = False,
+        training: bool = False,
     ) -> torch.Tensor:
         """The mode's loss on one batch (see class docstring for shapes); `hide`: draw which
-        frames of the window each patch sees from `generator`."""
+        frames of the window each patch sees from `generator`; `training`: with the prior-mean
+        term of PN2V training steps."""
         d = self.denoiser
         batch = batch.to(d.device, non_blocking=True)
         channels, centre = d.context.channels, d.context.before
@@ -110,7 +124,10 @@ class Training:
             return mse(prediction[:, 0], d.normalise(observations))
         weight, bias = d.head_in_adu()
         samples = torch.addmm(bias, features, weight.T)  # (P, K) ADU
-        return pn2v_loss(samples, observations, self.noise_model)
+        loss = pn2v_loss(samples, observations, self.noise_model)
+        if training and self.mean_weight:
+            loss = loss + self.mean_weight * mse(samples.mean(dim=1) / d.std, observations / d.std)
+        return loss
 
     def masked_features(
         self, raw: torch.Tensor, generator: torch.Generator | None = None, hide: bool = False
@@ -143,7 +160,7 @@ class Training:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.denoiser.net.train()
-        loss = self.loss(batch, self.generator, hide=True)
+        loss = self.loss(batch, self.generator, hide=True, training=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -154,6 +171,34 @@ class Training:
         """Loss on `batch` with a fixed mask, so values are comparable between calls."""
         self.denoiser.net.eval()
         return float(self.loss(batch, torch.Generator().manual_seed(VALIDATION_SEED)))
+
+    @torch.no_grad()
+    def fit_prior_spread(self, batch: torch.Tensor, draws: int = 4) -> float:
+        """Scale a PN2V prior's samples about their mean by the factor of `SPREAD_SCALES` that
+        minimises Eq. 7 on `batch` of held-back patches (`draws` fixed masks), in place in the
+        head (no cost at inference); returns the factor (1: unchanged).
+
+        The marginal likelihood is maximal for the prior that matches the data, so this one-
+        parameter fit sets the spread that the MMSE (Eq. 10) weighs against the pixel's own
+        value, which training alone leaves too wide or too narrow.
+        """
+        d = self.denoiser
+        d.net.eval()
+        raw = batch.to(d.device)[:, : d.context.channels]
+        weight, bias = d.head_in_adu()
+        samples, observations = [], []
+        for draw in range(draws):
+            generator = torch.Generator().manual_seed(VALIDATION_SEED + draw)
+            features, (b, y, x) = self.masked_features(raw, generator)
+            samples.append(torch.addmm(bias, features, weight.T))
+            observations.append(raw[b, d.context.before, y, x])
+        scale = best_spread(torch.cat(samples), torch.cat(observations), self.noise_model)
+        head = d.net.head
+        mean_weight = head.weight.mean(dim=0, keepdim=True)
+        mean_bias = head.bias.mean(dim=0, keepdim=True)
+        head.weight.copy_(mean_weight + scale * (head.weight - mean_weight))
+        head.bias.copy_(mean_bias + scale * (head.bias - mean_bias))
+        return scale
 
     @torch.no_grad()
     def estimated_gain(
@@ -182,6 +227,22 @@ class Training:
         )  # fmt: skip
 
 
+def best_spread(
+    samples: torch.Tensor,
+    observations: torch.Tensor,
+    noise_model: NoiseModel,
+    scales: Sequence[float] = SPREAD_SCALES,
+) -> float:
+    """The factor of `scales` for which the (P, K) ADU prior samples, scaled about their mean,
+    give the lowest Eq. 7 loss for the (P,) observations (the prior's maximum-likelihood
+    spread); 1 when no factor does better than the samples as they are."""
+    mean = samples.mean(dim=1, keepdim=True)
+    deviation = samples - mean
+    candidates = [1.0, *map(float, scales)]
+    losses = [float(pn2v_loss(mean + c * deviation, observations, noise_model)) for c in candidates]
+    return candidates[int(np.argmin(losses))]
+
+
 def train(
     denoiser: Denoiser,
     frames: Sequence[np.ndarray],
@@ -205,8 +266,10 @@ def train(
     The learning rate falls from `lr` to 0 along a cosine over the budget (whichever of steps
     and minutes runs out first), so the run ends on a quiet average instead of one noisy Adam
     step; every `validate_every` steps the validation loss is measured and the best weights so
-    far are kept. `bf16`: see `Training`. The denoiser ends with the best weights, laid out
-    channels-last for inference; returns the history (also appended to `denoiser.history`).
+    far are kept; a PN2V prior's spread is then fitted (`Training.fit_prior_spread`, the factor
+    in the last record's "prior_spread"). `bf16`: see `Training`. The denoiser ends with the
+    best weights, laid out channels-last for inference; returns the history (also appended to
+    `denoiser.history`).
     `batch_size` None: `default_batch_size`.
     """
     if steps is None and minutes is None:
@@ -250,6 +313,8 @@ def train(
                 progress(record)
     if best_state is not None:
         denoiser.net.load_state_dict(best_state)
+    if denoiser.mode == "pn2v" and history:
+        history[-1]["prior_spread"] = training.fit_prior_spread(val_batch)
     denoiser.net.use_memory_format(INFERENCE_MEMORY_FORMAT)
     denoiser.history.extend(history)
     return history

@@ -202,6 +202,7 @@ class Trainer(Stage):
             return  # stopping: abandon the round, nothing is promoted
         self._steps_since_promotion += max(1, steps - spent)
         validation_batch = series.validation_batch(training.denoiser, patch)
+        spread = training.fit_prior_spread(validation_batch)
         val_loss = training.validation_loss(validation_batch)
         if not np.isfinite(val_loss) or not np.all(np.isfinite(losses)):
             self._training = None  # diverged: the next round restarts from the promoted model
@@ -237,6 +238,7 @@ class Trainer(Stage):
             "context": str(training.denoiser.context),
             "training_loss": float(np.mean(losses)),
             "validation_loss": val_loss,
+            "prior_spread": spread,
             "promoted_loss": baseline,
             "estimated_gain_db": estimate.gain_db,
             "estimated_gain_uncertainty_db": estimate.uncertainty_db,
