@@ -137,3 +137,18 @@ def test_demo_with_a_real_stack(tmp_path: Path, data_dir: Path) -> None:
     for t in range(min(acquisition.valid_t, 60)):
         np.testing.assert_array_equal(acquisition.read_raw(t), frames[t % len(frames)])
     store.close()
+
+
+def test_demo_beyond_loopback_makes_the_token_the_daemon_requires(tmp_path: Path) -> None:
+    from pn2v_live.errors import UserError
+    from pn2v_live.service.commands.demo import demo_config, listener_token
+
+    assert listener_token("127.0.0.1:8080", "[::1]:9464") == ""
+    assert listener_token("127.0.0.1:8080", "") == ""
+    token = listener_token("0.0.0.0:8080", "127.0.0.1:9464")
+    assert len(token) >= 24 and token != listener_token("0.0.0.0:8080", "")
+    settings = ("0.0.0.0:0", "127.0.0.1:0", 10, 16, 8)
+    config = demo_config(tmp_path, tmp_path / "nm.pt", *settings[:2], *settings[2:], token)
+    assert config.viewer.token == token and config.metrics.token == token
+    with pytest.raises(UserError, match="viewer.token"):
+        demo_config(tmp_path, tmp_path / "nm.pt", *settings)  # what the demo did before

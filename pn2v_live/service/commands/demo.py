@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -107,9 +108,17 @@ def calibrate(path: Path, source: Path | None, size: int) -> None:
 
 
 def demo_config(
-    work: Path, noise_model: Path, viewer: str, metrics: str, steps: int, k: int, every: int
+    work: Path,
+    noise_model: Path,
+    viewer: str,
+    metrics: str,
+    steps: int,
+    k: int,
+    every: int,
+    token: str = "",
 ):
-    """Daemon settings for a small CPU: every key as `pn2v-live serve --set` would take it.
+    """Daemon settings for a small CPU: every key as `pn2v-live serve --set` would take it;
+    `token` guards the viewer and metrics (needed where they bind beyond loopback).
 
     The ZeroMQ sockets bind on ports the system picks (`*`) when the daemon starts, so two
     demos, or a demo beside a daemon, never race for a port; `Daemon.addresses` has them.
@@ -125,6 +134,8 @@ def demo_config(
             'publish.bind="tcp://127.0.0.1:*"',
             f'viewer.bind="{viewer}"',
             f'metrics.bind="{metrics}"',
+            f'viewer.token="{token}"',
+            f'metrics.token="{token}"',
             f"trainer.every_frames={every}",
             "trainer.every_seconds=15",
             f"trainer.steps_per_round={steps}",
@@ -134,6 +145,17 @@ def demo_config(
             "trainer.learning_rate=0.001",
         ],
     )
+
+
+def listener_token(*binds: str) -> str:
+    """A fresh random token when any of `binds` (host:port, "" for off) listens beyond
+    loopback, where the daemon requires one; "" otherwise."""
+    from pn2v_live.service.access import is_loopback, split_host_port
+
+    parsed = [split_host_port(bind) for bind in binds if bind]
+    if all(p is None or is_loopback(p[0]) for p in parsed):
+        return ""
+    return secrets.token_urlsafe(24)
 
 
 class Watcher(threading.Thread):
@@ -273,7 +295,9 @@ def demo(
 
         stack_path = workdir / "acquisition.tif"
         write_tiff(stack_path, recording.frames)
-        daemon = Daemon(demo_config(workdir, noise_model, viewer, metrics, steps, k, every))
+        token = listener_token(viewer, metrics)
+        config = demo_config(workdir, noise_model, viewer, metrics, steps, k, every, token)
+        daemon = Daemon(config)
         daemon.start()
         cleanup.callback(daemon.close)
         devices = daemon.devices
@@ -281,8 +305,11 @@ def demo(
             f"inference on {devices['inference']}; training on {devices['training']}; "
             f"{devices['torch']}"
         )
-        print(f"viewer:  {daemon.addresses.get('viewer', 'off')}")  # off: --viewer ""
+        viewer_url = daemon.addresses.get("viewer", "off")  # off: --viewer ""
+        print(f"viewer:  {viewer_url}" + (f"?token={token}" if token and viewer else ""))
         print(f"metrics: {daemon.addresses.get('metrics', 'off')}")
+        if token:
+            print(f"access token (Authorization: Bearer): {token}")
         print(f"denoised frames published on {daemon.addresses['publish']} (ZeroMQ PUB)")
         print(
             f"frames received on {daemon.addresses['frames']} "
