@@ -38,6 +38,25 @@ class NoiseModel(ABC):
         differentiable with respect to `signal`.
         """
 
+    def pixel_log_likelihood(
+        self,
+        observation: torch.Tensor,
+        signal: torch.Tensor,
+        read_variance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`log_likelihood` at pixels with their own read-noise variance `read_variance`
+        (reference ADU², broadcasting like `observation`; see `core.camera`): a model with
+        camera maps uses it, others ignore it."""
+        return self.log_likelihood(observation, signal)
+
+    def camera_inputs(
+        self, frames: np.ndarray, origin: tuple[int, int] = (0, 0)
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw frames (…, H, W) in ADU as this model reads them, and their pixels' read-noise
+        variance (H, W) for `pixel_log_likelihood`: float32 frames and None without camera maps
+        (`origin`, the frames' sensor position, matters only with maps)."""
+        return np.asarray(frames, dtype=np.float32), None
+
     @abstractmethod
     def state(self) -> dict[str, Any]:
         """Everything needed to rebuild the model: tensors and plain values, incl. `kind`."""
