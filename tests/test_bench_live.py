@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import pytest
 import tifffile
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.service.bench.pace import Pace
 from pn2v_live.service.config import TrainerConfig
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.registry import ModelRegistry
@@ -141,6 +143,20 @@ def test_live_replay_scores_what_the_daemon_stored(inputs, tmp_path):
         info = registry.info(info.parent) if info.parent is not None else None
     assert result["training_steps"] == steps > 0
 
+    # Pace: rounds as the daemon logged them (the last may complete after the last sample),
+    # and the backlog worked off when the last frame to get a twin got its first one.
+    logged = len(re.findall(r"round \d+ on \d+ frames", (keep / "serve.log").read_text()))
+    assert 1 <= result["training_rounds"] <= logged <= result["training_rounds"] + 1
+    assert result["round_times_s"] == sorted(result["round_times_s"])
+    assert len(result["round_times_s"]) == result["training_rounds"]
+    assert 0 < result["stream_end_s"] < 60
+    first_twin = {}
+    for twin in twins:
+        first_twin.setdefault(twin["frame"], twin["t_s"])
+    assert len(first_twin) == FRAMES
+    assert result["backlog_worked_off_s"] == max(first_twin.values())
+    assert result["backlog_max_frames"] >= 0
+
     # --offline: the same steps, trained on the same frames in this process.
     assert result["offline_steps"] == result["training_steps"]
     assert np.isfinite(result["offline_gain_db"])
@@ -171,3 +187,15 @@ def test_a_stream_longer_than_the_run_is_cut_where_the_run_ends(count, fps, minu
 
     # frame n leaves n / fps seconds after the first; only those before the end are sent
     assert frames_within(count, fps, minutes) == sent
+
+
+def test_pace_counts_rounds_and_the_longest_wait_while_the_stream_runs():
+    pace = Pace("http://127.0.0.1:1/metrics")  # nothing listens there: a miss, no sample
+    pace.take(0.5)
+    pace.samples += [(1.0, 0, 0), (2.0, 1, 3), (5.0, 3, 9), (9.0, 3, 0), (12.0, 4, 0)]
+    summary = pace.summary(stream_end_s=10.0, denoised_all_s=11.0)
+    assert summary["round_times_s"] == [2.0, 5.0, 5.0, 12.0]
+    assert summary["training_rounds"] == 4
+    assert summary["longest_round_wait_s"] == 5.0  # the last round before the end, at 5 s
+    assert summary["backlog_max_frames"] == 9 and summary["metrics_misses"] == 1
+    assert Pace("x").summary(None, None)["longest_round_wait_s"] is None

@@ -257,6 +257,7 @@ class Replay(threading.Thread):
         self.budget_s = budget_s  # seconds from the first frame to give up waiting for storage
         self.started = threading.Event()
         self.started_at: float | None = None
+        self.sent_at: float | None = None  # monotonic time the last frame was sent
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -269,6 +270,7 @@ class Replay(threading.Thread):
                 self.started_at = time.monotonic()
                 self.started.set()
                 sender.send_stack(ACQUISITION, self.frames, fps=self.fps)
+                self.sent_at = time.monotonic()
                 sender.ensure_stored(ACQUISITION, self.frames, timeout=self._left())
                 if self.end:
                     sender.end(ACQUISITION, len(self.frames), confirm_timeout=self._left())
@@ -561,12 +563,15 @@ def _replay_and_watch(
     """Start the daemon, replay, poll for `minutes` from the first frame, stop it, score the
     store it leaves; the result's daemon, timing and gain keys."""
     from pn2v_live.pipeline.trainer import pick_device
+    from pn2v_live.service.bench.daemon_metrics import metrics_url
     from pn2v_live.service.bench.measure import device_facts
+    from pn2v_live.service.bench.pace import Pace
 
     log_path = work / "serve.log"
     process = start_daemon(settings, log_path)
     try:
         wait_until_ready(process, endpoints, log_path)
+        pace = Pace(metrics_url(log_path))
         twins = TwinWatcher(config.store.root, reference)
         models = ModelWatcher(config.store.root / "models")
         replay = Replay(endpoints, reference.raw, fps, end, budget_s=minutes * 60)
@@ -577,6 +582,7 @@ def _replay_and_watch(
                         "fps": fps, "daemon_log": str(log_path)}))  # fmt: skip
         observed: list[Twin] = []
         failures: list[BaseException] = []
+        denoised_all: list[float] = []  # when every frame sent first had a twin
 
         def poll() -> None:
             now = time.monotonic() - started
@@ -592,6 +598,10 @@ def _replay_and_watch(
             for twin in twins.poll(now):
                 observed.append(twin)
                 log(json.dumps(twin.line()))
+            if not denoised_all and len(twins.latest) == len(reference.raw):
+                denoised_all.append(round(now, 2))
+            if process.poll() is None:  # after the stop, the store alone is read
+                pace.take(now)
 
         deadline = started + minutes * 60
         while time.monotonic() < deadline:
@@ -609,8 +619,10 @@ def _replay_and_watch(
         stop_daemon(process)
     version = models.current
     trainer_device = pick_device(config.trainer.device)
+    sent_s = None if replay.sent_at is None else replay.sent_at - started
     return {
         **summarise(observed, twins.latest, reference),
+        **pace.summary(sent_s, denoised_all[0] if denoised_all else None),
         "frames_stored": stored,
         "model_version": version,
         "training_steps": None if version is None else models.training_steps(version),

@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from pn2v_live.errors import UserError
+from pn2v_live.service.bench.daemon_metrics import metrics_url, read_metrics, total
 from pn2v_live.service.bench.live import (
     SEND_TIMEOUT_S,
     Endpoints,
@@ -63,7 +62,6 @@ SAMPLE_SECONDS = 1.0
 WARMUP_SECONDS = 60.0  # samples before this are left out of the RSS slope and growth
 ACQUISITION_SECONDS = 60.0  # a new acquisition per minute of frames
 POOL_FRAMES = 16  # distinct frames, sent in turn
-METRICS_TIMEOUT_S = 2.0
 STORE_TIMEOUT_S = 300.0  # after the stream: every frame stored (the backlog of writes drains)
 ACQUISITION = "soak-{:04d}"
 SERIES = ("rss_mb", "open_files", "threads", "backlog_frames", "receive_queue_bytes")
@@ -169,36 +167,6 @@ class Stream(threading.Thread):
 # ---- what is sampled -------------------------------------------------------------------
 
 
-def metrics_url(log_path: Path, timeout: float = 30.0) -> str:
-    """The daemon's /metrics address, from its start-up log line "metrics at URL"."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            text = log_path.read_text("utf-8", "replace")
-        except OSError:
-            text = ""
-        found = re.search(r"metrics at (http://\S+/metrics)", text)
-        if found:
-            return found.group(1)
-        time.sleep(0.2)
-    raise UserError(f"the daemon's log names no metrics address:\n{log_tail(log_path)}")
-
-
-def read_metrics(url: str) -> dict[str, float]:
-    """The sampled gauges (METRICS) from the daemon's /metrics; those missing are left out."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:
-        text = response.read().decode("utf-8")
-    values = {}
-    wanted = {metric: key for key, metric in METRICS.items()}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in wanted:
-                values[wanted[sample.name]] = float(sample.value)
-    return values
-
-
 @dataclass
 class Samples:
     """One row per sample: seconds since the first frame sent, then each of SERIES (None where
@@ -218,13 +186,13 @@ class Samples:
             "threads": float(process.num_threads()),
         }
         try:
-            gauges = read_metrics(url)
+            samples = read_metrics(url)
         except (OSError, ValueError):  # busy or restarting: this sample goes without
-            gauges = {}
-        if len(gauges) < len(METRICS):
+            samples = []
+        for key, name in METRICS.items():
+            row[key] = total(samples, name)
+        if any(row[key] is None for key in METRICS):
             self.metrics_misses += 1
-        for key in METRICS:
-            row[key] = gauges.get(key)
         self.rows.append(row)
         return row
 
