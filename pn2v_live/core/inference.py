@@ -62,11 +62,14 @@ def denoise(
     chunk_elements: int = CHUNK_ELEMENTS,
     compiled: bool = False,
     bf16: bool | None = None,
+    read_variance: np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Denoise one frame in ADU; returns float32 (Y, X) arrays keyed by `outputs`.
 
     `image` is the (Y, X) frame, or for a denoiser with a temporal context its
     (channels, Y, X) window (`context.window`, NaN where a frame is missing or hidden).
+    With a camera-maps noise model, `image` is equalised and `read_variance` (Y, X) holds its
+    pixels' read-noise variance (`NoiseModel.camera_inputs`), read tile by tile and chunk by chunk.
 
     "denoised" is the MMSE estimate for PN2V (the network output for N2V / supervised);
     "prior_mean" and "posterior_std" are PN2V only. `tile` is the core tile side in pixels
@@ -92,6 +95,12 @@ def denoise(
     multiple = net.size_multiple
     padded = _pad_to_multiple(frame, multiple)
     centre = padded[denoiser.context.before]
+    variance = None
+    if read_variance is not None:
+        variance = torch.as_tensor(np.asarray(read_variance, dtype=np.float32)).to(device)
+        if variance.shape != (height, width):
+            raise ValueError(f"read_variance {tuple(variance.shape)} ≠ frame {(height, width)}")
+        variance = _pad_to_multiple(variance[None], multiple)[0]
     result = {name: torch.empty(centre.shape, device=device) for name in outputs}
     margin = math.ceil(receptive_radius(net.depth) / multiple) * multiple
     tile = tile or auto_tile(TILE_MEMORY_BYTES, multiple)
@@ -109,6 +118,7 @@ def denoise(
                 denoiser,
                 features,
                 centre[core_y, core_x],
+                None if variance is None else variance[core_y, core_x],
                 noise_model,
                 outputs,
                 chunk_elements,
@@ -133,12 +143,14 @@ def _head_estimates(
     denoiser: Denoiser,
     features: torch.Tensor,
     observations: torch.Tensor,
+    read_variance: torch.Tensor | None,
     noise_model: NoiseModel | None,
     outputs: Sequence[str],
     chunk_elements: int,
     compiled: bool,
 ) -> dict[str, torch.Tensor]:
-    """Per-pixel estimates from (F, h, w) features and (h, w) observations (ADU)."""
+    """Per-pixel estimates from (F, h, w) features and (h, w) observations (ADU), with the
+    pixels' (h, w) read-noise variance for a camera-maps noise model (else None)."""
     height, width = observations.shape
     weight, bias = denoiser.head_in_adu()
     if denoiser.mode != "pn2v":
@@ -150,12 +162,16 @@ def _head_estimates(
     padded = math.ceil(pixels / chunk) * chunk
     flat_features = F.pad(features.permute(1, 2, 0).reshape(pixels, -1), (0, 0, 0, padded - pixels))
     flat_observations = F.pad(observations.reshape(-1), (0, padded - pixels))
+    flat_variance = None
+    if read_variance is not None:
+        flat_variance = F.pad(read_variance.reshape(-1), (0, padded - pixels), value=1.0)
     summarise = _chunk_summaries(noise_model, tuple(outputs), compiled)
     result = {name: torch.empty(padded, device=features.device) for name in outputs}
     for start in range(0, padded, chunk):
         part = slice(start, start + chunk)
+        variance = None if flat_variance is None else flat_variance[part]
         for name, values in summarise(
-            flat_features[part], weight, bias, flat_observations[part]
+            flat_features[part], weight, bias, flat_observations[part], variance
         ).items():
             result[name][part] = values
     return {name: values[:pixels].reshape(height, width) for name, values in result.items()}
@@ -164,15 +180,16 @@ def _head_estimates(
 def _chunk_summaries(
     noise_model: NoiseModel, outputs: tuple[str, ...], compiled: bool
 ) -> Callable[..., dict[str, torch.Tensor]]:
-    """(chunk, F) features, head weight (K, F) and bias (K,), (chunk,) observations → summaries.
+    """(chunk, F) features, head weight (K, F) and bias (K,), (chunk,) observations and read-noise
+    variances (or None) → summaries.
 
     With `compiled`, the head, likelihood and weighted sums are fused by torch.compile into
     one pass over each chunk; where compilation is unavailable it falls back to eager.
     """
 
-    def summarise(features, weight, bias, observations):
+    def summarise(features, weight, bias, observations, read_variance):
         samples = torch.addmm(bias, features, weight.T)  # (chunk, K) ADU
-        return posterior_summaries(samples, observations, noise_model, outputs)
+        return posterior_summaries(samples, observations, noise_model, outputs, read_variance)
 
     if not compiled or _COMPILE_FAILED:
         return summarise
@@ -206,9 +223,13 @@ def posterior_summaries(
     observations: torch.Tensor,
     noise_model: NoiseModel,
     outputs: Sequence[str],
+    read_variance: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Eq. 10 on (P, K) prior samples: posterior mean, and optionally prior mean, posterior std."""
-    weights = torch.softmax(noise_model.log_likelihood(observations[:, None], samples), dim=1)
+    """Eq. 10 on (P, K) prior samples: posterior mean, and optionally prior mean, posterior std;
+    `read_variance` (P,): the pixels' own read-noise variance (see `pixel_log_likelihood`)."""
+    pixels = None if read_variance is None else read_variance[:, None]
+    log_p = noise_model.pixel_log_likelihood(observations[:, None], samples, pixels)
+    weights = torch.softmax(log_p, dim=1)
     mmse = (weights * samples).sum(dim=1)
     summaries = {"denoised": mmse}
     if "prior_mean" in outputs:

@@ -75,7 +75,8 @@ class Training:
     `bf16` (None: where the device computes it natively), head and likelihood in float32.
     Lays the U-Net out in `training_memory_format` (`train` restores `INFERENCE_MEMORY_FORMAT`).
     PN2V steps minimise Eq. 7 plus `mean_weight` × the Noise2Void loss of the prior mean;
-    validation is Eq. 7 alone.
+    validation is Eq. 7 alone. With a camera-maps noise model, PN2V batches carry one more
+    channel: the pixels' read-noise variance (`NoiseModel.camera_inputs`).
     """
 
     def __init__(
@@ -124,7 +125,8 @@ class Training:
             return mse(prediction[:, 0], d.normalise(observations))
         weight, bias = d.head_in_adu()
         samples = torch.addmm(bias, features, weight.T)  # (P, K) ADU
-        loss = pn2v_loss(samples, observations, self.noise_model)
+        read_variance = pixel_values(batch, channels, (b, y, x))
+        loss = pn2v_loss(samples, observations, self.noise_model, read_variance)
         if training and self.mean_weight:
             loss = loss + self.mean_weight * mse(samples.mean(dim=1) / d.std, observations / d.std)
         return loss
@@ -184,15 +186,23 @@ class Training:
         """
         d = self.denoiser
         d.net.eval()
-        raw = batch.to(d.device)[:, : d.context.channels]
+        batch = batch.to(d.device)
+        raw = batch[:, : d.context.channels]
         weight, bias = d.head_in_adu()
-        samples, observations = [], []
+        samples, observations, variances = [], [], []
         for draw in range(draws):
             generator = torch.Generator().manual_seed(VALIDATION_SEED + draw)
             features, (b, y, x) = self.masked_features(raw, generator)
             samples.append(torch.addmm(bias, features, weight.T))
             observations.append(raw[b, d.context.before, y, x])
-        scale = best_spread(torch.cat(samples), torch.cat(observations), self.noise_model)
+            variances.append(pixel_values(batch, d.context.channels, (b, y, x)))
+        read_variance = None if variances[0] is None else torch.cat(variances)
+        scale = best_spread(
+            torch.cat(samples),
+            torch.cat(observations),
+            self.noise_model,
+            read_variance=read_variance,
+        )
         head = d.net.head
         mean_weight = head.weight.mean(dim=0, keepdim=True)
         mean_bias = head.bias.mean(dim=0, keepdim=True)
@@ -232,15 +242,31 @@ def best_spread(
     observations: torch.Tensor,
     noise_model: NoiseModel,
     scales: Sequence[float] = SPREAD_SCALES,
+    read_variance: torch.Tensor | None = None,
 ) -> float:
     """The factor of `scales` for which the (P, K) ADU prior samples, scaled about their mean,
     give the lowest Eq. 7 loss for the (P,) observations (the prior's maximum-likelihood
-    spread); 1 when no factor does better than the samples as they are."""
+    spread); 1 when no factor does better than the samples as they are. `read_variance`: see
+    `pn2v_loss`."""
     mean = samples.mean(dim=1, keepdim=True)
     deviation = samples - mean
     candidates = [1.0, *map(float, scales)]
-    losses = [float(pn2v_loss(mean + c * deviation, observations, noise_model)) for c in candidates]
+    losses = [
+        float(pn2v_loss(mean + c * deviation, observations, noise_model, read_variance))
+        for c in candidates
+    ]
     return candidates[int(np.argmin(losses))]
+
+
+def pixel_values(
+    batch: torch.Tensor, channels: int, where: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> torch.Tensor | None:
+    """The (P,) values at the (b, y, x) pixels of the channel after a PN2V batch's `channels`
+    frames (the pixels' read-noise variance with camera maps); None when there is none."""
+    if batch.shape[1] <= channels:
+        return None
+    b, y, x = where
+    return batch[b, channels, y, x]
 
 
 def train(

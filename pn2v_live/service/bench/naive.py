@@ -13,12 +13,19 @@ from pn2v_live.core.noise.base import NoiseModel
 
 
 @torch.inference_mode()
-def naive_mmse(denoiser: Denoiser, image: np.ndarray, noise_model: NoiseModel) -> np.ndarray:
-    """Eq. 10 on the whole (Y, X) frame at once: (K, Y, X) samples, likelihoods and weights."""
+def naive_mmse(
+    denoiser: Denoiser,
+    image: np.ndarray,
+    noise_model: NoiseModel,
+    read_variance: np.ndarray | None = None,
+) -> np.ndarray:
+    """Eq. 10 on the whole (Y, X) frame at once: (K, Y, X) samples, likelihoods and weights;
+    `read_variance` (Y, X): the pixels' own read-noise variance with camera maps."""
     frame = torch.as_tensor(np.asarray(image, dtype=np.float32)).to(denoiser.device)
     net = denoiser.net.eval()
     samples = net(denoiser.normalise(frame)[None, None])[0] * denoiser.std + denoiser.mean
-    log_p = noise_model.log_likelihood(frame[None], samples)
+    pixels = None if read_variance is None else torch.as_tensor(read_variance)[None]
+    log_p = noise_model.pixel_log_likelihood(frame[None], samples, pixels)
     return (torch.softmax(log_p, dim=0) * samples).sum(dim=0).cpu().numpy()
 
 

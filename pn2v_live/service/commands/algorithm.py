@@ -14,6 +14,13 @@ import typer
 from pn2v_live.core.context import CANDIDATES, Context, Windows
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
+from pn2v_live.service.commands.camera_options import (
+    CameraMapsOption,
+    SensorOriginOption,
+    camera_series,
+    parse_origin,
+    with_camera_maps,
+)
 
 log = logging.getLogger("pn2v_live.cli")
 
@@ -99,6 +106,8 @@ def train(
     noise_model: Annotated[
         Path | None, typer.Option("--noise-model", help="noise-model file (pn2v)")
     ] = None,
+    camera_maps: CameraMapsOption = None,
+    sensor_origin: SensorOriginOption = "0,0",
     gt: Annotated[
         list[Path] | None, typer.Option(help="ground truth per IMAGE (supervised)")
     ] = None,
@@ -144,6 +153,11 @@ def train(
     device = resolve_device(device)
     series, truths = training_series(images, gt)
     model = load_noise_model(noise_model, device) if noise_model else None
+    if model is not None and mode is TrainingMode.pn2v:  # equalised, with a variance channel
+        model = with_camera_maps(model, camera_maps)
+        series, variances = camera_series(model, series, parse_origin(sensor_origin))
+        if variances is not None:
+            truths = [[v] * len(s) for v, s in zip(variances, series, strict=True)]
     if model is not None:
         warn_if_out_of_calibration(model, [frame for stack in series for frame in stack][:20])
     mean, std = normalisation_of([frame for stack in series for frame in stack])
@@ -220,6 +234,8 @@ def denoise(
     noise_model: Annotated[
         Path | None, typer.Option("--noise-model", help="override the model's noise model")
     ] = None,
+    camera_maps: CameraMapsOption = None,
+    sensor_origin: SensorOriginOption = "0,0",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     uncertainty: Annotated[
         Path | None, typer.Option(help="also write the posterior std (pn2v) to this TIFF")
@@ -263,13 +279,23 @@ def denoise(
     if uncertainty is not None and denoiser.mode != "pn2v":
         raise UserError("--uncertainty needs a pn2v model")
     if noise is not None:
-        warn_if_out_of_calibration(noise, list(stack[selected].astype(np.float32)))
+        noise = with_camera_maps(noise, camera_maps)
+    (inputs,), variances = camera_series(noise, [stack], parse_origin(sensor_origin))
+    if noise is not None:
+        warn_if_out_of_calibration(noise, list(inputs[selected]))
     outputs = ("denoised", "posterior_std") if uncertainty else ("denoised",)
     description = announce_device("denoising", device)  # inputs checked: the work starts
     context = denoiser.context
     visible = context.causal if causal else context
     results = [
-        denoise_frame(denoiser, window(stack, t, context, visible), noise, tile, outputs)
+        denoise_frame(
+            denoiser,
+            window(inputs, t, context, visible),
+            noise,
+            tile,
+            outputs,
+            read_variance=variances and variances[0],
+        )
         for t in track(range(selected.start, selected.stop), description="denoising")
     ]
     count = selected.stop - selected.start
