@@ -10,6 +10,7 @@ import tifffile
 from PIL import Image
 
 from pn2v_live.errors import UserError
+from pn2v_live.storage.tiff_metadata import ImageMetadata, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,19 @@ def read_stack(path: str | Path) -> np.ndarray:
     for what is not grey-scale frames: colour (RGB/RGBA, palette) images, several channels per
     frame, frames 3 or 4 pixels wide (colour samples read as pixels), NaN or infinite values.
     """
+    return read_stack_metadata(path)[0]
+
+
+def read_stack_metadata(path: str | Path) -> tuple[np.ndarray, ImageMetadata]:
+    """`read_stack` and the physical metadata of the (first) TIFF read (`tiff_metadata`); a PNG
+    has none."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise UserError(f"{path}: folder holds no .tif/.tiff/.png frames")
-        frames = [read_stack(f) for f in files]
+        first, metadata = read_stack_metadata(files[0])
+        frames = [first, *(read_stack(f) for f in files[1:])]
         shapes = {f.shape[1:] for f in frames}
         dtypes = {f.dtype for f in frames}
         if len(shapes) > 1 or len(dtypes) > 1:
@@ -43,7 +51,7 @@ def read_stack(path: str | Path) -> np.ndarray:
                 f"{path}: frames differ in shape {sorted(map(str, shapes))} "
                 f"or dtype {sorted(map(str, dtypes))}; put one acquisition per folder"
             )
-        return np.concatenate(frames)
+        return np.concatenate(frames), ImageMetadata(metadata.physical, metadata.channel)
     if not path.is_file():
         raise UserError(f"{path}: no such file or folder")
     try:
@@ -55,19 +63,19 @@ def read_stack(path: str | Path) -> np.ndarray:
                         f"grey-scale frames of one channel: save one channel as a grey-scale "
                         f"TIFF or PNG first ({SPLIT_HINT})"
                     )
-                array = np.asarray(image)
+                array, metadata = np.asarray(image), ImageMetadata()
         else:
-            array = _read_tiff(path)
+            array, metadata = _read_tiff(path)
     except UserError:
         raise
     except Exception as error:  # tifffile/PIL raise many types for corrupt files
         raise UserError(f"{path}: not a readable image ({error})") from error
-    return _checked(_as_tyx(array, path), path)
+    return _checked(_as_tyx(array, path), path), metadata
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    """The first image series of a TIFF; UserError when its pixels are colour (photometric RGB,
-    palette..., or several samples per pixel) or it holds several channels."""
+def _read_tiff(path: Path) -> tuple[np.ndarray, ImageMetadata]:
+    """The first image series of a TIFF and its metadata; UserError when its pixels are colour
+    (photometric RGB, palette..., or several samples per pixel) or it holds several channels."""
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         sizes = dict(zip(series.axes, series.shape, strict=True))
@@ -111,7 +119,7 @@ def _read_tiff(path: Path) -> np.ndarray:
                 f"own TIFF first ({SPLIT_HINT}; Python: tifffile.imwrite('channel.tif', "
                 f"tifffile.imread('{path.name}'){_index(series.axes, 'C')}))"
             )
-        return series.asarray()
+        return series.asarray(), read_metadata(tif)
 
 
 def _index(axes: str, axis: str) -> str:
@@ -163,10 +171,23 @@ def read_image(path: str | Path) -> np.ndarray:
     return stack[0]
 
 
-def write_tiff(path: str | Path, array: np.ndarray) -> None:
+def write_tiff(path: str | Path, array: np.ndarray, ome: dict | None = None) -> None:
     """Write `array` as a (multi-page) grey-scale TIFF, zlib-compressed, creating parent
-    folders. Grey-scale said explicitly: tifffile would tag a stack of 3 or 4 frames as one RGB(A)
-    image, which Fiji then shows, and `read_stack` refuses, as colour."""
+    folders; an OME-TIFF with `ome`, the options of `tiff_metadata.ome_tiff_options`. Grey-scale
+    said explicitly: tifffile would tag a stack of 3 or 4 frames as one RGB(A) image, which Fiji
+    then shows, and `read_stack` refuses, as colour."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, array, compression="zlib", photometric="minisblack")
+    tifffile.imwrite(path, array, compression="zlib", photometric="minisblack", **(ome or {}))
+
+
+def cast_clipped(array: np.ndarray, dtype: np.dtype | str) -> tuple[np.ndarray, int]:
+    """`array` as `dtype` and the number of pixels clipped: to an integer dtype rounded to the
+    nearest integer and clipped to its range; to a float dtype unchanged in value (0 clipped)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return array.astype(dtype), 0
+    info = np.iinfo(dtype)
+    rounded = np.rint(array)
+    clipped = int(np.count_nonzero((rounded < info.min) | (rounded > info.max)))
+    return np.clip(rounded, info.min, info.max).astype(dtype), clipped

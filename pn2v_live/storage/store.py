@@ -4,11 +4,14 @@ Layout under the data root::
 
     <root>/ingest-ledger.sqlite          SQLite WAL ledger (see ledger.py)
     <root>/<name>.ome.zarr/              group; attrs["pn2v_live"] = {valid_t, closed,
-                                         last_frame_at (unix s), expected_frames}
+                                         last_frame_at (unix s), expected_frames},
+                                         attrs "labels" = ["raw", "denoised"] (see below)
         raw/0        (T, 1, 1, Y, X) camera dtype (uint8/uint16), OME-NGFF multiscale image
         denoised/0   (T, 1, 1, Y, X) float32, same layout; fill value 0 until denoised
 
-Axes are t, c, z, y, x; each chunk is one frame plane (1, 1, 1, Y, X), so appending a frame
+Axes are t, c, z, y, x, with the physical scale (frame interval in seconds, z step and pixel size
+in micrometres) as the images' `scale` transformation and axis units where known (`Physical`);
+each chunk is one frame plane (1, 1, 1, Y, X), so appending a frame
 writes one new chunk file and never rewrites an old one. The arrays grow GROW_STEP frames at a
 time (a metadata-only resize) and `flush()` trims them to the exact length; the writer also
 trims every acquisition when it opens one and when it closes the store, so after a stop (also
@@ -32,6 +35,11 @@ writer removes the temporary chunk files (`*.partial`) a killed writer left behi
 (calibrate, viewers) open the store without touching them.
 
 Default is OME-NGFF 0.4 on Zarr format 2; `zarr_format=3` writes OME-NGFF 0.5 on Zarr v3.
+
+The acquisition's group lists its two images in the OME-NGFF `labels` key, the one convention
+by which ome-zarr-py's `Reader` (napari-ome-zarr) descends from a group into several sibling
+images: opening `<name>.ome.zarr` yields the images raw and denoised, each named and scaled
+(they carry no `image-label` metadata, so readers show them as images, not label masks).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from pn2v_live.core.context import SPATIAL, Context
 from pn2v_live.errors import UserError
 from pn2v_live.storage.atomic import make_folders, sync_folder, sync_paths
 from pn2v_live.storage.ledger import Ledger
+from pn2v_live.storage.physical import Physical
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +203,11 @@ class Acquisition:
         self._denoised = group["denoised/0"].with_config(always_write)
         self.frame_shape: tuple[int, int] = tuple(self._raw.shape[3:])
         self.dtype = np.dtype(self._raw.dtype)
+        self._physical = _read_physical(group["raw"])
+        self._physical_conflict_logged = False
         if writer:
             self._sweep_partials()
+            _list_images(group)  # an acquisition made before the listing gets it
         self._stored = set(self._reconcile())
         if writer:  # killed while grown, between the two resizes, or a resize lost to a power cut
             length = max(self._stored, default=-1) + 1
@@ -227,6 +239,11 @@ class Acquisition:
     def valid_t(self) -> int:
         """Number of contiguous stored frames from t = 0 (frames [0, valid_t) are readable)."""
         return self._valid_t
+
+    @property
+    def physical(self) -> Physical:
+        """Frame interval, z step and pixel size stored with both images (None where unknown)."""
+        return self._physical
 
     @property
     def expected_frames(self) -> int | None:
@@ -367,6 +384,25 @@ class Acquisition:
             self._versions[t] = int(model_version)
             self._windows[t] = window
             self._without_twin.discard(t)
+
+    def note_physical(self, physical: Physical) -> None:
+        """Take the physical sizes a source item (file, message) carries: written into both
+        images' metadata when the acquisition has none yet; once it has some, other sizes are
+        ignored (logged once per acquisition): the first sizes known stay."""
+        if not physical.known or physical == self._physical:
+            return
+        with self._lock:
+            if not self._physical.known:
+                for image in IMAGES:
+                    _write_image_metadata(self._group[image], image, physical)
+                self._physical = physical
+            elif not self._physical_conflict_logged:
+                self._physical_conflict_logged = True
+                log.warning(
+                    "%s: a frame carries physical sizes %s, the acquisition keeps its first ones "
+                    "%s (logged once)",
+                    self.name, physical.as_dict(), self._physical.as_dict(),
+                )  # fmt: skip
 
     def close(self, expected_frames: int | None = None) -> None:
         """Mark the acquisition finished (the sender's end marker); late frames still store."""
@@ -569,11 +605,19 @@ class Store:
                 )
             return self._open[name]
 
-    def create(self, name: str, frame_shape: tuple[int, int], dtype: str | np.dtype) -> Acquisition:
-        """Create an acquisition of (Y, X) frames in camera `dtype`, or open it if it matches.
+    def create(
+        self,
+        name: str,
+        frame_shape: tuple[int, int],
+        dtype: str | np.dtype,
+        physical: Physical | None = None,
+    ) -> Acquisition:
+        """Create an acquisition of (Y, X) frames in camera `dtype` with `physical` sizes, or open
+        it if it matches (then `physical` goes to `Acquisition.note_physical`).
 
         Raises ValueError when an acquisition of that name exists with another shape or dtype.
         """
+        physical = physical or Physical()
         frame_shape = tuple(int(n) for n in frame_shape)
         dtype = np.dtype(dtype)
         if dtype.name not in RAW_DTYPES:
@@ -583,7 +627,7 @@ class Store:
         path = self.path(name)
         with self._lock:
             if name not in self._open and not (path / "raw").is_dir():
-                self._create_group(path, frame_shape, dtype)
+                self._create_group(path, frame_shape, dtype, physical)
                 if self.ledger.forget_acquisition(name):
                     log.warning(
                         "%s: the ledger recorded frames of an acquisition of this name whose "
@@ -597,19 +641,17 @@ class Store:
                 f"acquisition {name!r} holds {acquisition.frame_shape} {acquisition.dtype} frames, "
                 f"not {frame_shape} {dtype}"
             )
+        acquisition.note_physical(physical)
         return acquisition
 
-    def _create_group(self, path: Path, frame_shape: tuple[int, int], dtype: np.dtype) -> None:
+    def _create_group(
+        self, path: Path, frame_shape: tuple[int, int], dtype: np.dtype, physical: Physical
+    ) -> None:
         """Build the empty acquisition beside `path` and rename it into place, so readers never
         see a half-made one (a leftover from a crash mid-creation is replaced)."""
-        # ome-zarr pulls in dask and more (~2 s); only creating an acquisition needs it.
-        from ome_zarr.format import FormatV04, FormatV05
-        from ome_zarr.writer import write_multiscales_metadata
-
         building = path.with_name(f".{path.name}.creating")
         shutil.rmtree(building, ignore_errors=True)
         group = zarr.open_group(building, mode="w", zarr_format=self.zarr_format)
-        fmt = FormatV04() if self.zarr_format == 2 else FormatV05()
         for image, image_dtype, fill in (("raw", dtype, 0), ("denoised", np.float32, 0.0)):
             sub = group.create_group(image)
             options = (
@@ -626,17 +668,63 @@ class Store:
                 compressors=_compressor(self.zarr_format),
                 **options,
             )
-            write_multiscales_metadata(
-                sub,
-                [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1] * 5}]}],
-                fmt=fmt,
-                axes=list(AXES),
-                name=image,
-            )
+            _write_image_metadata(sub, image, physical)
+        _list_images(group)
         group.attrs["pn2v_live"] = {"valid_t": 0, "closed": False}
         sync_paths([*building.rglob("*"), building])  # all of it on disk before it appears
         building.rename(path)
         sync_folder(self.root)
+
+
+def _ngff_format(group: zarr.Group) -> object:
+    """The OME-NGFF version of the store's Zarr format: 0.4 on format 2, 0.5 on format 3."""
+    # ome-zarr pulls in dask and more (~2 s); only writing metadata needs it.
+    from ome_zarr.format import FormatV04, FormatV05
+
+    return FormatV04() if group.metadata.zarr_format == 2 else FormatV05()
+
+
+def _write_image_metadata(image: zarr.Group, name: str, physical: Physical) -> None:
+    """(Re)write the OME-NGFF multiscales metadata of image group `image` (one level, "0"): its
+    `name`, axes t, c, z, y, x with units and `physical`'s scale."""
+    from ome_zarr.writer import write_multiscales_metadata
+
+    scale = [{"type": "scale", "scale": physical.ngff_scale()}]
+    write_multiscales_metadata(
+        image,
+        [{"path": "0", "coordinateTransformations": scale}],
+        fmt=_ngff_format(image),
+        axes=physical.ngff_axes(),
+        name=name,
+    )
+
+
+def _read_physical(image: zarr.Group) -> Physical:
+    """The physical sizes in image group `image`'s OME-NGFF metadata; all unknown when it has
+    none or they cannot be read (the frames are still usable)."""
+    attrs = image.attrs.asdict()
+    try:
+        multiscale = attrs.get("ome", attrs)["multiscales"][0]
+        transforms = multiscale["datasets"][0]["coordinateTransformations"]
+        [scale] = [t["scale"] for t in transforms if t.get("type") == "scale"]
+        return Physical.from_ngff(multiscale["axes"], scale)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return Physical()
+
+
+def _list_images(group: zarr.Group) -> None:
+    """List the images in the acquisition group's OME-NGFF `labels` key (see the module doc),
+    unless they are listed."""
+    attrs = group.attrs.asdict()
+    if attrs.get("ome", attrs).get("labels") == list(IMAGES):
+        return
+    from ome_zarr.writer import add_metadata
+
+    fmt = _ngff_format(group)
+    listing = {"labels": list(IMAGES)}
+    if fmt.version != "0.4":
+        listing["version"] = fmt.version  # NGFF 0.5: every "ome" attribute names its version
+    add_metadata(group, listing, fmt=fmt)
 
 
 def _lock_writer(root: Path) -> int:
