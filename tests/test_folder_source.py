@@ -173,7 +173,7 @@ def test_a_damaged_file_read_in_another_thread_does_not_reject_a_good_one(tmp_pa
     other = threading.Thread(target=read_damaged_until_stopped)
     other.start()
     try:
-        reads = [read_tiff_frames(tmp_path / "good.tif") for _ in range(200)]
+        reads = [read_tiff_frames(tmp_path / "good.tif")[0] for _ in range(200)]
     finally:
         stop.set()
         other.join()
@@ -347,7 +347,7 @@ def test_a_damaged_first_file_of_an_ome_set_is_rejected_and_the_others_still_rea
     with pytest.raises(Rejected) as damaged:
         read_tiff_frames(first)
     assert damaged.value.reason == "truncated"
-    np.testing.assert_array_equal(read_tiff_frames(tmp_path / "s_1.ome.tif"), planes[2:])
+    np.testing.assert_array_equal(read_tiff_frames(tmp_path / "s_1.ome.tif")[0], planes[2:])
 
 
 def test_multi_channel_and_z_stack_files_are_rejected_time_stacks_stored(tmp_path, watched):

@@ -80,7 +80,7 @@ def test_simulate_into_folder_writes_readable_tiffs_from_a_source_stack(tmp_path
     assert result.exit_code == 0, result.output
     files = sorted((tmp_path / "out" / "raw").iterdir())
     assert [f.name for f in files] == ["frame_000000.tif", "frame_000003.tif", "frame_000006.tif"]
-    written = np.concatenate([read_tiff_frames(f) for f in files])
+    written = np.concatenate([read_tiff_frames(f)[0] for f in files])
     np.testing.assert_array_equal(written, tifffile.imread(source)[:7])
 
 

@@ -44,7 +44,9 @@ from pn2v_live.metrics import STAGE_FAILURES
 from pn2v_live.pipeline.ingest import Rejected, open_acquisition, reject, store_frame
 from pn2v_live.pipeline.stage import Stage, failure_reason
 from pn2v_live.storage.ledger import Item
+from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.store import Acquisition, Store, validate_name
+from pn2v_live.storage.tiff_metadata import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,9 @@ def natural_key(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-def read_tiff_frames(path: Path) -> np.ndarray:
-    """All frames of a (multi-page, OME-)TIFF as (T, Y, X); raises Rejected saying why not.
+def read_tiff_frames(path: Path) -> tuple[np.ndarray, Physical]:
+    """All frames of a (multi-page, OME-)TIFF as (T, Y, X), and the physical sizes its metadata
+    give (`tiff_metadata`); raises Rejected saying why not.
 
     Truncation is caught three ways: pages whose data lie beyond the end of the file, errors
     tifffile logs while following the page chain, and pixel data that fail to decode. Only this
@@ -100,6 +103,7 @@ def read_tiff_frames(path: Path) -> np.ndarray:
                 data = np.concatenate([s.asarray().reshape(-1, *s.shape[-2:]) for s in tif.series])
             else:
                 data = tif.series[0].asarray()
+            physical = read_metadata(tif).physical
     except Rejected:
         raise
     except Exception as error:  # tifffile and its codecs raise many types for damaged files
@@ -120,7 +124,7 @@ def read_tiff_frames(path: Path) -> np.ndarray:
             f"frames of {height}x{width} pixels: the last axis looks like {width} colour "
             "samples per pixel, not an image; expected one grayscale plane per frame",
         )
-    return data
+    return data, physical
 
 
 def _has_tiff_header(path: Path) -> bool:
@@ -474,8 +478,10 @@ class FolderSource(Stage):
         name = None
         try:
             name = self._acquisition_name(path, candidate.root)
-            frames = read_tiff_frames(path)
-            acquisition = open_acquisition(self.store, name, frames.shape[1:], frames.dtype)
+            frames, physical = read_tiff_frames(path)
+            acquisition = open_acquisition(
+                self.store, name, frames.shape[1:], frames.dtype, physical
+            )
             if grown:
                 first_t, done = self._extend(acquisition, previous, frames, size, mtime_ns)
             else:

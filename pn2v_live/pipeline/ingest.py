@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from pn2v_live.metrics import FRAMES_INGESTED, FRAMES_REJECTED, LAST_FRAME_TIMESTAMP
+from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.store import RAW_DTYPES, Acquisition, Store
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,14 @@ def reject(source: str, error: Rejected, what: str) -> None:
 
 
 def open_acquisition(
-    store: Store, name: str, frame_shape: tuple[int, ...], dtype: np.dtype
+    store: Store,
+    name: str,
+    frame_shape: tuple[int, ...],
+    dtype: np.dtype,
+    physical: Physical | None = None,
 ) -> Acquisition:
-    """The acquisition `name` for (Y, X) frames of `dtype`, created on first use.
+    """The acquisition `name` for (Y, X) frames of `dtype`, created on first use; `physical`, the
+    sizes the frame's source carries, go to `Acquisition.note_physical`.
 
     Raises Rejected("dtype"/"shape"/"name") when the frame cannot belong to it.
     """
@@ -44,7 +50,7 @@ def open_acquisition(
         acquisition = store.acquisition(name)
     except KeyError:
         try:
-            return store.create(name, frame_shape, dtype)
+            return store.create(name, frame_shape, dtype, physical)
         except ValueError as error:
             raise Rejected("name", str(error)) from error
     if acquisition.frame_shape != tuple(frame_shape):
@@ -59,6 +65,7 @@ def open_acquisition(
             f"frame is {np.dtype(dtype).name}, acquisition {name!r} holds "
             f"{acquisition.dtype.name} frames",
         )
+    acquisition.note_physical(physical or Physical())
     return acquisition
 
 

@@ -8,9 +8,13 @@ Header (UTF-8 JSON object, at most 64 KiB)::
      "shape": [512, 512],         # [Y, X], each 1..MAX_SIDE
      "timestamp": 1732580000.25,  # optional, Unix seconds when the camera took it
      "c": 0, "z": 0,              # optional plane indices (channel, z-slice), default 0
+     "pixel_size_um": [0.065, 0.065],  # optional [y, x] pixel size in micrometres
+     "interval_s": 0.5,           # optional frame interval in seconds
      "model_version": 3}          # optional; set on denoised frames (the model that made them)
 
-The buffer holds exactly Y*X*itemsize bytes in C order. End of an acquisition is a one-part
+`pixel_size_um` and `interval_s` must be positive finite numbers; the receiver writes them into
+the acquisition's metadata (the first frame that carries them sets them). The buffer holds
+exactly Y*X*itemsize bytes in C order. End of an acquisition is a one-part
 message `{"acquisition": "cells_01", "end": true, "frames": 500}` (`frames`, the total count,
 is optional). `decode_message` checks every field and the buffer size from the header alone, so
 a hostile header can never make the receiver allocate what it claims.
@@ -27,10 +31,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.store import RAW_DTYPES, validate_name
 
 DTYPES = ("uint8", "uint16", "int16", "uint32", "float32")
@@ -39,6 +44,7 @@ MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 256 Mpixel: 1 GiB of float32, far beyond any camera frame
 MAX_HEADER_BYTES = 65536
 MAX_INDEX = 2**24 - 1  # 16.7 million frames: days at 100 frames/s; bounds array length
+PHYSICAL_FIELDS = ("pixel_size_um", "interval_s")  # optional physical sizes of a frame
 
 
 class ProtocolError(ValueError):
@@ -60,6 +66,7 @@ class FrameMessage:
     c: int = 0
     z: int = 0
     model_version: int | None = None
+    physical: Physical = field(default_factory=Physical)  # from pixel_size_um and interval_s
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,10 @@ def encode_frame(
     z: int = 0,
     model_version: int | None = None,
     storable: bool = False,
+    physical: Physical | None = None,
 ) -> list[bytes | memoryview]:
-    """The two message parts for one (Y, X) frame; the buffer part is zero-copy when possible.
+    """The two message parts for one (Y, X) frame, with `physical`'s pixel size and frame
+    interval when known; the buffer part is zero-copy when possible.
 
     ProtocolError for a frame the protocol cannot carry, and with `storable` also for one a
     receiver cannot store (see the module docstring)."""
@@ -98,6 +107,8 @@ def encode_frame(
         header |= {"c": int(c), "z": int(z)}
     if model_version is not None:
         header["model_version"] = int(model_version)
+    if physical is not None:
+        header |= {k: v for k, v in physical.as_dict().items() if k in PHYSICAL_FIELDS}
     _check_header(header)
     if storable:
         _check_storable(header)
@@ -159,6 +170,7 @@ def decode_message(parts: list[bytes], storable: bool = False) -> FrameMessage |
         c=header.get("c", 0),
         z=header.get("z", 0),
         model_version=header.get("model_version"),
+        physical=_physical(header),
     )
 
 
@@ -167,7 +179,7 @@ def _check_header(header: dict) -> None:
     if missing:
         raise ProtocolError("field", f"header lacks {', '.join(missing)}")
     known = {"acquisition", "index", "dtype", "shape", "timestamp", "c", "z", "model_version"}
-    unknown = set(header) - known
+    unknown = set(header) - known - set(PHYSICAL_FIELDS)
     if unknown:
         raise ProtocolError("field", f"unknown header field(s): {', '.join(sorted(unknown))}")
     _check_name(header["acquisition"])
@@ -193,6 +205,19 @@ def _check_header(header: dict) -> None:
         raise ProtocolError("field", f"timestamp must be a number, got {timestamp!r}")
     if not 0 <= timestamp <= sys.float_info.max:  # also refuses NaN, inf and huge integers
         raise ProtocolError("field", f"timestamp must be finite and >= 0, got {timestamp}")
+    _physical(header)
+
+
+def _physical(header: dict) -> Physical:
+    """The sizes in a header's `pixel_size_um` ([y, x], µm) and `interval_s` (s); ProtocolError
+    when one is not a positive finite number (or the pixel size not a pair of them)."""
+    pixel_size = header.get("pixel_size_um")
+    if pixel_size is not None and not (isinstance(pixel_size, list) and len(pixel_size) == 2):
+        raise ProtocolError("field", f"pixel_size_um must be [y, x] in µm, got {pixel_size!r}")
+    try:
+        return Physical(pixel_size and tuple(pixel_size), interval_s=header.get("interval_s"))
+    except ValueError as error:
+        raise ProtocolError("field", f"{', '.join(PHYSICAL_FIELDS)}: {error}") from None
 
 
 def _check_storable(header: dict) -> None:

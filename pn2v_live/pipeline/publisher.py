@@ -2,7 +2,8 @@
 
 Each denoised frame goes out as [JSON header, float32 pixel buffer] exactly as
 `protocol.encode_frame` builds it (acquisition, index = frame number t, dtype "float32", shape,
-timestamp = when it was denoised, model_version = the model that denoised it), so
+timestamp = when it was denoised, model_version = the model that denoised it, and the
+acquisition's pixel_size_um and interval_s when known), so
 `protocol.decode_message` reads it back. Subscribers subscribe to everything (topic b"") and
 filter on the header's `acquisition`. A PUB socket never blocks the daemon: a subscriber too
 slow to keep up loses frames beyond the high-water mark.
@@ -61,7 +62,11 @@ class DenoisedPublisher:
         if self._socket is None:
             return
         parts = encode_frame(
-            acquisition.name, t, np.asarray(frame, np.float32), model_version=model_version
+            acquisition.name,
+            t,
+            np.asarray(frame, np.float32),
+            model_version=model_version,
+            physical=acquisition.physical,
         )
         with self._lock:
             self._socket.send_multipart(parts)

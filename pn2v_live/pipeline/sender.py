@@ -24,6 +24,7 @@ import zmq
 
 from pn2v_live.pipeline.protocol import encode_end, encode_frame
 from pn2v_live.pipeline.zmq_source import status_endpoint
+from pn2v_live.storage.physical import Physical
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,18 @@ class FrameSender:
         self._context.term()
 
     def send_frame(
-        self, acquisition: str, index: int, frame: np.ndarray, timestamp: float | None = None
+        self,
+        acquisition: str,
+        index: int,
+        frame: np.ndarray,
+        timestamp: float | None = None,
+        physical: Physical | None = None,
     ) -> None:
-        """Queue one (Y, X) frame; blocks while the receiver applies backpressure. ProtocolError
-        (a ValueError) for a frame the receiver could not store."""
-        self._send(encode_frame(acquisition, index, frame, timestamp, storable=True))
+        """Queue one (Y, X) frame, with `physical`'s pixel size and frame interval when known;
+        blocks while the receiver applies backpressure. ProtocolError (a ValueError) for a frame
+        the receiver could not store."""
+        parts = encode_frame(acquisition, index, frame, timestamp, storable=True, physical=physical)
+        self._send(parts)
 
     def send_stack(
         self,
@@ -78,14 +86,16 @@ class FrameSender:
         stack: np.ndarray | Sequence[np.ndarray],
         indices: Sequence[int] | None = None,
         fps: float | None = None,
+        physical: Physical | None = None,
     ) -> None:
-        """Send frames `indices` (default all) of a (T, Y, X) stack, optionally paced at `fps`."""
+        """Send frames `indices` (default all) of a (T, Y, X) stack, optionally paced at `fps`,
+        each with `physical` (see `send_frame`)."""
         indices = range(len(stack)) if indices is None else indices
         start = time.monotonic()
         for n, t in enumerate(indices):
             if fps:
                 time.sleep(max(0.0, start + n / fps - time.monotonic()))
-            self.send_frame(acquisition, t, stack[t])
+            self.send_frame(acquisition, t, stack[t], physical=physical)
 
     def end(
         self, acquisition: str, frames: int | None = None, confirm_timeout: float | None = None
@@ -145,8 +155,10 @@ class FrameSender:
         stack: np.ndarray | Sequence[np.ndarray],
         timeout: float = 60.0,
         patience: float = 1.0,
+        physical: Physical | None = None,
     ) -> None:
-        """Resend missing frames of `stack` until the receiver has stored all of them.
+        """Resend missing frames of `stack` (with `physical`, see `send_frame`) until the
+        receiver has stored all of them.
 
         Frames still queued at the receiver get `patience` seconds before they are resent.
         Raises TimeoutError after `timeout` seconds without completion.
@@ -165,7 +177,7 @@ class FrameSender:
                 last_missing, last_progress = len(missing), now
             elif now - last_progress >= patience:
                 log.info("resending %d frame(s) of %s", len(missing), acquisition)
-                self.send_stack(acquisition, stack, missing)
+                self.send_stack(acquisition, stack, missing, physical=physical)
                 last_progress = now
             time.sleep(0.1)
         raise TimeoutError(f"{acquisition}: receiver did not store all {len(stack)} frames")

@@ -536,7 +536,11 @@ class ZmqSource:
         if message.c or message.z:
             raise Rejected("plane", "only single-plane frames (c = 0, z = 0) are stored")
         acquisition = open_acquisition(
-            self.store, message.acquisition, message.pixels.shape, message.pixels.dtype
+            self.store,
+            message.acquisition,
+            message.pixels.shape,
+            message.pixels.dtype,
+            message.physical,
         )
         if store_frame(acquisition, message.index, message.pixels, SOURCE, publish=False):
             with self._counts_lock:

@@ -54,10 +54,11 @@ def _sender(to: str, status: str | None, timeout: float):
         raise UserError(f"--to {to}: {error}") from error
 
 
-def _confirm(sender, acquisition: str, stack, timeout: float) -> None:
-    """Resend until the receiver reports every frame stored; UserError when it never does."""
+def _confirm(sender, acquisition: str, stack, timeout: float, physical=None) -> None:
+    """Resend (with `physical`) until the receiver reports every frame stored; UserError when it
+    never does."""
     try:
-        sender.ensure_stored(acquisition, stack, timeout=timeout)
+        sender.ensure_stored(acquisition, stack, timeout=timeout, physical=physical)
     except TimeoutError as error:
         raise UserError(
             f"{error} within {timeout:.0f} s; is the receiver running (pn2v-live serve or "
@@ -75,7 +76,9 @@ def send(
     ] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the receiver")] = 60.0,
 ) -> None:
-    """Send FILES' frames as one acquisition and wait until the receiver has stored them all.
+    """Send FILES' frames as one acquisition and wait until the receiver has stored them all;
+    the first file's pixel size and frame interval (OME-TIFF, ImageJ, resolution tags) go with
+    every frame.
 
     Interrupted or receiver restarted? Run the same command again: only frames the receiver
     lacks are stored, nothing twice.
@@ -83,10 +86,12 @@ def send(
     import numpy as np
 
     from pn2v_live.pipeline.protocol import ProtocolError
-    from pn2v_live.storage.images import read_stack
+    from pn2v_live.storage.images import read_stack, read_stack_metadata
 
     name = acquisition_name(acquisition, files[0])
-    stack = np.concatenate([read_stack(path) for path in files])
+    first, metadata = read_stack_metadata(files[0])
+    stack = np.concatenate([first, *(read_stack(path) for path in files[1:])])
+    physical = metadata.physical
     progress, advance = _progress(len(stack), f"sending {name}")
     with _sender(to, status, timeout) as sender, progress:
         missing = sender.missing(name, len(stack), timeout=min(timeout, 5.0))
@@ -94,13 +99,13 @@ def send(
         advance(len(stack) - len(indices))
         try:
             for t in indices:
-                sender.send_frame(name, t, stack[t])
+                sender.send_frame(name, t, stack[t], physical=physical)
                 advance(1)
         except TimeoutError as error:
             raise UserError(f"{error}; is pn2v-live serve or ingest running there?") from error
         except ProtocolError as error:  # a frame the receiver could not store
             raise UserError(f"{name}: {error}") from error
-        _confirm(sender, name, stack, timeout)
+        _confirm(sender, name, stack, timeout, physical)
         sender.end(name, frames=len(stack), confirm_timeout=timeout)
     typer.echo(f"{name}: all {len(stack)} frames stored by the receiver at {to}")
 
