@@ -12,11 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pn2v_live.core.camera import HOT_FACTOR  # noqa: E402
 from pn2v_live.core.noise import NoiseModel  # noqa: E402
 from pn2v_live.core.noise.histogram import common_range, pair_counts  # noqa: E402
 from pn2v_live.core.noise.poisson_gaussian import mean_variance  # noqa: E402
 
 if TYPE_CHECKING:
+    from pn2v_live.core.camera import CameraMaps
     from pn2v_live.pipeline.calibration import CalibrationResult
 
 COLOURS = {"hybrid": "tab:red", "histogram": "tab:orange", "gmm": "tab:green"}
@@ -115,5 +117,36 @@ def write_report(result: CalibrationResult, path: str | Path, bins: int = 256) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def write_maps_report(maps: CameraMaps, report: str | Path) -> Path:
+    """sCMOS camera maps beside `report` as `<stem>.camera.png`: each map (offset, gain,
+    read-noise variance, 1–99 % contrast) over its histogram (log counts), hot pixels marked."""
+    report = Path(report)
+    path = report.with_name(f"{report.stem}.camera.png")
+    figure, axes = plt.subplots(2, 3, figsize=(14, 8))
+    hot = maps.hot_pixels()
+    figure.suptitle(
+        f"camera maps {maps.shape[0]}×{maps.shape[1]} at sensor position {maps.origin}; "
+        f"{int(hot.sum())} hot pixels ({hot.mean():.2%}); reference offset "
+        f"{maps.reference[0]:.2f} ADU, gain {maps.reference[1]:.3g} ADU/e⁻"
+    )
+    named = [("offset (ADU)", maps.offset), ("gain (ADU/e⁻)", maps.gain)]
+    named.append(("read-noise variance (ADU²)", maps.variance))
+    for column, (name, values) in enumerate(named):
+        low, high = np.percentile(values, [1, 99])
+        shown = axes[0, column].imshow(values, cmap="magma", vmin=low, vmax=high)
+        figure.colorbar(shown, ax=axes[0, column], shrink=0.8)
+        axes[0, column].set_title(name)
+        axes[1, column].hist(values.ravel(), bins=200, log=True, color="k")
+        axes[1, column].set(xlabel=name, ylabel="pixels")
+    threshold = float(np.median(maps.variance)) * HOT_FACTOR
+    axes[1, 2].axvline(threshold, color="tab:red", ls=":", label="hot above")
+    axes[1, 2].legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
     return path

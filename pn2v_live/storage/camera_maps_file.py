@@ -1,6 +1,8 @@
 """Camera-maps files: one float32 TIFF of three pages (offset ADU, gain ADU/e⁻, read-noise
-variance ADU²), opened as a stack by Fiji or napari, with a JSON description:
+variance ADU²), opened as a stack by Fiji or napari, with a description of the format's name, a
+new line (so that tifffile does not take the JSON for its own) and JSON:
 
+    pn2v-live camera maps
     {"format": "pn2v-live camera maps", "version": 1, "pages": [...],
      "origin": [row, column], "reference": [offset, gain], "metadata": {...}}
 
@@ -39,7 +41,11 @@ def save_camera_maps(maps: CameraMaps, path: str | Path) -> Path:
 
     buffer = io.BytesIO()
     tifffile.imwrite(
-        buffer, stack, photometric="minisblack", description=json.dumps(description), metadata=None
+        buffer,
+        stack,
+        photometric="minisblack",
+        description=f"{FORMAT}\n{json.dumps(description)}",
+        metadata=None,
     )
     return write_atomically(path, lambda file: file.write(buffer.getvalue()))
 
@@ -53,7 +59,8 @@ def load_camera_maps(path: str | Path) -> CameraMaps:
         )
     try:
         with tifffile.TiffFile(path) as tif:
-            description = json.loads(tif.pages.first.description)
+            first_line, _, text = (tif.pages.first.description or "").partition("\n")
+            description = json.loads(text) if first_line == FORMAT else None
             stack = tif.asarray()
     except Exception as error:  # tifffile and json raise many types for foreign files
         raise UserError(f"{path}: not a pn2v-live camera-maps file ({error})") from error

@@ -33,14 +33,14 @@ class FitKind(StrEnum):
 
 @app.command()
 def calibrate(
+    output: Annotated[Path, typer.Option("-o", "--output", help="noise-model file to write")],
     inputs: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Argument(
             help="static-scene acquisitions: TIFF/OME-TIFF stacks, folders of frames, or "
-            "<name>.ome.zarr acquisitions of the store"
+            "<name>.ome.zarr acquisitions of the store (optional with sCMOS camera maps)"
         ),
-    ],
-    output: Annotated[Path, typer.Option("-o", "--output", help="noise-model file to write")],
+    ] = None,
     signal: Annotated[
         Path | None, typer.Option(help="clean image of the scene [default: mean of the frames]")
     ] = None,
@@ -62,9 +62,30 @@ def calibrate(
     minutes: Annotated[
         float | None, typer.Option(min=0.01, help="bootstrap: N2V training wall time")
     ] = None,
+    dark: Annotated[
+        Path | None, typer.Option(help="sCMOS: dark series (camera capped): offset, variance")
+    ] = None,
+    flat: Annotated[
+        list[Path] | None,
+        typer.Option(help="sCMOS: flat-field series, one per light level (repeat), for the gain"),
+    ] = None,
+    offset_map: Annotated[Path | None, typer.Option(help="sCMOS: offset map TIFF (ADU)")] = None,
+    gain_map: Annotated[Path | None, typer.Option(help="sCMOS: gain map TIFF (ADU/e⁻)")] = None,
+    variance_map: Annotated[
+        Path | None, typer.Option(help="sCMOS: read-noise variance map TIFF (ADU²)")
+    ] = None,
+    maps_output: Annotated[
+        Path | None,
+        typer.Option(help="sCMOS: camera-maps file to write [default: OUTPUT stem + .camera.tif]"),
+    ] = None,
 ) -> None:
     """Fit noise models from a calibration acquisition, compare them on held-out frames and write
-    the best; prints a one-line JSON summary."""
+    the best; prints a one-line JSON summary.
+
+    sCMOS cameras: with --dark and --flat (or --offset-map and --gain-map) the per-pixel camera
+    maps are calibrated too, written beside OUTPUT and stored in it; INPUTS are then equalised
+    with the maps before the noise model is fitted (without INPUTS, the maps' Poisson–Gaussian
+    model is used)."""
     from pn2v_live.core.device import torch_build
     from pn2v_live.pipeline.calibration import (
         bootstrap_signal,
@@ -82,6 +103,17 @@ def calibrate(
         raise UserError("--steps/--minutes apply to --bootstrap only")
     if report is not None and report.suffix.lower() != ".png":
         raise UserError(f"--report {report}: the report is a PNG image; name it *.png")
+    maps = camera_maps(dark, flat, offset_map, gain_map, variance_map, camera)
+    if maps is None and not inputs:
+        raise UserError(
+            "give static-scene INPUTS to calibrate on, or sCMOS maps: --dark DARK --flat FLAT..., "
+            "or --offset-map and --gain-map"
+        )
+    if maps is not None:
+        output_maps = maps_output or output.with_name(f"{output.stem}.camera.tif")
+        summary = calibrate_with_maps(maps, inputs or [], output, output_maps, report, kind, bins)
+        print(json.dumps({**summary, "device": calibration_device(False)}))
+        return
     acquisitions = [read_acquisition(path) for path in inputs]
     clean = read_image(signal) if signal is not None else None
     signals = None
@@ -104,6 +136,91 @@ def calibrate(
         log.info("noise models fitted on %s; %s", device, torch_build())
     summary = write_outputs(result, output, report, everything=kind == CalibrationKind.all)
     print(json.dumps({**summary, "device": device}))
+
+
+def camera_maps(
+    dark: Path | None,
+    flats: list[Path] | None,
+    offset_map: Path | None,
+    gain_map: Path | None,
+    variance_map: Path | None,
+    camera: str,
+):
+    """The sCMOS maps the options ask for (calibrated, or read from map files), or None."""
+    from pn2v_live.pipeline.calibration import read_acquisition
+    from pn2v_live.pipeline.camera_calibration import calibrate_camera, maps_from_arrays
+    from pn2v_live.storage.images import read_image
+
+    from_series, from_files = dark or flats, offset_map or gain_map or variance_map
+    if from_series and from_files:
+        raise UserError("give --dark/--flat or map files (--offset-map ...), not both")
+    if from_series:
+        if dark is None or not flats:
+            raise UserError("calibrating camera maps needs --dark DARK and --flat FLAT (repeated)")
+        return calibrate_camera(
+            read_acquisition(dark), [read_acquisition(path) for path in flats], camera
+        ).maps
+    if from_files:
+        if offset_map is None or gain_map is None:
+            raise UserError("map files: give at least --offset-map and --gain-map")
+        warnings: list[str] = []
+        variance = read_image(variance_map) if variance_map else None
+        maps = maps_from_arrays(read_image(offset_map), read_image(gain_map), variance, warnings)
+        for message in warnings:
+            log.warning(message)
+        maps.metadata.update(camera=camera, warnings=warnings)
+        return maps
+    return None
+
+
+def calibrate_with_maps(maps, inputs, output, maps_output, report, kind, bins) -> dict:
+    """Write the maps, and the noise model made per-pixel by them: fitted on the INPUTS
+    equalised (their raw values checked against the maps first), else the maps' own
+    Poisson–Gaussian model; returns the JSON summary."""
+    from pn2v_live.core.noise import CameraNoiseModel
+    from pn2v_live.pipeline.calibration import Acquisition, read_acquisition
+    from pn2v_live.pipeline.calibration import calibrate as run_calibration
+    from pn2v_live.pipeline.camera_calibration import fit_check, refuse_clipped
+    from pn2v_live.storage.camera_maps_file import save_camera_maps
+    from pn2v_live.storage.noise_model_file import save_noise_model
+
+    summary = {"camera_maps": str(maps_output), "maps": dict(maps.metadata)}
+    if inputs:
+        raws = [read_acquisition(path) for path in inputs]
+        try:
+            regions = [maps.region(maps.origin, a.frames.shape[1:]) for a in raws]
+        except ValueError as error:
+            raise UserError(f"camera maps: {error}") from None
+        for acquisition in raws:
+            refuse_clipped(acquisition)  # equalised frames are float: check the camera's values
+        equalised = [
+            Acquisition(a.name, r.equalise(a.frames)) for a, r in zip(raws, regions, strict=True)
+        ]
+        result = run_calibration(equalised, kind=kind.value, bins=bins)
+        checks = {
+            a.name: fit_check(r, a.frames, a.name, result.poisson_gaussian.gain)
+            for a, r in zip(raws, regions, strict=True)
+        }
+        base = result.models[result.chosen]
+        summary |= {**result.summary, "fit_check": checks, "warnings": result.warnings}
+        if report is not None:
+            from pn2v_live.pipeline.calibration_report import write_report
+
+            write_report(result, report)
+    else:
+        offset, gain = maps.reference
+        top = max(maps.metadata.get("levels_electrons") or [1000.0])
+        model = CameraNoiseModel.from_maps(maps, (offset, offset + gain * top))
+        base = model.base
+        summary["chosen"] = base.kind
+    if report is not None:
+        from pn2v_live.pipeline.calibration_report import write_maps_report
+
+        summary["maps_report"] = str(write_maps_report(maps, report))
+    save_camera_maps(maps, maps_output)
+    noise_model = CameraNoiseModel(base, maps, dict(base.metadata, camera_maps=str(maps_output)))
+    save_noise_model(noise_model, output)
+    return {**summary, "output": str(output), "kind": noise_model.kind}
 
 
 def calibration_device(bootstrap: bool) -> str:
