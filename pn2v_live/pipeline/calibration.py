@@ -29,8 +29,9 @@ from pn2v_live.core.noise import (
 )
 from pn2v_live.core.noise.histogram import common_range, pair_counts
 from pn2v_live.errors import UserError
-from pn2v_live.storage.images import read_stack
+from pn2v_live.storage.images import read_stack_metadata
 from pn2v_live.storage.noise_model_file import save_noise_model
+from pn2v_live.storage.physical import Physical
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,12 @@ SUPPORT_PAIRS = 1000  # rows with at least this many pairs count as well calibra
 
 @dataclass
 class Acquisition:
-    """One calibration input: a name for messages and its frames (T, Y, X), camera dtype."""
+    """One calibration input: a name for messages, its frames (T, Y, X) in the camera dtype and
+    the physical sizes its metadata give."""
 
     name: str
     frames: np.ndarray
+    physical: Physical = field(default_factory=Physical)
 
 
 @dataclass
@@ -87,8 +90,22 @@ def read_acquisition(path: str | Path) -> Acquisition:
             raise UserError(f"{path}: not a readable acquisition of the store ({error})") from error
         finally:
             store.close()
-        return Acquisition(path.name[: -len(SUFFIX)], frames)
-    return Acquisition(path.name, read_stack(path))
+        return Acquisition(path.name[: -len(SUFFIX)], frames, acquisition.physical)
+    frames, metadata = read_stack_metadata(path)
+    return Acquisition(path.name, frames, metadata.physical)
+
+
+def pixel_size(acquisitions: list[Acquisition], warnings: list[str]) -> list[float] | None:
+    """The inputs' pixel size [y, x] in µm, recorded with the model (None when none says);
+    inputs that give different ones (another binning or objective?) add a warning."""
+    sizes = {a.physical.pixel_size_um for a in acquisitions} - {None}
+    if len(sizes) > 1:
+        warnings.append(
+            f"inputs differ in pixel size ({', '.join(f'{y:g} x {x:g} µm' for y, x in sizes)}): "
+            "a noise model holds for one camera setting; is the binning the same?"
+        )
+    first = next((a.physical.pixel_size_um for a in acquisitions if a.physical.pixel_size_um), None)
+    return list(first) if first else None
 
 
 def frame_shift(frames: np.ndarray) -> tuple[int, tuple[float, float]] | None:
@@ -344,6 +361,7 @@ def calibrate(
         "read_noise": round(poisson_gaussian.read_noise, 5),
         "bootstrapped": bootstrap,
         "chosen": chosen,
+        "pixel_size_um": pixel_size(acquisitions, warnings),
     }
     if summary["well_supported_signal_max"] is not None:
         top = summary["well_supported_signal_max"]

@@ -31,6 +31,12 @@ class TrainingMode(StrEnum):
     supervised = "supervised"
 
 
+class OutputDtype(StrEnum):
+    float32 = "float32"
+    uint16 = "uint16"
+    same = "same"
+
+
 def resolve_device(device: str) -> str:
     """ "auto" → "cuda" when torch can use a GPU, else "cpu" (with a WARNING when an NVIDIA GPU
     is present but this torch cannot use it); an unusable "cuda" is a user error. See
@@ -140,6 +146,7 @@ def train(
     from pn2v_live.core.training import train as train_denoiser
     from pn2v_live.storage.checkpoints import save_denoiser
     from pn2v_live.storage.noise_model_file import load_noise_model
+    from pn2v_live.storage.registry import content_id
 
     if steps is None and minutes is None:
         raise UserError("give --steps N or --minutes M to bound training")
@@ -201,6 +208,7 @@ def train(
     metadata = {
         "images": [str(p) for p in images],
         "noise_model": str(noise_model) if noise_model else None,
+        "noise_model_id": content_id(noise_model) if noise_model else None,
         "noise_model_state": model.to("cpu").state() if model else None,
         "context_validation_loss": losses,
     }
@@ -226,7 +234,7 @@ def parse_frames(frames: str | None, count: int) -> slice:
 def denoise(
     input: Annotated[Path, typer.Argument(help="2-D image or multi-page stack")],
     model: Annotated[Path, typer.Option("-m", "--model", help="model file from `train`")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="float32 TIFF to write")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="OME-TIFF to write")],
     frames: Annotated[str | None, typer.Option(help="frame range A:B")] = None,
     tile: Annotated[
         int | None, typer.Option(help="tile side in pixels (default: auto)", min=16)
@@ -248,8 +256,17 @@ def denoise(
             "daemon's live twin)",
         ),
     ] = False,
+    dtype: Annotated[
+        OutputDtype,
+        typer.Option(
+            help="OUTPUT's pixel type; uint16 and same (INPUT's) round and clip, and say how "
+            "many pixels were clipped"
+        ),
+    ] = OutputDtype.float32,
 ) -> None:
-    """Denoise INPUT with MODEL; OUTPUT has INPUT's leading shape, float32.
+    """Denoise INPUT with MODEL; OUTPUT is an OME-TIFF of INPUT's leading shape carrying INPUT's
+    pixel size, frame interval and channel name, and the model and noise model in its
+    description.
 
     A model trained with temporal context sees its window of INPUT's frames around each frame
     (frames outside --frames included)."""
@@ -259,10 +276,11 @@ def denoise(
     from pn2v_live.core.inference import denoise as denoise_frame
     from pn2v_live.core.noise import noise_model_from_state
     from pn2v_live.storage.checkpoints import load_denoiser
-    from pn2v_live.storage.images import read_stack, write_tiff
+    from pn2v_live.storage.images import cast_clipped, read_stack_metadata, write_tiff
     from pn2v_live.storage.noise_model_file import load_noise_model
+    from pn2v_live.storage.tiff_metadata import ome_tiff_options
 
-    stack = read_stack(input)
+    stack, image_metadata = read_stack_metadata(input)
     selected = parse_frames(frames, len(stack))
     if selected.start >= selected.stop:
         raise UserError(f"--frames {frames} selects none of the {len(stack)} frames of {input}")
@@ -300,11 +318,38 @@ def denoise(
     ]
     count = selected.stop - selected.start
     shape = (count, *stack.shape[1:]) if count > 1 else stack.shape[1:]
-    write_tiff(output, np.stack([r["denoised"] for r in results]).reshape(shape))
+    target = stack.dtype if dtype is OutputDtype.same else np.dtype(dtype.value)
+    denoised, clipped = cast_clipped(np.stack([r["denoised"] for r in results]), target)
+    if target.kind != "f":
+        log.info("clipped %d of %d pixels to the %s range", clipped, denoised.size, target.name)
+    about = denoised_description(model, metadata, noise_model, denoiser.mode)
+    axes = image_metadata.frame_axis + "YX" if count > 1 else "YX"
+    channel = image_metadata.channel or ""
+    named = f"{channel} denoised".strip()
+    write_tiff(
+        output, denoised.reshape(shape), ome_tiff_options(image_metadata, axes, named, about)
+    )
     if uncertainty:
-        write_tiff(uncertainty, np.stack([r["posterior_std"] for r in results]).reshape(shape))
+        std = np.stack([r["posterior_std"] for r in results]).reshape(shape)
+        named = f"{channel} posterior std".strip()
+        write_tiff(uncertainty, std, ome_tiff_options(image_metadata, axes, named, about))
     summary = {"output": str(output), "frames": len(results), "context": str(context)}
+    summary |= {"dtype": target.name, "clipped_pixels": clipped}
     print(json.dumps({**summary, "causal": causal, "device": description}))
+
+
+def denoised_description(model: Path, metadata: dict, noise_model: Path | None, mode: str) -> str:
+    """The OME description of a denoised file: pn2v-live's version, the model's registry version
+    (else its file's content id) and the noise model's id."""
+    from pn2v_live import __version__
+    from pn2v_live.storage.registry import content_id
+
+    version = metadata.get("version") or f"id {content_id(model)}"
+    about = f"denoised by pn2v-live {__version__} ({mode}); model {model.name} version {version}"
+    if mode != "pn2v":
+        return about
+    noise_id = content_id(noise_model) if noise_model else metadata.get("noise_model_id")
+    return f"{about}; noise model {noise_id or 'embedded, id unknown'}"
 
 
 @app.command()
