@@ -251,3 +251,16 @@ precision = "bfloat16"
     }
     assert ready.rstrip().endswith(f"; inference on {inference}")
     assert f"inference on {inference}; training on {training}; {torch_build()}" in log.read_text()
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_cpu_threads_wait_passively_unless_the_user_says_otherwise(given, expected):
+    """pn2v_live sets OpenMP's wait policy before torch loads (torch reads it when it starts its
+    threads); a value in the environment is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import pn2v_live, os, sys; import torch; print(os.environ['OMP_WAIT_POLICY'])"
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True).stdout.strip()  # fmt: skip
+    assert shown == expected
