@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 
 from pn2v_live.storage.store import Store
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 FRAME_SHAPE = (24, 40)
 FRAMES = 60
@@ -80,25 +77,3 @@ def test_reader_opens_raw_and_denoised_while_frames_are_appended(tmp_path: Path)
         np.asarray(denoised.data[0][:FRAMES, 0, 0]),
         [frame_at(t).astype(np.float32) / 2 for t in range(FRAMES)],
     )
-
-
-def test_napari_example_reads_the_valid_frames(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "napari_live", PROJECT_ROOT / "service" / "examples" / "napari_live.py"
-    )
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)  # napari itself is only imported by main()
-    store = Store(tmp_path / "store")
-    acquisition = store.create("napari02", FRAME_SHAPE, "uint16")
-    path = tmp_path / "store" / "napari02.ome.zarr"
-    assert example.valid_frames(path) == 0
-    for t in range(3):
-        acquisition.write_raw(t, frame_at(t))
-    acquisition.write_denoised(1, np.ones(FRAME_SHAPE, np.float32), model_version=1)
-    assert example.valid_frames(path) == 3
-    raw = example.frames(path, "raw", 3)
-    assert raw.shape == (3, *FRAME_SHAPE)
-    np.testing.assert_array_equal(raw.compute(), [frame_at(t) for t in range(3)])
-    denoised = example.frames(path, "denoised", 3).compute()
-    assert denoised[1].min() == 1 and denoised[0].max() == 0  # not yet denoised reads as 0
-    store.close()

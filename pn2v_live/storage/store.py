@@ -223,7 +223,9 @@ class Acquisition:
         self._without_twin = self._stored - self._versions.keys()  # kept current by the writers
         self._valid_t = _contiguous(self._stored)
         self.closed = bool(self._attrs().get("closed", False))
-        if self._valid_t > self._attrs().get("valid_t", 0):  # a crash before it was published
+        # A crash before valid_t was published: the writer publishes it (readers, e.g. napari,
+        # must not rewrite the attributes the writer is updating).
+        if writer and self._valid_t > self._attrs().get("valid_t", 0):
             with self._lock:
                 self._set_attrs()
 
