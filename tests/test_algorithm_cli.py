@@ -79,7 +79,8 @@ def test_context_auto_trains_the_best_candidate_and_denoise_uses_its_window(came
     losses = metadata["context_validation_loss"]
     assert set(losses) == {"0:0", "1:1", "2:2"}  # 6 frames: the 7-frame window 3:3 is left out
     assert str(denoiser.context) == summary["context"] == min(losses, key=losses.get)
-    assert summary["total_steps"] == 2 + 18  # its pilot, then the 24 less the 3 pilots of 2
+    # the single-frame start (a quarter: 6), its pilot (2), the 24 less those and 3 pilots of 2
+    assert summary["total_steps"] == 6 + 2 + 12
     # denoise gives each frame its window of the whole stack, frames outside --frames included
     for extra, path in (([], output), (["--causal"], live)):
         pn2v_live("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(path),

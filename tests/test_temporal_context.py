@@ -10,9 +10,9 @@ import torch
 from pn2v_live.core.context import KEEP_FUTURE, KEEP_PAST, Context, Windows, visible_channels
 from pn2v_live.core.context import window as context_window
 from pn2v_live.core.inference import denoise
-from pn2v_live.core.model import new_denoiser
+from pn2v_live.core.model import new_denoiser, widened
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.core.training import Training, sample_patches
+from pn2v_live.core.training import Training, sample_patches, total_steps, train_choosing_context
 from pn2v_live.pipeline.inference import InferenceScheduler
 from pn2v_live.storage.checkpoints import load_denoiser, save_denoiser
 from pn2v_live.storage.registry import ModelRegistry
@@ -175,3 +175,43 @@ def test_live_twins_see_no_later_frame_and_are_refined_once_those_are_stored(tmp
     store.close()
     reopened = Store(tmp_path / "store").acquisition("cells")  # the windows are in the ledger
     assert [str(reopened.denoised_window(t)) for t in range(6)] == ["1:1"] * 6
+
+
+def test_a_widened_model_denoises_as_its_narrower_one_until_trained_to_use_the_other_frames():
+    torch.manual_seed(0)
+    narrow = new_denoiser("pn2v", mean=20.0, std=5.0, k=8, context=Context(1, 0))
+    wide = widened(narrow, Context(2, 1))
+    frames = torch.rand(2, 4, 32, 32) * 40  # t−2 … t+1; frame t is channel 2
+    with torch.no_grad():
+        expected = narrow.net(narrow.normalise(frames[:, 1:3]))
+        np.testing.assert_allclose(wide.net(wide.normalise(frames)), expected, atol=1e-5)
+    assert (wide.context, wide.mean, wide.std) == (Context(2, 1), 20.0, 5.0)
+    assert wide.net.down[0][0].weight.is_contiguous(memory_format=narrow.net.memory_format)
+
+    # The added frames' weights start at zero but learn: they get a gradient.
+    loss = wide.net(wide.normalise(frames)).square().mean()
+    loss.backward()
+    grad = wide.net.down[0][0].weight.grad
+    assert grad[:, [0, 3]].abs().sum() > 0
+    assert narrow.net.down[0][0].weight.grad is None  # the narrow model is left as it was
+    with pytest.raises(ValueError, match="does not contain"):
+        widened(wide, Context(1, 1))
+
+
+def test_every_candidate_window_starts_from_one_trained_single_frame_model():
+    made, logged = [], []
+
+    def make(context: Context):
+        made.append(context)
+        return tiny(context)
+
+    stack = np.random.default_rng(0).poisson(50, (8, 32, 32)).astype(np.float32)
+    candidates = [Context(0, 0), Context(1, 1), Context(2, 1)]
+    best, losses = train_choosing_context(
+        make, [stack], candidates, NOISE, steps=24, log=logged.append, batch_size=2, patch_size=16
+    )
+    assert made == [Context(0, 0)]  # one fresh model; the candidates are widened from it
+    assert set(losses) == {"0:0", "1:1", "2:1"} and len(logged) == 3
+    assert str(best.context) == min(losses, key=losses.get)
+    # the single-frame start (a quarter: 6), the winner's pilot (2), the rest (24 - 6 - 3 · 2)
+    assert total_steps(best.history) == 6 + 2 + 12

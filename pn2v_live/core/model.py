@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -90,6 +91,31 @@ def new_denoiser(
     out_channels = k if mode == "pn2v" else 1
     net = UNet(out_channels, depth, features, in_channels=context.channels)
     return Denoiser(net, mode, float(mean), float(max(std, 1e-6)), context=context)
+
+
+def widened(denoiser: Denoiser, context: Context) -> Denoiser:
+    """A copy of `denoiser` that sees the window `context` (containing its own): the first
+    convolution's weights for the frames it saw are copied to their channels and those of the
+    added frames start at zero, so the copy denoises exactly as `denoiser` does until training
+    teaches it to use the other frames, and it keeps `denoiser`'s training history. A temporal
+    window widened from a trained single-frame model starts from what that model learned
+    instead of from scratch."""
+    old, new = denoiser.context, context
+    if old.before > new.before or old.after > new.after:
+        raise ValueError(f"context {new} does not contain {old}")
+    net = copy.deepcopy(denoiser.net)
+    first = net.down[0][0]
+    weight = first.weight.new_zeros(first.out_channels, new.channels, *first.kernel_size)
+    start = new.before - old.before
+    weight[:, start : start + old.channels] = first.weight.detach()
+    wide = torch.nn.Conv2d(new.channels, first.out_channels, first.kernel_size,
+                           padding=first.padding).to(weight.device)  # fmt: skip
+    with torch.no_grad():
+        wide.weight.copy_(weight)
+        wide.bias.copy_(first.bias)
+    net.down[0][0] = wide.to(memory_format=net.memory_format)
+    history = list(denoiser.history)  # its training so far counts for the copy
+    return Denoiser(net, denoiser.mode, denoiser.mean, denoiser.std, history, context=new)
 
 
 def seeded_denoisers(

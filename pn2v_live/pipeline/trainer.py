@@ -19,10 +19,11 @@ to `training_share` of the wall time (measured over the last SHARE_WINDOW_SECOND
 faster than inference cannot starve training.
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
-round that starts a new model first trains each candidate window for an equal part of
-PILOT_SHARE of its steps and goes on with the one with the lowest validation loss on the
-round's held-back frames (a static sample gets a wide window, a moving one less or none);
-a pinned "A:B" skips the choice.
+round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
+then each candidate window widened from it (`core.model.widened`) for an equal part of
+PILOT_SHARE, and goes on with the one with the lowest validation loss on the round's held-back
+frames (a static sample gets a wide window, a moving one less or none); a pinned "A:B" skips
+the choice.
 """
 
 from __future__ import annotations
@@ -36,12 +37,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pn2v_live.core.context import CANDIDATES, Context, Windows
+from pn2v_live.core.context import CANDIDATES, SPATIAL, Context, Windows
 from pn2v_live.core.device import resolve_device
-from pn2v_live.core.model import PRECISIONS, Denoiser, new_denoiser, normalisation_of
+from pn2v_live.core.model import PRECISIONS, Denoiser, new_denoiser, normalisation_of, widened
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.quality import GainEstimate, denoised_gain
-from pn2v_live.core.training import PILOT_SHARE, Training, cosine_rate, sample_patches
+from pn2v_live.core.training import (
+    BASE_SHARE,
+    PILOT_SHARE,
+    Training,
+    cosine_rate,
+    sample_patches,
+)
 from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
@@ -306,23 +313,28 @@ class Trainer(Stage):
     def _choose_context(
         self, series: Series, weights: np.ndarray, patch: int, round_steps: int
     ) -> tuple[Training, int] | None:
-        """Train each candidate window the frames allow for an equal part of PILOT_SHARE of the
-        round's steps; the one with the lowest validation loss on the held-back frames (whole
-        window visible), and the steps all candidates took."""
+        """Train a single-frame model for BASE_SHARE of the round's steps, then each candidate
+        window the frames allow, widened from it, for an equal part of PILOT_SHARE; the one with
+        the lowest validation loss on the held-back frames (whole window visible), and the steps
+        all this took."""
+        base = self._new_training(self._new_denoiser(series, SPATIAL))
+        base_steps = max(1, round(round_steps * BASE_SHARE))
+        if self._steps(base, series, weights, patch, base_steps) is None:
+            return None
         candidates = [c for c in CANDIDATES if c.channels <= len(series.frames)]
         steps = max(1, round(round_steps * PILOT_SHARE / len(candidates)))
         best, best_loss = None, float("inf")
         for context in candidates:
-            training = self._new_training(self._new_denoiser(series, context))
+            training = self._new_training(widened(base.denoiser, context))
             if self._steps(training, series, weights, patch, steps) is None:
                 return None
             loss = training.validation_loss(series.validation_batch(training.denoiser, patch))
             self.log.info("context %s: validation loss %.4f", context, loss)
             if best is None or loss < best_loss:
                 best, best_loss = training, loss
-        self._steps_since_promotion += steps  # the winner's own pilot steps
+        self._steps_since_promotion += base_steps + steps  # the winner's own training
         self.log.info("context %s chosen by validation loss", best.denoiser.context)
-        return best, steps * len(candidates)
+        return best, base_steps + steps * len(candidates)
 
     def _new_denoiser(self, series: Series, context: Context) -> Denoiser:
         mean, std = normalisation_of([f for f in series.frames if f is not None])
