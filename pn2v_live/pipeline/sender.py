@@ -48,8 +48,6 @@ class FrameSender:
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, high_water_mark)
         self._push.setsockopt(zmq.LINGER, 2000)
-        if send_timeout is not None:
-            self._push.setsockopt(zmq.SNDTIMEO, int(send_timeout * 1000))
         self._push.connect(to)
         self._request: zmq.Socket | None = None
 
@@ -73,12 +71,14 @@ class FrameSender:
         frame: np.ndarray,
         timestamp: float | None = None,
         physical: Physical | None = None,
+        timeout: float | None = None,
     ) -> None:
         """Queue one (Y, X) frame, with `physical`'s pixel size and frame interval when known;
-        blocks while the receiver applies backpressure. ProtocolError (a ValueError) for a frame
-        the receiver could not store."""
+        blocks while the receiver applies backpressure, at most `timeout` seconds (default the
+        sender's `send_timeout`; 0: only when the queue has room now), then TimeoutError.
+        ProtocolError (a ValueError) for a frame the receiver could not store."""
         parts = encode_frame(acquisition, index, frame, timestamp, storable=True, physical=physical)
-        self._send(parts)
+        self._send(parts, self.send_timeout if timeout is None else timeout)
 
     def send_stack(
         self,
@@ -104,7 +104,7 @@ class FrameSender:
 
         With `confirm_timeout`, wait until the receiver reports it closed (TimeoutError if not).
         """
-        self._send(encode_end(acquisition, frames))
+        self._send(encode_end(acquisition, frames), self.send_timeout)
         if confirm_timeout is None:
             return
         deadline = time.monotonic() + confirm_timeout
@@ -115,12 +115,14 @@ class FrameSender:
             time.sleep(0.05)
         raise TimeoutError(f"{acquisition}: the receiver did not confirm the end marker")
 
-    def _send(self, parts: list) -> None:
+    def _send(self, parts: list, timeout: float | None) -> None:
+        """Send one message, waiting at most `timeout` seconds (None: as long as it takes)."""
+        self._push.setsockopt(zmq.SNDTIMEO, -1 if timeout is None else int(timeout * 1000))
         try:
             self._push.send_multipart(parts, copy=False)
         except zmq.Again:
             raise TimeoutError(
-                f"no receiver at {self.to} took a frame within {self.send_timeout} s"
+                f"no receiver at {self.to} took a frame within {timeout} s"
             ) from None
 
     def status(self, acquisition: str, timeout: float = 2.0) -> dict | None:
