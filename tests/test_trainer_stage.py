@@ -151,6 +151,30 @@ def test_training_takes_its_share_while_inference_is_behind(setup):
     assert trainer.alive(max_silence=2)
 
 
+def test_rounds_keep_to_every_seconds_however_slow_their_steps(setup):
+    """Inference always behind, a round of a million steps: rounds after the first model still
+    end, settled and validated, within `every_seconds`, with the steps that fitted."""
+    trainer, registry, add_frames, idle = setup
+    trainer.settings = replace(
+        trainer.settings, training_share=0.5, steps_per_round=10**6, every_seconds=10.0,
+        every_frames=10**6,
+    )  # fmt: skip
+    add_frames(12)
+    assert trainer.work() is True  # the first model: its own two steps, no time limit
+    assert trainer.history[-1]["steps"] == 2
+    idle.clear()  # inference never catches up
+    trainer.start()
+    deadline = time.monotonic() + 120
+    while len(trainer.history) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    later = list(trainer.history)[1:]
+    assert len(later) >= 2
+    for record in later:
+        assert 0 < record["steps"] < 10**6
+        assert record["seconds"] < 10.0  # ROUND_SHARE of it for steps, the rest to validate
+    assert registry.current() is not None
+
+
 def test_precision_setting_decides_the_body_dtype_of_training(setup, tmp_path):
     trainer, _, add_frames, idle = setup
     add_frames(12)

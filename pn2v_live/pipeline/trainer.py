@@ -16,7 +16,9 @@ of its ground-truth-free gain estimate (`core.quality`, on the held-back frames)
 
 Sharing the machine: inference comes first, but while it has a backlog training still takes up
 to `training_share` of the wall time (measured over the last SHARE_WINDOW_SECONDS), so a stream
-faster than inference cannot starve training.
+faster than inference cannot starve training. A round after the first model also ends, settled
+and validated, once it has taken ROUND_SHARE of `every_seconds` (waits included) with fewer
+steps than `steps_per_round`: on a slow or busy machine rounds still come every `every_seconds`.
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
 round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
@@ -46,6 +48,7 @@ from pn2v_live.core.training import (
     BASE_SHARE,
     PILOT_SHARE,
     Training,
+    budget_used,
     cosine_rate,
     sample_patches,
 )
@@ -64,6 +67,7 @@ HALF_LIFE_FRAMES = 100  # a frame this much older than the newest is drawn half 
 MIN_SIDE = 8  # smallest frame side a patch (a multiple of 8) fits in
 HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
 SHARE_WINDOW_SECONDS = 60.0  # training's share of time is measured over this much of the past
+ROUND_SHARE = 0.75  # of `every_seconds` a round's steps may take (the rest: validation, estimate)
 
 
 @dataclass(frozen=True)
@@ -204,10 +208,14 @@ class Trainer(Stage):
         if chosen is None:
             return  # stopping during the choice of context
         training, spent = chosen
-        losses = self._steps(training, series, weights, patch, max(1, steps - spent))
+        # the first model takes its steps; later rounds keep to their share of every_seconds
+        first_model = self.registry.current() is None
+        left = s.every_seconds * ROUND_SHARE - (time.monotonic() - started)
+        seconds = math.inf if first_model else left
+        losses = self._steps(training, series, weights, patch, max(1, steps - spent), seconds)
         if losses is None:
             return  # stopping: abandon the round, nothing is promoted
-        self._steps_since_promotion += max(1, steps - spent)
+        self._steps_since_promotion += len(losses)
         validation_batch = series.validation_batch(training.denoiser, patch)
         spread = training.fit_prior_spread(validation_batch)
         val_loss = training.validation_loss(validation_batch)
@@ -243,6 +251,7 @@ class Trainer(Stage):
             "time": time.time(),
             "acquisition": name,
             "context": str(training.denoiser.context),
+            "steps": len(losses),
             "training_loss": float(np.mean(losses)),
             "validation_loss": val_loss,
             "prior_spread": spread,
@@ -269,19 +278,31 @@ class Trainer(Stage):
         )
 
     def _steps(
-        self, training: Training, series: Series, weights: np.ndarray, patch: int, steps: int
+        self,
+        training: Training,
+        series: Series,
+        weights: np.ndarray,
+        patch: int,
+        steps: int,
+        seconds: float = math.inf,
     ) -> list[float] | None:
-        """`steps` optimiser steps on patches of `series`, the learning rate falling along a
-        cosine; the losses, or None when the stage is stopping."""
+        """Up to `steps` optimiser steps (at least one) on patches of `series`, fewer when
+        `seconds` of wall time (waits for inference included) run out first, the learning rate
+        falling along a cosine over whichever budget ends first; the losses, or None when the
+        stage is stopping."""
         s = self.settings
         windows = series.training_windows(training.denoiser.context)
-        losses = []
+        losses: list[float] = []
+        begun = time.monotonic()
         for step in range(steps):
+            done = budget_used(step, steps, time.monotonic() - begun, seconds / 60)
+            if done >= 1 and losses:
+                break
             if not self._wait_for_turn():
                 return None
             started = time.monotonic()
             batch = sample_patches(windows, s.batch_size, patch, self.rng, weights)
-            losses.append(training.step(batch, cosine_rate(s.learning_rate, step / steps)))
+            losses.append(training.step(batch, cosine_rate(s.learning_rate, min(done, 1.0))))
             self._busy.add(started, time.monotonic())
             self.beat()
         return None if self.stopping else losses
