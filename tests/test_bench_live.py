@@ -196,6 +196,6 @@ def test_pace_counts_rounds_and_the_longest_wait_while_the_stream_runs():
     summary = pace.summary(stream_end_s=10.0, denoised_all_s=11.0)
     assert summary["round_times_s"] == [2.0, 5.0, 5.0, 12.0]
     assert summary["training_rounds"] == 4
-    assert summary["longest_round_wait_s"] == 5.0  # the last round before the end, at 5 s
+    assert summary["longest_round_wait_s"] == 6.0  # from 5 s to the backlog's end at 11 s
     assert summary["backlog_max_frames"] == 9 and summary["metrics_misses"] == 1
     assert Pace("x").summary(None, None)["longest_round_wait_s"] is None

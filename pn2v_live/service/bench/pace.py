@@ -45,10 +45,12 @@ class Pace:
     def summary(self, stream_end_s: float | None, denoised_all_s: float | None) -> dict[str, Any]:
         """`stream_end_s`: when the last frame was sent; `denoised_all_s`: when every sent frame
         first had a twin (both s after the first frame, None if never). Result keys: rounds and
-        their times, the longest wait for a round while the stream ran (from the first round on,
-        up to the stream's end), the backlog's peak, and when it was worked off."""
+        their times, the longest wait for a round while inference was behind (from the first
+        round until every frame had a twin, or the last sample), the backlog's peak, and when it
+        was worked off."""
         rounds = self.round_times()
-        end = stream_end_s if stream_end_s is not None else (self.samples or [(0, 0, 0)])[-1][0]
+        last_sample = self.samples[-1][0] if self.samples else 0.0
+        end = denoised_all_s if denoised_all_s is not None else last_sample
         during = [t for t in rounds if t <= end]
         gaps = [b - a for a, b in pairwise([*during, end])]
         return {
