@@ -16,9 +16,10 @@ of its ground-truth-free gain estimate (`core.quality`, on the held-back frames)
 
 Sharing the machine: inference comes first, but while it has a backlog training still takes up
 to `training_share` of the wall time (measured over the last SHARE_WINDOW_SECONDS), so a stream
-faster than inference cannot starve training. A round after the first model also ends, settled
-and validated, once it has taken ROUND_SHARE of `every_seconds` (waits included) with fewer
-steps than `steps_per_round`: on a slow or busy machine rounds still come every `every_seconds`.
+faster than inference cannot starve training. A round after the first model also ends its steps
+early (waits included) when more would not leave time to validate, estimate and promote within
+ROUND_SHARE of `every_seconds` (that part timed in the previous round): on a slow or busy
+machine rounds still come every `every_seconds`, with the steps that fitted.
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
 round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
@@ -67,7 +68,7 @@ HALF_LIFE_FRAMES = 100  # a frame this much older than the newest is drawn half 
 MIN_SIDE = 8  # smallest frame side a patch (a multiple of 8) fits in
 HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
 SHARE_WINDOW_SECONDS = 60.0  # training's share of time is measured over this much of the past
-ROUND_SHARE = 0.75  # of `every_seconds` a round's steps may take (the rest: validation, estimate)
+ROUND_SHARE = 0.9  # of `every_seconds` a round after the first model may take
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Trainer(Stage):
         self._bf16 = PRECISIONS[settings.precision]
         self.rng = np.random.default_rng(seed)
         self.rounds = 0
+        self._after_steps_s = 0.0  # what validating, estimating and promoting took last round
         self.state = "idle"  # "idle", "training" or "waiting" (for inference); see metrics
         self.history: deque[dict] = deque(maxlen=HISTORY_ROUNDS)
         self._training: Training | None = None
@@ -210,11 +212,12 @@ class Trainer(Stage):
         training, spent = chosen
         # the first model takes its steps; later rounds keep to their share of every_seconds
         first_model = self.registry.current() is None
-        left = s.every_seconds * ROUND_SHARE - (time.monotonic() - started)
+        left = s.every_seconds * ROUND_SHARE - self._after_steps_s - (time.monotonic() - started)
         seconds = math.inf if first_model else left
         losses = self._steps(training, series, weights, patch, max(1, steps - spent), seconds)
         if losses is None:
             return  # stopping: abandon the round, nothing is promoted
+        steps_ended = time.monotonic()
         self._steps_since_promotion += len(losses)
         validation_batch = series.validation_batch(training.denoiser, patch)
         spread = training.fit_prior_spread(validation_batch)
@@ -241,6 +244,7 @@ class Trainer(Stage):
             )
         if promoted is not None:
             self._steps_since_promotion = 0
+        self._after_steps_s = time.monotonic() - steps_ended
         outcome = "promoted" if promoted else "kept"
         TRAINING_ROUNDS.labels(outcome).inc()
         TRAINING_LOSS.set(float(np.mean(losses)))
