@@ -228,7 +228,11 @@ class Trainer(Stage):
                 f"training diverged (non-finite loss) on {name}; restarting from the promoted "
                 "model next round. Check the noise model: its log-likelihood must stay finite."
             )
+        if self.stopping:
+            return  # each of these steps takes long on a busy CPU: stop between them
         baseline = self._promoted_loss(series, patch)
+        if self.stopping:
+            return
         estimate = series.estimated_gain(training, self.noise_model, patch)
         promoted = None
         if estimate.lower_db >= s.min_gain_db:  # never show a model not measurably above raw
