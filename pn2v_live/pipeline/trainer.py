@@ -212,7 +212,9 @@ class Trainer(Stage):
         training, spent = chosen
         # the first model takes its steps; later rounds keep to their share of every_seconds
         first_model = self.registry.current() is None
-        left = s.every_seconds * ROUND_SHARE - self._after_steps_s - (time.monotonic() - started)
+        # `_last_round`: when this attempt began, reading its frames included
+        since = time.monotonic() - self._last_round
+        left = s.every_seconds * ROUND_SHARE - self._after_steps_s - since
         seconds = math.inf if first_model else left
         losses = self._steps(training, series, weights, patch, max(1, steps - spent), seconds)
         if losses is None:
