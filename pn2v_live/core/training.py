@@ -185,24 +185,8 @@ class Training:
         value, which training alone leaves too wide or too narrow.
         """
         d = self.denoiser
-        d.net.eval()
-        batch = batch.to(d.device)
-        raw = batch[:, : d.context.channels]
-        weight, bias = d.head_in_adu()
-        samples, observations, variances = [], [], []
-        for draw in range(draws):
-            generator = torch.Generator().manual_seed(VALIDATION_SEED + draw)
-            features, (b, y, x) = self.masked_features(raw, generator)
-            samples.append(torch.addmm(bias, features, weight.T))
-            observations.append(raw[b, d.context.before, y, x])
-            variances.append(pixel_values(batch, d.context.channels, (b, y, x)))
-        read_variance = None if variances[0] is None else torch.cat(variances)
-        scale = best_spread(
-            torch.cat(samples),
-            torch.cat(observations),
-            self.noise_model,
-            read_variance=read_variance,
-        )
+        samples, observations, _, variance = self._held_back_heads(batch, *d.head_in_adu(), draws)
+        scale = best_spread(samples, observations, self.noise_model, read_variance=variance)
         head = d.net.head
         mean_weight = head.weight.mean(dim=0, keepdim=True)
         mean_bias = head.bias.mean(dim=0, keepdim=True)
@@ -220,21 +204,31 @@ class Training:
         d = self.denoiser
         if d.mode == "supervised":
             raise ValueError("a supervised model has no blind spot to estimate its gain from")
-        d.net.eval()
-        raw = batch.to(d.device)[:, : d.context.channels]
         weight, bias = d.head_in_adu()  # the prior mean is the mean of the K samples' heads
         weight, bias = weight.mean(dim=0, keepdim=True), bias.mean(dim=0, keepdim=True)
-        means, observations, patches = [], [], []
+        means, observations, patches, _ = self._held_back_heads(batch, weight, bias, draws)
+        return estimate_gain(means[:, 0], observations, patches, noise_model or self.noise_model)
+
+    def _held_back_heads(
+        self, batch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, draws: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Over `draws` fixed masks of `batch` (held-back patches): the head `features @
+        weight.T + bias` (P, outputs, in ADU) at the masked pixels, their raw values (P,), the
+        patch each lies in (P,), and their read-noise variance (P,; None without camera maps)."""
+        d = self.denoiser
+        d.net.eval()
+        batch = batch.to(d.device)
+        raw = batch[:, : d.context.channels]
+        heads, observations, patches, variances = [], [], [], []
         for draw in range(draws):
             generator = torch.Generator().manual_seed(VALIDATION_SEED + draw)
             features, (b, y, x) = self.masked_features(raw, generator)
-            means.append(torch.addmm(bias, features, weight.T)[:, 0])
+            heads.append(torch.addmm(bias, features, weight.T))
             observations.append(raw[b, d.context.before, y, x])
             patches.append(b)
-        return estimate_gain(
-            torch.cat(means), torch.cat(observations), torch.cat(patches),
-            noise_model or self.noise_model,
-        )  # fmt: skip
+            variances.append(pixel_values(batch, d.context.channels, (b, y, x)))
+        variance = None if variances[0] is None else torch.cat(variances)
+        return torch.cat(heads), torch.cat(observations), torch.cat(patches), variance
 
 
 def best_spread(
