@@ -205,14 +205,14 @@ class Trainer(Stage):
         s = self.settings
         patch = min(s.patch_size, *(side - side % 8 for side in series.frame_shape))
         started = time.monotonic()
-        steps = s.first_model_steps if self.registry.current() is None else s.steps_per_round
+        first_model = self.registry.current() is None
+        steps = s.first_model_steps if first_model else s.steps_per_round
         chosen = self._working_model(series, weights, patch, steps)
         if chosen is None:
             return  # stopping during the choice of context
         training, spent = chosen
         # the first model takes its steps; later rounds keep to their share of every_seconds
-        first_model = self.registry.current() is None
-        # `_last_round`: when this attempt began, reading its frames included
+        # (`_last_round`: when this attempt began, reading its frames included)
         since = time.monotonic() - self._last_round
         left = s.every_seconds * ROUND_SHARE - self._after_steps_s - since
         seconds = math.inf if first_model else left
