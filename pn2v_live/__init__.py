@@ -8,4 +8,4 @@ import os
 # little when they run alone (docs/benchmarks.md). Set before torch loads; a user's value stays.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
