@@ -16,9 +16,9 @@ import tifffile
 from prometheus_client import REGISTRY
 
 from pn2v_live.pipeline import folder_source
-from pn2v_live.pipeline.folder_source import FolderSource, read_tiff_frames
-from pn2v_live.pipeline.ingest import Rejected
+from pn2v_live.pipeline.folder_source import FolderSource
 from pn2v_live.storage.store import Store
+from pn2v_live.storage.tiff_reader import TiffRefused, read_tiff
 
 SHAPE = (24, 32)
 
@@ -162,8 +162,8 @@ def test_a_damaged_file_read_in_another_thread_does_not_reject_a_good_one(tmp_pa
     def read_damaged_until_stopped():
         while not stop.is_set():
             try:
-                read_tiff_frames(tmp_path / "damaged.tif")
-            except Rejected as error:
+                read_tiff(tmp_path / "damaged.tif", strict=True)
+            except TiffRefused as error:
                 damaged_reasons.append(error.reason)
             else:
                 damaged_reasons.append("read")
@@ -173,7 +173,7 @@ def test_a_damaged_file_read_in_another_thread_does_not_reject_a_good_one(tmp_pa
     other = threading.Thread(target=read_damaged_until_stopped)
     other.start()
     try:
-        reads = [read_tiff_frames(tmp_path / "good.tif")[0] for _ in range(200)]
+        reads = [read_tiff(tmp_path / "good.tif", strict=True)[0] for _ in range(200)]
     finally:
         stop.set()
         other.join()
@@ -248,14 +248,13 @@ def test_unreadable_file_does_not_block_others_and_is_stored_once_readable(
     before = locked.stat()
     locked.chmod(0o000)  # e.g. written by another account with umask 077
     if os.access(locked, os.R_OK):  # root reads anyway: deny as the file system would
-        read = folder_source.read_tiff_frames
 
-        def denied(path):
+        def denied(path, strict=False):
             if not path.stat().st_mode & 0o444:
                 raise PermissionError(errno.EACCES, "Permission denied", str(path))
-            return read(path)
+            return read_tiff(path, strict)
 
-        monkeypatch.setattr(folder_source, "read_tiff_frames", denied)
+        monkeypatch.setattr(folder_source, "read_tiff", denied)
     source = run_source(store, watched)
     try:
         wait_for(lambda: source.counts["stored_files"] == 3 and source.failures >= 2)
@@ -344,10 +343,10 @@ def test_a_damaged_first_file_of_an_ome_set_is_rejected_and_the_others_still_rea
     first = tmp_path / "s.ome.tif"
     content = first.read_bytes()
     first.write_bytes(content[: content.index(b"<OME") + 50])  # cut inside its OME-XML
-    with pytest.raises(Rejected) as damaged:
-        read_tiff_frames(first)
+    with pytest.raises(TiffRefused) as damaged:
+        read_tiff(first, strict=True)
     assert damaged.value.reason == "truncated"
-    np.testing.assert_array_equal(read_tiff_frames(tmp_path / "s_1.ome.tif")[0], planes[2:])
+    np.testing.assert_array_equal(read_tiff(tmp_path / "s_1.ome.tif", strict=True)[0], planes[2:])
 
 
 def test_multi_channel_and_z_stack_files_are_rejected_time_stacks_stored(tmp_path, watched):
@@ -392,11 +391,11 @@ def test_multi_channel_and_z_stack_files_are_rejected_time_stacks_stored(tmp_pat
 @pytest.mark.parametrize(
     "shape, photometric", [((2, 3, 8, 8), "minisblack"), ((8, 8, 3), "rgb"), ((3, 8, 8), "rgb")]
 )
-def test_read_tiff_frames_refuses_multi_channel_and_colour_images(tmp_path, shape, photometric):
+def test_strict_read_tiff_refuses_multi_channel_and_colour_images(tmp_path, shape, photometric):
     path = tmp_path / "colour.tif"
     tifffile.imwrite(path, np.zeros(shape, np.uint8), photometric=photometric)
-    with pytest.raises(Rejected) as error:
-        read_tiff_frames(path)
+    with pytest.raises(TiffRefused) as error:
+        read_tiff(path, strict=True)
     assert error.value.reason == "shape"
 
 

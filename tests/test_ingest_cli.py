@@ -10,11 +10,11 @@ import tifffile
 from typer.testing import CliRunner
 
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.folder_source import read_tiff_frames
 from pn2v_live.pipeline.simulate import movie
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.service.cli import app
 from pn2v_live.storage.store import Store
+from pn2v_live.storage.tiff_reader import read_tiff
 
 runner = CliRunner()
 
@@ -80,7 +80,7 @@ def test_simulate_into_folder_writes_readable_tiffs_from_a_source_stack(tmp_path
     assert result.exit_code == 0, result.output
     files = sorted((tmp_path / "out" / "raw").iterdir())
     assert [f.name for f in files] == ["frame_000000.tif", "frame_000003.tif", "frame_000006.tif"]
-    written = np.concatenate([read_tiff_frames(f)[0] for f in files])
+    written = np.concatenate([read_tiff(f, strict=True)[0] for f in files])
     np.testing.assert_array_equal(written, tifffile.imread(source)[:7])
 
 

@@ -123,7 +123,7 @@ def test_grey_stacks_still_read_as_written(tmp_path, caplog):
     write_tiff(tmp_path / "frames.ome.tif", frames)  # no axes given: tifffile says CYX
     with tifffile.TiffFile(tmp_path / "frames.ome.tif") as tif:
         assert tif.series[0].axes == "CYX"
-    with caplog.at_level("WARNING", logger="pn2v_live.storage.images"):
+    with caplog.at_level("WARNING", logger="pn2v_live.storage.tiff_reader"):
         np.testing.assert_array_equal(read_stack(tmp_path / "frames.ome.tif"), frames)
     assert "reading its 40 channels as 40 frames" in caplog.text
 

@@ -27,167 +27,39 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from xml.etree import ElementTree
 
 import numpy as np
-import tifffile
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from pn2v_live.errors import UserError
 from pn2v_live.metrics import STAGE_FAILURES
-from pn2v_live.pipeline.ingest import Rejected, open_acquisition, reject, store_frame
+from pn2v_live.pipeline.ingest import (
+    FrameCheck,
+    Rejected,
+    open_acquisition,
+    reject,
+    store_frame,
+)
 from pn2v_live.pipeline.stage import Stage, failure_reason
 from pn2v_live.storage.ledger import Item
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.store import Acquisition, Store, validate_name
-from pn2v_live.storage.tiff_metadata import read_metadata
+from pn2v_live.storage.tiff_reader import TiffRefused, read_tiff
 
 log = logging.getLogger(__name__)
 
 SOURCE = "folder"
 SUFFIXES = (".tif", ".tiff")
 DEFAULT_PATTERN = r"(?P<acquisition>[^/]+)/[^/]+"
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-FRAME_AXES = "TIQYX"  # tifffile axes a stack of frames may have: time, sequence, unknown, plane
-PLANE_NAMES = {"C": "channels", "Z": "z-planes", "S": "colour samples per pixel"}
 
 
 def natural_key(path: str) -> list:
     """Sort key putting img_2.tif before img_10.tif."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
-
-
-def read_tiff_frames(path: Path) -> tuple[np.ndarray, Physical]:
-    """All frames of a (multi-page, OME-)TIFF as (T, Y, X), and the physical sizes its metadata
-    give (`tiff_metadata`); raises Rejected saying why not.
-
-    Truncation is caught three ways: pages whose data lie beyond the end of the file, errors
-    tifffile logs while following the page chain, and pixel data that fail to decode. Only this
-    file's pixels are read, never those of the other files of a multi-file OME-TIFF set. An
-    operating-system error (permissions, a lock, I/O) is raised as is: the file may be readable
-    later.
-    """
-    size = path.stat().st_size
-    if size == 0:
-        raise Rejected("empty", "file is empty")
-    if not _has_tiff_header(path):
-        raise Rejected("not_image", "not a TIFF file (no TIFF header)")
-    problems = _TifffileProblems()
-    try:
-        with problems, tifffile.TiffFile(path, _multifile=False) as tif:
-            for page in tif.pages:
-                ends = np.add(page.dataoffsets, page.databytecounts, dtype=np.int64)
-                if len(ends) and ends.max() > size:
-                    raise Rejected(
-                        "truncated", f"page data run past the end of the file ({size} B)"
-                    )
-            series, sizes = _layout(tif)
-            appended = series > 1 and _appended(tif)
-            if series != 1 and not appended:
-                raise Rejected("layout", f"holds {series} image series, expected one")
-            for axis, count in sizes.items():
-                if axis not in FRAME_AXES and count > 1:
-                    what = PLANE_NAMES.get(axis, f"planes along axis {axis}")
-                    raise Rejected(
-                        "shape",
-                        f"holds {count} {what}; expected one grayscale plane per frame (save "
-                        "one channel per file, e.g. Fiji: Image > Color > Split Channels)",
-                    )
-            if appended:
-                data = np.concatenate([s.asarray().reshape(-1, *s.shape[-2:]) for s in tif.series])
-            else:
-                data = tif.series[0].asarray()
-            physical = read_metadata(tif).physical
-    except Rejected:
-        raise
-    except Exception as error:  # tifffile and its codecs raise many types for damaged files
-        if isinstance(error, OSError) and error.errno is not None:
-            raise  # the file system failed, not the file
-        raise Rejected("truncated", f"unreadable TIFF ({type(error).__name__}: {error})") from error
-    if problems.messages:
-        raise Rejected("truncated", f"damaged TIFF: {problems.messages[0]}")
-    data = np.squeeze(data)
-    if data.ndim == 2:
-        data = data[np.newaxis]
-    if data.ndim != 3:
-        raise Rejected("shape", f"expected 2-D frames or a stack of them, found shape {data.shape}")
-    height, width = data.shape[1:]
-    if width in (3, 4) and height > width:  # an RGB(A) image written without colour metadata
-        raise Rejected(
-            "shape",
-            f"frames of {height}x{width} pixels: the last axis looks like {width} colour "
-            "samples per pixel, not an image; expected one grayscale plane per frame",
-        )
-    return data, physical
-
-
-def _has_tiff_header(path: Path) -> bool:
-    """Whether the file starts with a (Big)TIFF header, either byte order."""
-    with path.open("rb") as file:
-        return file.read(4) in TIFF_MAGIC
-
-
-def _layout(tif: tifffile.TiffFile) -> tuple[int, dict[str, int]]:
-    """The number of image series in this file and the axis sizes of the first. tifffile reads a
-    file of a multi-file OME-TIFF set as a plain page sequence, so for it they come from the
-    OME-XML's Images with planes in this file (`_images_here`)."""
-    sizes = dict(zip(tif.series[0].axes, tif.series[0].shape, strict=True))
-    if tif.is_ome and tif.series[0].kind != "ome":
-        own = ElementTree.fromstring(tif.ome_metadata)
-        images = _images_here(own, Path(tif.filehandle.dirname))
-        if images:
-            sizes.update(_plane_sizes(images[0]))
-            return len(images), sizes
-    return len(tif.series), sizes
-
-
-def _images_here(own: ElementTree.Element, folder: Path) -> list[ElementTree.Element]:
-    """The OME Image elements with planes in one file of a multi-file set: those whose TiffData
-    name the file's UUID, or all when none does (one file per position names only its own).
-    They come from the file's own OME-XML or, for a BinaryOnly file, from the set's metadata
-    file in `folder` ([] while that cannot be read)."""
-    images = own.findall("{*}Image")
-    binary_only = own.find("{*}BinaryOnly")
-    if not images and binary_only is not None:
-        images = _set_images(folder / Path(binary_only.get("MetadataFile", "")).name)
-    uuid = own.get("UUID")
-    here = [image for image in images if any(u.text == uuid for u in image.findall(".//{*}UUID"))]
-    return here or images
-
-
-def _set_images(path: Path) -> list[ElementTree.Element]:
-    """The Image elements of a multi-file set's metadata file (a TIFF of the set, or a companion
-    .ome XML file); [] when it cannot be read."""
-    try:
-        if _has_tiff_header(path):
-            with _TifffileProblems.elsewhere(), tifffile.TiffFile(path, _multifile=False) as master:
-                xml = master.ome_metadata or ""
-        else:
-            xml = path.read_text(errors="replace")
-        return ElementTree.fromstring(xml).findall("{*}Image")
-    except (OSError, ElementTree.ParseError, tifffile.TiffFileError, ValueError):
-        return []
-
-
-def _plane_sizes(image: ElementTree.Element) -> dict[str, int]:
-    """{"C": channels, "Z": z-planes} of an OME-XML Image element."""
-    pixels = image.find("{*}Pixels")
-    return {axis: int(pixels.get(f"Size{axis}", 1)) for axis in "CZ"} if pixels is not None else {}
-
-
-def _appended(tif: tifffile.TiffFile) -> bool:
-    """Whether the series are frames appended call by call (tifffile's `imwrite(path, frame,
-    append=True)` starts a series per call): all tifffile-shaped, grayscale, of one dtype and
-    frame shape. They are then read as one stack, in file order."""
-    return all(s.kind == "shaped" and set(s.axes) <= set(FRAME_AXES) for s in tif.series) and (
-        len({(s.dtype, s.shape[-2:]) for s in tif.series}) == 1
-    )
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -205,41 +77,6 @@ def compile_pattern(pattern: str) -> re.Pattern:
             r"e.g. (?P<acquisition>[^/]+)/[^/]+"
         )
     return compiled
-
-
-class _TifffileProblems(logging.Handler):
-    """Collects what tifffile logs at WARNING or above while this thread reads one file: not
-    what other threads' reads log meanwhile, nor what this thread logs while it reads another
-    file of the set (`elsewhere`)."""
-
-    _active = threading.local()  # .collector: where this thread's tifffile records go, or None
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:  # runs in the thread that logged
-        if getattr(self._active, "collector", None) is self:
-            self.messages.append(record.getMessage())
-
-    @classmethod
-    @contextmanager
-    def elsewhere(cls) -> Iterator[None]:
-        """While this thread reads another file than the one whose problems are collected."""
-        collector, cls._active.collector = getattr(cls._active, "collector", None), None
-        try:
-            yield
-        finally:
-            cls._active.collector = collector
-
-    def __enter__(self) -> _TifffileProblems:
-        self._active.collector = self
-        logging.getLogger("tifffile").addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        logging.getLogger("tifffile").removeHandler(self)
-        self._active.collector = None
 
 
 @dataclass
@@ -279,9 +116,10 @@ class FolderSource(Stage):
         stable_seconds: float = 2.0,
         rescan_seconds: float = 10.0,
         pattern: str = DEFAULT_PATTERN,
+        check: FrameCheck | None = None,  # refuses frames it cannot denoise (camera maps)
     ) -> None:
         super().__init__("folder-source", idle_seconds=0.1, disk_path=store.root)
-        self.store = store
+        self.store, self.check = store, check
         self.roots = [Path(p).resolve() for p in ([paths] if isinstance(paths, Path) else paths)]
         self.polling = polling
         self.stable_seconds = stable_seconds
@@ -478,9 +316,9 @@ class FolderSource(Stage):
         name = None
         try:
             name = self._acquisition_name(path, candidate.root)
-            frames, physical = read_tiff_frames(path)
+            frames, physical = _read_frames(path)
             acquisition = open_acquisition(
-                self.store, name, frames.shape[1:], frames.dtype, physical
+                self.store, name, frames.shape[1:], frames.dtype, physical, check=self.check
             )
             if grown:
                 first_t, done = self._extend(acquisition, previous, frames, size, mtime_ns)
@@ -539,6 +377,16 @@ class FolderSource(Stage):
             return validate_name(match["acquisition"])
         except ValueError as error:
             raise Rejected("name", str(error)) from error
+
+
+def _read_frames(path: Path) -> tuple[np.ndarray, Physical]:
+    """The frames (T, Y, X) of a complete TIFF and their physical sizes (`read_tiff`, strict);
+    Rejected saying why not."""
+    try:
+        frames, metadata = read_tiff(path, strict=True)
+    except TiffRefused as refused:
+        raise Rejected(refused.reason, str(refused)) from None
+    return frames, metadata.physical
 
 
 def _is_stored(acquisition: Acquisition, t: int, pixels: np.ndarray) -> bool:
