@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 from pn2v_live.core.context import CANDIDATES, SPATIAL, Context, Windows
-from pn2v_live.core.device import resolve_device
 from pn2v_live.core.model import PRECISIONS, Denoiser, new_denoiser, normalisation_of, widened
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.quality import GainEstimate, denoised_gain
@@ -475,9 +474,3 @@ def _usable_window(acquisition: Acquisition) -> tuple[list[int], list[int]] | No
     held_back = [t for t in recent if t % VALIDATION_PERIOD == VALIDATION_PHASE]
     trained = [t for t in recent if t % VALIDATION_PERIOD != VALIDATION_PHASE]
     return (trained, held_back) if trained and held_back else None
-
-
-def pick_device(name: str) -> torch.device:
-    """The torch device for a config value (`core.device.resolve_device`: "auto" is CUDA when
-    torch can use it, else the CPU, with a warning when an NVIDIA GPU sits unused)."""
-    return resolve_device(name, "device")

@@ -423,14 +423,14 @@ def offline_gains(
     import torch
 
     from pn2v_live.core.context import Windows, window
+    from pn2v_live.core.device import resolve_device
     from pn2v_live.core.inference import denoise
     from pn2v_live.core.model import PRECISIONS, normalisation_of, seeded_denoisers
     from pn2v_live.core.training import train
-    from pn2v_live.pipeline.trainer import pick_device
     from pn2v_live.storage.noise_model_file import load_noise_model
 
     t = config.trainer
-    device = pick_device(t.device)
+    device = resolve_device(t.device, "trainer.device")
     noise_model = load_noise_model(noise_model_path, device)
     frames = list(reference.raw.astype(np.float32))
     mean, std = normalisation_of(frames)
@@ -562,7 +562,7 @@ def _replay_and_watch(
 ) -> dict[str, Any]:
     """Start the daemon, replay, poll for `minutes` from the first frame, stop it, score the
     store it leaves; the result's daemon, timing and gain keys."""
-    from pn2v_live.pipeline.trainer import pick_device
+    from pn2v_live.core.device import resolve_device
     from pn2v_live.service.bench.daemon_metrics import metrics_url
     from pn2v_live.service.bench.measure import device_facts
     from pn2v_live.service.bench.pace import Pace
@@ -618,7 +618,7 @@ def _replay_and_watch(
     finally:
         stop_daemon(process)
     version = models.current
-    trainer_device = pick_device(config.trainer.device)
+    trainer_device = resolve_device(config.trainer.device, "trainer.device")
     sent_s = None if replay.sent_at is None else replay.sent_at - started
     return {
         **summarise(observed, twins.latest, reference),
@@ -631,7 +631,7 @@ def _replay_and_watch(
         ),
         "daemon_exit_code": exit_code,
         **device_facts(trainer_device),
-        "inference_device": pick_device(config.inference.device).type,
+        "inference_device": resolve_device(config.inference.device, "inference.device").type,
         "k": config.trainer.k,
     }
 

@@ -6,7 +6,7 @@ import json
 import logging
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
@@ -21,6 +21,9 @@ from pn2v_live.service.commands.camera_options import (
     parse_origin,
     with_camera_maps,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("pn2v_live.cli")
 
@@ -37,25 +40,12 @@ class OutputDtype(StrEnum):
     same = "same"
 
 
-def resolve_device(device: str) -> str:
-    """ "auto" → "cuda" when torch can use a GPU, else "cpu" (with a WARNING when an NVIDIA GPU
-    is present but this torch cannot use it); an unusable "cuda" is a user error. See
-    `core.device.resolve_device`."""
-    from pn2v_live.core.device import resolve_device as resolve
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
-    return str(resolve(device, "--device"))
-
-
-def announce_device(what: str, device: str, bf16: bool | None = None) -> str:
+def announce_device(what: str, device: torch.device, bf16: bool | None = None) -> str:
     """Log "`what` on cuda:0 (NVIDIA H200), bfloat16; torch …" and return the description
     (for the command's JSON summary): every command that trains or denoises says where."""
-    import torch
-
     from pn2v_live.core.device import describe_device, torch_build
 
-    description = describe_device(torch.device(device), bf16)
+    description = describe_device(device, bf16)
     log.info("%s on %s; %s", what, description, torch_build())
     return description
 
@@ -119,7 +109,7 @@ def train(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="number of optimiser steps", min=1)] = None,
     minutes: Annotated[float | None, typer.Option(help="wall-time budget", min=0.01)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     val_fraction: Annotated[
         float, typer.Option(help="frames held back for validation", min=0.0, max=0.9)
     ] = 0.1,
@@ -141,6 +131,7 @@ def train(
     """Train a PN2V, N2V or supervised denoiser on IMAGES and write it to OUTPUT."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pn2v_live.core.device import resolve_device
     from pn2v_live.core.model import normalisation_of, seeded_denoisers
     from pn2v_live.core.training import total_steps, train_choosing_context
     from pn2v_live.core.training import train as train_denoiser
@@ -244,7 +235,7 @@ def denoise(
     ] = None,
     camera_maps: CameraMapsOption = None,
     sensor_origin: SensorOriginOption = "0,0",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     uncertainty: Annotated[
         Path | None, typer.Option(help="also write the posterior std (pn2v) to this TIFF")
     ] = None,
@@ -273,6 +264,7 @@ def denoise(
     from rich.progress import track
 
     from pn2v_live.core.context import window
+    from pn2v_live.core.device import resolve_device
     from pn2v_live.core.inference import denoise as denoise_frame
     from pn2v_live.core.noise import noise_model_from_state
     from pn2v_live.storage.checkpoints import load_denoiser

@@ -34,7 +34,7 @@ def bench(
         typer.Option(help="frame side (predict, ingest; soak: 256) or patch side (train)"),
     ] = None,
     k: Annotated[int, typer.Option(help="prior samples per pixel")] = 800,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     repeats: Annotated[int, typer.Option(help="timed repeats after one warm-up")] = 3,
     baseline: Annotated[
         str | None, typer.Option(help="'naive': also time the straightforward formulation")
@@ -159,15 +159,16 @@ def bench(
     import torch
 
     from pn2v_live.core.context import SPATIAL
+    from pn2v_live.core.device import resolve_device
     from pn2v_live.service.bench.algorithm import bench_predict, bench_train
     from pn2v_live.service.bench.measure import device_facts
-    from pn2v_live.service.commands.algorithm import parse_context, resolve_device
+    from pn2v_live.service.commands.algorithm import parse_context
 
     if baseline not in (None, "naive"):
         raise UserError(f"--baseline must be 'naive', not {baseline!r}")
     if threads is not None:
         torch.set_num_threads(threads)
-    torch_device = torch.device(resolve_device(device))
+    torch_device = resolve_device(device)
     contexts = tuple(parse_context(text) for text in context)
     facts = {**device_facts(torch_device), "dtype": "float32"}
     for name in part:
