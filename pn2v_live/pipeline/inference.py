@@ -50,6 +50,7 @@ from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelInfo, ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
+from pn2v_live.storage.working_set import WorkingSet
 
 RETRY_SECONDS = 600.0  # a raw frame that could not be read is tried again after this long
 
@@ -110,7 +111,9 @@ class InferenceScheduler(Stage):
         self.max_in_flight = max_in_flight or default_in_flight(scheduler, device)
         self.compiled = compiled
         self.bf16 = PRECISIONS[precision]  # U-Net body in bfloat16 (True), float32, or native
-        self.backfill_seconds = 3600 * backfill_hours
+        # acquisitions with frames to denoise, or back-filled: their newest frame is under
+        # `backfill_hours` old (older ones keep the denoised frames people may have analysed)
+        self.working = WorkingSet(store, 3600 * backfill_hours)
         self.on_frame = on_frame
         self.idle = threading.Event()
         self.model: ModelInfo | None = None
@@ -194,10 +197,11 @@ class InferenceScheduler(Stage):
     def _next_jobs(self) -> tuple[list[Job], int]:
         """Up to `max_in_flight` frames to denoise next, and the number of frames with no twin.
 
-        Only frames without a twin and the frames of recent acquisitions are looked at, so a
-        pass stays cheap however many old acquisitions the store holds.
+        Only the working set's acquisitions are looked at, and in them only frames without a
+        twin and the frames of recent acquisitions, so a pass stays cheap however many old
+        acquisitions the store holds.
         """
-        acquisitions = sorted(self.store.open_acquisitions(), key=lambda a: a.closed)  # live first
+        acquisitions = sorted(self.working.acquisitions(), key=lambda a: a.closed)  # live first
         fresh = [
             Job(a, t, "new", self._window(a, t))
             for a in acquisitions
@@ -208,7 +212,7 @@ class InferenceScheduler(Stage):
             return fresh[: self.max_in_flight], len(fresh)
         context = self._context
         version = self.model.version if self.model else 1
-        recent = [a for a in acquisitions if self._recent(a)]
+        recent = [a for a in acquisitions if self.working.recent(a)]
         refine = [
             Job(a, t, "refined", context)
             for a in recent
@@ -243,12 +247,6 @@ class InferenceScheduler(Stage):
     def _due(self, acquisition: Acquisition, t: int) -> bool:
         """False while frame `t` waits out RETRY_SECONDS after failing to read back."""
         return self._unreadable.get((acquisition.name, t), 0.0) <= time.monotonic()
-
-    def _recent(self, acquisition: Acquisition) -> bool:
-        """Whether `acquisition` is back-filled: its newest frame is under `backfill_hours` old.
-        Older acquisitions keep the denoised frames people may already have analysed."""
-        last = acquisition.last_frame_at
-        return last is not None and time.time() - last < self.backfill_seconds
 
     def _run(self, jobs: list[Job]) -> None:
         """Denoise `jobs` as parallel dask tasks, then write each result with the model version."""

@@ -3,7 +3,8 @@
 A round starts after `every_frames` new frames or `every_seconds` after the previous round (at
 once while no model exists). It trains the working model for `steps_per_round` steps on patches
 of the recent frames (newer ones drawn more often) of the acquisition with the most new frames
-(while idle: the one with the newest frame), the learning rate falling along a cosine from
+(while idle: the one with the newest frame; only acquisitions with a frame stored within
+RECENT_SECONDS or not yet denoised are looked at), the learning rate falling along a cosine from
 `learning_rate` to 0 within the round (so each round ends settled and the next can follow a
 changing sample), then compares the working model with the promoted one on the same validation
 batch from held-back frames (t % 8 == 3, never trained on) and promotes it through the registry
@@ -57,6 +58,7 @@ from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
+from pn2v_live.storage.working_set import WorkingSet
 
 VALIDATION_PERIOD = 8  # frames t with t % 8 == 3 are held back for validation
 VALIDATION_PHASE = 3
@@ -68,6 +70,8 @@ MIN_SIDE = 8  # smallest frame side a patch (a multiple of 8) fits in
 HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
 SHARE_WINDOW_SECONDS = 60.0  # training's share of time is measured over this much of the past
 ROUND_SHARE = 0.9  # of `every_seconds` a round after the first model may take
+# Rounds train on acquisitions with frames stored within this long, or not denoised yet.
+RECENT_SECONDS = 12 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -118,12 +122,13 @@ class Trainer(Stage):
         self._unreadable = False  # the last attempt's window had no readable frame of a kind
         self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
         self._busy = BusyTime(SHARE_WINDOW_SECONDS)  # when training steps ran
+        self.working = WorkingSet(store, RECENT_SECONDS)  # what a round may train on
 
     def work(self) -> bool:
         """Run a round when one is due, on the acquisition with the most new frames (ties, e.g.
         while the microscope is idle: the one with the newest frame)."""
         self._switch_noise_model()
-        acquisitions = self.store.open_acquisitions()
+        acquisitions = self.working.acquisitions()
         counts = {a.name: a.frame_count for a in acquisitions}
         if self._seen is None:  # frames stored before this start are not new
             self._seen = counts

@@ -179,6 +179,16 @@ class Ledger:
         )
         return {t: (version, window) for t, version, window in rows}
 
+    def acquisitions_without_twins(self) -> set[str]:
+        """Names of the acquisitions with at least one stored raw frame that has no denoised
+        twin (one query over every frame: for a pass's first look at the store, not every pass).
+        """
+        rows = self._run(
+            "SELECT DISTINCT acquisition FROM frames AS f WHERE NOT EXISTS (SELECT 1 FROM "
+            "denoised AS d WHERE d.acquisition = f.acquisition AND d.t = f.t)"
+        )
+        return {name for (name,) in rows}
+
     # source items -----------------------------------------------------------------------
 
     def item(self, source: str, key: str) -> Item | None:

@@ -52,6 +52,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numcodecs
@@ -65,6 +66,7 @@ from pn2v_live.errors import UserError
 from pn2v_live.storage.atomic import make_folders, sync_folder, sync_paths
 from pn2v_live.storage.ledger import Ledger
 from pn2v_live.storage.physical import Physical
+from pn2v_live.storage.working_set import Changes
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +191,10 @@ class Acquisition:
         ledger: Ledger,
         writer: bool,
         committer: GroupCommit | None = None,
+        stored: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
+        self._on_stored = stored  # told this acquisition's name after each raw frame stored
         self.path = path
         self._group = group
         self._ledger = ledger
@@ -370,6 +374,8 @@ class Acquisition:
                 self._valid_t += 1
             if publish:
                 self._set_attrs()
+        if self._on_stored is not None:
+            self._on_stored(self.name)
 
     def write_denoised(
         self, t: int, frame: np.ndarray, model_version: int, window: Context = SPATIAL
@@ -529,6 +535,7 @@ class Store:
         self._lock = threading.Lock()
         self._open: dict[str, Acquisition] = {}
         self._unopenable: set[str] = set()  # acquisitions already logged as damaged
+        self._watchers: list[Changes] = []
 
     def close(self) -> None:
         """Flush the acquisitions this process wrote raw frames to (the writer: trim every
@@ -577,11 +584,22 @@ class Store:
         names = (p.name[: -len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}"))
         return sorted(n for n in names if (self.root / (n + SUFFIX) / "raw").is_dir())
 
-    def open_acquisitions(self) -> list[Acquisition]:
-        """Every acquisition that opens, by name; one that does not (damaged metadata) is
-        logged once and left out, so it never stops work on the others."""
+    def watch(self) -> Changes:
+        """A feed of the names of acquisitions given raw frames from now on (`WorkingSet`)."""
+        with self._lock:
+            self._watchers.append(Changes())
+            return self._watchers[-1]
+
+    def _stored(self, name: str) -> None:
+        for changes in self._watchers:
+            changes.add(name)
+
+    def open_acquisitions(self, names: Iterable[str] | None = None) -> list[Acquisition]:
+        """Every acquisition that opens (or those of `names`), by name; one that does not
+        (damaged metadata, gone) is logged once and left out, so it never stops work on the
+        others."""
         opened = []
-        for name in self.acquisitions():
+        for name in self.acquisitions() if names is None else names:
             try:
                 opened.append(self.acquisition(name))
             except Exception as error:  # zarr, JSON and OS errors of a damaged folder
@@ -603,7 +621,7 @@ class Store:
                     raise KeyError(f"no acquisition {name!r} under {self.root}")
                 group = zarr.open_group(path, mode="r+")
                 self._open[name] = Acquisition(
-                    group, name, path, self.ledger, self.writer, self.committer
+                    group, name, path, self.ledger, self.writer, self.committer, self._stored
                 )
             return self._open[name]
 

@@ -1,0 +1,133 @@
+"""A pass of inference or the trainer costs the acquisitions that may have work, not the store's
+size: with 2,000 closed, denoised, week-old acquisitions in a real store, passes after the first
+list no folder and open no file of those acquisitions (counted by Python's audit events for
+every file open and directory listing), and a frame stored meanwhile is still found."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pn2v_live.core.model import new_denoiser
+from pn2v_live.core.noise import PoissonGaussianNoiseModel
+from pn2v_live.pipeline.inference import InferenceScheduler
+from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
+from pn2v_live.storage.registry import ModelRegistry
+from pn2v_live.storage.store import Store
+
+CLOSED = 2000
+SHAPE = (16, 16)
+WEEK = 7 * 86400
+
+
+class FileWork:
+    """Counts file opens and directory listings under `root` while `counting` (audit hook)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.counting = False
+        self.paths: list[str] = []
+        sys.addaudithook(self._hook)  # cannot be removed: it only counts while asked to
+
+    def _hook(self, event: str, args: tuple) -> None:
+        if not self.counting or event not in ("open", "os.scandir", "os.listdir"):
+            return
+        path = args[0] if args else None
+        if isinstance(path, str | Path) and str(path).startswith(self.root):
+            self.paths.append(f"{event} {path}")
+
+    def during(self, work) -> list[str]:
+        self.paths, self.counting = [], True
+        try:
+            work()
+        finally:
+            self.counting = False
+        return self.paths
+
+
+@pytest.fixture(scope="module")
+def file_work(tmp_path_factory):
+    return FileWork(tmp_path_factory.getbasetemp())
+
+
+def old_denoised_acquisitions(root: Path) -> None:
+    """CLOSED closed acquisitions of one frame, denoised, last written a week ago: one
+    made through the store, copied under other names, and recorded in the ledger."""
+    store = Store(root, writer=True)
+    template = store.create("old_0000", SHAPE, "uint16")
+    template.write_raw(0, np.full(SHAPE, 100, np.uint16))
+    template.write_denoised(0, np.full(SHAPE, 100.0, np.float32), 1)
+    template.close()
+    store.close()
+    group = zarr.open_group(root / "old_0000.ome.zarr", mode="r+")
+    group.attrs["pn2v_live"] = group.attrs["pn2v_live"] | {"last_frame_at": time.time() - WEEK}
+    names = [f"old_{n:04d}" for n in range(1, CLOSED)]
+    for name in names:
+        shutil.copytree(root / "old_0000.ome.zarr", root / f"{name}.ome.zarr", copy_function=_copy)
+    store = Store(root)
+    store.ledger.record(
+        frames=[(name, 0) for name in names],
+        denoised=[(name, 0, 1, "0:0") for name in names],
+    )
+    store.close()
+
+
+def _copy(source: str, target: str) -> None:
+    """Chunk files (never rewritten here) as hard links, metadata as copies."""
+    if Path(source).name.isdigit():
+        Path(target).hardlink_to(source)
+    else:
+        shutil.copyfile(source, target)
+
+
+def test_passes_cost_nothing_per_closed_acquisition(tmp_path, file_work):
+    root = tmp_path / "store"
+    old_denoised_acquisitions(root)
+    store = Store(root, writer=True)
+    registry = ModelRegistry(root / "models")
+    torch.manual_seed(0)
+    registry.promote(
+        new_denoiser("pn2v", mean=100.0, std=50.0, k=4, depth=2, features=8),
+        validation_loss=1.0, training_frames=1, training_steps=1, noise_model_id=None,
+    )  # fmt: skip
+    noise = PoissonGaussianNoiseModel(gain=2.0, offset=10.0, read_noise=3.0, signal_range=(0, 200))
+    inference = InferenceScheduler(store, registry, noise, torch.device("cpu"), max_in_flight=4)
+    settings = TrainerSettings(
+        every_frames=1000, every_seconds=3600, steps_per_round=1, patch_size=16, batch_size=1,
+        k=4, learning_rate=1e-3, context="0:0",
+    )  # fmt: skip
+    trainer = Trainer(
+        store, registry, noise, "nm", settings, torch.device("cpu"), threading.Event()
+    )
+    live = store.create("live", SHAPE, "uint16")
+    live.write_raw(0, np.full(SHAPE, 50, np.uint16))
+    try:
+        first = file_work.during(lambda: (inference.work(), trainer.work()))
+        assert any("old_1999" in path for path in first)  # the first pass lists the store once
+        assert live.denoised_version(0) == 1
+
+        def passes() -> None:
+            for _ in range(5):
+                inference.work()
+                trainer.work()
+
+        later = file_work.during(passes)
+        assert not any("old_" in path for path in later), later[:5]
+        assert not any(path.endswith(str(root)) for path in later), later[:5]  # no listing
+        live.write_raw(1, np.full(SHAPE, 60, np.uint16))  # stored meanwhile: found by the next
+        old = store.acquisition("old_0500")
+        old.write_raw(1, np.full(SHAPE, 70, np.uint16))  # an old acquisition given a frame
+        found = file_work.during(inference.work)
+        assert live.denoised_version(1) == 1 and old.denoised_version(1) == 1
+        assert not any("old_0499" in path or "old_0501" in path for path in found)
+        assert {a.name for a in inference.working.acquisitions()} == {"live", "old_0500"}
+    finally:
+        store.close()
