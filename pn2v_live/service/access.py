@@ -20,6 +20,8 @@ import re
 import socket
 from urllib.parse import urlsplit
 
+from pn2v_live.errors import UserError
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ASCII_PORT = re.compile(r"[0-9]{1,5}")
 TOKEN_MIN_LENGTH = 16
@@ -33,6 +35,15 @@ def split_host_port(bind: str) -> tuple[str, int] | None:
     if not sep or not host or not ASCII_PORT.fullmatch(port) or int(port) > 65535:
         return None
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def parse_bind(bind: str, setting: str) -> tuple[str, int]:
+    """'host:port' (IPv6 as '[::1]:8080') → (host, port); a UserError naming `setting` (e.g.
+    "metrics.bind") when `bind` is not of that form (`split_host_port`)."""
+    parsed = split_host_port(bind)
+    if parsed is None:
+        raise UserError(f"{setting} {bind!r} is not host:port, e.g. 127.0.0.1:8080")
+    return parsed
 
 
 def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -53,7 +53,7 @@ from pn2v_live.service.access import (
     bearer_token,
     exposure_warning,
     is_loopback,
-    split_host_port,
+    parse_bind,
     token_matches,
 )
 from pn2v_live.service.viewer_render import FORMATS, contrast_limits, render
@@ -86,14 +86,6 @@ MAX_INDEX_DIGITS = 12
 ASCII_INT = re.compile(rf"[0-9]{{1,{MAX_INDEX_DIGITS}}}")
 ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
 MAX_FLOAT_CHARS = 40
-
-
-def parse_bind(bind: str) -> tuple[str, int]:
-    """'host:port' (IPv6 as '[::1]:8080') → (host, port)."""
-    parsed = split_host_port(bind)
-    if parsed is None:
-        raise UserError(f"viewer bind {bind!r} is not host:port, e.g. 127.0.0.1:8080")
-    return parsed
 
 
 def ascii_int(text: str) -> int | None:
@@ -277,7 +269,7 @@ class ViewerServer:
     ) -> None:
         self.store = store
         self.bind = bind
-        self.host, self.port = parse_bind(bind)
+        self.host, self.port = parse_bind(bind, "viewer bind")
         self.status = status or dict
         self.poll_seconds = poll_seconds
         self.token = token
