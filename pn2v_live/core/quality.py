@@ -113,25 +113,33 @@ def _gain_db(residual: float, variance: float) -> float:
 
 
 def denoised_gain(
-    denoiser: Denoiser, noise_model: NoiseModel | None, windows: torch.Tensor, margin: int = 8
+    denoiser: Denoiser,
+    noise_model: NoiseModel | None,
+    windows: torch.Tensor,
+    margin: int = 8,
+    read_variance: torch.Tensor | np.ndarray | None = None,
 ) -> GainEstimate:
     """The gain of `denoiser`'s output from frame pairs: `windows` are (N, C + 1, Y, X) raw
     patches (ADU) of the denoiser's C-frame window plus, last, the frame after the window
-    (`Context(before, after + 1)`); patches missing that frame (NaN) are left out. Scored
+    (`Context(before, after + 1)`); patches missing that frame (NaN) are left out; with camera
+    maps, equalised, and `read_variance` (N, Y, X) their pixels' read-noise variance. Scored
     `margin` pixels (at most a quarter of the side) inside each patch's edges, where the network
     sees more of its own neighbourhood (the patches are denoised side by side, so near an edge it
     also sees the next patch: a worse prediction there, never a leak of the frame after)."""
     windows = windows.numpy() if isinstance(windows, torch.Tensor) else windows
-    windows = windows[~np.isnan(windows[:, -1]).any(axis=(1, 2))]
+    complete = ~np.isnan(windows[:, -1]).any(axis=(1, 2))
+    windows = windows[complete]
     if len(windows) == 0:
         raise ValueError("no patch has the frame after its window")
+    if read_variance is not None:  # side by side, as the patches below
+        read_variance = np.concatenate(list(np.asarray(read_variance)[complete]), axis=-1)
     margin = min(margin, windows.shape[-1] // 4)  # small patches keep their middle half
     end = windows.shape[-1] - margin
     centre, inner = denoiser.context.before, (slice(margin, end), slice(margin, end))
     # One call on the patches side by side (C, Y, N·X): small calls cost a whole chunk each.
     count, side = len(windows), windows.shape[-1]
     mosaic = np.concatenate(list(windows[:, :-1]), axis=-1)
-    denoised = denoise(denoiser, mosaic, noise_model)["denoised"]
+    denoised = denoise(denoiser, mosaic, noise_model, read_variance=read_variance)["denoised"]
     denoised = denoised.reshape(side, count, side).transpose(1, 0, 2)
     return estimate_gain_from_pairs(
         denoised[(slice(None), *inner)],

@@ -18,6 +18,9 @@ once they are (or the acquisition is closed). The ledger records which window ma
 `scheduler` is "local" (dask's threaded scheduler inside the daemon) or the address of a
 dask.distributed scheduler; the model and noise model are then sent to the workers once per
 version and only frames travel per task.
+
+With sCMOS camera maps (`camera`), frames are equalised as they are read, and each task gets its
+pixels' read-noise variance for the per-pixel likelihood (`core.camera`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pn2v_live.metrics import (
     MODEL_VERSION,
     SIGNAL_OUT_OF_CALIBRATION,
 )
+from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelInfo, ModelRegistry
@@ -76,10 +80,20 @@ def denoise_frame(
     tile: int | None,
     compiled: bool = False,
     bf16: bool | None = None,
+    read_variance: np.ndarray | None = None,
 ) -> np.ndarray:
     """The dask task: MMSE estimate (float32, Y × X) of one raw frame (Y, X) in ADU, or of the
-    frame at the centre of a (channels, Y, X) temporal window (`core.context.window`)."""
-    return denoise(denoiser, raw, noise_model, tile=tile, compiled=compiled, bf16=bf16)["denoised"]
+    frame at the centre of a (channels, Y, X) temporal window (`core.context.window`); with
+    camera maps, equalised frames and their (Y, X) `read_variance`."""
+    return denoise(
+        denoiser,
+        raw,
+        noise_model,
+        tile=tile,
+        compiled=compiled,
+        bf16=bf16,
+        read_variance=read_variance,
+    )["denoised"]
 
 
 def default_in_flight(scheduler: str, device: torch.device) -> int:
@@ -104,10 +118,12 @@ class InferenceScheduler(Stage):
         compiled: bool = False,
         precision: str = "auto",
         backfill_hours: float = 12.0,
+        camera: CameraFrames | None = None,  # sCMOS camera maps (None: frames as they are)
     ):
         super().__init__("inference", idle_seconds=0.1, disk_path=store.root)
         self.store, self.registry, self.device = store, registry, device
         self.noise_model, self.tile = noise_model, tile
+        self.camera = camera or CameraFrames(noise_model)
         self.max_in_flight = max_in_flight or default_in_flight(scheduler, device)
         self.compiled = compiled
         self.bf16 = PRECISIONS[precision]  # U-Net body in bfloat16 (True), float32, or native
@@ -251,15 +267,21 @@ class InferenceScheduler(Stage):
     def _run(self, jobs: list[Job]) -> None:
         """Denoise `jobs` as parallel dask tasks, then write each result with the model version."""
         started = time.monotonic()
-        jobs, raws = self._read(jobs)
+        jobs, raws, variances = self._read(jobs)
         if not jobs:
             return
         if self._client is None:
             tasks = [
                 dask.delayed(denoise_frame)(
-                    self._denoiser, self.noise_model, raw, self.tile, self.compiled, self.bf16
+                    self._denoiser,
+                    self.noise_model,
+                    raw,
+                    self.tile,
+                    self.compiled,
+                    self.bf16,
+                    variance,
                 )
-                for raw in raws
+                for raw, variance in zip(raws, variances, strict=True)
             ]
             results = dask.compute(*tasks, scheduler="threads", num_workers=len(jobs))
         else:
@@ -273,9 +295,10 @@ class InferenceScheduler(Stage):
                     self.tile,
                     self.compiled,
                     self.bf16,
+                    variance,
                     pure=False,
                 )
-                for raw in raws
+                for raw, variance in zip(raws, variances, strict=True)
             ]
             results = self._client.gather(futures)
         version = self.model.version
@@ -290,12 +313,13 @@ class InferenceScheduler(Stage):
                 self.on_frame(job.acquisition, job.t, denoised, version)
         self.beat()
 
-    def _read(self, jobs: list[Job]) -> tuple[list[Job], list[np.ndarray]]:
-        """The jobs whose raw frame reads back, with those frames (or their temporal windows); a
+    def _read(self, jobs: list[Job]) -> tuple[list[Job], list[np.ndarray], list[np.ndarray | None]]:
+        """The jobs whose raw frame reads back, with those frames (or their temporal windows),
+        equalised with camera maps, and their read-noise variance (None without maps); a
         damaged frame (see `Stage.read_raw`) is tried again after RETRY_SECONDS, so it never
         holds up the others, and is left out (as missing) of its neighbours' windows."""
         context = self._context
-        readable, raws = [], []
+        readable, raws, variances = [], [], []
         for job in jobs:
             raw = self.read_raw(job.acquisition, job.t)
             if raw is None:
@@ -306,8 +330,12 @@ class InferenceScheduler(Stage):
             for n in job.window.frame_numbers(job.t):
                 if n != job.t and job.acquisition.is_stored(n):
                     frames[n] = self.read_raw(job.acquisition, n)
-            raws.append(window(frames, job.t, context, job.window))
-        return readable, raws
+            stacked, variance = self.camera.inputs(
+                job.acquisition, window(frames, job.t, context, job.window)
+            )
+            raws.append(stacked)
+            variances.append(variance)
+        return readable, raws, variances
 
     def _check_calibration(self, acquisition: Acquisition, denoised: np.ndarray) -> None:
         """Export the fraction of signal above the calibrated range; warn once per acquisition."""

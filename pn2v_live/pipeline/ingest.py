@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -14,6 +15,10 @@ from pn2v_live.storage.store import RAW_DTYPES, Acquisition, Store
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_WAIT_SECONDS = 30.0  # longest wait for another writer's write of the same frame
+
+# Checks that (Y, X) frames at a sensor origin (row, column; None: unknown) can be denoised,
+# raising Rejected when not (e.g. `camera_frames.CameraFrames.admit`: beyond the camera maps).
+FrameCheck = Callable[[tuple[int, ...], tuple[int, int] | None], None]
 
 
 class Rejected(Exception):
@@ -36,11 +41,15 @@ def open_acquisition(
     frame_shape: tuple[int, ...],
     dtype: np.dtype,
     physical: Physical | None = None,
+    sensor_origin: tuple[int, int] | None = None,
+    check: FrameCheck | None = None,
 ) -> Acquisition:
     """The acquisition `name` for (Y, X) frames of `dtype`, created on first use; `physical`, the
-    sizes the frame's source carries, go to `Acquisition.note_physical`.
+    sizes the frame's source carries, go to `Acquisition.note_physical`, its `sensor_origin` to
+    `Acquisition.note_sensor_origin`.
 
-    Raises Rejected("dtype"/"shape"/"name") when the frame cannot belong to it.
+    Raises Rejected("dtype"/"shape"/"name") when the frame cannot belong to it, and what `check`
+    raises for the frame at its acquisition's sensor origin (before creating anything).
     """
     if np.dtype(dtype).name not in RAW_DTYPES:
         raise Rejected(
@@ -49,10 +58,14 @@ def open_acquisition(
     try:
         acquisition = store.acquisition(name)
     except KeyError:
+        if check is not None:
+            check(tuple(frame_shape), sensor_origin)
         try:
-            return store.create(name, frame_shape, dtype, physical)
+            acquisition = store.create(name, frame_shape, dtype, physical)
         except ValueError as error:
             raise Rejected("name", str(error)) from error
+        acquisition.note_sensor_origin(sensor_origin)
+        return acquisition
     if acquisition.frame_shape != tuple(frame_shape):
         raise Rejected(
             "shape",
@@ -65,7 +78,10 @@ def open_acquisition(
             f"frame is {np.dtype(dtype).name}, acquisition {name!r} holds "
             f"{acquisition.dtype.name} frames",
         )
+    if check is not None:
+        check(tuple(frame_shape), acquisition.sensor_origin or sensor_origin)
     acquisition.note_physical(physical or Physical())
+    acquisition.note_sensor_origin(sensor_origin)
     return acquisition
 
 

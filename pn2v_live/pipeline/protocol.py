@@ -10,11 +10,13 @@ Header (UTF-8 JSON object, at most 64 KiB)::
      "c": 0, "z": 0,              # optional plane indices (channel, z-slice), default 0
      "pixel_size_um": [0.065, 0.065],  # optional [y, x] pixel size in micrometres
      "interval_s": 0.5,           # optional frame interval in seconds
+     "sensor_origin": [0, 512],   # optional [row, column] of pixel [0, 0] on the camera sensor
      "model_version": 3}          # optional; set on denoised frames (the model that made them)
 
 `pixel_size_um` and `interval_s` must be positive finite numbers; the receiver writes them into
-the acquisition's metadata (the first frame that carries them sets them). The buffer holds
-exactly Y*X*itemsize bytes in C order. End of an acquisition is a one-part
+the acquisition's metadata (the first frame that carries them sets them), and `sensor_origin` (a
+crop's or ROI's place on the sensor, which picks its region of sCMOS camera maps) likewise.
+The buffer holds exactly Y*X*itemsize bytes in C order. End of an acquisition is a one-part
 message `{"acquisition": "cells_01", "end": true, "frames": 500}` (`frames`, the total count,
 is optional). `decode_message` checks every field and the buffer size from the header alone, so
 a hostile header can never make the receiver allocate what it claims.
@@ -67,6 +69,7 @@ class FrameMessage:
     z: int = 0
     model_version: int | None = None
     physical: Physical = field(default_factory=Physical)  # from pixel_size_um and interval_s
+    sensor_origin: tuple[int, int] | None = None  # [row, column] of pixel [0, 0] on the sensor
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,11 @@ def encode_frame(
     model_version: int | None = None,
     storable: bool = False,
     physical: Physical | None = None,
+    sensor_origin: tuple[int, int] | None = None,
 ) -> list[bytes | memoryview]:
     """The two message parts for one (Y, X) frame, with `physical`'s pixel size and frame
-    interval when known; the buffer part is zero-copy when possible.
+    interval and the frame's `sensor_origin` (row, column) when known; the buffer part is
+    zero-copy when possible.
 
     ProtocolError for a frame the protocol cannot carry, and with `storable` also for one a
     receiver cannot store (see the module docstring)."""
@@ -109,6 +114,8 @@ def encode_frame(
         header["model_version"] = int(model_version)
     if physical is not None:
         header |= {k: v for k, v in physical.as_dict().items() if k in PHYSICAL_FIELDS}
+    if sensor_origin is not None:
+        header["sensor_origin"] = [int(sensor_origin[0]), int(sensor_origin[1])]
     _check_header(header)
     if storable:
         _check_storable(header)
@@ -171,6 +178,7 @@ def decode_message(parts: list[bytes], storable: bool = False) -> FrameMessage |
         z=header.get("z", 0),
         model_version=header.get("model_version"),
         physical=_physical(header),
+        sensor_origin=_sensor_origin(header),
     )
 
 
@@ -179,6 +187,7 @@ def _check_header(header: dict) -> None:
     if missing:
         raise ProtocolError("field", f"header lacks {', '.join(missing)}")
     known = {"acquisition", "index", "dtype", "shape", "timestamp", "c", "z", "model_version"}
+    known |= {"sensor_origin"}
     unknown = set(header) - known - set(PHYSICAL_FIELDS)
     if unknown:
         raise ProtocolError("field", f"unknown header field(s): {', '.join(sorted(unknown))}")
@@ -206,6 +215,21 @@ def _check_header(header: dict) -> None:
     if not 0 <= timestamp <= sys.float_info.max:  # also refuses NaN, inf and huge integers
         raise ProtocolError("field", f"timestamp must be finite and >= 0, got {timestamp}")
     _physical(header)
+    _sensor_origin(header)
+
+
+def _sensor_origin(header: dict) -> tuple[int, int] | None:
+    """A header's `sensor_origin` [row, column]; ProtocolError unless two integers 0..MAX_SIDE."""
+    origin = header.get("sensor_origin")
+    if origin is None:
+        return None
+    if not (
+        isinstance(origin, list) and len(origin) == 2 and all(_is_int(n) for n in origin)
+    ) or not all(0 <= n <= MAX_SIDE for n in origin):
+        raise ProtocolError(
+            "field", f"sensor_origin must be [row, column], integers 0..{MAX_SIDE}: {origin!r}"
+        )
+    return origin[0], origin[1]
 
 
 def _physical(header: dict) -> Physical:

@@ -72,12 +72,22 @@ class FrameSender:
         timestamp: float | None = None,
         physical: Physical | None = None,
         timeout: float | None = None,
+        sensor_origin: tuple[int, int] | None = None,
     ) -> None:
-        """Queue one (Y, X) frame, with `physical`'s pixel size and frame interval when known;
-        blocks while the receiver applies backpressure, at most `timeout` seconds (default the
-        sender's `send_timeout`; 0: only when the queue has room now), then TimeoutError.
-        ProtocolError (a ValueError) for a frame the receiver could not store."""
-        parts = encode_frame(acquisition, index, frame, timestamp, storable=True, physical=physical)
+        """Queue one (Y, X) frame, with `physical`'s pixel size and frame interval and its
+        `sensor_origin` (row, column) when known; blocks while the receiver applies
+        backpressure, at most `timeout` seconds (default the sender's `send_timeout`; 0: only
+        when the queue has room now), then TimeoutError. ProtocolError (a ValueError) for a
+        frame the receiver could not store."""
+        parts = encode_frame(
+            acquisition,
+            index,
+            frame,
+            timestamp,
+            storable=True,
+            physical=physical,
+            sensor_origin=sensor_origin,
+        )
         self._send(parts, self.send_timeout if timeout is None else timeout)
 
     def send_stack(

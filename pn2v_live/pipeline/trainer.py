@@ -28,6 +28,9 @@ then each candidate window widened from it (`core.model.widened`) for an equal p
 PILOT_SHARE, and goes on with the one with the lowest validation loss on the round's held-back
 frames (a static sample gets a wide window, a moving one less or none); a pinned "A:B" skips
 the choice.
+
+With sCMOS camera maps (`camera`), frames are equalised as they are read and every patch carries
+their pixels' read-noise variance as one more channel (`core.camera`, `core.training.Training`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from pn2v_live.core.training import (
     sample_patches,
 )
 from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
+from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelRegistry
@@ -104,11 +108,13 @@ class Trainer(Stage):
         device: torch.device,
         inference_idle: threading.Event,  # set while no fresh frame waits for inference
         seed: int = 0,
+        camera: CameraFrames | None = None,  # sCMOS camera maps (None: frames as they are)
     ):
         super().__init__("trainer", idle_seconds=0.5, disk_path=store.root)
         self.store, self.registry, self.settings, self.device = store, registry, settings, device
         self.noise_model, self.noise_model_id = noise_model, noise_model_id
         self.inference_idle = inference_idle
+        self.camera = camera or CameraFrames(noise_model)
         self._bf16 = PRECISIONS[settings.precision]
         self.rng = np.random.default_rng(seed)
         self.rounds = 0
@@ -193,17 +199,21 @@ class Trainer(Stage):
     def _frames(
         self, acquisition: Acquisition, window: tuple[list[int], list[int]]
     ) -> tuple[Series, np.ndarray]:
-        """The frames of `window` (see `_usable_window`) as a `Series`, and the recency weights
-        of its training frames; a damaged frame is left out (`Stage.read_raw`)."""
+        """The frames of `window` (see `_usable_window`) as a `Series` (equalised, with their
+        read-noise variance, with camera maps), and the recency weights of its training frames;
+        a damaged frame is left out (`Stage.read_raw`)."""
         trained, held_back = window
         first, last = min(trained + held_back), max(trained + held_back)
         frames = [None] * (last - first + 1)
+        variance = None
         for t in trained + held_back:
-            frames[t - first] = self.read_raw(acquisition, t)
+            raw = self.read_raw(acquisition, t)
+            if raw is not None:
+                frames[t - first], variance = self.camera.inputs(acquisition, raw)
         trained = [t - first for t in trained if frames[t - first] is not None]
         held_back = [t - first for t in held_back if frames[t - first] is not None]
         ages = (last - first) - np.asarray(trained, dtype=float)
-        return Series(frames, trained, held_back), 0.5 ** (ages / HALF_LIFE_FRAMES)
+        return Series(frames, trained, held_back, variance), 0.5 ** (ages / HALF_LIFE_FRAMES)
 
     def _round(self, name: str, series: Series, weights: np.ndarray) -> None:
         s = self.settings
@@ -431,18 +441,26 @@ class BusyTime:
 @dataclass
 class Series:
     """The frames a round reads from one acquisition: `frames` in time order (None where not
-    stored or unreadable), and the positions in it of the training and held-back frames."""
+    stored or unreadable), and the positions in it of the training and held-back frames; with
+    camera maps, `variance` is their pixels' (Y, X) read-noise variance, a last channel of every
+    patch."""
 
     frames: list[np.ndarray | None]
     trained: list[int]
     held_back: list[int]
+    variance: np.ndarray | None = None
 
     @property
     def frame_shape(self) -> tuple[int, int]:
         return next(f for f in self.frames if f is not None).shape
 
     def training_windows(self, context: Context) -> Windows:
-        return Windows([self.frames], context, [(0, t) for t in self.trained])
+        return self._windows(context, self.trained)
+
+    def _windows(self, context: Context, centres: list[int]) -> Windows:
+        """The windows of `context` at `centres`, with the variance channel last if any."""
+        truths = None if self.variance is None else [[self.variance] * len(self.frames)]
+        return Windows([self.frames], context, [(0, t) for t in centres], truths)
 
     def estimated_gain(
         self, training: Training, noise_model: NoiseModel, patch: int
@@ -452,10 +470,13 @@ class Series:
         frame's window is stored, else from the blind spot (`Training.estimated_gain`)."""
         context = training.denoiser.context
         with_next = Context(context.before, context.after + 1)
-        windows = Windows([self.frames], with_next, [(0, t) for t in self.held_back])
+        windows = self._windows(with_next, self.held_back)
         batch = sample_patches(windows, VALIDATION_PATCHES, patch, np.random.default_rng(0))
+        variance = None
+        if self.variance is not None:
+            batch, variance = batch[:, :-1], batch[:, -1]
         try:
-            return denoised_gain(training.denoiser, noise_model, batch)
+            return denoised_gain(training.denoiser, noise_model, batch, read_variance=variance)
         except ValueError:  # no held-back frame has its next frame yet
             return training.estimated_gain(self.validation_batch(training.denoiser, patch))
 
@@ -463,7 +484,7 @@ class Series:
         """VALIDATION_PATCHES patches of the held-back frames in `denoiser`'s window; the same
         frames, places and orientations for every window, so losses of different models
         compare."""
-        windows = Windows([self.frames], denoiser.context, [(0, t) for t in self.held_back])
+        windows = self._windows(denoiser.context, self.held_back)
         return sample_patches(windows, VALIDATION_PATCHES, patch, np.random.default_rng(0))
 
 

@@ -53,7 +53,13 @@ from pn2v_live.metrics import (
     RECEIVE_QUEUE_BYTES,
     RECEIVE_QUEUE_LIMIT_BYTES,
 )
-from pn2v_live.pipeline.ingest import Rejected, open_acquisition, reject, store_frame
+from pn2v_live.pipeline.ingest import (
+    FrameCheck,
+    Rejected,
+    open_acquisition,
+    reject,
+    store_frame,
+)
 from pn2v_live.pipeline.protocol import (
     MAX_HEADER_BYTES,
     MAX_PIXELS,
@@ -145,10 +151,11 @@ class ZmqSource:
         queue_frames: int = 64,
         writers: int = 2,
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        check: FrameCheck | None = None,  # refuses frames it cannot denoise (camera maps)
     ) -> None:
         if queue_bytes < 1 or queue_frames < 1:
             raise ValueError(f"queue bounds must be >= 1, got {queue_frames}, {queue_bytes}")
-        self.store = store
+        self.store, self.check = store, check
         self.bind = bind
         self.status_bind = status_bind or status_endpoint(bind)
         self.writers = writers
@@ -541,6 +548,8 @@ class ZmqSource:
             message.pixels.shape,
             message.pixels.dtype,
             message.physical,
+            message.sensor_origin,
+            self.check,
         )
         if store_frame(acquisition, message.index, message.pixels, SOURCE, publish=False):
             with self._counts_lock:

@@ -176,6 +176,21 @@ class NoiseModelConfig(Section):
     refine_min_pairs: Int = Field(10_000, ge=1000, le=MAX_PAIRS)
 
 
+class CameraConfig(Section):
+    # sCMOS per-pixel offset/gain/read-noise maps (`calibrate --dark ... --maps-output`); none:
+    # those stored in the noise model, if any
+    maps: Path | None = None
+    # [row, column] on the sensor of pixel [0, 0] of frames whose source does not say (a crop)
+    sensor_origin: tuple[Annotated[Int, Field(ge=0, le=MAX_SIDE)], ...] = (0, 0)
+
+    @field_validator("sensor_origin")
+    @classmethod
+    def _origin(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(value) != 2:
+            raise ValueError("expected [row, column], e.g. [0, 512]")
+        return value
+
+
 class ModelConfig(Section):
     initial: Path | None = None
     keep_versions: Int = Field(10, ge=1, le=MAX_VERSIONS)  # newest versions a promotion keeps
@@ -265,6 +280,7 @@ class Config(Section):
     store: StoreConfig = StoreConfig()
     ingest: IngestConfig = IngestConfig()
     noise_model: NoiseModelConfig = NoiseModelConfig()
+    camera: CameraConfig = CameraConfig()
     model: ModelConfig = ModelConfig()
     trainer: TrainerConfig = TrainerConfig()
     inference: InferenceConfig = InferenceConfig()
@@ -353,6 +369,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return path if path.is_absolute() else base / path
 
     initial = None if config.model.initial is None else resolve(config.model.initial)
+    maps = None if config.camera.maps is None else resolve(config.camera.maps)
     return config.model_copy(
         update={
             "store": config.store.model_copy(update={"root": resolve(config.store.root)}),
@@ -367,5 +384,6 @@ def _resolve_paths(config: Config, base: Path) -> Config:
                 update={"path": resolve(config.noise_model.path)}
             ),
             "model": config.model.model_copy(update={"initial": initial}),
+            "camera": config.camera.model_copy(update={"maps": maps}),
         }
     )

@@ -33,6 +33,7 @@ from pn2v_live.core.model import PRECISIONS
 from pn2v_live.core.noise import NoiseModel
 from pn2v_live.errors import UserError
 from pn2v_live.metrics import BUILD_INFO, DISK_FULL, NOISE_MODEL_SIGNAL_MAX, STAGE_HEALTHY
+from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.folder_source import FolderSource
 from pn2v_live.pipeline.inference import FrameListener, InferenceScheduler
 from pn2v_live.pipeline.noise_refinement import NoiseRefiner, RefinementSettings, on_device
@@ -40,7 +41,7 @@ from pn2v_live.pipeline.publisher import DenoisedPublisher
 from pn2v_live.pipeline.stage import Liveness, thread_liveness
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
 from pn2v_live.pipeline.zmq_source import ZmqSource
-from pn2v_live.service.access import parse_bind
+from pn2v_live.service.commands.camera_options import with_camera_maps
 from pn2v_live.service.config import Config
 from pn2v_live.service.metrics_server import start_metrics_server
 from pn2v_live.service.notify import SystemdNotifier
@@ -72,6 +73,8 @@ class Daemon:
         self.trainer: Trainer | None = None
         self.refiner: NoiseRefiner | None = None  # None with noise_model.refine = false
         self.noise_versions: NoiseModelVersions | None = None
+        self.camera: CameraFrames | None = None  # sCMOS camera maps, once started
+        self.refine = False  # whether the noise model is refined from the stream, once started
         self._noise_model_status: dict = {}
         self.viewer = None
         self.sources: list = []
@@ -95,7 +98,10 @@ class Daemon:
     def _start(self) -> None:
         c = self.config
         inference_device, trainer_device = self._devices()
-        noise_model = load_noise_model(c.noise_model.path)  # checked before anything starts
+        # checked before anything starts
+        noise_model = with_camera_maps(load_noise_model(c.noise_model.path), c.camera.maps)
+        self.camera = CameraFrames(noise_model, c.camera.sensor_origin)
+        self.refine = self._refines()
         registry = self._open_store()
         noise_model, noise_model_id = self._newest_noise_model(noise_model)
         self._import_initial_model(registry)
@@ -110,6 +116,7 @@ class Daemon:
             compiled=c.inference.compile,
             precision=c.inference.precision,
             backfill_hours=c.inference.backfill_hours,
+            camera=self.camera,
         )
         self._closers.append(self.inference.stop)  # closes the dask client if start fails
         self.trainer = Trainer(
@@ -120,6 +127,7 @@ class Daemon:
             TrainerSettings(**c.trainer.model_dump(exclude={"device"})),
             trainer_device,
             self.inference.idle,
+            camera=self.camera,
         )
         self._start_refiner(noise_model, noise_model_id)
         self._start_metrics()
@@ -203,7 +211,7 @@ class Daemon:
         c = self.config.noise_model
         calibrated_id = content_id(c.path)
         self.noise_versions = NoiseModelVersions(self.config.store.root / VERSIONS_FOLDER)
-        newest = self.noise_versions.newest(calibrated_id) if c.refine else None
+        newest = self.noise_versions.newest(calibrated_id) if self.refine else None
         if newest is None:
             if not c.refine and self.noise_versions.versions(calibrated_id):
                 log.info(
@@ -237,7 +245,7 @@ class Daemon:
             "refined_from": (noise_model.metadata.get("refinement") or {}).get("parent"),
         }
         NOISE_MODEL_SIGNAL_MAX.set(noise_model.signal_range[1])
-        if not c.refine:
+        if not self.refine:
             return
         self.refiner = NoiseRefiner(
             self.noise_versions,
@@ -247,6 +255,15 @@ class Daemon:
             RefinementSettings(c.refine_every_frames, c.refine_every_seconds, c.refine_min_pairs),
             [self.inference.use_noise_model, self.trainer.use_noise_model],
         )
+
+    def _refines(self) -> bool:
+        """Whether the noise model is refined from the stream: `noise_model.refine`, and not with
+        sCMOS camera maps (a refined model would lose them; logged)."""
+        if self.config.noise_model.refine and self.camera.maps is not None:
+            log.info("noise_model.refine is not done with sCMOS camera maps; using %s as it is",
+                     self.config.noise_model.path)  # fmt: skip
+            return False
+        return self.config.noise_model.refine
 
     def _import_initial_model(self, registry: ModelRegistry) -> None:
         """Make `[model] initial` version 1 when the registry has no promoted model yet."""
@@ -268,7 +285,7 @@ class Daemon:
         bind = self.config.metrics.bind
         if not bind:
             return
-        host, port = parse_bind(bind, "metrics.bind")
+        host, port = _host_port(bind)
         metrics = self.config.metrics
         try:
             server = start_metrics_server(host, port, metrics.token, metrics.allowed_hosts)
@@ -318,6 +335,7 @@ class Daemon:
                     ingest.zmq.bind,
                     ingest.zmq.status_bind,
                     queue_bytes=ingest.zmq.queue_mib << 20,
+                    check=self.camera.admit,
                 )
             )
         if ingest.folder.paths:
@@ -328,6 +346,7 @@ class Daemon:
                     polling=ingest.folder.polling,
                     stable_seconds=ingest.folder.stable_seconds,
                     pattern=ingest.folder.pattern,
+                    check=self.camera.admit,
                 )
             )
         for source in self.sources:
@@ -518,6 +537,11 @@ def _and_offer(listener: FrameListener | None, offer: Callable) -> FrameListener
         offer(acquisition, t, denoised)
 
     return on_frame
+
+
+def _host_port(bind: str) -> tuple[str, int]:
+    host, _, port = bind.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def serve(config: Config) -> None:

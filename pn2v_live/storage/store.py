@@ -4,7 +4,8 @@ Layout under the data root::
 
     <root>/ingest-ledger.sqlite          SQLite WAL ledger (see ledger.py)
     <root>/<name>.ome.zarr/              group; attrs["pn2v_live"] = {valid_t, closed,
-                                         last_frame_at (unix s), expected_frames},
+                                         last_frame_at (unix s), expected_frames,
+                                         sensor_origin [row, column] when known},
                                          attrs "labels" = ["raw", "denoised"] (see below)
         raw/0        (T, 1, 1, Y, X) camera dtype (uint8/uint16), OME-NGFF multiscale image
         denoised/0   (T, 1, 1, Y, X) float32, same layout; fill value 0 until denoised
@@ -250,6 +251,19 @@ class Acquisition:
     def physical(self) -> Physical:
         """Frame interval, z step and pixel size stored with both images (None where unknown)."""
         return self._physical
+
+    @property
+    def sensor_origin(self) -> tuple[int, int] | None:
+        """The sensor position (row, column) of the frames' pixel [0, 0] as their source gave
+        it (`note_sensor_origin`), None when no source said."""
+        origin = self._attrs().get("sensor_origin")
+        return None if origin is None else (int(origin[0]), int(origin[1]))
+
+    def note_sensor_origin(self, origin: tuple[int, int] | None) -> None:
+        """Keep the sensor origin a source item carries; the first one known stays."""
+        if origin is not None and self.sensor_origin is None:
+            with self._lock:
+                self._set_attrs(sensor_origin=[int(origin[0]), int(origin[1])])
 
     @property
     def expected_frames(self) -> int | None:
