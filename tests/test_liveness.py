@@ -56,6 +56,18 @@ def status(self, request):
     return answer(self, request)
 ZmqSource._status = status
 """
+METRICS_FAULT = """
+import socket
+from pn2v_live.service import metrics_server
+class InjectedFault(BaseException):  # not an Exception: socketserver's loop does not catch it
+    pass
+accept = metrics_server._Server.process_request
+def process_request(self, request, client_address):
+    if b"inject-fault" in request.recv(64, socket.MSG_PEEK):
+        raise InjectedFault("injected into the metrics server")
+    return accept(self, request, client_address)
+metrics_server._Server.process_request = process_request
+"""
 TRAINER = """
 [trainer]
 device = "cpu"
@@ -280,6 +292,26 @@ def test_a_killed_zmq_receiver_thread_makes_the_daemon_unhealthy(serve):
     text = daemon.log_text()
     assert "the ZeroMQ receiver stopped (InjectedFault: injected into the ZeroMQ receiver)" in text
     assert text.count("unhealthy, no WATCHDOG=1") == 1
+    assert daemon.stop() == 0
+
+
+def test_a_dead_metrics_server_thread_makes_the_daemon_unhealthy(serve):
+    daemon = serve(watchdog_seconds=2.0)
+    daemon.start(inject=METRICS_FAULT)
+    assert daemon.metric("pn2v_live_stage_healthy", stage="metrics") == 1
+    daemon.wait_for(lambda: len(daemon.pings()) >= 2, 10, "watchdog pings")
+    with socket.create_connection(("127.0.0.1", daemon.metrics_port), timeout=5) as client:
+        client.sendall(b"GET /inject-fault HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        killed = time.monotonic()
+    daemon.wait_for(
+        lambda: any("UNHEALTHY: metrics dead (its thread ended)" in s for s in daemon.statuses()),
+        10,
+        "STATUS= naming the dead metrics server",
+    )
+    time.sleep(4)
+    assert max(daemon.pings()) - killed < 2.5  # the next tick saw it: no ping since
+    assert "InjectedFault: injected into the metrics server" in daemon.log_text()
+    assert daemon.log_text().count("unhealthy, no WATCHDOG=1") == 1
     assert daemon.stop() == 0
 
 

@@ -9,7 +9,7 @@ import yaml
 from conftest import PROJECT_ROOT
 from prometheus_client import REGISTRY
 
-import pn2v_live.metrics  # noqa: F401 - registers the metrics
+import pn2v_live.telemetry  # noqa: F401 - registers the metrics
 
 SERVICE = PROJECT_ROOT / "service"
 METRIC = re.compile(r"\bpn2v_live_[a-z_]+")

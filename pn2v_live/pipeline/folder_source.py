@@ -36,7 +36,6 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from pn2v_live.errors import UserError
-from pn2v_live.metrics import STAGE_FAILURES
 from pn2v_live.pipeline.ingest import (
     FrameCheck,
     Rejected,
@@ -49,6 +48,7 @@ from pn2v_live.storage.ledger import Item
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.store import Acquisition, Store, validate_name
 from pn2v_live.storage.tiff_reader import TiffRefused, read_tiff
+from pn2v_live.telemetry import STAGE_FAILURES
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,13 @@ from pn2v_live.core.model import PRECISIONS, Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.noise.coverage import WARN_FRACTION
 from pn2v_live.errors import UserError
-from pn2v_live.metrics import (
+from pn2v_live.pipeline.camera_frames import CameraFrames
+from pn2v_live.pipeline.noise_refinement import Handover, on_device
+from pn2v_live.pipeline.stage import Stage
+from pn2v_live.storage.registry import ModelInfo, ModelRegistry
+from pn2v_live.storage.store import Acquisition, Store
+from pn2v_live.storage.working_set import WorkingSet
+from pn2v_live.telemetry import (
     BACKLOG,
     FRAMES_DENOISED,
     INFERENCE_SECONDS,
@@ -49,12 +55,6 @@ from pn2v_live.metrics import (
     MODEL_VERSION,
     SIGNAL_OUT_OF_CALIBRATION,
 )
-from pn2v_live.pipeline.camera_frames import CameraFrames
-from pn2v_live.pipeline.noise_refinement import Handover, on_device
-from pn2v_live.pipeline.stage import Stage
-from pn2v_live.storage.registry import ModelInfo, ModelRegistry
-from pn2v_live.storage.store import Acquisition, Store
-from pn2v_live.storage.working_set import WorkingSet
 
 RETRY_SECONDS = 600.0  # a raw frame that could not be read is tried again after this long
 

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pn2v_live.metrics import FRAMES_INGESTED, FRAMES_REJECTED, LAST_FRAME_TIMESTAMP
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.store import RAW_DTYPES, Acquisition, Store
+from pn2v_live.telemetry import FRAMES_INGESTED, FRAMES_REJECTED, LAST_FRAME_TIMESTAMP
 
 log = logging.getLogger(__name__)
 

@@ -39,11 +39,11 @@ from pn2v_live.core.noise import (
     noise_model_from_state,
 )
 from pn2v_live.core.noise.coverage import WARN_FRACTION
-from pn2v_live.metrics import NOISE_MODEL_REFINEMENTS, NOISE_MODEL_SIGNAL_MAX
 from pn2v_live.pipeline.calibration import MIN_PAIRS_PER_ROW, fit_models
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.noise_model_versions import NoiseModelVersions
 from pn2v_live.storage.store import Acquisition
+from pn2v_live.telemetry import NOISE_MODEL_REFINEMENTS, NOISE_MODEL_SIGNAL_MAX
 
 OVERLAP_FRACTION = 0.2  # top share of the calibrated signal range the stream's fit joins across
 MIN_OVERLAP_PAIRS = 200  # stream pairs in the overlap needed to compare with the calibration

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pn2v_live.metrics import FRAMES_UNREADABLE, STAGE_FAILURES
 from pn2v_live.storage.store import Acquisition
+from pn2v_live.telemetry import FRAMES_UNREADABLE, STAGE_FAILURES
 
 MIN_BACKOFF_SECONDS = 1.0  # wait after a first failure, doubled after each one in a row ...
 MAX_BACKOFF_SECONDS = 300.0  # ... up to this

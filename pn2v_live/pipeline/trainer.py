@@ -56,13 +56,13 @@ from pn2v_live.core.training import (
     cosine_rate,
     sample_patches,
 )
-from pn2v_live.metrics import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Acquisition, Store
 from pn2v_live.storage.working_set import WorkingSet
+from pn2v_live.telemetry import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
 
 VALIDATION_PERIOD = 8  # frames t with t % 8 == 3 are held back for validation
 VALIDATION_PHASE = 3

@@ -47,12 +47,6 @@ import numpy as np
 import zmq
 
 from pn2v_live.errors import UserError
-from pn2v_live.metrics import (
-    FRAMES_REJECTED,
-    INGEST_QUEUE,
-    RECEIVE_QUEUE_BYTES,
-    RECEIVE_QUEUE_LIMIT_BYTES,
-)
 from pn2v_live.pipeline.ingest import (
     FrameCheck,
     Rejected,
@@ -77,6 +71,12 @@ from pn2v_live.pipeline.stage import (
     failure_reason,
 )
 from pn2v_live.storage.store import Acquisition, Store, validate_name
+from pn2v_live.telemetry import (
+    FRAMES_REJECTED,
+    INGEST_QUEUE,
+    RECEIVE_QUEUE_BYTES,
+    RECEIVE_QUEUE_LIMIT_BYTES,
+)
 
 log = logging.getLogger(__name__)
 

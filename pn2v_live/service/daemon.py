@@ -32,7 +32,6 @@ from pn2v_live.core.device import (
 from pn2v_live.core.model import PRECISIONS
 from pn2v_live.core.noise import NoiseModel
 from pn2v_live.errors import UserError
-from pn2v_live.metrics import BUILD_INFO, DISK_FULL, NOISE_MODEL_SIGNAL_MAX, STAGE_HEALTHY
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.folder_source import FolderSource
 from pn2v_live.pipeline.inference import FrameListener, InferenceScheduler
@@ -53,6 +52,7 @@ from pn2v_live.storage.noise_model_versions import FOLDER as VERSIONS_FOLDER
 from pn2v_live.storage.noise_model_versions import NoiseModelVersions
 from pn2v_live.storage.registry import ModelRegistry, content_id
 from pn2v_live.storage.store import Store
+from pn2v_live.telemetry import BUILD_INFO, DISK_FULL, NOISE_MODEL_SIGNAL_MAX, STAGE_HEALTHY
 
 log = logging.getLogger("pn2v_live.daemon")
 
@@ -78,6 +78,7 @@ class Daemon:
         self._noise_model_status: dict = {}
         self.viewer = None
         self.sources: list = []
+        self._listeners: dict[str, threading.Thread] = {}  # server loops under the health check
         self.addresses: dict[str, str] = {}  # where each listener really is, once started
         # What runs where: "inference" and "training" ("cuda:0 (NVIDIA H200), bfloat16"),
         # "torch" (its version and build) and "warning" (an NVIDIA GPU torch cannot use, or None).
@@ -295,6 +296,7 @@ class Daemon:
                 "port or stop the program using it"
             ) from error
         self._closers += [server.server_close, server.shutdown]  # shutdown runs first
+        self._listeners["metrics"] = server.thread
         self.addresses["metrics"] = f"http://{host}:{server.server_port}/metrics"
         log.info("metrics at %s", self.addresses["metrics"])
 
@@ -323,6 +325,7 @@ class Daemon:
         )
         self.viewer.start()
         self._closers.append(self.viewer.stop)
+        self._listeners["viewer"] = self.viewer._thread
         self.addresses["viewer"] = self.viewer.url
 
     def _start_sources(self) -> None:
@@ -420,8 +423,8 @@ class Daemon:
 
     def health(self) -> list[Liveness]:
         """The liveness of every long-running thread — inference, trainer, noise refiner,
-        folder watcher, the ZeroMQ receiver and writers, the viewer's server — also exported as
-        pn2v_live_stage_healthy{stage} and pn2v_live_disk_full."""
+        folder watcher, the ZeroMQ receiver and writers, the viewer's and the metrics' servers —
+        also exported as pn2v_live_stage_healthy{stage} and pn2v_live_disk_full."""
         parts = [self.inference, self.trainer, self.refiner, *self.sources]
         reports = [
             report
@@ -429,9 +432,7 @@ class Daemon:
             if hasattr(part, "health_reports")
             for report in part.health_reports(self.max_silence)
         ]
-        viewer_thread = getattr(self.viewer, "_thread", None)  # its server loop
-        if viewer_thread is not None:
-            reports.append(thread_liveness("viewer", viewer_thread))
+        reports += [thread_liveness(name, thread) for name, thread in self._listeners.items()]
         for report in reports:
             STAGE_HEALTHY.labels(report.name).set(report.healthy)
         DISK_FULL.set(any(_disk_full(report) for report in reports))

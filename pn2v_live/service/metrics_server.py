@@ -50,6 +50,7 @@ class _Handler(WSGIRequestHandler):
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     block_on_close = False
+    thread: threading.Thread | None = None  # its accept loop, watched by the health check
 
     def __init__(self, *args, **kwargs) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -104,9 +105,9 @@ _REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 421: "Mis
 def start_metrics_server(
     host: str, port: int, token: str = "", allowed_hosts: list[str] | tuple[str, ...] = ()
 ) -> WSGIServer:
-    """Serve the default registry on host:port in a daemon thread; raises OSError if it cannot
-    listen. Logs a WARNING when the address is beyond loopback. `server.shutdown()` then
-    `server.server_close()` stop it."""
+    """Serve the default registry on host:port in a daemon thread (`server.thread`); raises
+    OSError if it cannot listen. Logs a WARNING when the address is beyond loopback.
+    `server.shutdown()` then `server.server_close()` stop it."""
     family, _, _, _, sockaddr = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
@@ -116,7 +117,8 @@ def start_metrics_server(
 
     app = guarded_app(make_wsgi_app(REGISTRY), HostCheck(host, allowed_hosts), token)
     server = make_server(sockaddr[0], port, app, Server, handler_class=_Handler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    server.thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    server.thread.start()
     if not is_loopback(host):
         shown = f"[{host}]" if ":" in host else host
         log.warning(exposure_warning("metrics", f"{shown}:{server.server_port}", "metrics.token"))
