@@ -40,6 +40,7 @@ from pn2v_live.pipeline.publisher import DenoisedPublisher
 from pn2v_live.pipeline.stage import Liveness, thread_liveness
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
 from pn2v_live.pipeline.zmq_source import ZmqSource
+from pn2v_live.service.access import parse_bind
 from pn2v_live.service.commands.camera_options import with_camera_maps
 from pn2v_live.service.config import Config
 from pn2v_live.service.metrics_server import start_metrics_server
@@ -286,7 +287,7 @@ class Daemon:
         bind = self.config.metrics.bind
         if not bind:
             return
-        host, port = _host_port(bind)
+        host, port = parse_bind(bind, "metrics.bind")
         metrics = self.config.metrics
         try:
             server = start_metrics_server(host, port, metrics.token, metrics.allowed_hosts)
@@ -538,11 +539,6 @@ def _and_offer(listener: FrameListener | None, offer: Callable) -> FrameListener
         offer(acquisition, t, denoised)
 
     return on_frame
-
-
-def _host_port(bind: str) -> tuple[str, int]:
-    host, _, port = bind.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def serve(config: Config) -> None:
