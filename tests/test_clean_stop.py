@@ -23,10 +23,10 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.ledger import LEDGER_FILE
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
+from pn2v_live.wire.sender import FrameSender
 
 CLI = Path(sys.executable).with_name("pn2v-live")
 SHAPE = (48, 40)

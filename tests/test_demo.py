@@ -20,10 +20,10 @@ import zmq
 from PIL import Image
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.pipeline.protocol import decode_message
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
+from pn2v_live.wire.protocol import decode_message
+from pn2v_live.wire.sender import FrameSender
 
 pytestmark = pytest.mark.slow
 

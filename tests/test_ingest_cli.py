@@ -10,11 +10,11 @@ import tifffile
 from typer.testing import CliRunner
 
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.simulate import movie
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.service.cli import app
 from pn2v_live.storage.store import Store
 from pn2v_live.storage.tiff_reader import read_tiff
+from pn2v_live.wire.simulate import movie
 
 runner = CliRunner()
 

@@ -18,9 +18,9 @@ import numpy as np
 import tifffile
 from conftest import free_port
 
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.ledger import LEDGER_FILE
 from pn2v_live.storage.store import Store
+from pn2v_live.wire.sender import FrameSender
 
 FRAMES = 500
 SHAPE = (64, 64)

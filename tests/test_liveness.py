@@ -25,9 +25,9 @@ from conftest import free_port, require
 from prometheus_client.parser import text_string_to_metric_families
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
+from pn2v_live.wire.sender import FrameSender
 
 pytestmark = pytest.mark.timeout(600)
 

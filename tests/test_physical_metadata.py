@@ -25,8 +25,6 @@ from ome_zarr.reader import Multiscales, Reader
 
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.pipeline.protocol import ProtocolError, decode_message, encode_frame
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.checkpoints import save_denoiser
 from pn2v_live.storage.ledger import LEDGER_FILE
 from pn2v_live.storage.noise_model_file import save_noise_model
@@ -34,6 +32,8 @@ from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.registry import content_id
 from pn2v_live.storage.store import Store
 from pn2v_live.storage.tiff_metadata import read_metadata
+from pn2v_live.wire.protocol import ProtocolError, decode_message, encode_frame
+from pn2v_live.wire.sender import FrameSender
 
 CLI = Path(sys.executable).with_name("pn2v-live")
 PIXEL_UM, INTERVAL_S = 0.065, 0.5

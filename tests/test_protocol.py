@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from pn2v_live.pipeline.protocol import (
+from pn2v_live.wire.protocol import (
     EndMessage,
     FrameMessage,
     ProtocolError,

@@ -14,9 +14,9 @@ import tifffile
 import zmq
 
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.protocol import FrameMessage, decode_message
 from pn2v_live.pipeline.publisher import DenoisedPublisher
 from pn2v_live.storage.store import Store
+from pn2v_live.wire.protocol import FrameMessage, decode_message
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FRAME_SHAPE = (32, 48)

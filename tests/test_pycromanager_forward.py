@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.store import Store
+from pn2v_live.wire.sender import FrameSender
 
 EXAMPLE = (
     Path(__file__).resolve().parent.parent / "service" / "examples" / "pycromanager_forward.py"

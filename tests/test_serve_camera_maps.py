@@ -25,12 +25,12 @@ from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import CameraNoiseModel, PoissonGaussianNoiseModel
 from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.camera_maps_file import save_camera_maps
 from pn2v_live.storage.checkpoints import save_denoiser
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
+from pn2v_live.wire.sender import FrameSender
 
 CLI = Path(sys.executable).with_name("pn2v-live")
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}

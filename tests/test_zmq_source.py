@@ -17,10 +17,10 @@ from prometheus_client import REGISTRY
 
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.ingest import Rejected, store_frame
-from pn2v_live.pipeline.protocol import ProtocolError, encode_frame
-from pn2v_live.pipeline.sender import FrameSender
-from pn2v_live.pipeline.zmq_source import ZmqSource, status_endpoint, stored_ranges
+from pn2v_live.pipeline.zmq_source import ZmqSource, stored_ranges
 from pn2v_live.storage.store import Acquisition, Store
+from pn2v_live.wire.protocol import ProtocolError, encode_frame, status_endpoint
+from pn2v_live.wire.sender import FrameSender
 
 
 def rejected(reason: str) -> float:

@@ -18,8 +18,8 @@ import numpy as np
 import zmq
 
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.protocol import encode_frame
 from pn2v_live.storage.store import Acquisition
+from pn2v_live.wire.protocol import encode_frame
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
@@ -53,15 +52,6 @@ from pn2v_live.pipeline.ingest import (
     open_acquisition,
     reject,
     store_frame,
-)
-from pn2v_live.pipeline.protocol import (
-    MAX_HEADER_BYTES,
-    MAX_PIXELS,
-    STORED_DTYPES,
-    EndMessage,
-    FrameMessage,
-    ProtocolError,
-    decode_message,
 )
 from pn2v_live.pipeline.stage import (
     MAX_BACKOFF_SECONDS,
@@ -76,6 +66,16 @@ from pn2v_live.telemetry import (
     INGEST_QUEUE,
     RECEIVE_QUEUE_BYTES,
     RECEIVE_QUEUE_LIMIT_BYTES,
+)
+from pn2v_live.wire.protocol import (
+    MAX_HEADER_BYTES,
+    MAX_PIXELS,
+    STORED_DTYPES,
+    EndMessage,
+    FrameMessage,
+    ProtocolError,
+    decode_message,
+    status_endpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -99,20 +99,6 @@ REFUSING_DETAIL = (
     "the store's disk is full: new frames are refused, not stored; keep them and resend the "
     'ones missing from "stored" once "refusing" is null'
 )
-
-
-def status_endpoint(endpoint: str) -> str:
-    """The status (REP) endpoint paired with a frame endpoint: same host, port + 1 (a wildcard
-    port `*`, which the system resolves when binding, pairs with another wildcard)."""
-    if endpoint.startswith("tcp://") and endpoint.endswith(":*"):
-        return endpoint
-    parts = urlsplit(endpoint)
-    if parts.scheme != "tcp" or parts.port is None:
-        raise UserError(
-            f"cannot derive a status endpoint from {endpoint!r}: give tcp://HOST:PORT "
-            "or name the status endpoint explicitly"
-        )
-    return f"tcp://{parts.hostname}:{parts.port + 1}"
 
 
 @dataclass

@@ -33,8 +33,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.physical import Physical
+from pn2v_live.wire.sender import FrameSender
 
 log = logging.getLogger("pycromanager_forward")
 

@@ -5,7 +5,7 @@
         --save denoised_tiffs/ --count 100
 
 Messages are the ingest protocol's [JSON header, pixel buffer] with dtype float32 (see
-pn2v_live/pipeline/protocol.py); replace the print with whatever your tool does per frame.
+pn2v_live/wire/protocol.py); replace the print with whatever your tool does per frame.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import zmq
 
-from pn2v_live.pipeline.protocol import FrameMessage, decode_message
 from pn2v_live.storage.images import write_tiff
+from pn2v_live.wire.protocol import FrameMessage, decode_message
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from pn2v_live.core import synthetic
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.storage.store import Store
+from pn2v_live.wire.sender import FrameSender
 
 BENCH_PORT = 5575  # frames; status on 5576
 

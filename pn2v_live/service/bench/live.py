@@ -186,7 +186,7 @@ def start_daemon(overrides: list[str], log_path: Path) -> subprocess.Popen:
 def wait_until_ready(process: subprocess.Popen, endpoints: Endpoints, log_path: Path) -> None:
     """Block until the daemon's status socket answers (its sources start last but for inference
     and training); UserError with the log's tail when it exits or takes over START_TIMEOUT_S."""
-    from pn2v_live.pipeline.sender import FrameSender
+    from pn2v_live.wire.sender import FrameSender
 
     deadline = time.monotonic() + START_TIMEOUT_S
     with FrameSender(endpoints.frames, endpoints.status) as probe:
@@ -261,7 +261,7 @@ class Replay(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from pn2v_live.pipeline.sender import FrameSender
+        from pn2v_live.wire.sender import FrameSender
 
         try:
             with FrameSender(

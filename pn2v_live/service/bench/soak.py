@@ -130,7 +130,7 @@ class Stream(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from pn2v_live.pipeline.sender import FrameSender
+        from pn2v_live.wire.sender import FrameSender
 
         try:
             with FrameSender(

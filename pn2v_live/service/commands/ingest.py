@@ -46,7 +46,7 @@ def _progress(total: int, what: str):
 
 
 def _sender(to: str, status: str | None, timeout: float):
-    from pn2v_live.pipeline.sender import FrameSender
+    from pn2v_live.wire.sender import FrameSender
 
     try:
         return FrameSender(to, status, send_timeout=timeout)
@@ -85,8 +85,8 @@ def send(
     """
     import numpy as np
 
-    from pn2v_live.pipeline.protocol import ProtocolError
     from pn2v_live.storage.images import read_stack, read_stack_metadata
+    from pn2v_live.wire.protocol import ProtocolError
 
     name = acquisition_name(acquisition, files[0])
     first, metadata = read_stack_metadata(files[0])
@@ -129,7 +129,7 @@ def simulate(
     status: StatusOption = None,
 ) -> None:
     """Play a stack (or synthetic frames) like a microscope: over ZeroMQ or into a folder."""
-    from pn2v_live.pipeline.simulate import movie, play_to_folder, play_to_zmq
+    from pn2v_live.wire.simulate import movie, play_to_folder, play_to_zmq
 
     if (to is None) == (folder is None):
         raise UserError("give exactly one of --to tcp://HOST:PORT or --folder DIR")

@@ -12,8 +12,8 @@ import numpy as np
 import tifffile
 
 from pn2v_live.core import synthetic
-from pn2v_live.pipeline.sender import FrameSender
 from pn2v_live.storage.images import read_stack
+from pn2v_live.wire.sender import FrameSender
 
 
 def movie(

@@ -22,9 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import zmq
 
-from pn2v_live.pipeline.protocol import encode_end, encode_frame
-from pn2v_live.pipeline.zmq_source import status_endpoint
 from pn2v_live.storage.physical import Physical
+from pn2v_live.wire.protocol import encode_end, encode_frame, status_endpoint
 
 log = logging.getLogger(__name__)
 

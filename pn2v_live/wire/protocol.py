@@ -26,6 +26,9 @@ A receiver that stores frames decodes with `storable=True`, which refuses at onc
 the sender can act on, a frame the store could not take: a dtype other than uint8/uint16
 (reason "dtype") or a plane other than c = z = 0 ("plane"). `FrameSender` encodes with the same
 check, so a sender learns it before sending.
+
+Beside the frame socket (PUSH → PULL) a receiver answers status requests on a REP socket, by
+default at the frame endpoint's port + 1 (`status_endpoint`).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import numpy as np
 
+from pn2v_live.errors import UserError
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.store import RAW_DTYPES, validate_name
 
@@ -47,6 +52,20 @@ MAX_PIXELS = 1 << 28  # 256 Mpixel: 1 GiB of float32, far beyond any camera fram
 MAX_HEADER_BYTES = 65536
 MAX_INDEX = 2**24 - 1  # 16.7 million frames: days at 100 frames/s; bounds array length
 PHYSICAL_FIELDS = ("pixel_size_um", "interval_s")  # optional physical sizes of a frame
+
+
+def status_endpoint(endpoint: str) -> str:
+    """The status (REP) endpoint paired with a frame endpoint: same host, port + 1 (a wildcard
+    port `*`, which the system resolves when binding, pairs with another wildcard)."""
+    if endpoint.startswith("tcp://") and endpoint.endswith(":*"):
+        return endpoint
+    parts = urlsplit(endpoint)
+    if parts.scheme != "tcp" or parts.port is None:
+        raise UserError(
+            f"cannot derive a status endpoint from {endpoint!r}: give tcp://HOST:PORT "
+            "or name the status endpoint explicitly"
+        )
+    return f"tcp://{parts.hostname}:{parts.port + 1}"
 
 
 class ProtocolError(ValueError):
