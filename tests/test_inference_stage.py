@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.pipeline.inference import InferenceScheduler, default_in_flight
+from pn2v_live.pipeline.inference import InferenceScheduler, default_in_flight, denoise_frame
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 
@@ -179,11 +179,13 @@ def test_backfill_only_touches_acquisitions_with_recent_frames(
     store.close()
 
 
-def test_a_damaged_frame_or_acquisition_holds_up_nothing_else(setup, monkeypatch):
+def chunk(store: Store, t: int):
+    return store.root / "cells.ome.zarr" / "raw" / "0" / str(t) / "0" / "0" / "0" / "0"
+
+
+def test_a_damaged_frame_or_acquisition_holds_up_nothing_else(setup):
     store, registry, noise, acquisition, frames, stage, published = setup
-    monkeypatch.setattr("pn2v_live.pipeline.inference.RETRY_SECONDS", 1.0)
-    chunk = store.root / "cells.ome.zarr" / "raw" / "0" / "5" / "0" / "0" / "0" / "0"
-    chunk.write_bytes(b"not a blosc chunk")
+    chunk(store, 5).write_bytes(b"not a blosc chunk")
     (store.root / "foreign.ome.zarr" / "raw").mkdir(parents=True)  # no zarr metadata at all
     labels = {"stage": "inference"}
     unreadable = REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", labels) or 0.0
@@ -192,10 +194,78 @@ def test_a_damaged_frame_or_acquisition_holds_up_nothing_else(setup, monkeypatch
         pass
     assert [acquisition.denoised_version(t) for t in range(10)] == [1] * 5 + [None] + [1] * 4
     assert stage.backlog == 0 and stage.idle.is_set()  # the trainer is not kept waiting
-    assert REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", labels) == unreadable + 1
+    (failed,) = stage.frame_failures.report()["frames"]  # tried again after 1 s, 2 s, ...
+    assert REGISTRY.get_sample_value("pn2v_live_frames_unreadable_total", labels) == (
+        unreadable + failed["attempts"]
+    )
     acquisition.write_raw(5, frames[5])  # the frame arrives again
-    time.sleep(1.0)
+    while not stage.frame_failures.due("cells", 5):  # its back-off
+        time.sleep(0.05)
     assert stage.work() is True
     np.testing.assert_array_equal(
         acquisition.read_denoised(5), denoise(registry.load()[0], frames[5], noise)["denoised"]
     )
+
+
+def test_a_frame_that_never_reads_back_fails_alone_on_its_own_back_off(setup, caplog):
+    """The newest frame's chunk is corrupt on disk: the running stage denoises every other frame,
+    retries that one on a doubling back-off with one log line per 1st, 2nd, 4th, ... failure,
+    counts it by reason, lists it as failed with its reason, and stays healthy."""
+    store, registry, noise, acquisition, frames, stage, published = setup
+    chunk(store, 9).write_bytes(b"\x00" * 64)  # newest: first in line
+    labels = {"stage": "inference", "reason": "error"}
+    failures = REGISTRY.get_sample_value("pn2v_live_stage_failures_total", labels) or 0.0
+    promote(registry, tiny_model(0), 2.0)
+    stage.start()
+    try:
+        deadline = time.monotonic() + 60
+
+        def attempts() -> int:
+            return sum(frame["attempts"] for frame in stage.frame_failures.report()["frames"])
+
+        # the others all denoised, and frame 9 tried 3 times (at about 0, 1 and 3 s)
+        while any(acquisition.denoised_version(t) is None for t in range(9)) or attempts() < 3:
+            assert time.monotonic() < deadline, stage.frame_failures.report()
+            time.sleep(0.05)
+        assert stage.liveness(max_silence=30).state == "ok"
+    finally:
+        assert stage.stop(timeout=30)
+    assert [acquisition.denoised_version(t) for t in range(10)] == [1] * 9 + [None]
+    (failed,) = stage.frame_failures.report()["frames"]
+    assert failed["acquisition"] == "cells" and failed["t"] == 9 and failed["what"] == "reading"
+    assert failed["reason"] == "error" and "blosc" in failed["error"]
+    attempts = failed["attempts"]
+    assert REGISTRY.get_sample_value("pn2v_live_stage_failures_total", labels) == (
+        failures + attempts
+    )
+    lines = [r for r in caplog.records if "reading frame 9 failed" in r.getMessage()]
+    assert len(lines) == len([n for n in range(1, attempts + 1) if n & (n - 1) == 0]), lines
+    assert sum(r.exc_info is not None for r in lines) == 1  # a traceback the first time only
+
+
+def test_a_frame_that_does_not_denoise_fails_alone(setup, monkeypatch):
+    store, registry, noise, acquisition, frames, stage, published = setup
+    poisoned = frames[7].copy()
+
+    def denoise_or_fail(denoiser, noise_model, raw, *args):
+        if np.array_equal(raw.reshape(poisoned.shape), poisoned):  # a (1, Y, X) window
+            raise ValueError("injected: this frame does not denoise")
+        return denoise_frame(denoiser, noise_model, raw, *args)
+
+    monkeypatch.setattr("pn2v_live.pipeline.inference.denoise_frame", denoise_or_fail)
+    promote(registry, tiny_model(0), 2.0)
+    while stage.work():
+        pass
+    assert [acquisition.denoised_version(t) for t in range(10)] == [1] * 7 + [None] + [1] * 2
+    report = stage.frame_failures.report()
+    assert report["count"] == 1
+    (failed,) = report["frames"]
+    assert failed | {"attempts": 1} == {
+        "acquisition": "cells", "t": 7, "what": "denoising", "reason": "error",
+        "error": "ValueError: injected: this frame does not denoise", "attempts": 1,
+    }  # fmt: skip
+    monkeypatch.undo()
+    while not stage.frame_failures.due("cells", 7):  # its back-off
+        time.sleep(0.05)
+    assert stage.work() is True
+    assert acquisition.denoised_version(7) == 1 and stage.frame_failures.report()["count"] == 0

@@ -41,6 +41,7 @@ from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.noise.coverage import WARN_FRACTION
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.camera_frames import CameraFrames
+from pn2v_live.pipeline.frame_failures import FrameFailures
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.registry import ModelInfo, ModelRegistry
@@ -49,14 +50,13 @@ from pn2v_live.storage.working_set import WorkingSet
 from pn2v_live.telemetry import (
     BACKLOG,
     FRAMES_DENOISED,
+    FRAMES_UNREADABLE,
     INFERENCE_SECONDS,
     MODEL_ESTIMATED_GAIN,
     MODEL_ESTIMATED_GAIN_UNCERTAINTY,
     MODEL_VERSION,
     SIGNAL_OUT_OF_CALIBRATION,
 )
-
-RETRY_SECONDS = 600.0  # a raw frame that could not be read is tried again after this long
 
 # Called after each denoised frame is written: (acquisition, t, denoised float32 (Y, X), version).
 FrameListener = Callable[[Acquisition, int, np.ndarray, int], None]
@@ -144,7 +144,7 @@ class InferenceScheduler(Stage):
         self.out_of_range_advice = (
             "recalibrate with brighter test-pattern frames for the best denoising"
         )
-        self._unreadable: dict[tuple[str, int], float] = {}  # (acquisition, t) → retry time
+        self.frame_failures = FrameFailures(self.name, self.log)  # each retried on its own
         if scheduler != "local":
             self._client = connect(scheduler)
 
@@ -261,18 +261,40 @@ class InferenceScheduler(Stage):
         return context if acquisition.has_later_frames(t, context.after) else context.causal
 
     def _due(self, acquisition: Acquisition, t: int) -> bool:
-        """False while frame `t` waits out RETRY_SECONDS after failing to read back."""
-        return self._unreadable.get((acquisition.name, t), 0.0) <= time.monotonic()
+        """False while frame `t` waits out its back-off after failing (`FrameFailures`)."""
+        return self.frame_failures.due(acquisition.name, t)
 
     def _run(self, jobs: list[Job]) -> None:
-        """Denoise `jobs` as parallel dask tasks, then write each result with the model version."""
+        """Denoise `jobs` as parallel dask tasks, then write each result with the model version;
+        a frame that does not read back or does not denoise fails alone (`FrameFailures`)."""
         started = time.monotonic()
         jobs, raws, variances = self._read(jobs)
         if not jobs:
             return
+        version = self.model.version
+        for job, denoised in zip(jobs, self._denoise(raws, variances), strict=True):
+            if isinstance(denoised, BaseException):
+                self.frame_failures.failed(job.acquisition.name, job.t, denoised, "denoising")
+                continue
+            job.acquisition.write_denoised(job.t, denoised, version, job.window)
+            self.frame_failures.succeeded(job.acquisition.name, job.t)
+            INFERENCE_SECONDS.observe(time.monotonic() - started)
+            FRAMES_DENOISED.labels(job.kind).inc()
+            if job.kind == "new":
+                self._check_calibration(job.acquisition, denoised)
+            if self.on_frame is not None:
+                self.on_frame(job.acquisition, job.t, denoised, version)
+        self.beat()
+
+    def _denoise(
+        self, raws: list[np.ndarray], variances: list[np.ndarray | None]
+    ) -> list[np.ndarray | Exception]:
+        """The denoised frames of `raws` (with their read-noise `variances`), as parallel dask
+        tasks, each the frame or the exception that denoising it raised."""
         if self._client is None:
             tasks = [
-                dask.delayed(denoise_frame)(
+                dask.delayed(attempt)(
+                    denoise_frame,
                     self._denoiser,
                     self.noise_model,
                     raw,
@@ -283,47 +305,39 @@ class InferenceScheduler(Stage):
                 )
                 for raw, variance in zip(raws, variances, strict=True)
             ]
-            results = dask.compute(*tasks, scheduler="threads", num_workers=len(jobs))
-        else:
-            remote_denoiser, remote_noise = self._remote
-            futures = [
-                self._client.submit(
-                    denoise_frame,
-                    remote_denoiser,
-                    remote_noise,
-                    raw,
-                    self.tile,
-                    self.compiled,
-                    self.bf16,
-                    variance,
-                    pure=False,
-                )
-                for raw, variance in zip(raws, variances, strict=True)
-            ]
-            results = self._client.gather(futures)
-        version = self.model.version
-        for job, denoised in zip(jobs, results, strict=True):
-            job.acquisition.write_denoised(job.t, denoised, version, job.window)
-            self._unreadable.pop((job.acquisition.name, job.t), None)
-            INFERENCE_SECONDS.observe(time.monotonic() - started)
-            FRAMES_DENOISED.labels(job.kind).inc()
-            if job.kind == "new":
-                self._check_calibration(job.acquisition, denoised)
-            if self.on_frame is not None:
-                self.on_frame(job.acquisition, job.t, denoised, version)
-        self.beat()
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=len(raws)))
+        remote_denoiser, remote_noise = self._remote
+        futures = [
+            self._client.submit(
+                attempt,
+                denoise_frame,
+                remote_denoiser,
+                remote_noise,
+                raw,
+                self.tile,
+                self.compiled,
+                self.bf16,
+                variance,
+                pure=False,
+            )
+            for raw, variance in zip(raws, variances, strict=True)
+        ]
+        return self._client.gather(futures)
 
     def _read(self, jobs: list[Job]) -> tuple[list[Job], list[np.ndarray], list[np.ndarray | None]]:
         """The jobs whose raw frame reads back, with those frames (or their temporal windows),
         equalised with camera maps, and their read-noise variance (None without maps); a
-        damaged frame (see `Stage.read_raw`) is tried again after RETRY_SECONDS, so it never
-        holds up the others, and is left out (as missing) of its neighbours' windows."""
+        damaged frame fails alone (counted in pn2v_live_frames_unreadable_total, tried again
+        on its back-off: `FrameFailures`) and is left out (as missing) of its neighbours'
+        windows (`Stage.read_raw`)."""
         context = self._context
         readable, raws, variances = [], [], []
         for job in jobs:
-            raw = self.read_raw(job.acquisition, job.t)
-            if raw is None:
-                self._unreadable[(job.acquisition.name, job.t)] = time.monotonic() + RETRY_SECONDS
+            try:
+                raw = job.acquisition.read_raw(job.t)
+            except Exception as error:  # codec or OS error of a damaged chunk
+                FRAMES_UNREADABLE.labels(self.name).inc()
+                self.frame_failures.failed(job.acquisition.name, job.t, error, "reading")
                 continue
             readable.append(job)
             frames = {job.t: raw}
@@ -351,6 +365,14 @@ class InferenceScheduler(Stage):
                 self.out_of_range_advice,
                 extra={"acquisition": acquisition.name},
             )
+
+
+def attempt(function: Callable, *args: object) -> object:
+    """`function(*args)`, or the exception it raised: a dask task that fails only its frame."""
+    try:
+        return function(*args)
+    except Exception as error:
+        return error
 
 
 def connect(address: str, timeout: float = 5.0):

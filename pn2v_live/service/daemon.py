@@ -454,6 +454,10 @@ class Daemon:
             ),
             "waiting_for_model": inference.waiting_for_model if inference else True,
             "backlog": inference.backlog if inference else 0,
+            # frames that do not read back or denoise, each retried on its own back-off
+            "failed_frames": (
+                inference.frame_failures.report() if inference else {"count": 0, "frames": []}
+            ),
             "training_rounds": trainer.rounds if trainer else 0,
             "trainer_state": trainer.state if trainer else "idle",
             "loss_history": list(trainer.history) if trainer else [],
