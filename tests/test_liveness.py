@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.storage.noise_model_file import save_noise_model
+from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 from pn2v_live.wire.sender import FrameSender
 
@@ -67,6 +68,17 @@ def process_request(self, request, client_address):
         raise InjectedFault("injected into the metrics server")
     return accept(self, request, client_address)
 metrics_server._Server.process_request = process_request
+"""
+SLOW_ROUND_END = """
+import time
+from pathlib import Path
+from pn2v_live.core.training import Training
+fit = Training.fit_prior_spread
+def slow_fit(self, *args, **kwargs):  # as on a busy machine: what follows the steps takes long
+    Path({marker!r}).touch()
+    time.sleep(3)
+    return fit(self, *args, **kwargs)
+Training.fit_prior_spread = slow_fit
 """
 TRAINER = """
 [trainer]
@@ -313,6 +325,24 @@ def test_a_dead_metrics_server_thread_makes_the_daemon_unhealthy(serve):
     assert "InjectedFault: injected into the metrics server" in daemon.log_text()
     assert daemon.log_text().count("unhealthy, no WATCHDOG=1") == 1
     assert daemon.stop() == 0
+
+
+def test_sigterm_while_a_round_validates_abandons_it_and_exits_cleanly(serve, tmp_path):
+    """SIGTERM after a round's steps, while it validates: the trainer stops between validation,
+    baseline and gain estimate (nothing promoted), and the process exits 0 within the drain."""
+    daemon = serve(zmq=True)
+    marker = tmp_path / "round-validating"
+    daemon.start(inject=SLOW_ROUND_END.format(marker=str(marker)))
+    with FrameSender(daemon.zmq) as sender:
+        sender.send_stack("cells", frames(12))
+        daemon.wait_for(marker.exists, 60, "a round validating")
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(60) == 0  # the drain gives the trainer 60 s
+    daemon.close()
+    text = daemon.log_text()
+    assert "stopped" in text and "did not finish" not in text
+    assert re.search(r"round \d+ on", text) is None  # abandoned: not finished, not promoted
+    assert ModelRegistry(daemon.store / "models").current() is None
 
 
 @pytest.fixture
