@@ -538,3 +538,32 @@ def test_bad_pattern_is_a_user_error(tmp_path, watched, pattern, message):
 
     with pytest.raises(UserError, match=message):
         FolderSource(Store(tmp_path / "s"), [watched], pattern=pattern)
+
+
+class InjectedFault(BaseException):  # not an Exception: watchdog's observer loop lets it through
+    pass
+
+
+def test_a_dead_file_event_observer_is_reported_unhealthy(tmp_path, watched, monkeypatch):
+    notice = folder_source._Events.on_created
+
+    def on_created(self, event):
+        if str(event.src_path).endswith("inject-fault"):
+            raise InjectedFault("injected into the file-event observer")
+        notice(self, event)
+
+    monkeypatch.setattr(folder_source._Events, "on_created", on_created)
+    store = Store(tmp_path / "store", writer=True)
+    source = run_source(store, watched)
+    try:
+        assert [str(report) for report in source.health_reports(30)] == [
+            "folder-source ok",
+            "folder-events ok",
+        ]
+        (watched / "inject-fault").touch()
+        wait_for(lambda: not source.health_reports(30)[1].healthy)
+        assert str(source.health_reports(30)[1]) == "folder-events dead (its thread ended)"
+        assert source.health_reports(30)[0].healthy  # the worker still rescans the folder
+    finally:
+        source.stop()
+        store.close()

@@ -43,7 +43,7 @@ from pn2v_live.pipeline.ingest import (
     reject,
     store_frame,
 )
-from pn2v_live.pipeline.stage import Stage, failure_reason
+from pn2v_live.pipeline.stage import Liveness, Stage, failure_reason, thread_liveness
 from pn2v_live.storage.ledger import Item
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.store import Acquisition, Store, validate_name
@@ -159,6 +159,11 @@ class FolderSource(Stage):
             self._observer.join()
             self._observer = None
         return super().stop(timeout)
+
+    def health_reports(self, max_silence: float) -> list[Liveness]:
+        """The liveness of the worker and of the observer's thread that reports file events."""
+        events = thread_liveness("folder-events", self._observer)
+        return [*super().health_reports(max_silence), events]
 
     def health(self) -> dict:
         with self._lock:
