@@ -14,18 +14,17 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
+from pn2v_live.calibration.workflow import (
+    Acquisition,
+    bootstrap_signal,
+    calibrate,
+    read_acquisition,
+    write_outputs,
+)
+from pn2v_live.core.calibration import brightness_drift, split
 from pn2v_live.core.noise import HybridNoiseModel
 from pn2v_live.core.synthetic import Camera, acquisition
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.calibration import (
-    Acquisition,
-    bootstrap_signal,
-    brightness_drift,
-    calibrate,
-    read_acquisition,
-    split,
-    write_outputs,
-)
 from pn2v_live.service.cli import app
 from pn2v_live.storage.noise_model_file import load_noise_model
 from pn2v_live.storage.store import Store

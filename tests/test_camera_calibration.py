@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 
+from pn2v_live.calibration.camera_maps import calibrate_camera, fit_check, maps_from_arrays
+from pn2v_live.calibration.workflow import Acquisition
 from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.calibration import Acquisition
-from pn2v_live.pipeline.camera_calibration import calibrate_camera, fit_check, maps_from_arrays
 from pn2v_live.storage.camera_maps_file import load_camera_maps
 from pn2v_live.storage.noise_model_file import load_noise_model
 

@@ -31,6 +31,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from pn2v_live.core.calibration import MIN_PAIRS_PER_ROW, fit_models
 from pn2v_live.core.noise import (
     NoiseModel,
     PoissonGaussianNoiseModel,
@@ -39,7 +40,6 @@ from pn2v_live.core.noise import (
     noise_model_from_state,
 )
 from pn2v_live.core.noise.coverage import WARN_FRACTION
-from pn2v_live.pipeline.calibration import MIN_PAIRS_PER_ROW, fit_models
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.noise_model_versions import NoiseModelVersions
 from pn2v_live.storage.store import Acquisition

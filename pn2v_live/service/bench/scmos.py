@@ -18,13 +18,13 @@ import time
 import numpy as np
 import torch
 
+from pn2v_live.calibration.workflow import Acquisition, calibrate
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import psnr
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import CameraNoiseModel, NoiseModel
 from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
 from pn2v_live.core.training import train
-from pn2v_live.pipeline.calibration import Acquisition, calibrate
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:

@@ -258,8 +258,8 @@ def run_quality(
     import numpy as np
     import torch
 
+    from pn2v_live.calibration.workflow import KINDS
     from pn2v_live.core.model import MODES
-    from pn2v_live.pipeline.calibration import KINDS
     from pn2v_live.service.bench.algorithm import body_dtype
     from pn2v_live.service.bench.quality import (
         FIELD_FRAMES,

@@ -86,15 +86,15 @@ def calibrate(
     maps are calibrated too, written beside OUTPUT and stored in it; INPUTS are then equalised
     with the maps before the noise model is fitted (without INPUTS, the maps' Poisson–Gaussian
     model is used)."""
-    from pn2v_live.core.device import torch_build
-    from pn2v_live.pipeline.calibration import (
+    from pn2v_live.calibration.workflow import (
         bootstrap_signal,
         read_acquisition,
         write_outputs,
     )
-    from pn2v_live.pipeline.calibration import (
+    from pn2v_live.calibration.workflow import (
         calibrate as run_calibration,
     )
+    from pn2v_live.core.device import torch_build
     from pn2v_live.storage.images import read_image
 
     if bootstrap and signal is not None:
@@ -147,8 +147,8 @@ def camera_maps(
     camera: str,
 ):
     """The sCMOS maps the options ask for (calibrated, or read from map files), or None."""
-    from pn2v_live.pipeline.calibration import read_acquisition
-    from pn2v_live.pipeline.camera_calibration import calibrate_camera, maps_from_arrays
+    from pn2v_live.calibration.camera_maps import calibrate_camera, maps_from_arrays
+    from pn2v_live.calibration.workflow import read_acquisition
     from pn2v_live.storage.images import read_image
 
     from_series, from_files = dark or flats, offset_map or gain_map or variance_map
@@ -177,10 +177,10 @@ def calibrate_with_maps(maps, inputs, output, maps_output, report, kind, bins) -
     """Write the maps, and the noise model made per-pixel by them: fitted on the INPUTS
     equalised (their raw values checked against the maps first), else the maps' own
     Poisson–Gaussian model; returns the JSON summary."""
+    from pn2v_live.calibration.camera_maps import fit_check, refuse_clipped
+    from pn2v_live.calibration.workflow import Acquisition, read_acquisition
+    from pn2v_live.calibration.workflow import calibrate as run_calibration
     from pn2v_live.core.noise import CameraNoiseModel
-    from pn2v_live.pipeline.calibration import Acquisition, read_acquisition
-    from pn2v_live.pipeline.calibration import calibrate as run_calibration
-    from pn2v_live.pipeline.camera_calibration import fit_check, refuse_clipped
     from pn2v_live.storage.camera_maps_file import save_camera_maps
     from pn2v_live.storage.noise_model_file import save_noise_model
 
@@ -204,7 +204,7 @@ def calibrate_with_maps(maps, inputs, output, maps_output, report, kind, bins) -
         base = result.models[result.chosen]
         summary |= {**result.summary, "fit_check": checks, "warnings": result.warnings}
         if report is not None:
-            from pn2v_live.pipeline.calibration_report import write_report
+            from pn2v_live.calibration.report import write_report
 
             write_report(result, report)
     else:
@@ -214,7 +214,7 @@ def calibrate_with_maps(maps, inputs, output, maps_output, report, kind, bins) -
         base = model.base
         summary["chosen"] = base.kind
     if report is not None:
-        from pn2v_live.pipeline.calibration_report import write_maps_report
+        from pn2v_live.calibration.report import write_maps_report
 
         summary["maps_report"] = str(write_maps_report(maps, report))
     save_camera_maps(maps, maps_output)
@@ -244,8 +244,8 @@ def fit_noise_model(
 ) -> None:
     """Fit one noise model to all (signal, observation) pairs, without checks or held-out frames;
     prints a one-line JSON summary. `calibrate` is the checked workflow."""
+    from pn2v_live.core.calibration import fit_models
     from pn2v_live.core.noise import as_pairs
-    from pn2v_live.pipeline.calibration import fit_models
     from pn2v_live.storage.images import read_stack
     from pn2v_live.storage.noise_model_file import save_noise_model
 

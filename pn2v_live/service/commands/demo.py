@@ -92,7 +92,7 @@ def read_frames(path: Path, option: str, size: int | None = None) -> np.ndarray:
 def calibrate(path: Path, source: Path | None, size: int) -> None:
     """Calibrate the noise model saved at `path` from `source`, a static-scene stack (whole
     frames), or without one from a simulated test pattern seen by the demo's camera."""
-    from pn2v_live.pipeline.calibration import calibrate_stack
+    from pn2v_live.calibration.workflow import calibrate_stack
 
     if source is None:
         print(f"calibrating the noise model from a simulated test pattern {size}x{size}")

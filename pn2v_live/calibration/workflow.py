@@ -18,15 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pn2v_live.core.noise import (
-    GaussianMixtureNoiseModel,
-    HistogramNoiseModel,
-    HybridNoiseModel,
-    NoiseModel,
-    PoissonGaussianNoiseModel,
-    as_pairs,
-    darkest_level,
+from pn2v_live.core.calibration import (
+    HELD_OUT_FRACTION,
+    MIN_PAIRS_PER_ROW,
+    CalibrationResult,
+    brightness_drift,
+    clipped_fraction,
+    fit_models,
+    frame_shift,
+    gather_pairs,
+    split,
 )
+from pn2v_live.core.noise import PoissonGaussianNoiseModel, darkest_level
 from pn2v_live.core.noise.histogram import common_range, pair_counts
 from pn2v_live.errors import UserError
 from pn2v_live.storage.images import read_stack_metadata
@@ -37,13 +40,10 @@ log = logging.getLogger(__name__)
 
 KINDS = ("hybrid", "histogram", "gmm", "poisson-gaussian")
 DEFAULT_KIND = "hybrid"  # lowest held-out NLL on the shared confocal data, robust out of range
-HELD_OUT_FRACTION = 0.2
 MIN_FRAMES = 8  # below this the per-pixel mean is too noisy to serve as the signal
-MIN_PAIRS_PER_ROW = 100  # average calibration pairs per occupied histogram row
 MAX_SHIFT_PX = 1.5  # a frame displaced this much against the others means the scene moved
 WARN_SHIFT_PX = 0.5  # sub-pixel drift: accepted with a warning
 MAX_BRIGHTNESS_DRIFT = 0.03  # brightness change over a series (bleaching) that gets a warning
-MIN_CORRELATION = 0.2  # frame-to-mean correlation needed to measure motion at all
 MAX_SATURATED_FRACTION = 1e-3  # pixels at the camera's maximum (or minimum)
 # Patches per bootstrap step on every device: `calibrate --bootstrap`'s default of 400 steps was
 # measured with 16, and N2V gains nothing from smaller steps in the same time.
@@ -60,19 +60,6 @@ class Acquisition:
     name: str
     frames: np.ndarray
     physical: Physical = field(default_factory=Physical)
-
-
-@dataclass
-class CalibrationResult:
-    """Fitted models (kind → model), which one is chosen, the Poisson–Gaussian fit (always made),
-    the fitting pairs (1-D signal, observation), the summary numbers and warnings."""
-
-    models: dict[str, NoiseModel]
-    chosen: str
-    poisson_gaussian: PoissonGaussianNoiseModel
-    pairs: tuple[torch.Tensor, torch.Tensor]
-    summary: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
 
 
 def read_acquisition(path: str | Path) -> Acquisition:
@@ -106,58 +93,6 @@ def pixel_size(acquisitions: list[Acquisition], warnings: list[str]) -> list[flo
         )
     first = next((a.physical.pixel_size_um for a in acquisitions if a.physical.pixel_size_um), None)
     return list(first) if first else None
-
-
-def frame_shift(frames: np.ndarray) -> tuple[int, tuple[float, float]] | None:
-    """Largest displacement (frame index, (dy, dx) px) of any frame against the mean of the
-    others: the peak of their FFT cross-correlation, refined to sub-pixel by a parabola.
-
-    Frames whose correlation with the others stays below MIN_CORRELATION are skipped (a scene
-    without structure cannot be registered); None when no frame could be registered."""
-    frames = frames.astype(np.float32)
-    total = frames.sum(0)
-    worst: tuple[int, tuple[float, float]] | None = None
-    for index, frame in enumerate(frames):
-        others = (total - frame) / (len(frames) - 1)
-        frame, others = frame - frame.mean(), others - others.mean()
-        spectrum = np.fft.rfft2(frame) * np.conj(np.fft.rfft2(others))
-        correlation = np.fft.fftshift(np.fft.irfft2(spectrum, s=frame.shape))
-        peak = np.unravel_index(np.argmax(correlation), correlation.shape)
-        if correlation[peak] < MIN_CORRELATION * np.sqrt((frame**2).sum() * (others**2).sum()):
-            continue
-        shift = []
-        for axis, p in enumerate(peak):
-            n = correlation.shape[axis]
-            before, at, after = (
-                correlation[tuple((p + d) % n if a == axis else q for a, q in enumerate(peak))]
-                for d in (-1, 0, 1)
-            )
-            curvature = before - 2 * at + after
-            vertex = 0.5 * (before - after) / curvature if curvature < 0 else 0.0
-            shift.append(float(p - n // 2 + vertex))
-        if worst is None or max(map(abs, shift)) > max(map(abs, worst[1])):
-            worst = (index, (shift[0], shift[1]))
-    return worst
-
-
-def brightness_drift(frames: np.ndarray) -> tuple[float, float]:
-    """Brightness change from the first to the last frame of a (T ≥ 4, Y, X) series, as a
-    fraction, and its standard error: the straight-line trend over time of each frame's gain
-    against the series mean (least squares, frame ≈ gain · mean + offset)."""
-    mean = frames.mean(0, dtype=np.float64).ravel()
-    centred = mean - mean.mean()
-    gains = [np.dot(frame.ravel(), centred) / np.dot(centred, centred) for frame in frames]
-    (slope, _), covariance = np.polyfit(np.arange(len(frames)), gains, 1, cov=True)
-    span = len(frames) - 1
-    return float(abs(slope) * span), float(np.sqrt(covariance[0, 0]) * span)
-
-
-def clipped_fraction(frames: np.ndarray) -> tuple[float, float]:
-    """Fractions of pixels at the camera dtype's maximum and minimum (0 for float data)."""
-    if not np.issubdtype(frames.dtype, np.integer):
-        return 0.0, 0.0
-    info = np.iinfo(frames.dtype)
-    return float(np.mean(frames == info.max)), float(np.mean(frames == info.min))
 
 
 def check_acquisitions(acquisitions: list[Acquisition], bins: int, bootstrap: bool) -> list[str]:
@@ -230,57 +165,6 @@ def check_acquisitions(acquisitions: list[Acquisition], bins: int, bootstrap: bo
     return warnings
 
 
-def split(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Frames for fitting and the held-back last HELD_OUT_FRACTION (at least one)."""
-    held = max(1, round(HELD_OUT_FRACTION * len(frames)))
-    return frames[:-held], frames[-held:]
-
-
-def gather_pairs(
-    acquisitions: list[Acquisition], signals: list[np.ndarray]
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(signal, observation) 1-D pairs for fitting and for held-out scoring, all acquisitions.
-
-    Each signal is (Y, X) for a static scene or (T, Y, X) per frame (bootstrap)."""
-    fit, held = [], []
-    for acquisition, signal in zip(acquisitions, signals, strict=True):
-        fit_frames, held_frames = split(acquisition.frames)
-        fit_signal, held_signal = split(signal) if signal.ndim == 3 else (signal, signal)
-        fit.append(as_pairs(fit_signal, fit_frames))
-        held.append(as_pairs(held_signal, held_frames))
-    concatenated = [
-        tuple(torch.cat(part) for part in zip(*group, strict=True)) for group in (fit, held)
-    ]
-    return concatenated[0], concatenated[1]
-
-
-def fit_models(
-    kinds: tuple[str, ...],
-    signal: torch.Tensor,
-    observation: torch.Tensor,
-    bins: int,
-    poisson_gaussian: PoissonGaussianNoiseModel | None = None,
-) -> dict[str, NoiseModel]:
-    """Fit the requested kinds on 1-D pairs (the parametric parts first: others build on them);
-    the result also holds the Poisson–Gaussian and GMM fits the others were built on.
-    `poisson_gaussian` is fitted from the pairs when not given and a kind needs it."""
-    models: dict[str, NoiseModel] = {}
-    if {"poisson-gaussian", "gmm", "hybrid"} & set(kinds):
-        poisson_gaussian = poisson_gaussian or PoissonGaussianNoiseModel.fit(signal, observation)
-        models["poisson-gaussian"] = poisson_gaussian
-    if {"gmm", "hybrid"} & set(kinds):
-        log.info("fitting the Gaussian mixture model")
-        models["gmm"] = GaussianMixtureNoiseModel.fit(signal, observation, base=poisson_gaussian)
-    value_range = common_range(signal, observation, bins)
-    if "histogram" in kinds:
-        models["histogram"] = HistogramNoiseModel.fit(signal, observation, bins, value_range)
-    if "hybrid" in kinds:
-        models["hybrid"] = HybridNoiseModel.fit(
-            signal, observation, models["gmm"], bins, value_range
-        )
-    return models
-
-
 def check_signal_span(model: PoissonGaussianNoiseModel) -> None:
     """Refuse a signal range too narrow to tell signal-dependent noise apart."""
     low, high = model.signal_range
@@ -328,7 +212,7 @@ def calibrate(
     if offset is None and min(len(a.frames) for a in acquisitions) >= 2:
         offset = min(darkest_level(a.frames) for a in acquisitions)
     signal_frames = None if (bootstrap or signal is not None) else len(acquisitions[0].frames)
-    (fit_s, fit_x), (held_s, held_x) = gather_pairs(acquisitions, signals)
+    (fit_s, fit_x), (held_s, held_x) = gather_pairs([a.frames for a in acquisitions], signals)
     kinds = KINDS if kind == "all" else (kind,)
     poisson_gaussian = PoissonGaussianNoiseModel.fit(
         fit_s, fit_x, offset=offset, signal_frames=signal_frames
@@ -418,7 +302,7 @@ def write_outputs(
                 written[kind] = str(save_noise_model(model, path))
     summary = dict(result.summary, output=str(output), files=written, warnings=result.warnings)
     if report is not None:
-        from pn2v_live.pipeline.calibration_report import write_report
+        from pn2v_live.calibration.report import write_report
 
         write_report(result, report)
         summary["report"] = str(report)

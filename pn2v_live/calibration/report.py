@@ -18,8 +18,8 @@ from pn2v_live.core.noise.histogram import common_range, pair_counts  # noqa: E4
 from pn2v_live.core.noise.poisson_gaussian import mean_variance  # noqa: E402
 
 if TYPE_CHECKING:
+    from pn2v_live.core.calibration import CalibrationResult
     from pn2v_live.core.camera import CameraMaps
-    from pn2v_live.pipeline.calibration import CalibrationResult
 
 COLOURS = {"hybrid": "tab:red", "histogram": "tab:orange", "gmm": "tab:green"}
 COLOURS["poisson-gaussian"] = "tab:blue"

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from pn2v_live.calibration.workflow import MAX_SATURATED_FRACTION, Acquisition
+from pn2v_live.core.calibration import clipped_fraction
 from pn2v_live.core.camera import HOT_FACTOR, CameraMaps
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.calibration import MAX_SATURATED_FRACTION, Acquisition, clipped_fraction
 
 log = logging.getLogger(__name__)
 
