@@ -64,8 +64,8 @@ class Denoiser:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 natively: CUDA, or a CPU with AMX or AVX512-BF16
-    (there oneDNN runs the U-Net body 3.5-4× faster than in float32). Elsewhere bfloat16 is
-    emulated and slower, so the body stays float32."""
+    (there oneDNN runs the U-Net body several times faster than in float32; docs/benchmarks.md).
+    Elsewhere bfloat16 is emulated and slower, so the body stays float32."""
     if device.type == "cuda":
         return True
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():

@@ -350,17 +350,15 @@ def total_steps(history: Sequence[dict[str, Any]]) -> int:
 def default_batch_size(device: torch.device) -> int:
     """Patches per step where none is given: 16 on a GPU, which computes 16 patches in about the
     time of one, and 4 on a CPU, whose step time grows with its patches, so that in the same
-    time PN2V takes four times as many smaller steps (on the FMD data 0.55 dB better drift-
-    corrected at the step counts of 30 minutes on a 2-core AMD EPYC, trained on a GPU; 0.25 dB
-    trained on the EPYC itself, one seed; see the README's Performance section)."""
+    time PN2V takes four times as many smaller steps, and PN2V is still improving after a few
+    hundred steps (the measurements: docs/benchmarks.md, "4 patches per step on a CPU")."""
     return 16 if device.type == "cuda" else 4
 
 
 def training_memory_format(device: torch.device, bf16: bool) -> torch.memory_format:
     """Layout the U-Net trains fastest in: channels-first where its body trains in float32 on a
-    CPU (there oneDNN's channels-last backward pass takes about twice as long on 96² patches,
-    and a step of 4 patches about 20 % longer, on a 2-core AMD EPYC), channels-last on CUDA and
-    in bfloat16."""
+    CPU (there oneDNN's channels-last backward pass is the slower one; docs/benchmarks.md),
+    channels-last on CUDA and in bfloat16."""
     if device.type == "cpu" and not bf16:
         return torch.contiguous_format
     return torch.channels_last

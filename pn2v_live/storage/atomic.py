@@ -4,8 +4,8 @@ new one, never a partial one, and what a caller was told is written is on disk.
 A file is on disk after a power cut only once its data is fsynced *and* every folder entry
 leading to it is: the folder holding it, and each folder created on the way there (fsync of
 the folder that holds the new folder's entry). `sync_paths` does many of these at once: each
-fsync on a virtual disk waits for a cache flush (about 3 ms here), and concurrent fsyncs share
-one, so a group of them costs about as much as a single one.
+fsync waits for the disk's cache flush (milliseconds on a virtual disk), and concurrent fsyncs
+share one, so a group of them costs about as much as a single one.
 """
 
 from __future__ import annotations

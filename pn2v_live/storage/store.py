@@ -97,7 +97,8 @@ def validate_name(name: object) -> str:
 
 
 def _compressor(zarr_format: int) -> object:
-    """Blosc lz4 with byte shuffle: fast enough for 2048² uint16 frames at 30+ frames/s."""
+    """Blosc lz4 with byte shuffle: the fastest Blosc codec, so compression keeps up with large
+    camera frames; ratio about 1.75 on 16-bit camera data (throughput: docs/benchmarks.md)."""
     if zarr_format == 2:
         return numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
     return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
