@@ -1,6 +1,7 @@
 """`pn2v-live demo`: the whole product on one machine, without a microscope, GPU or data.
 
-1. a simulated camera images a static test pattern; its noise model is calibrated from it;
+1. a simulated camera images a static test pattern; its noise model is calibrated from it
+   (`--camera scmos`: an sCMOS sensor with per-pixel maps, calibrated from dark and flat series);
 2. the daemon starts (in this process) on a temporary store, with small CPU-friendly settings;
 3. `pn2v-live simulate` (a separate process, like a microscope) plays a noisy acquisition of
    a slowly drifting synthetic sample over ZeroMQ, or `--data STACK`;
@@ -20,6 +21,7 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -27,8 +29,10 @@ import numpy as np
 import typer
 
 from pn2v_live.core.metrics import psnr
+from pn2v_live.core.synthetic_scmos import ScmosCamera
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
+from pn2v_live.service.commands.demo_scmos import calibrate_scmos, fixed_pattern, scmos_camera
 from pn2v_live.service.viewer import acquisition_summary
 from pn2v_live.storage.store import Acquisition
 
@@ -44,23 +48,31 @@ class Recording:
 
     frames: np.ndarray
     clean: np.ndarray | None
+    offset_map: np.ndarray | None = None  # an sCMOS camera's true offsets (Y, X), ADU
 
 
-def drifting_sample(frames: int, size: int, seed: int = 0) -> Recording:
-    """A dim synthetic sample drifting one pixel every four frames, seen by a noisy camera.
+class CameraKind(StrEnum):
+    simple = "simple"  # one noise model for every pixel
+    scmos = "scmos"  # per-pixel offset, gain and read-noise maps, hot pixels
+
+
+def drifting_sample(frames: int, size: int, seed: int = 0, scmos: ScmosCamera | None = None):
+    """A dim synthetic sample drifting one pixel every four frames, seen by a noisy camera (the
+    demo's, or the sCMOS camera `scmos`); a `Recording`.
 
     Dim on purpose (peak ≈ 60 photoelectrons) so that the noise is obvious, as in live-cell
     imaging at low light.
     """
     from pn2v_live.core import synthetic
 
-    camera = synthetic.Camera()
+    camera = scmos or synthetic.Camera()
+    offset, gain = scmos.maps.reference if scmos else (camera.offset, camera.gain)
     rng = np.random.default_rng(seed)
     drift = frames // 4 + 1
-    background = camera.offset + 4 * camera.gain
-    scene = synthetic.scene((size, size + drift), rng, background, camera.offset + 60 * camera.gain)
+    scene = synthetic.scene((size, size + drift), rng, offset + 4 * gain, offset + 60 * gain)
     clean = np.stack([scene[:, t // 4 : t // 4 + size] for t in range(frames)])
-    return Recording(np.stack([camera.expose(c, rng) for c in clean]), clean)
+    offsets = scmos.maps.offset if scmos else None
+    return Recording(np.stack([camera.expose(c, rng) for c in clean]), clean, offsets)
 
 
 def test_pattern(frames: int, size: int) -> np.ndarray:
@@ -217,6 +229,9 @@ class Watcher(threading.Thread):
             raw = psnr(acquisition.read_raw(t).astype(np.float32), clean, data_range)
             denoised = psnr(acquisition.read_denoised(t), clean, data_range)
             message += f"; PSNR vs the clean sample: raw {raw:.1f} dB, denoised {denoised:.1f} dB"
+        if self.recording.offset_map is not None:
+            raw_frame, offset_map = acquisition.read_raw(t), self.recording.offset_map
+            message += f"; {fixed_pattern(acquisition.read_denoised(t), raw_frame, offset_map)}"
         print(message)
         if self.exit_when_live:
             self.server.request_stop()
@@ -249,6 +264,10 @@ def demo(
         Path | None,
         typer.Option(help="use this noise-model file (pn2v-live calibrate) instead of calibrating"),
     ] = None,
+    camera: Annotated[
+        CameraKind,
+        typer.Option(help="simulated camera: simple, or scmos (per-pixel maps, hot pixels)"),
+    ] = CameraKind.simple,
     frames: Annotated[int, typer.Option(help="frames the simulated microscope plays", min=8)] = 600,
     fps: Annotated[float, typer.Option(help="frames per second", min=0.1)] = 2.0,
     size: Annotated[int, typer.Option(help="frame side in pixels (crops --data)", min=64)] = 128,
@@ -275,6 +294,8 @@ def demo(
 
     if calibration is not None and (data is None or noise_model is not None):
         raise UserError("--calibration goes with --data, and not with --noise-model")
+    if camera is CameraKind.scmos and (data is not None or noise_model is not None):
+        raise UserError("--camera scmos simulates its own camera: not with --data or --noise-model")
     if not verbose:
         logging.getLogger("pn2v_live").setLevel(logging.WARNING)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once, even in pipes
@@ -284,11 +305,15 @@ def demo(
         workdir.mkdir(parents=True, exist_ok=True)
         print(f"pn2v-live demo in {workdir}")
 
+        scmos = scmos_camera(size, DEMO_CAMERA_SEED) if camera is CameraKind.scmos else None
         if data is None:
-            recording = drifting_sample(frames, size)
+            recording = drifting_sample(frames, size, scmos=scmos)
         else:
             stack = read_frames(data, "--data", size)
             recording = Recording(stack[np.arange(frames) % len(stack)], None)
+        if scmos is not None:
+            noise_model = workdir / "noise-model.pt"
+            calibrate_scmos(noise_model, scmos)
         if noise_model is None:
             noise_model = workdir / "noise-model.pt"
             calibrate(noise_model, calibration or data, size)
