@@ -488,7 +488,7 @@ def test_custom_pattern_groups_flat_files_by_name_prefix(tmp_path, watched):
     np.testing.assert_array_equal(store.acquisition("expB").read_raw(0), data[1])
 
 
-POSITIONS_PATTERN = r"[^/]+/(?P<acquisition>[^/]+_Pos\d+)(_\d+)?\.ome\.tif"  # as in README
+POSITIONS_PATTERN = r"[^/]+/(?P<acquisition>[^/]+_Pos\d+)(_\d+)?\.ome\.tif"  # as in docs/ingest.md
 
 
 def positions_xml(names: list[str], frames: int, own: int) -> str:
@@ -508,8 +508,8 @@ def positions_xml(names: list[str], frames: int, own: int) -> str:
 def test_positions_pattern_gives_each_growing_position_file_its_own_acquisition(tmp_path, watched):
     """Multi-position time-lapse, Micro-Manager style: one growing file per position in one
     folder (`exp_1/exp_1_MMStack_Pos0.ome.tif`, ...), each finally carrying the OME-XML of all
-    positions. With the README's pattern each position is an acquisition and every added page
-    is stored in order."""
+    positions. With the pattern in docs/ingest.md each position is an acquisition and every
+    added page is stored in order."""
     store = Store(tmp_path / "store")
     (watched / "exp_1").mkdir()
     pages = {pos: stack(6, 20 + pos) for pos in (0, 1)}
