@@ -58,6 +58,23 @@ def test_fused_tiled_mmse_with_maps_equals_the_naive_per_pixel_formulation(setup
     assert np.abs(typical - fused)[hot].mean() > 10 * np.abs(typical - fused)[~hot].mean()
 
 
+def test_mmse_with_maps_does_not_depend_on_tiles_and_chunks_that_do_not_divide_the_frame(setup):
+    """A 45×37 crop in 16² tiles and 7-pixel chunks (the last one padded) reads every pixel's
+    own variance: it equals the frame in one tile and one chunk."""
+    maps, model, frames, variance = setup
+    torch.manual_seed(10)
+    denoiser = new_denoiser("pn2v", mean=float(frames.mean()), std=float(frames.std()), k=32,
+                            features=8)  # fmt: skip
+    image, pixels = frames[0, 3:48, 5:42], variance[3:48, 5:42]
+    whole = denoise(denoiser, image, model, tile=64, bf16=False, read_variance=pixels)
+    pieces = denoise(denoiser, image, model, tile=16, chunk_elements=7 * 32, bf16=False,
+                     read_variance=pixels)  # fmt: skip
+    np.testing.assert_allclose(pieces["denoised"], whole["denoised"], rtol=1e-5, atol=1e-3)
+    shuffled = denoise(denoiser, image, model, tile=16, chunk_elements=7 * 32, bf16=False,
+                       read_variance=pixels[::-1])["denoised"]  # fmt: skip
+    assert np.abs(shuffled - whole["denoised"]).max() > 0.1  # the variance really is read
+
+
 def test_eq7_with_a_variance_channel_uses_each_masked_pixel_s_own_variance(setup):
     maps, model, frames, variance = setup
     torch.manual_seed(9)

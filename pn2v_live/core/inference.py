@@ -97,7 +97,7 @@ def denoise(
     centre = padded[denoiser.context.before]
     variance = None
     if read_variance is not None:
-        variance = torch.as_tensor(np.asarray(read_variance, dtype=np.float32)).to(device)
+        variance = torch.as_tensor(np.ascontiguousarray(read_variance, np.float32)).to(device)
         if variance.shape != (height, width):
             raise ValueError(f"read_variance {tuple(variance.shape)} ≠ frame {(height, width)}")
         variance = _pad_to_multiple(variance[None], multiple)[0]
