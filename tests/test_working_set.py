@@ -1,10 +1,14 @@
-"""A pass of inference or the trainer costs the acquisitions that may have work, not the store's
-size: with 2,000 closed, denoised, week-old acquisitions in a real store, passes after the first
-list no folder and open no file of those acquisitions (counted by Python's audit events for
-every file open and directory listing), and a frame stored meanwhile is still found."""
+"""A pass of inference or the trainer, and a poll of the viewer's acquisition list, cost what
+may have changed, not the store's size: with many closed, denoised, week-old acquisitions in a
+real store, passes and polls after the first list no folder and open no file of those
+acquisitions (counted by Python's audit events for every file open and directory listing), and
+a frame stored meanwhile is still found."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
 import shutil
 import sys
 import threading
@@ -20,6 +24,7 @@ from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.pipeline.inference import InferenceScheduler
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
+from pn2v_live.service.viewer import ViewerServer
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 
@@ -58,8 +63,8 @@ def file_work(tmp_path_factory):
     return FileWork(tmp_path_factory.getbasetemp())
 
 
-def old_denoised_acquisitions(root: Path) -> None:
-    """CLOSED closed acquisitions of one frame, denoised, last written a week ago: one
+def old_denoised_acquisitions(root: Path, count: int = CLOSED) -> None:
+    """`count` closed acquisitions of one frame, denoised, last written a week ago: one
     made through the store, copied under other names, and recorded in the ledger."""
     store = Store(root, writer=True)
     template = store.create("old_0000", SHAPE, "uint16")
@@ -69,7 +74,7 @@ def old_denoised_acquisitions(root: Path) -> None:
     store.close()
     group = zarr.open_group(root / "old_0000.ome.zarr", mode="r+")
     group.attrs["pn2v_live"] = group.attrs["pn2v_live"] | {"last_frame_at": time.time() - WEEK}
-    names = [f"old_{n:04d}" for n in range(1, CLOSED)]
+    names = [f"old_{n:04d}" for n in range(1, count)]
     for name in names:
         shutil.copytree(root / "old_0000.ome.zarr", root / f"{name}.ome.zarr", copy_function=_copy)
     store = Store(root)
@@ -130,4 +135,42 @@ def test_passes_cost_nothing_per_closed_acquisition(tmp_path, file_work):
         assert not any("old_0499" in path or "old_0501" in path for path in found)
         assert {a.name for a in inference.working.acquisitions()} == {"live", "old_0500"}
     finally:
+        store.close()
+
+
+def acquisitions(server: ViewerServer) -> dict[str, dict]:
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    connection.request("GET", "/api/acquisitions")
+    listed = json.loads(connection.getresponse().read())
+    connection.close()
+    return {summary["name"]: summary for summary in listed}
+
+
+def test_viewer_list_polls_cost_nothing_per_settled_acquisition(tmp_path, file_work):
+    root = tmp_path / "store"
+    old_denoised_acquisitions(root, 300)  # the first poll opens each: fewer keep it short
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(root, ns=(an_hour_ago, an_hour_ago))  # the folder was last changed a while ago
+    store = Store(root, writer=True)
+    server = ViewerServer(store, "127.0.0.1:0", status=dict)
+    server.start()
+    try:
+        assert len(acquisitions(server)) == 300
+        later = file_work.during(lambda: [acquisitions(server) for _ in range(5)])
+        assert not any("old_" in path for path in later), later[:5]
+        assert not any(path.endswith(str(root)) for path in later), later[:5]  # no listing
+        store.acquisition("old_0100").write_raw(1, np.full(SHAPE, 70, np.uint16))
+        live = store.create("live", SHAPE, "uint16")  # a new folder: listed again
+        live.write_raw(0, np.full(SHAPE, 50, np.uint16))
+        found = file_work.during(lambda: acquisitions(server))
+        summaries = acquisitions(server)
+        assert (summaries["old_0100"]["frames"], summaries["old_0100"]["lag"]) == (2, 1)
+        assert summaries["live"]["frames"] == 1 and len(summaries) == 301
+        assert not any("old_0101" in path or "old_0099" in path for path in found), found[:5]
+        live.write_denoised(0, np.full(SHAPE, 50.0, np.float32), 1)
+        assert acquisitions(server)["live"]["lag"] == 0  # settled: summarised only on news
+        live.close()
+        assert acquisitions(server)["live"]["closed"]
+    finally:
+        server.stop()
         store.close()

@@ -56,6 +56,7 @@ from pn2v_live.service.access import (
     parse_bind,
     token_matches,
 )
+from pn2v_live.service.acquisition_list import AcquisitionList
 from pn2v_live.service.viewer_render import FORMATS, contrast_limits, render
 from pn2v_live.storage.store import Acquisition, Store
 
@@ -283,7 +284,7 @@ class ViewerServer:
         self._streams: set[_Stream] = set()
         self._refusal_slots: asyncio.Semaphore | None = None  # 503s being sent, at most
         self._busy_response = b""
-        self._finished: dict[str, dict] = {}  # summaries of complete acquisitions
+        self._list = AcquisitionList(store, acquisition_summary)  # what changed is re-read
         self._host_check: HostCheck | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -505,7 +506,7 @@ class ViewerServer:
     def _acquisition(self, request: web.Request) -> Acquisition:
         """The acquisition named in the URL; only names the store lists are accepted."""
         name = request.match_info["name"]
-        if name not in self.store.acquisitions():
+        if name not in self._list.names():
             raise _not_found(f"no acquisition named {_shown(name)}")
         return self.store.acquisition(name)
 
@@ -547,21 +548,7 @@ class ViewerServer:
         return web.json_response(await self._in_thread(self.status), dumps=to_json)
 
     async def _acquisitions(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._in_thread(self._summaries), dumps=to_json)
-
-    def _summaries(self) -> list[dict]:
-        """Summaries of every acquisition; one that was complete (closed, every frame denoised)
-        and has not grown is not re-counted, so a store of many old acquisitions stays cheap."""
-        summaries = []
-        for acquisition in self.store.open_acquisitions():
-            name = acquisition.name
-            cached = self._finished.get(name)
-            if cached is None or cached["frames"] != acquisition.valid_t:
-                cached = acquisition_summary(acquisition)
-                if cached["closed"] and cached["lag"] == 0:
-                    self._finished[name] = cached
-            summaries.append(cached)
-        return summaries
+        return web.json_response(await self._in_thread(self._list.summaries), dumps=to_json)
 
     async def _limits(self, request: web.Request) -> web.Response:
         acquisition = self._acquisition(request)
@@ -651,7 +638,7 @@ class ViewerServer:
         return response
 
     async def _summaries_async(self) -> list[dict]:
-        return await self._in_thread(self._summaries)
+        return await self._in_thread(self._list.summaries)
 
     async def _watch(self) -> None:
         """Push `acquisitions`/`status` events to every browser when what they show changes.

@@ -193,10 +193,10 @@ class Acquisition:
         ledger: Ledger,
         writer: bool,
         committer: GroupCommit | None = None,
-        stored: Callable[[str], None] | None = None,
+        changed: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
-        self._on_stored = stored  # told this acquisition's name after each raw frame stored
+        self._on_changed = changed  # told this name after each raw frame stored, and on close
         self.path = path
         self._group = group
         self._ledger = ledger
@@ -389,8 +389,8 @@ class Acquisition:
                 self._valid_t += 1
             if publish:
                 self._set_attrs()
-        if self._on_stored is not None:
-            self._on_stored(self.name)
+        if self._on_changed is not None:
+            self._on_changed(self.name)
 
     def write_denoised(
         self, t: int, frame: np.ndarray, model_version: int, window: Context = SPATIAL
@@ -432,6 +432,8 @@ class Acquisition:
         extra = {} if expected_frames is None else {"expected_frames": int(expected_frames)}
         self.flush(closed=True, **extra)
         self.closed = True
+        if self._on_changed is not None:
+            self._on_changed(self.name)
 
     def flush(self, trim: bool = True, **attrs: object) -> bool:
         """Write `valid_t` (and `attrs`) to disk; with `trim`, also cut both arrays to the exact
@@ -600,12 +602,13 @@ class Store:
         return sorted(n for n in names if (self.root / (n + SUFFIX) / "raw").is_dir())
 
     def watch(self) -> Changes:
-        """A feed of the names of acquisitions given raw frames from now on (`WorkingSet`)."""
+        """A feed of the names of acquisitions given raw frames or closed from now on
+        (`WorkingSet`, the viewer's `AcquisitionList`)."""
         with self._lock:
             self._watchers.append(Changes())
             return self._watchers[-1]
 
-    def _stored(self, name: str) -> None:
+    def _notify_watchers(self, name: str) -> None:
         for changes in self._watchers:
             changes.add(name)
 
@@ -636,7 +639,13 @@ class Store:
                     raise KeyError(f"no acquisition {name!r} under {self.root}")
                 group = zarr.open_group(path, mode="r+")
                 self._open[name] = Acquisition(
-                    group, name, path, self.ledger, self.writer, self.committer, self._stored
+                    group,
+                    name,
+                    path,
+                    self.ledger,
+                    self.writer,
+                    self.committer,
+                    self._notify_watchers,
                 )
             return self._open[name]
 

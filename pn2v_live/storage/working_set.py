@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class Changes:
-    """Names of the acquisitions given raw frames since the last `take` (thread-safe)."""
+    """Names of the acquisitions given raw frames or closed since the last `take` (thread-safe)."""
 
     def __init__(self) -> None:
         self._names: set[str] = set()
