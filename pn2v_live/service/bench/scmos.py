@@ -7,6 +7,9 @@ against the clean signal (range: its max − min), and the fixed-pattern residua
 of the denoised frame, and of its error, with the offset map.
 
     python -m pn2v_live.service.bench.scmos --steps 400 --size 128
+
+`--memory` instead measures the peak resident memory of one MMSE (Eq. 10) of a `--size`² frame
+with K = `--k` and camera maps on the CPU (issue 26, acceptance 4: 512², K = 800 under 1 GB).
 """
 
 from __future__ import annotations
@@ -60,6 +63,34 @@ def run(
     }
 
 
+def mmse_memory(size: int, k: int, seed: int, bf16: bool | None) -> dict:
+    """Peak resident memory (MB, `measure.PeakMemory`) of this process while one `size`² frame
+    is denoised with K = `k` and camera maps on the CPU (U-Net body in bfloat16: `bf16`, None:
+    where native), and the memory before it."""
+    import psutil
+
+    from pn2v_live.service.bench.measure import PeakMemory
+
+    maps = scmos_maps((size, size), seed=seed)
+    model = CameraNoiseModel.from_maps(maps, (100.0, 2000.0))
+    frame, variance = model.camera_inputs(ScmosCamera(maps).acquisition(1, seed=seed)[0][0])
+    torch.manual_seed(seed)
+    denoiser = new_denoiser("pn2v", float(frame.mean()), float(frame.std()), k=k)
+    before = psutil.Process().memory_info().rss / 2**20
+    started = time.monotonic()
+    with PeakMemory(torch.device("cpu")) as memory:
+        denoise(denoiser, frame, model, bf16=bf16, read_variance=variance)
+    return {
+        "size": size,
+        "k": k,
+        "rss_before_mb": round(before, 1),
+        "peak_rss_mb": round(memory.peak_rss_mb, 1),
+        "seconds": round(time.monotonic() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+        "body": "float32" if bf16 is False else "native precision",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
@@ -69,7 +100,13 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--scored", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory", action="store_true", help="peak memory of one MMSE instead")
+    parser.add_argument("--float32", action="store_true", help="--memory: U-Net body in float32")
     args = parser.parse_args()
+    if args.memory:
+        bf16 = False if args.float32 else None
+        print(json.dumps(mmse_memory(args.size, args.k, args.seed, bf16)))
+        return
     maps = scmos_maps((args.size, args.size), seed=args.seed)
     camera = ScmosCamera(maps)
     pattern, _ = camera.acquisition(50, seed=args.seed + 1)  # the calibration acquisition
