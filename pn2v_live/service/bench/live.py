@@ -9,35 +9,36 @@ scored against the ground truth: PSNR of the twin and of its raw frame, and both
 ground truth brought to the raw frame's brightness (`quality.drift_corrected`). Then the daemon
 gets SIGTERM, drains, and the store it leaves is scored once more (the final twins).
 
-The store is only read while the daemon writes it: the ledger (SQLite in WAL mode: the `denoised`
-table says which model version and window made each twin) and the denoised array, reopened at
-every poll because it grows; the registry's `v*.json` files and `current` pointer as plain files
-(a `ModelRegistry` object would sweep the daemon's half-written temporary files). A twin whose
-chunk is replaced between reading the ledger and reading the chunk can be scored under the
-previous version for one poll; the next poll reads it again.
+The daemon runs as `daemon_process` starts it; the store is read while the daemon writes it
+(`store_watch`). A twin whose chunk is replaced between reading the ledger and reading the chunk
+can be scored under the previous version for one poll; the next poll reads it again.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pn2v_live.core.metrics import psnr
 from pn2v_live.errors import UserError
-from pn2v_live.service.bench.quality import drift_corrected
+from pn2v_live.service.bench.daemon_process import (
+    Endpoints,
+    daemon_overrides,
+    log_tail,
+    sigterm_as_interrupt,
+    start_daemon,
+    stop_daemon,
+    wait_until_ready,
+)
+from pn2v_live.service.bench.store_watch import ModelWatcher, Reference, Twin, TwinWatcher
 
 if TYPE_CHECKING:
     from pn2v_live.core.context import Context
@@ -46,13 +47,7 @@ if TYPE_CHECKING:
 ACQUISITION = "live"
 GOOD_GAIN_DB = 3.0  # a twin this much above its raw frame (PSNR) is "good"
 POLL_SECONDS = 0.5  # store polling period: the resolution of every *_s result
-START_TIMEOUT_S = 300.0  # the daemon's start-up (imports, noise model, sockets, dask)
-STOP_TIMEOUT_S = 300.0  # its drain after SIGTERM (the frames in flight, then the store)
 SEND_TIMEOUT_S = 60.0  # one frame may wait this long for the receiver's backpressure
-LOG_TAIL_LINES = 20
-# Keys the bench sets itself: the store it reads, the noise model it was given, the sockets it
-# sends to. The viewer, metrics and publisher get free ports, which `--set` may override.
-RESERVED_KEYS = ("store.root", "noise_model.path", "ingest.zmq.bind", "ingest.zmq.status_bind")
 
 Log = Callable[[str], None]
 
@@ -98,149 +93,6 @@ def frames_within(count: int, fps: float, minutes: float) -> int:
     return max(1, min(count, int(np.ceil(minutes * 60 * fps))))
 
 
-class Reference:
-    """The ground truth of every replayed frame, plain and drift-corrected, and the raw frames'
-    own scores against both (computed once per frame)."""
-
-    def __init__(self, raw: np.ndarray, truth: np.ndarray, data_range: float):
-        """`raw` (T, Y, X) as sent; `truth` (Y, X) for all frames or (T, Y, X)."""
-        self.raw, self.truth, self.data_range = raw, truth, data_range
-        self._corrected: dict[int, np.ndarray] = {}
-        self._raw_scores: dict[int, tuple[float, float]] = {}
-
-    def truth_of(self, t: int) -> np.ndarray:
-        """(Y, X) ground truth of frame t."""
-        return self.truth if self.truth.ndim == 2 else self.truth[t]
-
-    def corrected_of(self, t: int) -> np.ndarray:
-        """(Y, X) ground truth of frame t fitted (gain, offset) to the raw frame's brightness."""
-        if t not in self._corrected:
-            self._corrected[t] = drift_corrected(self.raw[t].astype(np.float32), self.truth_of(t))
-        return self._corrected[t]
-
-    def scores(self, t: int, image: np.ndarray) -> tuple[float, float]:
-        """PSNR (dB) of a (Y, X) `image` of frame t: against the truth, and drift-corrected."""
-        return (
-            psnr(image, self.truth_of(t), self.data_range),
-            psnr(image, self.corrected_of(t), self.data_range),
-        )
-
-    def raw_scores(self, t: int) -> tuple[float, float]:
-        """`scores` of raw frame t."""
-        if t not in self._raw_scores:
-            self._raw_scores[t] = self.scores(t, self.raw[t])
-        return self._raw_scores[t]
-
-
-# ---- the daemon ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """Where the daemon receives frames and answers status requests (IPC sockets in a private
-    temporary folder: no port to collide with another daemon)."""
-
-    frames: str
-    status: str
-
-    @classmethod
-    def in_folder(cls, folder: Path) -> Endpoints:
-        return cls(f"ipc://{folder / 'frames'}", f"ipc://{folder / 'status'}")
-
-
-def daemon_overrides(
-    store_root: Path, noise_model: Path, endpoints: Endpoints, user: list[str], part: str = "live"
-) -> list[str]:
-    """`--set` overrides for `pn2v-live serve`: the bench's own keys, free ports for the other
-    listeners, then the user's overrides (which win, except for RESERVED_KEYS: UserError naming
-    the bench `part`)."""
-    for override in user:
-        key = override.partition("=")[0].strip()
-        if key in RESERVED_KEYS:
-            raise UserError(
-                f"--set {override!r}: the {part} bench sets {key} itself "
-                "(--keep DIR keeps the store, --noise-model-file names the noise model)"
-            )
-    own = {
-        "store.root": store_root,
-        "noise_model.path": noise_model.resolve(),
-        "ingest.zmq.bind": endpoints.frames,
-        "ingest.zmq.status_bind": endpoints.status,
-        "metrics.bind": "127.0.0.1:0",
-        "viewer.bind": "127.0.0.1:0",
-        "publish.bind": "tcp://127.0.0.1:*",
-    }
-    return [f"{key}={json.dumps(str(value))}" for key, value in own.items()] + list(user)
-
-
-def start_daemon(overrides: list[str], log_path: Path) -> subprocess.Popen:
-    """`pn2v-live serve --set …` in a subprocess, its log lines going to `log_path`."""
-    command = [sys.executable, "-m", "pn2v_live", "serve"]
-    for override in overrides:
-        command += ["--set", override]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def wait_until_ready(process: subprocess.Popen, endpoints: Endpoints, log_path: Path) -> None:
-    """Block until the daemon's status socket answers (its sources start last but for inference
-    and training); UserError with the log's tail when it exits or takes over START_TIMEOUT_S."""
-    from pn2v_live.wire.sender import FrameSender
-
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with FrameSender(endpoints.frames, endpoints.status) as probe:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise UserError(
-                    f"the daemon exited with code {process.returncode} at start-up:\n"
-                    + log_tail(log_path)
-                )
-            if probe.status(ACQUISITION, timeout=1.0) is not None:
-                return
-    raise UserError(
-        f"the daemon did not start within {START_TIMEOUT_S:.0f} s:\n{log_tail(log_path)}"
-    )
-
-
-def stop_daemon(process: subprocess.Popen) -> int:
-    """SIGTERM, wait for the drain (SIGKILL after STOP_TIMEOUT_S); the exit code."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` lines of the daemon's log."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM (e.g. from `timeout`) raises KeyboardInterrupt in the main thread,
-    so the clean-up stops the daemon instead of leaving it running."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # ---- the replay ------------------------------------------------------------------------
 
 
@@ -281,129 +133,6 @@ class Replay(threading.Thread):
 
     def _left(self) -> float:
         return max(5.0, self.started_at + self.budget_s - time.monotonic())
-
-
-# ---- watching the store ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Twin:
-    """One observation of denoised frame `frame`: when (s after the first frame sent), which
-    model version and window made it, and its scores (dB)."""
-
-    t_s: float
-    frame: int
-    version: int
-    window: str
-    psnr_db: float
-    raw_psnr_db: float
-    psnr_drift_corrected_db: float
-    raw_psnr_drift_corrected_db: float
-
-    @property
-    def gain_db(self) -> float:
-        return self.psnr_db - self.raw_psnr_db
-
-    @property
-    def gain_drift_corrected_db(self) -> float:
-        return self.psnr_drift_corrected_db - self.raw_psnr_drift_corrected_db
-
-    def line(self) -> dict[str, Any]:
-        """The progress line's fields."""
-        return {
-            "t_s": round(self.t_s, 2),
-            "frame": self.frame,
-            "version": self.version,
-            "window": self.window,
-            "psnr_db": round(self.psnr_db, 4),
-            "raw_psnr_db": round(self.raw_psnr_db, 4),
-            "gain_db": round(self.gain_db, 4),
-            "gain_drift_corrected_db": round(self.gain_drift_corrected_db, 4),
-        }
-
-
-class TwinWatcher:
-    """Reads the twins of ACQUISITION under the store `root` that are new or were replaced
-    since the last `poll` (ledger row, then chunk), and scores them."""
-
-    def __init__(self, root: Path, reference: Reference):
-        from pn2v_live.storage.ledger import Ledger
-
-        self.root, self.reference = root, reference
-        self.ledger = Ledger(root)  # the daemon created it before its sockets answered
-        self.seen: dict[int, tuple[int, str]] = {}  # frame → (version, window) last scored
-        self.latest: dict[int, Twin] = {}
-
-    def close(self) -> None:
-        self.ledger.close()
-
-    def poll(self, t_s: float) -> list[Twin]:
-        """The twins new or changed since the last poll, observed at `t_s`."""
-        import zarr
-
-        from pn2v_live.storage.store import SUFFIX
-
-        twins = self.ledger.denoised_twins(ACQUISITION)
-        changed = {t: made for t, made in twins.items() if self.seen.get(t) != made}
-        if not changed:
-            return []
-        array = zarr.open_array(self.root / (ACQUISITION + SUFFIX) / "denoised" / "0", mode="r")
-        observed = []
-        for t, (version, window) in sorted(changed.items()):
-            if t >= len(self.reference.raw):
-                continue  # not a frame this bench sent
-            twin_scores = self.reference.scores(t, np.asarray(array[t, 0, 0]))
-            raw_scores = self.reference.raw_scores(t)
-            twin = Twin(t_s, t, version, window, twin_scores[0], raw_scores[0],
-                        twin_scores[1], raw_scores[1])  # fmt: skip
-            self.seen[t], self.latest[t] = (version, window), twin
-            observed.append(twin)
-        return observed
-
-    def frames_stored(self) -> int:
-        return len(self.ledger.frames(ACQUISITION))
-
-
-class ModelWatcher:
-    """Remembers the metadata of every model version the registry folder held at any poll (a
-    promotion prunes old versions) and reports promotions."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.infos: dict[int, dict[str, Any]] = {}
-        self.current: int | None = None
-
-    def poll(self) -> int | None:
-        """The newly promoted version since the last poll, or None."""
-        from pn2v_live.storage.registry import POINTER
-
-        for path in sorted(self.folder.glob("v[0-9]*.json")):
-            version = int(path.name[1:].split(".")[0])
-            if version not in self.infos:
-                try:
-                    self.infos[version] = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue  # pruned meanwhile (files are written whole, then renamed)
-        try:
-            current = int((self.folder / POINTER).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        if current == self.current or current not in self.infos:
-            return None
-        self.current = current
-        return current
-
-    def training_steps(self, version: int) -> int | None:
-        """Optimiser steps behind `version`: its `training_steps` and those of its parents.
-        None when a parent's metadata was never seen."""
-        steps = 0
-        while version is not None:
-            info = self.infos.get(version)
-            if info is None:
-                return None
-            steps += int(info["training_steps"])
-            version = info["parent"]
-        return steps
 
 
 # ---- offline comparison ----------------------------------------------------------------
@@ -572,7 +301,7 @@ def _replay_and_watch(
     try:
         wait_until_ready(process, endpoints, log_path)
         pace = Pace(metrics_url(log_path))
-        twins = TwinWatcher(config.store.root, reference)
+        twins = TwinWatcher(config.store.root, reference, ACQUISITION)
         models = ModelWatcher(config.store.root / "models")
         replay = Replay(endpoints, reference.raw, fps, end, budget_s=minutes * 60)
         replay.start()

@@ -46,10 +46,8 @@ import numpy as np
 
 from pn2v_live.errors import UserError
 from pn2v_live.service.bench.daemon_metrics import metrics_url, read_metrics, total
-from pn2v_live.service.bench.live import (
-    SEND_TIMEOUT_S,
+from pn2v_live.service.bench.daemon_process import (
     Endpoints,
-    ModelWatcher,
     daemon_overrides,
     log_tail,
     sigterm_as_interrupt,
@@ -57,6 +55,8 @@ from pn2v_live.service.bench.live import (
     stop_daemon,
     wait_until_ready,
 )
+from pn2v_live.service.bench.live import SEND_TIMEOUT_S
+from pn2v_live.service.bench.store_watch import ModelWatcher
 
 SAMPLE_SECONDS = 1.0
 WARMUP_SECONDS = 60.0  # samples before this are left out of the RSS slope and growth
