@@ -45,16 +45,8 @@ from typing import Any
 import numpy as np
 
 from pn2v_live.errors import UserError
+from pn2v_live.service.bench import daemon_process
 from pn2v_live.service.bench.daemon_metrics import metrics_url, read_metrics, total
-from pn2v_live.service.bench.daemon_process import (
-    Endpoints,
-    daemon_overrides,
-    log_tail,
-    sigterm_as_interrupt,
-    start_daemon,
-    stop_daemon,
-    wait_until_ready,
-)
 from pn2v_live.service.bench.live import SEND_TIMEOUT_S
 from pn2v_live.service.bench.store_watch import ModelWatcher
 
@@ -119,7 +111,13 @@ class Stream(threading.Thread):
     (frame numbers 0..n-1) and its end marker, then k + 1 starts. Once stopped, resends what the
     receiver lacks until all is stored. `sent` maps each acquisition to the frames sent."""
 
-    def __init__(self, endpoints: Endpoints, pool: np.ndarray, fps: float, per_acquisition: int):
+    def __init__(
+        self,
+        endpoints: daemon_process.Endpoints,
+        pool: np.ndarray,
+        fps: float,
+        per_acquisition: int,
+    ):
         super().__init__(name="bench-soak-stream", daemon=True)
         self.endpoints, self.pool, self.fps = endpoints, pool, fps
         self.per_acquisition = per_acquisition
@@ -287,10 +285,12 @@ def run_soak(
         work.mkdir(parents=True, exist_ok=True)
         if noise_model is None:
             noise_model = camera_noise_model(work / "noise-model.pt", pool)
-        endpoints = Endpoints.in_folder(sockets)
-        settings = daemon_overrides(work / "store", noise_model, endpoints, overrides, "soak")
+        endpoints = daemon_process.Endpoints.in_folder(sockets)
+        settings = daemon_process.daemon_overrides(
+            work / "store", noise_model, endpoints, overrides, "soak"
+        )
         config = load_config(None, settings)  # UserError for a bad --set, before starting
-        cleanup.enter_context(sigterm_as_interrupt())
+        cleanup.enter_context(daemon_process.sigterm_as_interrupt())
         result = _stream_and_sample(config, settings, endpoints, work, pool, fps, minutes, log)
     return {
         **result,
@@ -306,7 +306,7 @@ def run_soak(
 def _stream_and_sample(
     config,
     settings: list[str],
-    endpoints: Endpoints,
+    endpoints: daemon_process.Endpoints,
     work: Path,
     pool: np.ndarray,
     fps: float,
@@ -317,9 +317,9 @@ def _stream_and_sample(
     store keys."""
     log_path = work / "serve.log"
     samples = Samples()
-    process = start_daemon(settings, log_path)
+    process = daemon_process.start_daemon(settings, log_path)
     try:
-        wait_until_ready(process, endpoints, log_path)
+        daemon_process.wait_until_ready(process, endpoints, log_path)
         url = metrics_url(log_path)
         per_acquisition = max(1, round(fps * ACQUISITION_SECONDS))
         stream = Stream(endpoints, pool, fps, per_acquisition)
@@ -335,10 +335,10 @@ def _stream_and_sample(
             time.sleep(max(0.0, started + offset + n * SAMPLE_SECONDS - time.monotonic()))
             if process.poll() is not None:
                 raise UserError(f"the daemon exited with code {process.returncode} during the "
-                                f"stream:\n{log_tail(log_path)}")  # fmt: skip
+                                f"stream:\n{daemon_process.log_tail(log_path)}")  # fmt: skip
             if stream.error is not None:
                 raise UserError(f"the stream stopped: {type(stream.error).__name__}: "
-                                f"{stream.error}\n{log_tail(log_path)}")  # fmt: skip
+                                f"{stream.error}\n{daemon_process.log_tail(log_path)}")  # fmt: skip
             row = samples.take(process.pid, url, time.monotonic() - started)
             if n % 10 == 0:
                 log(json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
@@ -348,10 +348,10 @@ def _stream_and_sample(
         stream.join(STORE_TIMEOUT_S + SEND_TIMEOUT_S)
         if stream.error is not None or stream.is_alive():
             what = "did not finish" if stream.is_alive() else repr(stream.error)
-            raise UserError(f"storing the sent frames {what}:\n{log_tail(log_path)}")
-        exit_code = stop_daemon(process)
+            raise UserError(f"storing the sent frames {what}:\n{daemon_process.log_tail(log_path)}")
+        exit_code = daemon_process.stop_daemon(process)
     finally:
-        stop_daemon(process)
+        daemon_process.stop_daemon(process)
         if samples.rows:
             with (work / "samples.jsonl").open("w") as out:
                 out.writelines(json.dumps(row) + "\n" for row in samples.rows)
