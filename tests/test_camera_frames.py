@@ -1,0 +1,86 @@
+"""The daemon's camera maps (`pipeline.camera_frames`): which region of the maps an acquisition's
+frames cover, refusal at ingest of frames beyond them, and the trainer's equalised frames with
+their read-noise variance as the last channel of every patch."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pn2v_live.core.context import SPATIAL
+from pn2v_live.core.noise import CameraNoiseModel
+from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
+from pn2v_live.pipeline.camera_frames import CameraFrames
+from pn2v_live.pipeline.ingest import Rejected, open_acquisition
+from pn2v_live.pipeline.trainer import Trainer, TrainerSettings, _usable_window
+from pn2v_live.storage.registry import ModelRegistry
+from pn2v_live.storage.store import Store
+
+SETTINGS = TrainerSettings(every_frames=8, every_seconds=3600, steps_per_round=2, patch_size=16,
+                           batch_size=2, k=8, learning_rate=1e-3, context="0:0",
+                           first_model_frames=8, first_model_steps=2,
+                           min_gain_db=-float("inf"))  # fmt: skip
+
+
+@pytest.fixture
+def maps():
+    return scmos_maps((40, 48), seed=2)
+
+
+def test_frames_are_placed_at_their_source_s_origin_else_the_default(tmp_path, maps):
+    camera = CameraFrames(CameraNoiseModel.from_maps(maps, (100.0, 900.0)), default_origin=(4, 8))
+    store = Store(tmp_path / "store")
+    try:
+        given = open_acquisition(store, "roi", (16, 16), np.uint16, sensor_origin=(24, 32),
+                                 check=camera.admit)  # fmt: skip
+        assert camera.origin(given) == (24, 32)
+        # A later frame's other origin does not move the acquisition.
+        open_acquisition(store, "roi", (16, 16), np.uint16, sensor_origin=(0, 0),
+                         check=camera.admit)  # fmt: skip
+        assert store.acquisition("roi").sensor_origin == (24, 32)
+        default = open_acquisition(store, "whole", (36, 40), np.uint16, check=camera.admit)
+        assert default.sensor_origin is None and camera.origin(default) == (4, 8)
+        with pytest.raises(Rejected, match="outside the camera maps") as refused:
+            open_acquisition(store, "big", (40, 48), np.uint16, check=camera.admit)
+        assert refused.value.reason == "camera_maps"
+        assert "big" not in store.acquisitions()  # refused before anything was created
+        raw = ScmosCamera(maps).acquisition(1, seed=3)[0][0, 24:40, 32:48]
+        equalised, variance = camera.inputs(given, raw)
+        region = maps.region((24, 32), (16, 16))
+        np.testing.assert_array_equal(equalised, region.equalise(raw))
+        np.testing.assert_array_equal(variance, region.pixel_variance())
+        plain = CameraFrames(CameraNoiseModel.from_maps(maps, (100.0, 900.0)).base)
+        assert plain.inputs(given, raw) == (raw, None)
+        plain.admit((4000, 4000), None)  # without maps any size is taken
+    finally:
+        store.close()
+
+
+def test_trainer_reads_equalised_frames_and_a_variance_channel(tmp_path, maps):
+    model = CameraNoiseModel.from_maps(maps, (100.0, 900.0))
+    store = Store(tmp_path / "store")
+    raw = ScmosCamera(maps).acquisition(12, seed=4)[0][:, 8:32, 16:40]
+    acquisition = open_acquisition(store, "roi", (24, 24), np.uint16, sensor_origin=(8, 16))
+    for t, frame in enumerate(raw):
+        acquisition.write_raw(t, frame)
+    idle = threading.Event()
+    idle.set()
+    trainer = Trainer(store, ModelRegistry(tmp_path / "models"), model, "nm", SETTINGS,
+                      torch.device("cpu"), idle, camera=CameraFrames(model))  # fmt: skip
+    try:
+        series, _ = trainer._frames(acquisition, _usable_window(acquisition))
+        region = maps.region((8, 16), (24, 24))
+        for t in series.trained + series.held_back:
+            np.testing.assert_array_equal(series.frames[t], region.equalise(raw[t]))
+        np.testing.assert_array_equal(series.variance, region.pixel_variance())
+        batch = series.training_windows(SPATIAL)[0]
+        assert batch.shape == (2, 24, 24)
+        np.testing.assert_array_equal(batch[1], region.pixel_variance())
+        assert trainer.work()  # a whole round with the variance channel: a first model
+        assert trainer.registry.current() is not None
+    finally:
+        trainer.stop(timeout=60)
+        store.close()
