@@ -35,8 +35,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
-import re
 import resource
 import socket
 import threading
@@ -58,6 +56,16 @@ from pn2v_live.service.access import (
 )
 from pn2v_live.service.acquisition_list import AcquisitionList
 from pn2v_live.service.viewer_render import FORMATS, contrast_limits, render
+from pn2v_live.service.viewer_requests import (
+    ascii_int,
+    bad_request,
+    error_response,
+    float_query,
+    int_query,
+    not_found,
+    shown,
+    to_json,
+)
 from pn2v_live.storage.store import Acquisition, Store
 
 log = logging.getLogger(__name__)
@@ -80,82 +88,6 @@ TOKEN_COOKIE = "pn2v_live_viewer_token"
 # The store holds one plane per frame (axes t, c, z, y, x with c = z = 1); the page shows c/z
 # selectors only for sizes above 1.
 PLANE_SIZES = {"c": 1, "z": 1}
-# Numbers in URLs: ASCII digits only. str.isdigit() takes '²' (which int() then refuses: a 500),
-# int() and float() take '١' (Arabic-Indic one), '1_0' and spaces, and 5,000 digits hit int()'s
-# 4,300-digit limit.
-MAX_INDEX_DIGITS = 12
-ASCII_INT = re.compile(rf"[0-9]{{1,{MAX_INDEX_DIGITS}}}")
-ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
-MAX_FLOAT_CHARS = 40
-
-
-def ascii_int(text: str) -> int | None:
-    """A non-negative ASCII-decimal integer of at most MAX_INDEX_DIGITS digits, else None."""
-    return int(text) if ASCII_INT.fullmatch(text) else None
-
-
-def ascii_float(text: str) -> float | None:
-    """A finite number written in ASCII decimal ('12', '-0.5', '1e3'), else None (also for
-    'nan', 'inf', '1_0', Unicode digits and anything longer than MAX_FLOAT_CHARS)."""
-    if len(text) > MAX_FLOAT_CHARS or not ASCII_FLOAT.fullmatch(text):
-        return None
-    value = float(text)
-    return value if math.isfinite(value) else None
-
-
-def to_json(data: object) -> str:
-    """JSON a browser can parse: NaN and ±inf (e.g. a diverged loss) become null."""
-
-    def finite(value: object) -> object:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [finite(item) for item in value]
-        return value
-
-    return json.dumps(finite(data))
-
-
-def _bad_request(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
-
-
-def _not_found(message: str) -> web.HTTPNotFound:
-    return web.HTTPNotFound(text=json.dumps({"error": message}), content_type="application/json")
-
-
-def _error(status: int, message: str, **headers: str) -> web.Response:
-    """A JSON error response that closes its connection (for refusals: free the socket)."""
-    response = web.json_response({"error": message}, status=status, headers=headers)
-    response.force_close()
-    return response
-
-
-def _shown(text: str) -> str:
-    """A query or path value for an error message (never thousands of characters)."""
-    return repr(text) if len(text) <= 40 else repr(text[:40]) + f"… ({len(text)} characters)"
-
-
-def _int_query(request: web.Request, key: str, default: int, low: int, high: int) -> int:
-    text = request.query.get(key)
-    if text is None:
-        return default
-    value = ascii_int(text)
-    if value is None or not low <= value <= high:
-        raise _bad_request(f"{key}={_shown(text)} must be an integer in [{low}, {high}]")
-    return value
-
-
-def _float_query(request: web.Request, key: str) -> float | None:
-    text = request.query.get(key)
-    if text is None:
-        return None
-    value = ascii_float(text)
-    if value is None:
-        raise _bad_request(f"{key}={_shown(text)} must be a finite decimal number")
-    return value
 
 
 def acquisition_summary(acquisition: Acquisition) -> dict:
@@ -476,7 +408,7 @@ class ViewerServer:
             sockname[0] if sockname else None,
         )
         if refusal is not None:
-            return _error(*refusal)
+            return error_response(*refusal)
         if not self.token:
             return await handler(request)
         if token_matches(bearer_token(request.headers.get("Authorization")), self.token):
@@ -494,7 +426,7 @@ class ViewerServer:
                 TOKEN_COOKIE, self.token, httponly=True, samesite="Strict", path="/"
             )
             return response
-        return _error(
+        return error_response(
             401,
             "this viewer needs its access token (viewer.token): open the viewer's URL with "
             "?token=TOKEN once, or send the header 'Authorization: Bearer TOKEN'",
@@ -507,14 +439,14 @@ class ViewerServer:
         """The acquisition named in the URL; only names the store lists are accepted."""
         name = request.match_info["name"]
         if name not in self._list.names():
-            raise _not_found(f"no acquisition named {_shown(name)}")
+            raise not_found(f"no acquisition named {shown(name)}")
         return self.store.acquisition(name)
 
     def _frame_index(self, request: web.Request, acquisition: Acquisition, text: str) -> int:
         t = ascii_int(text)
         if t is None or t >= acquisition.valid_t:
-            raise _not_found(
-                f"frame {_shown(text)} is not stored in {acquisition.name!r} "
+            raise not_found(
+                f"frame {shown(text)} is not stored in {acquisition.name!r} "
                 f"({acquisition.valid_t} frames)"
             )
         return t
@@ -523,7 +455,7 @@ class ViewerServer:
     def _check_plane(request: web.Request) -> None:
         """Refuse c/z indices outside the plane sizes (400)."""
         for axis, size in PLANE_SIZES.items():
-            _int_query(request, axis, 0, 0, size - 1)
+            int_query(request, axis, 0, 0, size - 1)
 
     async def _in_thread(self, function: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -536,7 +468,7 @@ class ViewerServer:
     async def _static(self, request: web.Request) -> web.Response:
         name = request.match_info["file"]
         if name not in STATIC_FILES:
-            raise _not_found(f"no static file {name!r}")
+            raise not_found(f"no static file {name!r}")
         return self._static_file(name)
 
     @staticmethod
@@ -554,11 +486,11 @@ class ViewerServer:
         acquisition = self._acquisition(request)
         t = self._frame_index(request, acquisition, request.query.get("t", ""))
         self._check_plane(request)
-        low = _float_query(request, "low")
-        high = _float_query(request, "high")
+        low = float_query(request, "low")
+        high = float_query(request, "high")
         low, high = (0.5 if low is None else low), (99.8 if high is None else high)
         if not 0 <= low < high <= 100:
-            raise _bad_request(f"percentiles low={low}, high={high} need 0 <= low < high <= 100")
+            raise bad_request(f"percentiles low={low}, high={high} need 0 <= low < high <= 100")
         lo, hi = await self._in_thread(lambda: contrast_limits(acquisition.read_raw(t), low, high))
         return web.json_response({"lo": lo, "hi": hi})
 
@@ -567,13 +499,13 @@ class ViewerServer:
         kind = request.match_info["kind"]
         t = self._frame_index(request, acquisition, request.match_info["t"])
         self._check_plane(request)
-        max_size = _int_query(request, "max", 1024, 16, MAX_RENDER_SIZE)
+        max_size = int_query(request, "max", 1024, 16, MAX_RENDER_SIZE)
         fmt = request.query.get("format", "png")
         if fmt not in FORMATS:
-            raise _bad_request(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
-        lo, hi = _float_query(request, "lo"), _float_query(request, "hi")
+            raise bad_request(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
+        lo, hi = float_query(request, "lo"), float_query(request, "hi")
         if (lo is None) != (hi is None) or (lo is not None and hi <= lo):
-            raise _bad_request("give both lo and hi with lo < hi, or neither for auto contrast")
+            raise bad_request("give both lo and hi with lo < hi, or neither for auto contrast")
 
         def draw() -> tuple[bytes, dict[str, str]] | None:
             headers = {"Cache-Control": "no-store"}
@@ -590,14 +522,14 @@ class ViewerServer:
 
         drawn = await self._in_thread(draw)
         if drawn is None:
-            raise _not_found(f"frame {t} of {acquisition.name!r} has no denoised twin yet")
+            raise not_found(f"frame {t} of {acquisition.name!r} has no denoised twin yet")
         body, headers = drawn
         return web.Response(body=body, content_type=FORMATS[fmt], headers=headers)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         if len(self._streams) >= self.max_streams:
             self.refused_streams += 1
-            return _error(
+            return error_response(
                 503,
                 f"too many live views ({self.max_streams} event streams, viewer.max_streams); "
                 "close another viewer tab or raise viewer.max_streams",
