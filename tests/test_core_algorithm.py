@@ -184,6 +184,8 @@ def test_best_spread_is_the_maximum_likelihood_width_of_a_gaussian_prior():
     samples = m[:, None] + 12 * z[None, :]
     scale = best_spread(samples, x, gaussian(2.0), scales=np.geomspace(0.05, 2, 81))
     assert scale == pytest.approx(0.25, abs=0.01)
+    # the coarse-to-fine search lands where trying every factor does
+    assert scale == best_spread(samples, x, gaussian(2.0), np.geomspace(0.05, 2, 81), stride=1)
     # already right: kept as it is
     assert best_spread(m[:, None] + 3 * z[None, :], x, gaussian(2.0)) == pytest.approx(1, abs=0.1)
 

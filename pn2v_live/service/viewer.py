@@ -32,11 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
-import resource
-import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +51,7 @@ from pn2v_live.service.access import (
     token_matches,
 )
 from pn2v_live.service.acquisition_list import AcquisitionList
+from pn2v_live.service.viewer_listener import ViewerListener
 from pn2v_live.service.viewer_render import FORMATS, contrast_limits, render
 from pn2v_live.service.viewer_requests import (
     ascii_int,
@@ -79,11 +76,6 @@ MAX_RENDER_SIZE = 8192
 HEARTBEAT_SECONDS = 15.0
 IDLE_SECONDS = 15.0  # a connection with no request in progress is closed after this long
 STALLED_SECONDS = 60.0  # an event stream whose write has not gone through this long is dropped
-# Connections the kernel queues for us (they hold no open file until accepted, one at a time):
-# a burst of new connections waits there instead of being dropped and retried seconds later.
-LISTEN_BACKLOG = 1024
-REFUSAL_SECONDS = 1.0  # a refused connection that sends no request is closed after this long
-RESERVED_FILES = 256  # open files the rest of the daemon needs beside the viewer's connections
 TOKEN_COOKIE = "pn2v_live_viewer_token"
 # The store holds one plane per frame (axes t, c, z, y, x with c = z = 1); the page shows c/z
 # selectors only for sizes above 1.
@@ -106,26 +98,6 @@ def acquisition_summary(acquisition: Acquisition) -> dict:
     }
 
 
-def _listening_sockets(host: str, port: int) -> list[socket.socket]:
-    """Non-blocking listening sockets on every address `host` resolves to (as asyncio's
-    create_server binds them), all on one port; OSError if any cannot be bound."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    addresses = dict.fromkeys((family, address[:2]) for family, _, _, _, address in infos)
-    sockets: list[socket.socket] = []
-    try:
-        for family, address in addresses:
-            if sockets:  # with port 0 the others take the port the first one got
-                address = (address[0], sockets[0].getsockname()[1])
-            sock = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
-            sock.setblocking(False)
-            sockets.append(sock)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
 class _Stream:
     """One browser's event stream: the newest unsent encoded event per kind, never more."""
 
@@ -144,37 +116,8 @@ class _Stream:
         self.wake.set()
 
 
-def _same(protocol: asyncio.Protocol) -> asyncio.Protocol:
-    return protocol
-
-
 def _event(kind: str, data: object) -> bytes:
     return f"event: {kind}\ndata: {to_json(data)}\n\n".encode()
-
-
-class _Refusal(asyncio.Protocol):
-    """A connection past `max_connections`: 503 at once, never parsed, closed once the request
-    has come in (closing before would make the kernel answer the request with a reset, which
-    can destroy the 503 before the client reads it) or after REFUSAL_SECONDS."""
-
-    def __init__(self, server: ViewerServer) -> None:
-        self.server = server
-        self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        self.server.refused_connections += 1
-        transport.write(self.server._busy_response)
-        self.timer = asyncio.get_running_loop().call_later(REFUSAL_SECONDS, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server._refusal_slots.release()
-        if self.timer is not None:
-            self.timer.cancel()
 
 
 class ViewerServer:
@@ -209,22 +152,23 @@ class ViewerServer:
         self.allowed_hosts = tuple(allowed_hosts)
         self.max_streams = max_streams
         self.max_connections = max_connections
-        self.refused_connections = 0  # connections answered 503 before their request was read
         self.refused_streams = 0  # event streams answered 503 (max_streams reached)
         self.stalled_seconds = STALLED_SECONDS
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="viewer-render")
         self._streams: set[_Stream] = set()
-        self._refusal_slots: asyncio.Semaphore | None = None  # 503s being sent, at most
-        self._busy_response = b""
         self._list = AcquisitionList(store, acquisition_summary)  # what changed is re-read
         self._host_check: HostCheck | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
-        self._listeners: list[socket.socket] = []
-        self._accepting: list[asyncio.Task] = []
+        self._listener = ViewerListener(self.host, self.port, max_connections)
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections answered 503 before their request was read."""
+        return self._listener.refused
 
     @property
     def url(self) -> str:
@@ -247,7 +191,6 @@ class ViewerServer:
                 f"token, {TOKEN_ADVICE}, or bind to 127.0.0.1"
             )
         self._host_check = HostCheck(self.host, self.allowed_hosts)
-        self._busy_response = self._refusal_bytes()
         self._thread = threading.Thread(target=self._serve, name="viewer", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -258,22 +201,8 @@ class ViewerServer:
             ) from self._start_error
         if self.beyond_loopback:
             log.warning(exposure_warning("viewer", self.bind, "viewer.token"))
-        self._check_open_file_limit()
+        self._listener.check_open_file_limit()
         log.info("viewer at %s", self.url)
-
-    def _check_open_file_limit(self) -> None:
-        """Warn when the viewer's worst case of open sockets does not fit the process's limit."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        needed = 2 * self.max_connections + RESERVED_FILES  # served + being refused (_accept)
-        if soft != resource.RLIM_INFINITY and soft < needed:
-            log.warning(
-                "the open-file limit (%d) is below what viewer.max_connections = %d may need "
-                "with the rest of the daemon (about %d): lower viewer.max_connections or raise "
-                "the limit (LimitNOFILE= in the systemd unit, ulimit -n)",
-                soft,
-                self.max_connections,
-                needed,
-            )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close all connections and the listening socket; returns once the thread has ended."""
@@ -336,66 +265,19 @@ class ViewerServer:
         )
         await self._runner.setup()
         try:
-            self._listeners = _listening_sockets(self.host, self.port)
+            self._listener.open(self._runner.server)
         except OSError:
             await self._runner.cleanup()
             raise
-        self.port = self._listeners[0].getsockname()[1]
-        loop = asyncio.get_running_loop()
-        self._refusal_slots = asyncio.Semaphore(self.max_connections)
-        self._accepting = [loop.create_task(self._accept(sock)) for sock in self._listeners]
-        self._watcher = loop.create_task(self._watch())
-
-    async def _accept(self, listener: socket.socket) -> None:
-        """Accept connections one by one, so that open sockets stay bounded: up to
-        `max_connections` served, up to as many more being refused with a 503; while all
-        refusal slots are taken, nothing is accepted (the kernel queues new connections, then
-        makes their clients retry) instead of opening ever more sockets."""
-        loop = asyncio.get_running_loop()
-        http = self._runner.server
-        while True:
-            await self._refusal_slots.acquire()  # a slot in case this one must be refused
-            try:
-                client, _ = await loop.sock_accept(listener)
-            except OSError as error:  # e.g. the process is at its open-file limit: let it be
-                self._refusal_slots.release()
-                log.warning("viewer cannot accept a connection (%s); retrying in 1 s", error)
-                await asyncio.sleep(1.0)
-                continue
-            refusal = None if len(http.connections) < self.max_connections else _Refusal(self)
-            if refusal is None:
-                self._refusal_slots.release()
-            try:
-                factory = http if refusal is None else functools.partial(_same, refusal)
-                await loop.connect_accepted_socket(factory, client)
-            except OSError:  # the client is gone already
-                client.close()
-                if refusal is not None and refusal.transport is None:
-                    self._refusal_slots.release()
+        self.port = self._listener.port
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _shutdown(self) -> None:
         self._watcher.cancel()
-        for task in self._accepting:
-            task.cancel()
-        await asyncio.gather(*self._accepting, return_exceptions=True)
-        for sock in self._listeners:
-            sock.close()
+        await self._listener.close()
         for stream in self._streams:
             stream.close()
         await self._runner.cleanup()
-
-    def _refusal_bytes(self) -> bytes:
-        body = json.dumps(
-            {
-                "error": f"the viewer is busy ({self.max_connections} connections, "
-                "viewer.max_connections); try again shortly"
-            }
-        ).encode()
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
-        )
-        return head.encode() + body
 
     # ---- access: Host/Origin names and the token ---------------------------------------
 
