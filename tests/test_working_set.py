@@ -134,6 +134,8 @@ def test_passes_cost_nothing_per_closed_acquisition(tmp_path, file_work):
         assert live.denoised_version(1) == 1 and old.denoised_version(1) == 1
         assert not any("old_0499" in path or "old_0501" in path for path in found)
         assert {a.name for a in inference.working.acquisitions()} == {"live", "old_0500"}
+        assert trainer.work() is False  # 2 new frames: no round due
+        assert trainer.working.stored == {"live": 1, "old_0500": 1}  # new ones, not all it has
     finally:
         store.close()
 

@@ -123,7 +123,7 @@ class Trainer(Stage):
         self.history: deque[dict] = deque(maxlen=HISTORY_ROUNDS)
         self._training: Training | None = None
         self._steps_since_promotion = 0
-        self._seen: dict[str, int] | None = None  # frames per acquisition at the last round
+        self._counting = False  # new frames are counted from the first pass on
         self._last_round = time.monotonic()
         self._unreadable = False  # the last attempt's window had no readable frame of a kind
         self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
@@ -135,10 +135,10 @@ class Trainer(Stage):
         while the microscope is idle: the one with the newest frame)."""
         self._switch_noise_model()
         acquisitions = self.working.acquisitions()
-        counts = {a.name: a.frame_count for a in acquisitions}
-        if self._seen is None:  # frames stored before this start are not new
-            self._seen = counts
-        growth = {name: n - self._seen.get(name, 0) for name, n in counts.items()}
+        if not self._counting:  # frames stored before this start are not new
+            self.working.stored.clear()
+            self._counting = True
+        growth = self.working.stored  # frames stored since the last round, by acquisition
         new_frames = sum(growth.values())
         # No model yet: try at once, but after a window that did not read back only on news.
         first_model = self.registry.current() is None and not (self._unreadable and not new_frames)
@@ -154,7 +154,8 @@ class Trainer(Stage):
         if chosen is None:
             return False  # too few frames yet for a held-back one, or frames too small
         name = chosen[0].name
-        self._seen, self._last_round = counts, time.monotonic()  # an attempt, read or not
+        growth.clear()
+        self._last_round = time.monotonic()  # an attempt, read or not
         series, weights = self._frames(*chosen)
         self._unreadable = not series.trained or not series.held_back
         if self._unreadable:

@@ -193,10 +193,10 @@ class Acquisition:
         ledger: Ledger,
         writer: bool,
         committer: GroupCommit | None = None,
-        changed: Callable[[str], None] | None = None,
+        changed: Callable[[str, int], None] | None = None,
     ) -> None:
         self.name = name
-        self._on_changed = changed  # told this name after each raw frame stored, and on close
+        self._on_changed = changed  # told (name, 1) after each raw frame stored, (name, 0) on close
         self.path = path
         self._group = group
         self._ledger = ledger
@@ -390,7 +390,7 @@ class Acquisition:
             if publish:
                 self._set_attrs()
         if self._on_changed is not None:
-            self._on_changed(self.name)
+            self._on_changed(self.name, 1)
 
     def write_denoised(
         self, t: int, frame: np.ndarray, model_version: int, window: Context = SPATIAL
@@ -433,7 +433,7 @@ class Acquisition:
         self.flush(closed=True, **extra)
         self.closed = True
         if self._on_changed is not None:
-            self._on_changed(self.name)
+            self._on_changed(self.name, 0)
 
     def flush(self, trim: bool = True, **attrs: object) -> bool:
         """Write `valid_t` (and `attrs`) to disk; with `trim`, also cut both arrays to the exact
@@ -608,9 +608,9 @@ class Store:
             self._watchers.append(Changes())
             return self._watchers[-1]
 
-    def _notify_watchers(self, name: str) -> None:
+    def _notify_watchers(self, name: str, frames: int) -> None:
         for changes in self._watchers:
-            changes.add(name)
+            changes.add(name, frames)
 
     def open_acquisitions(self, names: Iterable[str] | None = None) -> list[Acquisition]:
         """Every acquisition that opens (or those of `names`), by name; one that does not

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,21 +23,22 @@ if TYPE_CHECKING:
 
 
 class Changes:
-    """Names of the acquisitions given raw frames or closed since the last `take` (thread-safe)."""
+    """The acquisitions given raw frames or closed since the last `take`, with how many raw
+    frames each was given (thread-safe)."""
 
     def __init__(self) -> None:
-        self._names: set[str] = set()
+        self._frames: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, frames: int) -> None:
         with self._lock:
-            self._names.add(name)
+            self._frames[name] += frames
 
-    def take(self) -> set[str]:
-        """The names added since the last call, and forget them."""
+    def take(self) -> Counter[str]:
+        """{name: raw frames stored} of the acquisitions changed since the last call."""
         with self._lock:
-            names, self._names = self._names, set()
-        return names
+            frames, self._frames = self._frames, Counter()
+        return frames
 
 
 class WorkingSet:
@@ -48,12 +50,14 @@ class WorkingSet:
         self.horizon_seconds = horizon_seconds
         self._changes = store.watch()
         self._names: set[str] | None = None  # None until the first pass lists the store
+        self.stored: Counter[str] = Counter()  # raw frames stored per acquisition, until cleared
 
     def acquisitions(self) -> list[Acquisition]:
         """The acquisitions that may have work now, opened, by name (a damaged one is left out,
         see `Store.open_acquisitions`)."""
-        names = self._changes.take()
-        names |= self._listing() if self._names is None else self._names
+        changed = self._changes.take()
+        self.stored.update(changed)
+        names = set(changed) | (self._listing() if self._names is None else self._names)
         present = sorted(n for n in names if (self.store.path(n) / "raw").is_dir())  # not deleted
         opened = self.store.open_acquisitions(present)
         working = [a for a in opened if a.frames_without_twin() or self.recent(a)]
