@@ -353,7 +353,7 @@ def _describe(error: ValidationError) -> str:
         reason = _TYPE_REASONS.get(problem["type"], reason)
         value = problem.get("input")
         if problem["type"] == "extra_forbidden":
-            reason = "unknown key (check the spelling; see README 'Configuration')"
+            reason = "unknown key (check the spelling; see docs/configuration.md)"
         elif problem["type"] in ("int_type", "float_type") and isinstance(value, bool):
             reason = f"Input should be a number, not {str(value).lower()}"
         elif problem["type"] != "missing" and "input" in problem:
