@@ -336,6 +336,11 @@ class Acquisition:
             stored = sorted(self._stored, reverse=True)
         return [t for t in stored if self._versions.get(t, -1) < current_version]
 
+    @property
+    def untwinned_count(self) -> int:
+        """Number of stored frames with no denoised twin at all (without listing them)."""
+        return len(self._without_twin)
+
     def frames_without_twin(self) -> list[int]:
         """Stored frames with no denoised twin at all, newest first; costs only their number."""
         with self._lock:

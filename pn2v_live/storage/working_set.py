@@ -50,17 +50,18 @@ class WorkingSet:
         self.horizon_seconds = horizon_seconds
         self._changes = store.watch()
         self._names: set[str] | None = None  # None until the first pass lists the store
-        self.stored: Counter[str] = Counter()  # raw frames stored per acquisition, until cleared
+        # raw frames stored per acquisition since this set was made or `stored` was cleared
+        self.stored: Counter[str] = Counter()
 
     def acquisitions(self) -> list[Acquisition]:
-        """The acquisitions that may have work now, opened, by name (a damaged one is left out,
-        see `Store.open_acquisitions`)."""
+        """The acquisitions that may have work now, opened, by name (a deleted or damaged one is
+        left out, see `Store.open_acquisitions`)."""
         changed = self._changes.take()
         self.stored.update(changed)
         names = set(changed) | (self._listing() if self._names is None else self._names)
         present = sorted(n for n in names if (self.store.path(n) / "raw").is_dir())  # not deleted
         opened = self.store.open_acquisitions(present)
-        working = [a for a in opened if a.frames_without_twin() or self.recent(a)]
+        working = [a for a in opened if a.untwinned_count or self.recent(a)]
         self._names = {a.name for a in working}
         return working
 
