@@ -51,6 +51,7 @@ from pn2v_live.service.access import (
     token_matches,
 )
 from pn2v_live.service.acquisition_list import AcquisitionList
+from pn2v_live.service.viewer_events import STALLED_SECONDS, LiveUpdates
 from pn2v_live.service.viewer_listener import ViewerListener
 from pn2v_live.service.viewer_render import FORMATS, contrast_limits, render
 from pn2v_live.service.viewer_requests import (
@@ -73,9 +74,7 @@ STATIC_FILES = {
     "viewer.css": "text/css",
 }
 MAX_RENDER_SIZE = 8192
-HEARTBEAT_SECONDS = 15.0
 IDLE_SECONDS = 15.0  # a connection with no request in progress is closed after this long
-STALLED_SECONDS = 60.0  # an event stream whose write has not gone through this long is dropped
 TOKEN_COOKIE = "pn2v_live_viewer_token"
 # The store holds one plane per frame (axes t, c, z, y, x with c = z = 1); the page shows c/z
 # selectors only for sizes above 1.
@@ -96,28 +95,6 @@ def acquisition_summary(acquisition: Acquisition) -> dict:
         "dtype": str(acquisition.dtype),
         "sizes": dict(PLANE_SIZES),
     }
-
-
-class _Stream:
-    """One browser's event stream: the newest unsent encoded event per kind, never more."""
-
-    def __init__(self) -> None:
-        self.pending: dict[str, bytes] = {}
-        self.wake = asyncio.Event()
-        self.closed = False
-        self.transport: asyncio.BaseTransport | None = None
-
-    def push(self, kind: str, message: bytes) -> None:
-        self.pending[kind] = message  # replaces an unsent older state of the same kind
-        self.wake.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.wake.set()
-
-
-def _event(kind: str, data: object) -> bytes:
-    return f"event: {kind}\ndata: {to_json(data)}\n\n".encode()
 
 
 class ViewerServer:
@@ -152,10 +129,9 @@ class ViewerServer:
         self.allowed_hosts = tuple(allowed_hosts)
         self.max_streams = max_streams
         self.max_connections = max_connections
-        self.refused_streams = 0  # event streams answered 503 (max_streams reached)
         self.stalled_seconds = STALLED_SECONDS
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="viewer-render")
-        self._streams: set[_Stream] = set()
+        self._updates = LiveUpdates(self._state, max_streams, poll_seconds)
         self._list = AcquisitionList(store, acquisition_summary)  # what changed is re-read
         self._host_check: HostCheck | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,6 +140,11 @@ class ViewerServer:
         self._listener = ViewerListener(self.host, self.port, max_connections)
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
+
+    @property
+    def refused_streams(self) -> int:
+        """Event streams answered 503 (max_streams reached)."""
+        return self._updates.refused
 
     @property
     def refused_connections(self) -> int:
@@ -218,21 +199,7 @@ class ViewerServer:
         """Per open event stream: events and bytes waiting to be written, and bytes in the
         socket's user-space write buffer (what a client that does not read costs)."""
 
-        async def collect() -> list[dict[str, int]]:
-            return [
-                {
-                    "pending_events": len(stream.pending),
-                    "pending_bytes": sum(len(m) for m in stream.pending.values()),
-                    "buffered_bytes": (
-                        stream.transport.get_write_buffer_size()
-                        if stream.transport is not None and not stream.transport.is_closing()
-                        else 0
-                    ),
-                }
-                for stream in self._streams
-            ]
-
-        return asyncio.run_coroutine_threadsafe(collect(), self._loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(self._updates.stats(), self._loop).result(timeout)
 
     def _serve(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -270,13 +237,12 @@ class ViewerServer:
             await self._runner.cleanup()
             raise
         self.port = self._listener.port
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._watcher = asyncio.get_running_loop().create_task(self._updates.watch())
 
     async def _shutdown(self) -> None:
         self._watcher.cancel()
         await self._listener.close()
-        for stream in self._streams:
-            stream.close()
+        self._updates.close()
         await self._runner.cleanup()
 
     # ---- access: Host/Origin names and the token ---------------------------------------
@@ -409,73 +375,11 @@ class ViewerServer:
         return web.Response(body=body, content_type=FORMATS[fmt], headers=headers)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        if len(self._streams) >= self.max_streams:
-            self.refused_streams += 1
-            return error_response(
-                503,
-                f"too many live views ({self.max_streams} event streams, viewer.max_streams); "
-                "close another viewer tab or raise viewer.max_streams",
-                **{"Retry-After": "10"},
-            )
-        stream = _Stream()  # counted before the first await, so the cap holds
-        self._streams.add(stream)
-        try:
-            response = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
-            )
-            await response.prepare(request)
-            stream.transport = request.transport
-            if "acquisitions" not in stream.pending:  # a newer state may have come meanwhile
-                stream.push("acquisitions", _event("acquisitions", await self._summaries_async()))
-            if "status" not in stream.pending:
-                stream.push("status", _event("status", await self._in_thread(self.status)))
-            while not stream.closed:
-                try:
-                    await asyncio.wait_for(stream.wake.wait(), HEARTBEAT_SECONDS)
-                except TimeoutError:
-                    await asyncio.wait_for(response.write(b": heartbeat\n\n"), self.stalled_seconds)
-                    continue
-                stream.wake.clear()
-                messages, stream.pending = stream.pending, {}
-                for message in messages.values():
-                    await asyncio.wait_for(response.write(message), self.stalled_seconds)
-        except TimeoutError:
-            # Abort, not close: a close would wait (forever) to flush what the client won't read.
-            log.info("viewer: dropped an event stream whose client stopped reading")
-            if request.transport is not None:
-                request.transport.abort()
-        except ConnectionResetError:
-            pass  # the browser went away
-        finally:
-            stream.close()
-            self._streams.discard(stream)
-        return response
+        return await self._updates.handle(request, self.stalled_seconds)
 
-    async def _summaries_async(self) -> list[dict]:
-        return await self._in_thread(self._list.summaries)
-
-    async def _watch(self) -> None:
-        """Push `acquisitions`/`status` events to every browser when what they show changes.
-
-        Each changed state is encoded once and handed to every stream, replacing whatever
-        older state of that kind a stream has not written yet."""
-        last: dict[str, object] = {}
-        while True:
-            await asyncio.sleep(self.poll_seconds)
-            if not self._streams:
-                last.clear()
-                continue
-            try:
-                current = {
-                    "acquisitions": await self._summaries_async(),
-                    "status": await self._in_thread(self.status),
-                }
-            except Exception:  # a half-written acquisition must not end live updates
-                log.exception("viewer could not read the store; retrying")
-                continue
-            for kind, data in current.items():
-                if last.get(kind) != data:
-                    message = _event(kind, data)
-                    for stream in self._streams:
-                        stream.push(kind, message)
-            last = current
+    async def _state(self) -> dict[str, object]:
+        """What the pages show: the acquisition list and the daemon's status."""
+        return {
+            "acquisitions": await self._in_thread(self._list.summaries),
+            "status": await self._in_thread(self.status),
+        }
