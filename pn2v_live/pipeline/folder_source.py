@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from pn2v_live.errors import UserError
+from pn2v_live.pipeline.folder_layout import DEFAULT_PATTERN, SUFFIXES, compile_pattern, natural_key
 from pn2v_live.pipeline.ingest import (
     FrameCheck,
     Rejected,
@@ -53,30 +53,6 @@ from pn2v_live.telemetry import STAGE_FAILURES
 log = logging.getLogger(__name__)
 
 SOURCE = "folder"
-SUFFIXES = (".tif", ".tiff")
-DEFAULT_PATTERN = r"(?P<acquisition>[^/]+)/[^/]+"
-
-
-def natural_key(path: str) -> list:
-    """Sort key putting img_2.tif before img_10.tif."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
-
-
-def compile_pattern(pattern: str) -> re.Pattern:
-    """The regular expression mapping a file's path (relative to its watched folder, with '/')
-    to its acquisition: it must match the whole path and have a group named `acquisition`."""
-    try:
-        compiled = re.compile(pattern)
-    except re.error as error:
-        raise UserError(
-            f"acquisition pattern {pattern!r} is not a regular expression: {error}"
-        ) from error
-    if "acquisition" not in compiled.groupindex:
-        raise UserError(
-            f"acquisition pattern {pattern!r} needs a group named acquisition, "
-            r"e.g. (?P<acquisition>[^/]+)/[^/]+"
-        )
-    return compiled
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pydantic import (
 
 from pn2v_live.core.context import Context
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.folder_source import DEFAULT_PATTERN, compile_pattern
+from pn2v_live.pipeline.folder_layout import DEFAULT_PATTERN, compile_pattern
 from pn2v_live.service.access import TOKEN_ADVICE, TOKEN_MIN_LENGTH, is_loopback, split_host_port
 
 # Strict numbers: pydantic's lax mode would take true as 1, 1e8 as an integer and "50" as 50;

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.folder_source import DEFAULT_PATTERN
+from pn2v_live.pipeline.folder_layout import DEFAULT_PATTERN
 from pn2v_live.service.cli import app
 from pn2v_live.service.stop_request import StopRequest
 
