@@ -114,6 +114,20 @@ def test_pixel_likelihood_of_the_maps_model_is_the_per_pixel_gaussian(maps):
     )
 
 
+def test_maps_without_read_noise_leave_the_base_model_as_it_is_at_every_signal(maps):
+    """Map files without a variance map give every pixel read noise 0 (w_i = w̄ = 0): the
+    likelihood is the base model's, also at and below the offset (once NaN: 0 / 0)."""
+    silent = CameraMaps(maps.offset, maps.gain, np.zeros(maps.shape), reference=maps.reference)
+    offset, gain = maps.reference
+    model = CameraNoiseModel(CameraNoiseModel.from_maps(maps, (100.0, 1000.0)).base, silent)
+    signal = torch.tensor([[offset - 20.0, offset, offset + 0.5, offset + 300.0]])
+    observation = torch.tensor([[offset - 15.0], [offset + 2.0], [offset + 40.0]])
+    w = torch.zeros_like(observation)
+    got = model.pixel_log_likelihood(observation, signal, w)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, model.base.log_likelihood(observation, signal))
+
+
 def test_rescaled_base_integrates_to_one_and_keeps_its_gradient():
     maps = scmos_maps((8, 8), seed=3)
     pairs = np.random.default_rng(0)

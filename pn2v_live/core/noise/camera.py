@@ -24,6 +24,10 @@ from pn2v_live.core.camera import CameraMaps
 from pn2v_live.core.noise.base import NoiseModel, noise_model_from_state
 from pn2v_live.core.noise.poisson_gaussian import PoissonGaussianNoiseModel
 
+# Added to both variances of r_i(s) (ADU²): with maps that hold no read noise (map files without a
+# variance map: every w_i = w̄ = 0) a signal at or below the offset gives r_i = 1, not 0 / 0.
+TINY_VARIANCE = 1e-6
+
 
 class CameraNoiseModel(NoiseModel):
     """`base` (ADU of the reference pixel) made per-pixel by `maps`; see the module docstring."""
@@ -62,7 +66,7 @@ class CameraNoiseModel(NoiseModel):
         if read_variance is None:
             return self.base.log_likelihood(observation, signal)
         offset, gain = self.maps.reference
-        shot = gain * (signal.float() - offset).clamp(min=0)
+        shot = gain * (signal.float() - offset).clamp(min=0) + TINY_VARIANCE
         log_ratio = 0.5 * (
             torch.log(shot + read_variance) - torch.log(shot + self.typical_variance)
         )
