@@ -19,15 +19,10 @@ from test_trainer_stage import SETTINGS
 
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import HistogramNoiseModel, PoissonGaussianNoiseModel, RefinedNoiseModel
+from pn2v_live.core.noise.refinement import RefinementRefused, noise_variance, refine_noise_model
 from pn2v_live.core.synthetic import Camera
 from pn2v_live.pipeline import inference
-from pn2v_live.pipeline.noise_refinement import (
-    NoiseRefiner,
-    RefinementRefused,
-    RefinementSettings,
-    noise_variance,
-    refine_noise_model,
-)
+from pn2v_live.pipeline.noise_refinement import NoiseRefiner, RefinementSettings
 from pn2v_live.pipeline.trainer import Trainer
 from pn2v_live.service.config import load_config
 from pn2v_live.service.daemon import Daemon
