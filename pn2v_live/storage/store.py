@@ -65,9 +65,9 @@ from zarr.core.sync import sync
 from pn2v_live.core.context import SPATIAL, Context
 from pn2v_live.errors import UserError
 from pn2v_live.storage.atomic import make_folders, sync_folder, sync_paths
+from pn2v_live.storage.changes import Changes
 from pn2v_live.storage.ledger import Ledger
 from pn2v_live.storage.physical import Physical
-from pn2v_live.storage.working_set import Changes
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ costs the acquisitions that may have work, however many closed ones the store ho
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,25 +19,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pn2v_live.storage.store import Acquisition, Store
-
-
-class Changes:
-    """The acquisitions given raw frames or closed since the last `take`, with how many raw
-    frames each was given (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._frames: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def add(self, name: str, frames: int) -> None:
-        with self._lock:
-            self._frames[name] += frames
-
-    def take(self) -> Counter[str]:
-        """{name: raw frames stored} of the acquisitions changed since the last call."""
-        with self._lock:
-            frames, self._frames = self._frames, Counter()
-        return frames
 
 
 class WorkingSet:
