@@ -14,9 +14,9 @@ from pn2v_live.core.context import SPATIAL
 from pn2v_live.core.noise import CameraNoiseModel
 from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
 from pn2v_live.pipeline.camera_frames import CameraFrames
-from pn2v_live.pipeline.ingest import Rejected, open_acquisition
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings, _usable_window
 from pn2v_live.storage.registry import ModelRegistry
+from pn2v_live.storage.rejected import Rejected
 from pn2v_live.storage.store import Store
 
 SETTINGS = TrainerSettings(every_frames=8, every_seconds=3600, steps_per_round=2, patch_size=16,
@@ -34,17 +34,17 @@ def test_frames_are_placed_at_their_source_s_origin_else_the_default(tmp_path, m
     camera = CameraFrames(CameraNoiseModel.from_maps(maps, (100.0, 900.0)), default_origin=(4, 8))
     store = Store(tmp_path / "store")
     try:
-        given = open_acquisition(store, "roi", (16, 16), np.uint16, sensor_origin=(24, 32),
-                                 check=camera.admit)  # fmt: skip
+        given = store.acquisition_for("roi", (16, 16), np.uint16, sensor_origin=(24, 32),
+                                      check=camera.admit)  # fmt: skip
         assert camera.origin(given) == (24, 32)
         # A later frame's other origin does not move the acquisition.
-        open_acquisition(store, "roi", (16, 16), np.uint16, sensor_origin=(0, 0),
-                         check=camera.admit)  # fmt: skip
+        store.acquisition_for("roi", (16, 16), np.uint16, sensor_origin=(0, 0),
+                              check=camera.admit)  # fmt: skip
         assert store.acquisition("roi").sensor_origin == (24, 32)
-        default = open_acquisition(store, "whole", (36, 40), np.uint16, check=camera.admit)
+        default = store.acquisition_for("whole", (36, 40), np.uint16, check=camera.admit)
         assert default.sensor_origin is None and camera.origin(default) == (4, 8)
         with pytest.raises(Rejected, match="outside the camera maps") as refused:
-            open_acquisition(store, "big", (40, 48), np.uint16, check=camera.admit)
+            store.acquisition_for("big", (40, 48), np.uint16, check=camera.admit)
         assert refused.value.reason == "camera_maps"
         assert "big" not in store.acquisitions()  # refused before anything was created
         raw = ScmosCamera(maps).acquisition(1, seed=3)[0][0, 24:40, 32:48]
@@ -63,7 +63,7 @@ def test_trainer_reads_equalised_frames_and_a_variance_channel(tmp_path, maps):
     model = CameraNoiseModel.from_maps(maps, (100.0, 900.0))
     store = Store(tmp_path / "store")
     raw = ScmosCamera(maps).acquisition(12, seed=4)[0][:, 8:32, 16:40]
-    acquisition = open_acquisition(store, "roi", (24, 24), np.uint16, sensor_origin=(8, 16))
+    acquisition = store.acquisition_for("roi", (24, 24), np.uint16, sensor_origin=(8, 16))
     for t, frame in enumerate(raw):
         acquisition.write_raw(t, frame)
     idle = threading.Event()

@@ -205,13 +205,13 @@ def test_a_failed_fsync_records_nothing_and_the_frame_can_be_written_again(tmp_p
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     frame = np.full((16, 16), 7, np.uint8)
-    assert acquisition.claim(0)
+    assert acquisition._claim(0)
     with pytest.raises(OSError, match="Input/output"):
         acquisition.write_raw(0, frame)
-    acquisition.release(0)
+    acquisition._release(0)
     assert store.ledger.frames("a") == [] and not acquisition.is_stored(0)
     monkeypatch.setattr(os, "fsync", fsync)
-    assert acquisition.claim(0)
+    assert acquisition._claim(0)
     acquisition.write_raw(0, frame)
     assert store.ledger.frames("a") == [0]
     np.testing.assert_array_equal(acquisition.read_raw(0), frame)

@@ -172,7 +172,7 @@ def test_reopen_forgets_frames_whose_chunk_is_missing(tmp_path):
     again = Store(tmp_path, writer=True).acquisition("a")
     assert again.stored_frames() == [0, 2] and again.valid_t == 1
     assert not stale.exists() and not fresh.exists()  # the one writer knows nobody else writes
-    assert again.claim(1) and not again.claim(2)
+    assert again._claim(1) and not again._claim(2)
 
 
 def test_a_frame_stored_again_is_denoised_again(tmp_path):

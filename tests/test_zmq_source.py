@@ -16,8 +16,8 @@ import zmq
 from prometheus_client import REGISTRY
 
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.ingest import Rejected, store_frame
 from pn2v_live.pipeline.zmq_source import ZmqSource, stored_ranges
+from pn2v_live.storage.rejected import Rejected
 from pn2v_live.storage.store import Acquisition, Store
 from pn2v_live.wire.protocol import ProtocolError, encode_frame, status_endpoint
 from pn2v_live.wire.sender import FrameSender
@@ -306,7 +306,7 @@ def test_a_frame_arriving_while_its_number_is_written_waits_for_that_write(tmp_p
     def second_sender(t: int) -> threading.Thread:
         def store_other() -> None:
             try:
-                outcome[t] = store_frame(acquisition, t, other, "zmq")
+                outcome[t] = acquisition.put_raw(t, other)
             except Rejected as error:
                 outcome[t] = error.reason
 
@@ -316,18 +316,18 @@ def test_a_frame_arriving_while_its_number_is_written_waits_for_that_write(tmp_p
         assert thread.is_alive(), "it waits for the write in flight"
         return thread
 
-    assert acquisition.claim(0)  # the first sender's writer is storing frame 0 ...
+    assert acquisition._claim(0)  # the first sender's writer is storing frame 0 ...
     waiting = second_sender(0)
     acquisition.write_raw(0, first)  # ... and finishes
     waiting.join(10)
     assert outcome[0] == "conflict"
     np.testing.assert_array_equal(acquisition.read_raw(0), first)
 
-    assert acquisition.claim(1)  # the first sender's write of frame 1 ...
+    assert acquisition._claim(1)  # the first sender's write of frame 1 ...
     waiting = second_sender(1)
-    acquisition.release(1)  # ... fails (disk full): the waiting frame is stored instead
+    acquisition._release(1)  # ... fails (disk full): the waiting frame is stored instead
     waiting.join(10)
-    assert outcome[1] is True
+    assert outcome[1] == "stored"
     np.testing.assert_array_equal(acquisition.read_raw(1), other)
     store.close()
 
@@ -395,7 +395,7 @@ def test_a_failed_metadata_flush_is_logged_and_retried(receiver, sender, monkeyp
         return group.attrs["pn2v_live"]["valid_t"], group["raw/0"].shape[0]
 
     monkeypatch.setattr(Acquisition, "flush", disk_full_once)
-    caplog.set_level(logging.INFO, logger="pn2v_live.pipeline.zmq_source")
+    caplog.set_level(logging.INFO, logger="pn2v_live.storage.publication")
     data = stack(20)
     sender.send_frame("full", 0, data[0])
     wait_for(lambda: "No space left" in (receiver.health()["last_error"] or ""))

@@ -14,7 +14,7 @@ import numpy as np
 
 from pn2v_live.core.camera import CameraMaps
 from pn2v_live.core.noise import CameraNoiseModel, NoiseModel
-from pn2v_live.pipeline.ingest import Rejected
+from pn2v_live.storage.rejected import Rejected
 from pn2v_live.storage.store import Acquisition
 
 
@@ -34,7 +34,7 @@ class CameraFrames:
 
     def admit(self, shape: tuple[int, ...], origin: tuple[int, int] | None) -> None:
         """Rejected("camera_maps") when (…, Y, X) frames at `origin` (None: the default) reach
-        beyond the maps; an `ingest.FrameCheck`."""
+        beyond the maps; a `rejected.FrameCheck`."""
         if self.maps is None:
             return
         try:

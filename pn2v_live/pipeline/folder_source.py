@@ -36,16 +36,11 @@ from watchdog.observers.polling import PollingObserver
 
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.folder_layout import DEFAULT_PATTERN, SUFFIXES, compile_pattern, natural_key
-from pn2v_live.pipeline.ingest import (
-    FrameCheck,
-    Rejected,
-    open_acquisition,
-    reject,
-    store_frame,
-)
+from pn2v_live.pipeline.ingest import ingested, reject
 from pn2v_live.pipeline.stage import Liveness, Stage, failure_reason, thread_liveness
 from pn2v_live.storage.ledger import Item
 from pn2v_live.storage.physical import Physical
+from pn2v_live.storage.rejected import FrameCheck, Rejected
 from pn2v_live.storage.store import Acquisition, Store, validate_name
 from pn2v_live.storage.tiff_reader import TiffRefused, read_tiff
 from pn2v_live.telemetry import STAGE_FAILURES
@@ -105,7 +100,6 @@ class FolderSource(Stage):
         self._lock = threading.Lock()
         self._observer = None
         self._next_rescan = 0.0
-        self._touched: set[Acquisition] = set()
         self._failing_files: dict[str, int] = {}  # path → failed tries, until it is taken
         self.counts = {"stored_files": 0, "stored_frames": 0, "rejected_files": 0}
 
@@ -195,9 +189,9 @@ class FolderSource(Stage):
             else:
                 self._file_taken(path)
             self.beat()  # a long backlog is progress, not a hang
-        for acquisition in self._touched:
-            acquisition.flush()
-        self._touched = set()
+        failed = self.store.settle()
+        if failed:  # a full disk pauses the source, as a frame's write would
+            raise next(iter(failed.values()))
         return bool(ready)
 
     def _file_failed(self, path: str, error: Exception) -> None:
@@ -298,15 +292,16 @@ class FolderSource(Stage):
         try:
             name = self._acquisition_name(path, candidate.root)
             frames, physical = _read_frames(path)
-            acquisition = open_acquisition(
-                self.store, name, frames.shape[1:], frames.dtype, physical, check=self.check
+            acquisition = self.store.acquisition_for(
+                name, frames.shape[1:], frames.dtype, physical, check=self.check
             )
             if grown:
                 first_t, done = self._extend(acquisition, previous, frames, size, mtime_ns)
             else:
                 first_t, done = ledger.reserve(SOURCE, key, name, size, mtime_ns, len(frames)), 0
             for offset in range(done, len(frames)):
-                store_frame(acquisition, first_t + offset, frames[offset], SOURCE, publish=False)
+                if acquisition.put_raw(first_t + offset, frames[offset]) == "stored":
+                    ingested(SOURCE)
             ledger.mark_stored(SOURCE, key, name, first_t, len(frames), size, mtime_ns)
         except Rejected as error:
             if grown:  # its stored frames stay on record; tried again when it changes again
@@ -317,7 +312,6 @@ class FolderSource(Stage):
             reject(SOURCE, error, str(path))
             self.counts["rejected_files"] += 1
             return
-        self._touched.add(acquisition)
         self.counts["stored_files"] += not grown
         self.counts["stored_frames"] += len(frames) - done
         log.debug("%s → %s frames %d..%d", path, name, first_t + done, first_t + len(frames) - 1)

@@ -46,13 +46,7 @@ import numpy as np
 import zmq
 
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.ingest import (
-    FrameCheck,
-    Rejected,
-    open_acquisition,
-    reject,
-    store_frame,
-)
+from pn2v_live.pipeline.ingest import ingested, reject
 from pn2v_live.pipeline.stage import (
     MAX_BACKOFF_SECONDS,
     Failures,
@@ -60,7 +54,8 @@ from pn2v_live.pipeline.stage import (
     describe,
     failure_reason,
 )
-from pn2v_live.storage.store import Acquisition, Store, validate_name
+from pn2v_live.storage.rejected import FrameCheck, Rejected
+from pn2v_live.storage.store import Store, validate_name
 from pn2v_live.telemetry import (
     FRAMES_REJECTED,
     INGEST_QUEUE,
@@ -82,8 +77,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 SOURCE = "zmq"
-IDLE_SECONDS = 0.2  # a writer idle this long trims the arrays to their exact length
-PUBLISH_SECONDS = 0.25  # under load, valid_t on disk lags the stored frames by at most this
+IDLE_SECONDS = 0.2  # a writer idle this long settles the store (`Store.settle`)
 DEFAULT_QUEUE_BYTES = 512 << 20  # received frames held in memory before backpressure
 RECEIVE_HWM = 4  # messages libzmq buffers per sender while the queue is full
 # The largest message a storable frame makes; a bigger one is refused by libzmq before it is
@@ -156,11 +150,8 @@ class ZmqSource:
         self._context: zmq.Context | None = None
         self._counts = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0}
         self._counts_lock = threading.Lock()
-        self._touched: set[Acquisition] = set()
-        self._published = 0.0
         self._state = "stopped"
         self._last_error: str | None = None
-        self._flush_failing: set[str] = set()  # acquisitions whose metadata write fails now
         self._beats: dict[str, float] = {}  # thread name → when its loop last came round
         self._ended: dict[str, str] = {}  # thread name → what ended it
         self._refusal: Refusal | None = None  # set while frames are refused (disk full)
@@ -220,7 +211,7 @@ class ZmqSource:
         if self._context is not None:
             self._context.term()
             self._context = None
-        self._flush_all(trim=True)
+        self._settle()
         self._state = "stopped"
 
     def health(self) -> dict:
@@ -371,7 +362,7 @@ class ZmqSource:
                     if self._stop.is_set():
                         return
                     self._probe_disk()
-                    self._flush_all(trim=True)
+                    self._settle()
                     continue
                 INGEST_QUEUE.set(self._queue.qsize())
                 try:
@@ -379,8 +370,6 @@ class ZmqSource:
                 finally:
                     del message  # its buffer is freed now, not at the next message
                     self._hold(-size)
-                if time.monotonic() - self._published > PUBLISH_SECONDS:
-                    self._flush_all(trim=False)
         except BaseException as error:  # a writer is gone: the health check sees it
             self._ended[name] = describe(error)
             log.critical("ZeroMQ writer %s stopped: %s", name, describe(error), exc_info=error)
@@ -528,48 +517,23 @@ class ZmqSource:
             return True
         if message.c or message.z:
             raise Rejected("plane", "only single-plane frames (c = 0, z = 0) are stored")
-        acquisition = open_acquisition(
-            self.store,
+        outcome = self.store.put_raw(
             message.acquisition,
-            message.pixels.shape,
-            message.pixels.dtype,
-            message.physical,
-            message.sensor_origin,
-            self.check,
+            message.index,
+            message.pixels,
+            physical=message.physical,
+            sensor_origin=message.sensor_origin,
+            check=self.check,
         )
-        if store_frame(acquisition, message.index, message.pixels, SOURCE, publish=False):
-            with self._counts_lock:
-                self._touched.add(acquisition)
+        if outcome == "stored":
+            ingested(SOURCE)
             self._count("stored")
             return True
         self._count("duplicates")
         return False
 
-    def _flush_all(self, trim: bool) -> None:
-        """Write valid_t of the acquisitions stored to since the last trim (see `flush`).
-
-        A flush that fails (disk full) leaves its acquisition pending for the next; the first
-        failure and the recovery are logged, not every retry (idle writers retry 5 times a second).
-        """
-        self._published = time.monotonic()
-        with self._counts_lock:
-            touched = list(self._touched)
-            if trim:
-                self._touched = set()
-        failed = []
-        for acquisition in touched:
-            try:
-                acquisition.flush(trim=trim)
-            except Exception as error:
-                failed.append(acquisition)
-                self._last_error = f"{type(error).__name__}: {error}"
-                if acquisition.name not in self._flush_failing:
-                    self._flush_failing.add(acquisition.name)
-                    log.error("could not write the metadata of %s, retrying: %s",
-                              acquisition.name, error)  # fmt: skip
-                continue
-            if acquisition.name in self._flush_failing:
-                self._flush_failing.discard(acquisition.name)
-                log.info("metadata of %s written again", acquisition.name)
-        with self._counts_lock:
-            self._touched.update(failed)
+    def _settle(self) -> None:
+        """Publish and trim the acquisitions given frames (`Store.settle`); a metadata write
+        that fails (disk full) is the last error until it works (the store retries it)."""
+        for error in self.store.settle().values():
+            self._last_error = f"{type(error).__name__}: {error}"

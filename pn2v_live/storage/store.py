@@ -55,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 import numcodecs
 import numpy as np
@@ -68,6 +69,8 @@ from pn2v_live.storage.atomic import make_folders, sync_folder, sync_paths
 from pn2v_live.storage.changes import Changes
 from pn2v_live.storage.ledger import Ledger
 from pn2v_live.storage.physical import Physical
+from pn2v_live.storage.publication import Publication
+from pn2v_live.storage.rejected import FrameCheck, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ AXES = ("t", "c", "z", "y", "x")
 IMAGES = ("raw", "denoised")
 WRITER_LOCK = "writer.lock"
 GROW_STEP = 64  # frames added per array resize while acquiring; flush() trims the rest
+IN_FLIGHT_WAIT_SECONDS = 30.0  # longest wait for another writer's write of the same frame
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -194,6 +198,7 @@ class Acquisition:
         writer: bool,
         committer: GroupCommit | None = None,
         changed: Callable[[str, int], None] | None = None,
+        publication: Publication | None = None,
     ) -> None:
         self.name = name
         self._on_changed = changed  # told (name, 1) after each raw frame stored, (name, 0) on close
@@ -201,6 +206,7 @@ class Acquisition:
         self._group = group
         self._ledger = ledger
         self._committer = committer or GroupCommit(ledger)
+        self._publication = publication or Publication()
         self._lock = threading.Lock()
         # Every frame gets its chunk, even one equal to the fill value (an all-dark frame is data;
         # reconciliation checks chunk files), and zarr skips its per-write fill-value scan.
@@ -348,7 +354,44 @@ class Acquisition:
 
     # writing ----------------------------------------------------------------------------
 
-    def claim(self, t: int) -> bool:
+    def put_raw(self, t: int, pixels: np.ndarray) -> Literal["stored", "duplicate"]:
+        """Store raw frame `t` (Y, X) exactly once: "stored" when this call wrote it (on disk
+        and recorded when this returns, see `write_raw`), "duplicate" when it is stored already
+        with these pixels (nothing written).
+
+        A different frame under a stored frame's number raises Rejected("conflict") and leaves
+        the stored one as it is (two sources or senders writing the same acquisition). While
+        another writer stores frame `t`, this waits for that write (up to
+        IN_FLIGHT_WAIT_SECONDS) to compare with its pixels, or to take the frame over if that
+        write fails. The on-disk `valid_t` counts the frame within PUBLISH_SECONDS, or once the
+        store settles (`publication.Publication`).
+        """
+        deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
+        while not self._claim(t):
+            try:
+                stored = self.read_raw(t)
+            except KeyError:  # another writer is storing it right now
+                if time.monotonic() > deadline:
+                    return "duplicate"  # that write hangs (disk): counted as one, as it may be
+                time.sleep(0.01)
+                continue
+            if not np.array_equal(stored, pixels):
+                raise Rejected(
+                    "conflict",
+                    f"frame {t} of {self.name!r} is already stored with other pixels; the "
+                    "stored frame is kept — do two sources or senders write this acquisition? "
+                    "send each under its own acquisition name",
+                )
+            return "duplicate"
+        try:
+            self.write_raw(t, pixels, publish=False)
+        except BaseException:
+            self._release(t)
+            raise
+        self._publication.stored(self)
+        return "stored"
+
+    def _claim(self, t: int) -> bool:
         """Reserve raw frame `t` for one writer; False when it is stored or being written."""
         with self._lock:
             if t in self._stored or t in self._in_flight:
@@ -356,7 +399,7 @@ class Acquisition:
             self._in_flight.add(t)
             return True
 
-    def release(self, t: int) -> None:
+    def _release(self, t: int) -> None:
         """Give up a claim after a failed write so the frame can be delivered again."""
         with self._lock:
             self._in_flight.discard(t)
@@ -365,11 +408,11 @@ class Acquisition:
         """Store raw frame `t` (Y, X): chunk first, fsync of it and its folders, ledger row
         last (see `GroupCommit`); when this returns the frame is on disk and recorded.
 
-        Overwrites any earlier chunk at `t`; callers that must not store a frame twice use
-        `claim` first (the ingest sources do). When this returns, the on-disk `valid_t` counts
-        the frame, unless `publish` is False: sources under load skip that metadata write per
-        frame and call `flush(trim=False)` every fraction of a second instead. The arrays grow
-        in steps of GROW_STEP frames, trimmed to the exact length by `flush()`.
+        Overwrites any earlier chunk at `t`: a frame that must be stored exactly once goes
+        through `put_raw` (the ingest sources). When this returns, the on-disk `valid_t` counts
+        the frame, unless `publish` is False (`put_raw` leaves that write to its
+        `Publication`). The arrays grow in steps of GROW_STEP frames, trimmed to the exact
+        length by `flush()`.
         """
         if t < 0:
             raise ValueError(f"{self.name}: frame index must be >= 0, got {t}")
@@ -445,7 +488,8 @@ class Acquisition:
         length (last stored frame + 1) so readers see no empty frames at the end. True when
         that changed their length.
 
-        Ingest sources trim when they fall idle; `close()` and `Store.close()` do too.
+        The store trims when its ingest sources fall idle (`Store.settle`); `close()` and
+        `Store.close()` do too.
         """
         with self._lock:
             busy = self._stored | self._writing | self._in_flight
@@ -554,6 +598,7 @@ class Store:
         self._writer_lock = _lock_writer(self.root) if writer else None
         self.ledger = Ledger(self.root)
         self.committer = GroupCommit(self.ledger)
+        self._publication = Publication()
         self._lock = threading.Lock()
         self._open: dict[str, Acquisition] = {}
         self._unopenable: set[str] = set()  # acquisitions already logged as damaged
@@ -651,8 +696,85 @@ class Store:
                     self.writer,
                     self.committer,
                     self._notify_watchers,
+                    self._publication,
                 )
             return self._open[name]
+
+    def put_raw(
+        self,
+        name: str,
+        t: int,
+        pixels: np.ndarray,
+        *,
+        physical: Physical | None = None,
+        sensor_origin: tuple[int, int] | None = None,
+        check: FrameCheck | None = None,
+    ) -> Literal["stored", "duplicate"]:
+        """Store raw frame `t` (Y, X) of acquisition `name` exactly once (`Acquisition.put_raw`),
+        creating the acquisition at its first frame (`acquisition_for`, which says what the
+        other arguments are); Rejected when the frame cannot be stored there."""
+        acquisition = self.acquisition_for(
+            name, pixels.shape, pixels.dtype, physical, sensor_origin, check
+        )
+        return acquisition.put_raw(t, pixels)
+
+    def acquisition_for(
+        self,
+        name: str,
+        frame_shape: tuple[int, ...],
+        dtype: np.dtype,
+        physical: Physical | None = None,
+        sensor_origin: tuple[int, int] | None = None,
+        check: FrameCheck | None = None,
+    ) -> Acquisition:
+        """The acquisition `name` for (Y, X) frames of `dtype`, created on first use; `physical`,
+        the sizes the frame's source carries, go to `Acquisition.note_physical`, its
+        `sensor_origin` to `Acquisition.note_sensor_origin`.
+
+        Raises Rejected("dtype"/"shape"/"name") when the frame cannot belong to it, and what
+        `check` raises for the frame at its acquisition's sensor origin (before creating
+        anything).
+        """
+        frame_shape = tuple(frame_shape)
+        if np.dtype(dtype).name not in RAW_DTYPES:
+            raise Rejected(
+                "dtype", f"raw frames must be {' or '.join(RAW_DTYPES)}, got {np.dtype(dtype).name}"
+            )
+        try:
+            acquisition = self.acquisition(name)
+        except KeyError:
+            if check is not None:
+                check(frame_shape, sensor_origin)
+            try:
+                acquisition = self.create(name, frame_shape, dtype, physical)
+            except ValueError as error:
+                raise Rejected("name", str(error)) from error
+            acquisition.note_sensor_origin(sensor_origin)
+            return acquisition
+        if acquisition.frame_shape != frame_shape:
+            raise Rejected(
+                "shape",
+                f"frame is {frame_shape}, acquisition {name!r} holds "
+                f"{acquisition.frame_shape} frames; send other sizes as another acquisition",
+            )
+        if acquisition.dtype != np.dtype(dtype):
+            raise Rejected(
+                "dtype",
+                f"frame is {np.dtype(dtype).name}, acquisition {name!r} holds "
+                f"{acquisition.dtype.name} frames",
+            )
+        if check is not None:
+            check(frame_shape, acquisition.sensor_origin or sensor_origin)
+        acquisition.note_physical(physical or Physical())
+        acquisition.note_sensor_origin(sensor_origin)
+        return acquisition
+
+    def settle(self) -> dict[str, Exception]:
+        """Publish `valid_t` of every acquisition given raw frames through `put_raw` since it
+        last settled and trim its arrays to their exact length (the ingest sources call this
+        when they fall idle); returns the errors of those that could not be written, by name
+        (logged once, tried again at the next call)."""
+        return self._publication.publish(trim=True)
 
     def create(
         self,
