@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -318,7 +319,7 @@ class InferenceScheduler(Stage):
                 self.compiled,
                 self.bf16,
                 variance,
-                pure=False,
+                key=f"denoise_frame-{uuid.uuid4().hex}",  # named for the task it runs
             )
             for raw, variance in zip(raws, variances, strict=True)
         ]
