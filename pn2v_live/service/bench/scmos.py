@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pn2v_live.calibration.workflow import Acquisition, calibrate
+from pn2v_live.core.camera import CameraMaps
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import psnr
 from pn2v_live.core.model import new_denoiser
@@ -35,9 +36,11 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(
-    noise_model: NoiseModel, raw: np.ndarray, clean: np.ndarray, offset: np.ndarray, args
+    noise_model: NoiseModel, raw: np.ndarray, clean: np.ndarray, maps: CameraMaps, args
 ) -> dict:
-    """Train on `raw` (T, H, W) with `noise_model`, denoise frames 0..args.scored-1, score."""
+    """Train on `raw` (T, H, W) with `noise_model`, denoise frames 0..args.scored-1, score; the
+    squared error (ADU²) is also split between the camera's hot pixels and the others."""
+    offset, hot = maps.offset, maps.hot_pixels()
     frames, variance = noise_model.camera_inputs(raw)
     torch.manual_seed(args.seed)
     denoiser = new_denoiser("pn2v", float(frames.mean()), float(frames.std()), k=args.k)
@@ -46,9 +49,10 @@ def run(
     train(denoiser, inputs, noise_model, steps=args.steps, patch_size=args.patch, seed=args.seed)
     seconds = time.monotonic() - started
     data_range = float(clean.max() - clean.min())
-    scores, whole, residual = [], [], []
+    scores, whole, residual, errors = [], [], [], []
     for frame in frames[: args.scored]:
         denoised = denoise(denoiser, frame, noise_model, read_variance=variance)["denoised"]
+        errors.append(np.square(denoised - clean, dtype=np.float64))
         scores.append(psnr(denoised, clean, data_range))
         whole.append(correlation(denoised, offset))
         residual.append(correlation(denoised - clean, offset))
@@ -56,6 +60,8 @@ def run(
         "psnr_db": round(float(np.mean(scores)), 3),
         "offset_correlation": round(float(np.mean(whole)), 4),
         "residual_offset_correlation": round(float(np.mean(residual)), 4),
+        "mse_hot": round(float(np.mean([e[hot].mean() for e in errors])), 2),
+        "mse_other": round(float(np.mean([e[~hot].mean() for e in errors])), 2),
         "raw_psnr_db": round(
             float(np.mean([psnr(x, clean, data_range) for x in raw[: args.scored]])), 3
         ),
@@ -100,6 +106,9 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--scored", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hot-factor", type=float, default=10.0, help="hot pixels' read-noise variance / typical"
+    )
     parser.add_argument("--memory", action="store_true", help="peak memory of one MMSE instead")
     parser.add_argument("--float32", action="store_true", help="--memory: U-Net body in float32")
     args = parser.parse_args()
@@ -107,7 +116,7 @@ def main() -> None:
         bf16 = False if args.float32 else None
         print(json.dumps(mmse_memory(args.size, args.k, args.seed, bf16)))
         return
-    maps = scmos_maps((args.size, args.size), seed=args.seed)
+    maps = scmos_maps((args.size, args.size), seed=args.seed, hot_factor=args.hot_factor)
     camera = ScmosCamera(maps)
     pattern, _ = camera.acquisition(50, seed=args.seed + 1)  # the calibration acquisition
     raw, clean = camera.acquisition(args.frames, seed=args.seed + 2)
@@ -117,7 +126,7 @@ def main() -> None:
         "without_maps": without.models[without.chosen],
         "with_maps": CameraNoiseModel(equalised.models[equalised.chosen], maps),
     }
-    result = {name: run(model, raw, clean, maps.offset, args) for name, model in models.items()}
+    result = {name: run(model, raw, clean, maps, args) for name, model in models.items()}
     result["gain_db"] = round(result["with_maps"]["psnr_db"] - result["without_maps"]["psnr_db"], 3)
     result["settings"] = vars(args)
     print(json.dumps(result))
