@@ -132,7 +132,7 @@ def needed_on_disk(array: Path, t: int) -> set[Path]:
 
 def test_no_frame_commits_before_its_chunk_and_folders_are_fsynced(tmp_path, events):
     store = Store(tmp_path / "store", writer=True)
-    assert isinstance(store.ledger._db, RecordingConnection), "the ledger's commits are seen"
+    assert isinstance(store._ledger._db, RecordingConnection), "the ledger's commits are seen"
     acquisition = store.create("a", (32, 32), "uint16")
     frames = np.random.default_rng(0).integers(0, 4000, (40, 32, 32), dtype=np.uint16)
 
@@ -209,11 +209,11 @@ def test_a_failed_fsync_records_nothing_and_the_frame_can_be_written_again(tmp_p
     with pytest.raises(OSError, match="Input/output"):
         acquisition.write_raw(0, frame)
     acquisition._release(0)
-    assert store.ledger.frames("a") == [] and not acquisition.is_stored(0)
+    assert store._ledger.frames("a") == [] and not acquisition.is_stored(0)
     monkeypatch.setattr(os, "fsync", fsync)
     assert acquisition._claim(0)
     acquisition.write_raw(0, frame)
-    assert store.ledger.frames("a") == [0]
+    assert store._ledger.frames("a") == [0]
     np.testing.assert_array_equal(acquisition.read_raw(0), frame)
     store.close()
 

@@ -70,7 +70,7 @@ def run_until(store, folder, **counts: int) -> None:
 
 
 def item_status(store, path: Path):
-    item = store.ledger.item("folder", str(path))
+    item = store.source_items("folder").get(str(path))
     return None if item is None else item.status
 
 
@@ -137,13 +137,14 @@ def test_bad_files_are_rejected_with_reasons_and_good_ones_still_stored(tmp_path
     acq = store.acquisition("run1")
     np.testing.assert_array_equal(np.stack([acq.read_raw(t) for t in range(4)]), good)
     assert acq.stored_frames() == [0, 1, 2, 3]
+    items = store.source_items("folder")
     for name, (reason, _) in bad.items():
-        item = store.ledger.item("folder", str(acq_dir / name))
+        item = items.get(str(acq_dir / name))
         assert item.status == "rejected" and item.reason.startswith(reason), (name, item)
-    assert store.ledger.item("folder", str(acq_dir / "a_004_shape.tif")).reason.startswith("shape")
-    assert "(24, 33)" in store.ledger.item("folder", str(acq_dir / "a_004_shape.tif")).reason
-    assert store.ledger.item("folder", str(acq_dir / "a_006_float.tif")).reason.startswith("dtype")
-    assert store.ledger.item("folder", str(watched / "loose.tif")).reason.startswith("pattern")
+    assert items.get(str(acq_dir / "a_004_shape.tif")).reason.startswith("shape")
+    assert "(24, 33)" in items.get(str(acq_dir / "a_004_shape.tif")).reason
+    assert items.get(str(acq_dir / "a_006_float.tif")).reason.startswith("dtype")
+    assert items.get(str(watched / "loose.tif")).reason.startswith("pattern")
     assert rejected("dtype") == counted["dtype"] + 2
     for reason in ("truncated", "empty", "not_image", "shape", "pattern", "name"):
         assert rejected(reason) == counted[reason] + 1, reason
@@ -379,7 +380,7 @@ def test_multi_channel_and_z_stack_files_are_rejected_time_stacks_stored(tmp_pat
     counted = rejected("shape")
     run_until(store, watched, rejected_files=len(holds), stored_files=2)
     for name, what in holds.items():
-        reason = store.ledger.item("folder", str(watched / name)).reason
+        reason = store.source_items("folder").get(str(watched / name)).reason
         assert reason.startswith("shape") and f"holds {what}" in reason, reason
         assert "one grayscale plane per frame" in reason
     assert rejected("shape") == counted + len(holds)
@@ -423,7 +424,7 @@ def test_a_stack_that_grows_after_it_was_taken_stores_the_added_pages(tmp_path, 
     assert acquisition.stored_frames() == list(range(7))
     for t, page in enumerate(pages):
         np.testing.assert_array_equal(acquisition.read_raw(t), page)
-    item = store.ledger.item("folder", str(path))
+    item = store.source_items("folder").get(str(path))
     assert (item.status, item.first_t, item.frames) == ("stored", 0, 7)
 
 

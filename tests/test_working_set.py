@@ -78,7 +78,7 @@ def old_denoised_acquisitions(root: Path, count: int = CLOSED) -> None:
     for name in names:
         shutil.copytree(root / "old_0000.ome.zarr", root / f"{name}.ome.zarr", copy_function=_copy)
     store = Store(root)
-    store.ledger.record(
+    store._ledger.record(
         frames=[(name, 0) for name in names],
         denoised=[(name, 0, 1, "0:0") for name in names],
     )

@@ -38,9 +38,9 @@ from pn2v_live.errors import UserError
 from pn2v_live.pipeline.folder_layout import DEFAULT_PATTERN, SUFFIXES, compile_pattern, natural_key
 from pn2v_live.pipeline.ingest import ingested, reject
 from pn2v_live.pipeline.stage import Liveness, Stage, failure_reason, thread_liveness
-from pn2v_live.storage.ledger import Item
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.rejected import FrameCheck, Rejected
+from pn2v_live.storage.source_item import Item
 from pn2v_live.storage.store import Acquisition, Store, validate_name
 from pn2v_live.storage.tiff_reader import TiffRefused, read_tiff
 from pn2v_live.telemetry import STAGE_FAILURES
@@ -91,6 +91,7 @@ class FolderSource(Stage):
     ) -> None:
         super().__init__("folder-source", idle_seconds=0.1, disk_path=store.root)
         self.store, self.check = store, check
+        self.items = store.source_items(SOURCE)  # the files taken, and their frames
         self.roots = [Path(p).resolve() for p in ([paths] if isinstance(paths, Path) else paths)]
         self.polling = polling
         self.stable_seconds = stable_seconds
@@ -228,7 +229,7 @@ class FolderSource(Stage):
         """Queue every TIFF under the roots that the ledger does not hold as stored, nor as
         rejected with the same size and mtime. `check_stored` (the first scan after a start)
         also queues stored files whose size or mtime changed: stacks that grew meanwhile."""
-        known = {item.key: item for item in self.store.ledger.items(SOURCE)}
+        known = {item.key: item for item in self.items.all()}
         for root in self.roots:
             for folder, _, files in os.walk(root):
                 self.beat()
@@ -283,8 +284,7 @@ class FolderSource(Stage):
     def _ingest(self, path: Path, candidate: _Candidate) -> None:
         key = str(path)
         size, mtime_ns = candidate.stat
-        ledger = self.store.ledger
-        previous = ledger.item(SOURCE, key)
+        previous = self.items.get(key)
         grown = previous is not None and previous.status == "stored"
         if grown and (previous.size, previous.mtime_ns) == (size, mtime_ns):
             return
@@ -298,17 +298,17 @@ class FolderSource(Stage):
             if grown:
                 first_t, done = self._extend(acquisition, previous, frames, size, mtime_ns)
             else:
-                first_t, done = ledger.reserve(SOURCE, key, name, size, mtime_ns, len(frames)), 0
+                first_t, done = self.items.reserve(key, name, size, mtime_ns, len(frames)), 0
             for offset in range(done, len(frames)):
                 if acquisition.put_raw(first_t + offset, frames[offset]) == "stored":
                     ingested(SOURCE)
-            ledger.mark_stored(SOURCE, key, name, first_t, len(frames), size, mtime_ns)
+            self.items.mark_stored(key, name, first_t, len(frames), size, mtime_ns)
         except Rejected as error:
             if grown:  # its stored frames stay on record; tried again when it changes again
-                ledger.mark_stored(SOURCE, key, previous.acquisition, previous.first_t,
-                                   previous.frames, size, mtime_ns)  # fmt: skip
+                self.items.mark_stored(key, previous.acquisition, previous.first_t,
+                                       previous.frames, size, mtime_ns)  # fmt: skip
             else:
-                ledger.mark_rejected(SOURCE, key, f"{error.reason}: {error}", name, size, mtime_ns)
+                self.items.mark_rejected(key, f"{error.reason}: {error}", name, size, mtime_ns)
             reject(SOURCE, error, str(path))
             self.counts["rejected_files"] += 1
             return
@@ -331,7 +331,7 @@ class FolderSource(Stage):
                 f"changed after its {stored} frame(s) were stored, not only by pages added at "
                 "the end; the stored frames are kept (save changed data as a new file)",
             )
-        if not self.store.ledger.extend(SOURCE, item.key, len(frames), size, mtime_ns):
+        if not self.items.extend(item.key, len(frames), size, mtime_ns):
             raise Rejected(
                 "changed",
                 f"grew by {len(frames) - stored} page(s) after other frames followed its own in "

@@ -29,9 +29,8 @@ from typing import Any
 import dask.array as da
 
 from pn2v_live.service.viewer_render import contrast_limits
-from pn2v_live.storage.ledger import LEDGER_FILE
 from pn2v_live.storage.physical import SPACE_UNIT, TIME_UNIT, Physical
-from pn2v_live.storage.store import IMAGES, SUFFIX, Store
+from pn2v_live.storage.store import IMAGES, SUFFIX, Store, is_store_root
 
 LayerData = tuple[da.Array, dict[str, Any], str]
 KEY = "pn2v_live"  # the layers' metadata key
@@ -59,7 +58,7 @@ def is_acquisition(path: str | Path) -> bool:
     return (
         path.name.endswith(SUFFIX)
         and all((path / image).is_dir() for image in IMAGES)
-        and (path.parent / LEDGER_FILE).is_file()
+        and is_store_root(path.parent)
     )
 
 

@@ -28,8 +28,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from pn2v_live.storage.source_item import Item
 
 LEDGER_FILE = "ingest-ledger.sqlite"
 
@@ -62,21 +63,6 @@ CREATE TABLE IF NOT EXISTS denoised (
 """
 # Ledgers written before temporal context lack the window column: their twins are single-frame.
 _ADD_WINDOW = "ALTER TABLE denoised ADD COLUMN window TEXT NOT NULL DEFAULT '0:0'"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One source item: a file (key = absolute path) or a stream frame (key = "acq/index")."""
-
-    source: str
-    key: str
-    acquisition: str | None
-    size: int | None
-    mtime_ns: int | None
-    first_t: int | None
-    frames: int | None
-    status: str
-    reason: str | None
 
 
 class Ledger:

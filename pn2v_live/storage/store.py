@@ -67,10 +67,11 @@ from pn2v_live.core.context import SPATIAL, Context
 from pn2v_live.errors import UserError
 from pn2v_live.storage.atomic import make_folders, sync_folder, sync_paths
 from pn2v_live.storage.changes import Changes
-from pn2v_live.storage.ledger import Ledger
+from pn2v_live.storage.ledger import LEDGER_FILE, Ledger
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.publication import Publication
 from pn2v_live.storage.rejected import FrameCheck, Rejected
+from pn2v_live.storage.source_items import SourceItems
 
 log = logging.getLogger(__name__)
 
@@ -596,8 +597,8 @@ class Store:
         self.zarr_format = zarr_format
         self.writer = writer
         self._writer_lock = _lock_writer(self.root) if writer else None
-        self.ledger = Ledger(self.root)
-        self.committer = GroupCommit(self.ledger)
+        self._ledger = Ledger(self.root)
+        self.committer = GroupCommit(self._ledger)
         self._publication = Publication()
         self._lock = threading.Lock()
         self._open: dict[str, Acquisition] = {}
@@ -615,7 +616,7 @@ class Store:
                 for acquisition in self._open.values():
                     if acquisition.wrote:
                         acquisition.flush()
-        self.ledger.close()
+        self._ledger.close()
         if self._writer_lock is not None:
             os.close(self._writer_lock)  # closing the descriptor releases the lock
             self._writer_lock = None
@@ -632,7 +633,7 @@ class Store:
                 acquisition = self._open.get(name)
             try:
                 if acquisition is None:
-                    length = self.ledger.length(name)
+                    length = self._ledger.length(name)
                     arrays = [self.path(name) / image / "0" for image in IMAGES]
                     if all(_array_length(array) == length for array in arrays):
                         continue
@@ -650,6 +651,25 @@ class Store:
         """Names of all acquisitions under the root, sorted."""
         names = (p.name[: -len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}"))
         return sorted(n for n in names if (self.root / (n + SUFFIX) / "raw").is_dir())
+
+    def source_items(self, source: str) -> SourceItems:
+        """What `source` (e.g. "folder") has taken: its items and their frames, in the ledger."""
+        return SourceItems(self._ledger, source)
+
+    def recorded_frames(self, name: str) -> list[int]:
+        """The stored raw frames of acquisition `name` as the ledger has them now (also those
+        another process stored since this store was opened), ascending."""
+        return self._ledger.frames(name)
+
+    def recorded_twins(self, name: str) -> dict[int, tuple[int, str]]:
+        """{t: (model version, window)} of the denoised frames of acquisition `name` as the
+        ledger has them now (also those another process wrote since this store was opened)."""
+        return self._ledger.denoised_twins(name)
+
+    def acquisitions_without_twins(self) -> set[str]:
+        """Names of the acquisitions with a stored raw frame that has no denoised twin (one
+        query over every frame: for a first look at the store, not for every pass)."""
+        return self._ledger.acquisitions_without_twins()
 
     def watch(self) -> Changes:
         """A feed of the names of acquisitions given raw frames or closed from now on
@@ -692,7 +712,7 @@ class Store:
                     group,
                     name,
                     path,
-                    self.ledger,
+                    self._ledger,
                     self.writer,
                     self.committer,
                     self._notify_watchers,
@@ -799,7 +819,7 @@ class Store:
         with self._lock:
             if name not in self._open and not (path / "raw").is_dir():
                 self._create_group(path, frame_shape, dtype, physical)
-                if self.ledger.forget_acquisition(name):
+                if self._ledger.forget_acquisition(name):
                     log.warning(
                         "%s: the ledger recorded frames of an acquisition of this name whose "
                         "folder is gone; that record is cleared and the name starts afresh "
@@ -845,6 +865,11 @@ class Store:
         sync_paths([*building.rglob("*"), building])  # all of it on disk before it appears
         building.rename(path)
         sync_folder(self.root)
+
+
+def is_store_root(folder: Path) -> bool:
+    """Whether `folder` is a data root: it holds the store's ledger."""
+    return (folder / LEDGER_FILE).is_file()
 
 
 def _ngff_format(group: zarr.Group) -> object:

@@ -55,7 +55,7 @@ class WorkingSet:
     def _listing(self) -> set[str]:
         """The store's acquisitions that may have work, from their metadata files and the
         ledger, without opening them."""
-        waiting = self.store.ledger.acquisitions_without_twins()
+        waiting = self.store.acquisitions_without_twins()
         return {
             name
             for name in self.store.acquisitions()

@@ -371,14 +371,14 @@ def _stream_and_sample(
 def _stored(root: Path, sent: dict[str, int]) -> dict[str, Any]:
     """What the stopped daemon's ledger holds of the acquisitions sent: frames stored and
     denoised, and the model version it ended with."""
-    from pn2v_live.storage.ledger import Ledger
+    from pn2v_live.storage.store import Store
 
-    ledger = Ledger(root)
+    store = Store(root)
     try:
-        stored = sum(len(ledger.frames(name)) for name in sent)
-        denoised = sum(len(ledger.denoised_twins(name)) for name in sent)
+        stored = sum(len(store.recorded_frames(name)) for name in sent)
+        denoised = sum(len(store.recorded_twins(name)) for name in sent)
     finally:
-        ledger.close()
+        store.close()
     models = ModelWatcher(root / "models")
     models.poll()
     return {"frames_stored": stored, "frames_denoised": denoised, "model_version": models.current}

@@ -96,15 +96,15 @@ class TwinWatcher:
     since the last `poll` (ledger row, then chunk), and scores them."""
 
     def __init__(self, root: Path, reference: Reference, acquisition: str):
-        from pn2v_live.storage.ledger import Ledger
+        from pn2v_live.storage.store import Store
 
         self.root, self.reference, self.acquisition = root, reference, acquisition
-        self.ledger = Ledger(root)  # the daemon created it before its sockets answered
+        self.store = Store(root)  # a reader beside the daemon, which writes it
         self.seen: dict[int, tuple[int, str]] = {}  # frame → (version, window) last scored
         self.latest: dict[int, Twin] = {}
 
     def close(self) -> None:
-        self.ledger.close()
+        self.store.close()
 
     def poll(self, t_s: float) -> list[Twin]:
         """The twins new or changed since the last poll, observed at `t_s`."""
@@ -112,7 +112,7 @@ class TwinWatcher:
 
         from pn2v_live.storage.store import SUFFIX
 
-        twins = self.ledger.denoised_twins(self.acquisition)
+        twins = self.store.recorded_twins(self.acquisition)
         changed = {t: made for t, made in twins.items() if self.seen.get(t) != made}
         if not changed:
             return []
@@ -132,7 +132,7 @@ class TwinWatcher:
         return observed
 
     def frames_stored(self) -> int:
-        return len(self.ledger.frames(self.acquisition))
+        return len(self.store.recorded_frames(self.acquisition))
 
 
 class ModelWatcher:
