@@ -164,7 +164,8 @@ def test_the_folder_watcher_pauses_on_a_full_disk_and_takes_the_waiting_files_af
     import tifffile
 
     from pn2v_live.pipeline.folder_source import FolderSource
-    from pn2v_live.storage.store import Acquisition, Store
+    from pn2v_live.storage.acquisition import Acquisition
+    from pn2v_live.storage.store import Store
 
     watched = tmp_path / "scope" / "cells"
     watched.mkdir(parents=True)

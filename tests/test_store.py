@@ -18,7 +18,8 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 
 from pn2v_live.errors import UserError
-from pn2v_live.storage.store import Store, validate_name
+from pn2v_live.storage.layout import validate_name
+from pn2v_live.storage.store import Store
 
 
 def frames(n: int, shape=(32, 48), dtype="uint16", seed=0) -> np.ndarray:

@@ -17,8 +17,9 @@ from prometheus_client import REGISTRY
 
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.zmq_source import ZmqSource, stored_ranges
+from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.rejected import Rejected
-from pn2v_live.storage.store import Acquisition, Store
+from pn2v_live.storage.store import Store
 from pn2v_live.wire.protocol import ProtocolError, encode_frame, status_endpoint
 from pn2v_live.wire.sender import FrameSender
 

@@ -67,7 +67,8 @@ def read_acquisition(path: str | Path) -> Acquisition:
     the project's store (its stored frames [0, valid_t))."""
     path = Path(path)
     if path.name.endswith(".ome.zarr"):
-        from pn2v_live.storage.store import SUFFIX, Store
+        from pn2v_live.storage.layout import SUFFIX
+        from pn2v_live.storage.store import Store
 
         store = Store(path.parent)
         try:

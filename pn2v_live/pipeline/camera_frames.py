@@ -14,8 +14,8 @@ import numpy as np
 
 from pn2v_live.core.camera import CameraMaps
 from pn2v_live.core.noise import CameraNoiseModel, NoiseModel
+from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.rejected import Rejected
-from pn2v_live.storage.store import Acquisition
 
 
 class CameraFrames:

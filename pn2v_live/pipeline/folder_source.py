@@ -38,10 +38,12 @@ from pn2v_live.errors import UserError
 from pn2v_live.pipeline.folder_layout import DEFAULT_PATTERN, SUFFIXES, compile_pattern, natural_key
 from pn2v_live.pipeline.ingest import ingested, reject
 from pn2v_live.pipeline.stage import Liveness, Stage, failure_reason, thread_liveness
+from pn2v_live.storage.acquisition import Acquisition
+from pn2v_live.storage.layout import validate_name
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.rejected import FrameCheck, Rejected
 from pn2v_live.storage.source_item import Item
-from pn2v_live.storage.store import Acquisition, Store, validate_name
+from pn2v_live.storage.store import Store
 from pn2v_live.storage.tiff_reader import TiffRefused, read_tiff
 from pn2v_live.telemetry import STAGE_FAILURES
 

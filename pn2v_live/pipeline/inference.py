@@ -45,8 +45,9 @@ from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.frame_failures import FrameFailures
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
+from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.registry import ModelInfo, ModelRegistry
-from pn2v_live.storage.store import Acquisition, Store
+from pn2v_live.storage.store import Store
 from pn2v_live.storage.working_set import WorkingSet
 from pn2v_live.telemetry import (
     BACKLOG,

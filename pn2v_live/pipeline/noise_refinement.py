@@ -37,8 +37,8 @@ from pn2v_live.core.noise.refinement import (
     refine_noise_model,
 )
 from pn2v_live.pipeline.stage import Stage
+from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.noise_model_versions import NoiseModelVersions
-from pn2v_live.storage.store import Acquisition
 from pn2v_live.telemetry import NOISE_MODEL_REFINEMENTS, NOISE_MODEL_SIGNAL_MAX
 
 MAX_BUFFERED_PAIRS = 2_000_000  # pairs kept for the next refinement (newest frames win)

@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 
 from pn2v_live.errors import UserError
-from pn2v_live.storage.store import Acquisition
+from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.wire.protocol import encode_frame
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pn2v_live.storage.store import Acquisition
+from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.telemetry import FRAMES_UNREADABLE, STAGE_FAILURES
 
 MIN_BACKOFF_SECONDS = 1.0  # wait after a first failure, doubled after each one in a row ...

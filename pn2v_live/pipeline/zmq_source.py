@@ -54,8 +54,9 @@ from pn2v_live.pipeline.stage import (
     describe,
     failure_reason,
 )
+from pn2v_live.storage.layout import validate_name
 from pn2v_live.storage.rejected import FrameCheck, Rejected
-from pn2v_live.storage.store import Store, validate_name
+from pn2v_live.storage.store import Store
 from pn2v_live.telemetry import (
     FRAMES_REJECTED,
     INGEST_QUEUE,

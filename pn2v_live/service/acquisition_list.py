@@ -14,7 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from pn2v_live.storage.store import Acquisition, Store
+from pn2v_live.storage.acquisition import Acquisition
+from pn2v_live.storage.store import Store
 
 RACY_NS = 1_000_000_000  # a listing this young may have missed a change within the same tick
 

@@ -29,8 +29,9 @@ from typing import Any
 import dask.array as da
 
 from pn2v_live.service.viewer_render import contrast_limits
+from pn2v_live.storage.layout import IMAGES, SUFFIX
 from pn2v_live.storage.physical import SPACE_UNIT, TIME_UNIT, Physical
-from pn2v_live.storage.store import IMAGES, SUFFIX, Store, is_store_root
+from pn2v_live.storage.store import Store, is_store_root
 
 LayerData = tuple[da.Array, dict[str, Any], str]
 KEY = "pn2v_live"  # the layers' metadata key

@@ -64,7 +64,8 @@ from pn2v_live.service.viewer_requests import (
     shown,
     to_json,
 )
-from pn2v_live.storage.store import Acquisition, Store
+from pn2v_live.storage.acquisition import Acquisition
+from pn2v_live.storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pn2v_live.storage.store import Acquisition, Store
+    from pn2v_live.storage.acquisition import Acquisition
+    from pn2v_live.storage.store import Store
 
 
 class WorkingSet:

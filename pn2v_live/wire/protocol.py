@@ -42,8 +42,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from pn2v_live.errors import UserError
+from pn2v_live.storage.layout import RAW_DTYPES, validate_name
 from pn2v_live.storage.physical import Physical
-from pn2v_live.storage.store import RAW_DTYPES, validate_name
 
 DTYPES = ("uint8", "uint16", "int16", "uint32", "float32")
 STORED_DTYPES = RAW_DTYPES  # what a receiver stores: camera frames, uint8 or uint16

@@ -110,7 +110,7 @@ class TwinWatcher:
         """The twins new or changed since the last poll, observed at `t_s`."""
         import zarr
 
-        from pn2v_live.storage.store import SUFFIX
+        from pn2v_live.storage.layout import SUFFIX
 
         twins = self.store.recorded_twins(self.acquisition)
         changed = {t: made for t, made in twins.items() if self.seen.get(t) != made}

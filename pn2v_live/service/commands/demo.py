@@ -34,7 +34,7 @@ from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
 from pn2v_live.service.commands.demo_scmos import calibrate_scmos, fixed_pattern, scmos_camera
 from pn2v_live.service.viewer import acquisition_summary
-from pn2v_live.storage.store import Acquisition
+from pn2v_live.storage.acquisition import Acquisition
 
 ACQUISITION = "demo"
 DEMO_CAMERA_SEED = 7

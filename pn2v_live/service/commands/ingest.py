@@ -26,7 +26,7 @@ StatusOption = Annotated[
 
 def acquisition_name(name: str | None, fallback: Path | None) -> str:
     """`name`, or one made from `fallback`'s file name ("cells 01.ome.tif" → "cells_01")."""
-    from pn2v_live.storage.store import validate_name
+    from pn2v_live.storage.layout import validate_name
 
     if name is None:
         stem = fallback.name.split(".")[0] if fallback is not None else "simulated"
