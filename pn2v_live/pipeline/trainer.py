@@ -19,8 +19,9 @@ Sharing the machine: inference comes first, but while it has a backlog training 
 to `training_share` of the wall time (measured over the last SHARE_WINDOW_SECONDS), so a stream
 faster than inference cannot starve training. A round after the first model also ends its steps
 early (waits included) when more would not leave time to validate, estimate and promote within
-ROUND_SHARE of `every_seconds` (that part timed in the previous round): on a slow or busy
-machine rounds still come every `every_seconds`, with the steps that fitted.
+ROUND_SHARE of `every_seconds` (that part taken as its longest in the last AFTER_STEPS_ROUNDS
+rounds, as it varies with what else runs): on a slow or busy machine rounds still come every
+`every_seconds`, with the steps that fitted.
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
 round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
@@ -74,6 +75,7 @@ MIN_SIDE = 8  # smallest frame side a patch (a multiple of 8) fits in
 HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
 SHARE_WINDOW_SECONDS = 60.0  # training's share of time is measured over this much of the past
 ROUND_SHARE = 0.9  # of `every_seconds` a round after the first model may take
+AFTER_STEPS_ROUNDS = 3  # rounds whose after-steps time bounds the next round's steps
 # Rounds train on acquisitions with frames stored within this long, or not denoised yet.
 RECENT_SECONDS = 12 * 3600.0
 
@@ -118,7 +120,8 @@ class Trainer(Stage):
         self._bf16 = PRECISIONS[settings.precision]
         self.rng = np.random.default_rng(seed)
         self.rounds = 0
-        self._after_steps_s = 0.0  # what validating, estimating and promoting took last round
+        # what validating, estimating and promoting took in the last rounds (s)
+        self._after_steps_s: deque[float] = deque([0.0], maxlen=AFTER_STEPS_ROUNDS)
         self.state = "idle"  # "idle", "training" or "waiting" (for inference); see metrics
         self.history: deque[dict] = deque(maxlen=HISTORY_ROUNDS)
         self._training: Training | None = None
@@ -229,7 +232,7 @@ class Trainer(Stage):
         # the first model takes its steps; later rounds keep to their share of every_seconds
         # (`_last_round`: when this attempt began, reading its frames included)
         since = time.monotonic() - self._last_round
-        left = s.every_seconds * ROUND_SHARE - self._after_steps_s - since
+        left = s.every_seconds * ROUND_SHARE - max(self._after_steps_s) - since
         seconds = math.inf if first_model else left
         losses = self._steps(training, series, weights, patch, max(1, steps - spent), seconds)
         if losses is None:
@@ -265,7 +268,7 @@ class Trainer(Stage):
             )
         if promoted is not None:
             self._steps_since_promotion = 0
-        self._after_steps_s = time.monotonic() - steps_ended
+        self._after_steps_s.append(time.monotonic() - steps_ended)
         outcome = "promoted" if promoted else "kept"
         TRAINING_ROUNDS.labels(outcome).inc()
         TRAINING_LOSS.set(float(np.mean(losses)))
