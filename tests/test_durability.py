@@ -209,11 +209,11 @@ def test_a_failed_fsync_records_nothing_and_the_frame_can_be_written_again(tmp_p
     with pytest.raises(OSError, match="Input/output"):
         acquisition.write_raw(0, frame)
     acquisition._release(0)
-    assert store._ledger.frames("a") == [] and not acquisition.is_stored(0)
+    assert store.recorded_frames("a") == [] and not acquisition.is_stored(0)
     monkeypatch.setattr(os, "fsync", fsync)
     assert acquisition._claim(0)
     acquisition.write_raw(0, frame)
-    assert store._ledger.frames("a") == [0]
+    assert store.recorded_frames("a") == [0]
     np.testing.assert_array_equal(acquisition.read_raw(0), frame)
     store.close()
 

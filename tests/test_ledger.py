@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from pn2v_live.storage.ledger import Ledger
+from pn2v_live.storage.source_items import SourceItems
 
 
 def test_wal_mode_and_rows_survive_reopen(tmp_path):
@@ -12,8 +13,8 @@ def test_wal_mode_and_rows_survive_reopen(tmp_path):
     ledger.add_frame("a", 3)
     ledger.add_frame("a", 1)
     ledger.add_frame("a", 3)
-    ledger.mark_stored("zmq", "a/3", "a", 3, 1)
-    ledger.mark_rejected("folder", "/x/bad.tif", "truncated TIFF", size=10, mtime_ns=5)
+    SourceItems(ledger, "zmq").mark_stored("a/3", "a", 3, 1)
+    SourceItems(ledger, "folder").mark_rejected("/x/bad.tif", "truncated TIFF", size=10, mtime_ns=5)
     ledger.set_denoised("a", 1, 4, "2:0")
     ledger.close()
     with sqlite3.connect(tmp_path / "ingest-ledger.sqlite") as db:
@@ -21,25 +22,26 @@ def test_wal_mode_and_rows_survive_reopen(tmp_path):
     again = Ledger(tmp_path)
     assert again.frames("a") == [1, 3]
     assert again.denoised_twins("a") == {1: (4, "2:0")}
-    bad = again.item("folder", "/x/bad.tif")
+    bad = SourceItems(again, "folder").get("/x/bad.tif")
     assert (bad.status, bad.reason, bad.size, bad.mtime_ns) == ("rejected", "truncated TIFF", 10, 5)
-    assert again.item("zmq", "a/3").status == "stored"
-    assert again.item("zmq", "a/4") is None
+    assert SourceItems(again, "zmq").get("a/3").status == "stored"
+    assert SourceItems(again, "zmq").get("a/4") is None
 
 
 def test_reserve_gives_consecutive_ranges_and_is_stable_for_pending_items(tmp_path):
     ledger = Ledger(tmp_path)
-    assert ledger.reserve("folder", "/d/f1.tif", "a", 100, 1, frames=3) == 0
-    assert ledger.reserve("folder", "/d/f2.tif", "a", 100, 1, frames=2) == 3
-    assert ledger.reserve("folder", "/d/other.tif", "b", 100, 1, frames=1) == 0
+    folder = SourceItems(ledger, "folder")
+    assert folder.reserve("/d/f1.tif", "a", 100, 1, frames=3) == 0
+    assert folder.reserve("/d/f2.tif", "a", 100, 1, frames=2) == 3
+    assert folder.reserve("/d/other.tif", "b", 100, 1, frames=1) == 0
     # a crash before f1 finished: asking again gives the same range
-    assert ledger.reserve("folder", "/d/f1.tif", "a", 100, 1, frames=3) == 0
-    ledger.mark_stored("folder", "/d/f1.tif", "a", 0, 3, 100, 1)
-    assert [i.key for i in ledger.items("folder", "pending")] == ["/d/f2.tif", "/d/other.tif"]
+    assert folder.reserve("/d/f1.tif", "a", 100, 1, frames=3) == 0
+    folder.mark_stored("/d/f1.tif", "a", 0, 3, 100, 1)
+    assert [i.key for i in folder.all("pending")] == ["/d/f2.tif", "/d/other.tif"]
     # rejected items hold no range; frames stored directly (stream) count as used
-    ledger.mark_rejected("folder", "/d/f2.tif", "empty file", "a")
+    folder.mark_rejected("/d/f2.tif", "empty file", "a")
     ledger.add_frame("a", 7)
-    assert ledger.reserve("folder", "/d/f3.tif", "a", 100, 1, frames=1) == 8
+    assert folder.reserve("/d/f3.tif", "a", 100, 1, frames=1) == 8
 
 
 def test_a_ledger_from_before_temporal_context_gains_the_window_column(tmp_path):

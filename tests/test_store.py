@@ -196,10 +196,10 @@ def test_a_frame_stored_again_is_denoised_again(tmp_path):
     store.close()
     shutil.rmtree(tmp_path / "a.ome.zarr")
     store = Store(tmp_path, writer=True)
-    store._ledger.reserve("folder", "/scope/a/img.tif", "a", 10, 1, 2)  # an old file's range
+    store.source_items("folder").reserve("/scope/a/img.tif", "a", 10, 1, 2)  # an old file's range
     again = store.create("a", (8, 8), "uint16")
-    assert store._ledger.frames("a") == [] and store._ledger.denoised_twins("a") == {}
-    assert store._ledger.reserve("folder", "/scope/a/next.tif", "a", 10, 1, 1) == 0
+    assert store.recorded_frames("a") == [] and store.recorded_twins("a") == {}
+    assert store.source_items("folder").reserve("/scope/a/next.tif", "a", 10, 1, 1) == 0
     again.write_raw(0, new)
     assert again.frames_without_twin() == [0] and again.read_denoised(0) is None
     store.close()

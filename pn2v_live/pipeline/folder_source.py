@@ -42,7 +42,7 @@ from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.layout import validate_name
 from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.rejected import FrameCheck, Rejected
-from pn2v_live.storage.source_item import Item
+from pn2v_live.storage.source_items import Item
 from pn2v_live.storage.store import Store
 from pn2v_live.storage.tiff_reader import TiffRefused, read_tiff
 from pn2v_live.telemetry import STAGE_FAILURES

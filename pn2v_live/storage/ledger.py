@@ -19,18 +19,17 @@ checkpoint; the WAL is append-only, so a power cut can only lose the newest comm
 before a `record` that survived). Losing such a commit is harmless: a pending item is
 ingested again into the same frames, a `stored` mark follows from a pending one.
 
-All methods are thread-safe (one connection behind a lock).
+All methods are thread-safe (one connection behind a lock). The `items` rows are read and
+written through `source_items.SourceItems`.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-
-from pn2v_live.storage.source_item import Item
 
 LEDGER_FILE = "ingest-ledger.sqlite"
 
@@ -86,9 +85,18 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    def _run(self, sql: str, params: tuple = ()) -> list[tuple]:
+    def run(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """The rows of one SQL statement, committed at once (`synchronous=NORMAL`)."""
         with self._lock:
             return self._db.execute(sql, params).fetchall()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside one write transaction (BEGIN IMMEDIATE: no other writer until
+        it commits on leaving, or rolls back on an error), under the ledger's lock."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            yield self._db
 
     # frames -----------------------------------------------------------------------------
 
@@ -143,12 +151,12 @@ class Ledger:
 
     def length(self, acquisition: str) -> int:
         """One past the last stored raw frame of `acquisition` (0 when none is stored)."""
-        rows = self._run("SELECT max(t) FROM frames WHERE acquisition = ?", (acquisition,))
+        rows = self.run("SELECT max(t) FROM frames WHERE acquisition = ?", (acquisition,))
         return 0 if rows[0][0] is None else rows[0][0] + 1
 
     def frames(self, acquisition: str) -> list[int]:
         """Indices of the stored raw frames of `acquisition`, ascending."""
-        rows = self._run("SELECT t FROM frames WHERE acquisition = ? ORDER BY t", (acquisition,))
+        rows = self.run("SELECT t FROM frames WHERE acquisition = ? ORDER BY t", (acquisition,))
         return [t for (t,) in rows]
 
     # denoised versions ------------------------------------------------------------------
@@ -160,7 +168,7 @@ class Ledger:
 
     def denoised_twins(self, acquisition: str) -> dict[int, tuple[int, str]]:
         """{t: (model version, window)} of every denoised frame of `acquisition`."""
-        rows = self._run(
+        rows = self.run(
             "SELECT t, version, window FROM denoised WHERE acquisition = ?", (acquisition,)
         )
         return {t: (version, window) for t, version, window in rows}
@@ -169,117 +177,8 @@ class Ledger:
         """Names of the acquisitions with at least one stored raw frame that has no denoised
         twin (one query over every frame: for a pass's first look at the store, not every pass).
         """
-        rows = self._run(
+        rows = self.run(
             "SELECT DISTINCT acquisition FROM frames AS f WHERE NOT EXISTS (SELECT 1 FROM "
             "denoised AS d WHERE d.acquisition = f.acquisition AND d.t = f.t)"
         )
         return {name for (name,) in rows}
-
-    # source items -----------------------------------------------------------------------
-
-    def item(self, source: str, key: str) -> Item | None:
-        """The ledger row of one source item, or None when it was never seen."""
-        rows = self._run("SELECT * FROM items WHERE source = ? AND key = ?", (source, key))
-        return _item(rows[0]) if rows else None
-
-    def items(self, source: str, status: str | None = None) -> list[Item]:
-        """All items of `source` (optionally only those with `status`), in insertion order."""
-        if status is None:
-            rows = self._run("SELECT * FROM items WHERE source = ? ORDER BY rowid", (source,))
-        else:
-            rows = self._run(
-                "SELECT * FROM items WHERE source = ? AND status = ? ORDER BY rowid",
-                (source, status),
-            )
-        return [_item(row) for row in rows]
-
-    def reserve(
-        self, source: str, key: str, acquisition: str, size: int, mtime_ns: int, frames: int
-    ) -> int:
-        """Mark an item pending and give it the next free frame range; returns its first t.
-
-        The range starts after every stored or pending range of the acquisition, so a restart
-        re-ingests a pending item into exactly the same frames.
-        """
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            row = self._db.execute(
-                "SELECT first_t FROM items WHERE source = ? AND key = ? AND status = 'pending'",
-                (source, key),
-            ).fetchone()
-            if row is not None:
-                return row[0]
-            (used,) = self._db.execute(
-                "SELECT max(coalesce((SELECT max(first_t + frames) FROM items "
-                "WHERE acquisition = ? AND status IN ('stored', 'pending')), 0), "
-                "coalesce((SELECT max(t) + 1 FROM frames WHERE acquisition = ?), 0))",
-                (acquisition, acquisition),
-            ).fetchone()
-            self._db.execute(
-                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?)",
-                (source, key, acquisition, size, mtime_ns, used, frames, time.time()),
-            )
-            return used
-
-    def extend(self, source: str, key: str, frames: int, size: int, mtime_ns: int) -> bool:
-        """Grow a stored item's frame range to `frames` frames and mark it pending again, if
-        nothing else of its acquisition (an item's range or a frame) lies after that range.
-
-        False (and nothing changed) when something does: the added frames have no numbers.
-        """
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            acquisition, first_t, stored = self._db.execute(
-                "SELECT acquisition, first_t, frames FROM items WHERE source = ? AND key = ?",
-                (source, key),
-            ).fetchone()
-            end = first_t + stored
-            (later,) = self._db.execute(
-                "SELECT (SELECT count(*) FROM items WHERE acquisition = ? AND first_t >= ? "
-                "AND status IN ('stored', 'pending') AND NOT (source = ? AND key = ?)) "
-                "+ (SELECT count(*) FROM frames WHERE acquisition = ? AND t >= ?)",
-                (acquisition, end, source, key, acquisition, end),
-            ).fetchone()
-            if later:
-                return False
-            self._db.execute(
-                "UPDATE items SET status = 'pending', frames = ?, size = ?, mtime_ns = ?, "
-                "updated = ? WHERE source = ? AND key = ?",
-                (frames, size, mtime_ns, time.time(), source, key),
-            )
-            return True
-
-    def mark_stored(
-        self,
-        source: str,
-        key: str,
-        acquisition: str,
-        first_t: int,
-        frames: int,
-        size: int | None = None,
-        mtime_ns: int | None = None,
-    ) -> None:
-        """Record an item whose frames [first_t, first_t + frames) are all stored."""
-        self._run(
-            "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, 'stored', NULL, ?)",
-            (source, key, acquisition, size, mtime_ns, first_t, frames, time.time()),
-        )
-
-    def mark_rejected(
-        self,
-        source: str,
-        key: str,
-        reason: str,
-        acquisition: str | None = None,
-        size: int | None = None,
-        mtime_ns: int | None = None,
-    ) -> None:
-        """Record an item that was refused, with a human-readable reason."""
-        self._run(
-            "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, NULL, NULL, 'rejected', ?, ?)",
-            (source, key, acquisition, size, mtime_ns, reason, time.time()),
-        )
-
-
-def _item(row: tuple) -> Item:
-    return Item(*row[:9])
