@@ -60,8 +60,9 @@ from pn2v_live.core.training import (
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
+from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.registry import ModelRegistry
-from pn2v_live.storage.store import Acquisition, Store
+from pn2v_live.storage.store import Store
 from pn2v_live.storage.working_set import WorkingSet
 from pn2v_live.telemetry import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
 
