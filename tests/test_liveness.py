@@ -251,15 +251,16 @@ def serve(tmp_path):
         daemon.close()
 
 
+def wait_for_status(daemon, text: str) -> None:
+    """Waits up to 10 s for a STATUS= line containing `text`."""
+    daemon.wait_for(lambda: any(text in s for s in daemon.statuses()), 10, f"STATUS= {text!r}")
+
+
 def test_a_stage_whose_work_always_raises_makes_the_daemon_unhealthy_with_few_lines(serve):
     daemon = serve(watchdog_seconds=2.0)  # pings every 1 s; unhealthy after 2 s silent
     daemon.start(inject=ALWAYS_FAILING_INFERENCE)
     ready = daemon.ready_at()
-    daemon.wait_for(
-        lambda: any("UNHEALTHY: inference failing (error)" in s for s in daemon.statuses()),
-        10,
-        "STATUS= saying inference keeps failing",
-    )
+    wait_for_status(daemon, "UNHEALTHY: inference failing (error)")
     time.sleep(8)
     pings = daemon.pings()
     # At most a tick and the 2 s timeout after its first failure (at start), never again.
@@ -289,13 +290,7 @@ def test_a_killed_zmq_receiver_thread_makes_the_daemon_unhealthy(serve):
         daemon.wait_for(lambda: len(daemon.pings()) >= 2, 10, "watchdog pings")
         assert sender.status("inject-fault", timeout=2) is None  # the thread died on it
         killed = time.monotonic()
-        daemon.wait_for(
-            lambda: any(
-                "UNHEALTHY: zmq-receive dead (InjectedFault" in s for s in daemon.statuses()
-            ),
-            10,
-            "STATUS= naming the dead receiver",
-        )
+        wait_for_status(daemon, "UNHEALTHY: zmq-receive dead (InjectedFault")
         time.sleep(4)
         assert max(daemon.pings()) - killed < 2.5  # the next tick saw it: no ping since
         assert sender.status("cells", timeout=1) is None  # nobody answers any more
@@ -315,11 +310,7 @@ def test_a_dead_metrics_server_thread_makes_the_daemon_unhealthy(serve):
     with socket.create_connection(("127.0.0.1", daemon.metrics_port), timeout=5) as client:
         client.sendall(b"GET /inject-fault HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         killed = time.monotonic()
-    daemon.wait_for(
-        lambda: any("UNHEALTHY: metrics dead (its thread ended)" in s for s in daemon.statuses()),
-        10,
-        "STATUS= naming the dead metrics server",
-    )
+    wait_for_status(daemon, "UNHEALTHY: metrics dead (its thread ended)")
     time.sleep(4)
     assert max(daemon.pings()) - killed < 2.5  # the next tick saw it: no ping since
     assert "InjectedFault: injected into the metrics server" in daemon.log_text()
