@@ -13,7 +13,13 @@ from prometheus_client import REGISTRY
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.core.training import Training, sample_patches
-from pn2v_live.pipeline.trainer import VALIDATION_PATCHES, BusyTime, Trainer, TrainerSettings
+from pn2v_live.pipeline.trainer import (
+    SHARED_SLOWDOWN,
+    VALIDATION_PATCHES,
+    BusyTime,
+    Trainer,
+    TrainerSettings,
+)
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 
@@ -153,7 +159,9 @@ def test_training_takes_its_share_while_inference_is_behind(setup):
 
 def test_rounds_keep_to_every_seconds_however_slow_their_steps(setup):
     """Inference always behind, a round of a million steps: rounds after the first model still
-    end, settled and validated, within `every_seconds`, with the steps that fitted."""
+    end, settled and validated, within `every_seconds`, with the steps that fitted; the first
+    model's after-steps time, measured with the machine to itself, is budgeted as if inference
+    had shared it."""
     trainer, registry, add_frames, idle = setup
     trainer.settings = replace(
         trainer.settings, training_share=0.5, steps_per_round=10**6, every_seconds=10.0,
@@ -162,6 +170,8 @@ def test_rounds_keep_to_every_seconds_however_slow_their_steps(setup):
     add_frames(12)
     assert trainer.work() is True  # the first model: its own two steps, no time limit
     assert trainer.history[-1]["steps"] == 2
+    first_after_steps = trainer.history[-1]["after_steps_seconds"]
+    assert max(trainer._after_steps_s) == pytest.approx(SHARED_SLOWDOWN * first_after_steps)
     idle.clear()  # inference never catches up
     trainer.start()
     deadline = time.monotonic() + 120
@@ -265,8 +275,10 @@ def test_rounds_choose_the_newest_trainable_acquisition_and_skip_damaged_frames(
     assert record["acquisition"] == "cells"  # newest trainable; nothing counts as new yet
     assert registry.current().training_frames == 9  # 10 training frames, one damaged
     assert unreadable_count() == unreadable + 1
-    trainer._last_round -= SETTINGS.every_seconds  # overdue: an idle round
+    trainer._last_round -= SETTINGS.every_seconds + 1.0  # overdue by a second: an idle round
+    due = trainer._last_round + SETTINGS.every_seconds
     assert trainer.work() is True
+    assert trainer._last_round == due  # a late poll keeps the round's place in the schedule
     assert trainer.history[-1]["acquisition"] == "cells"
 
 

@@ -20,8 +20,9 @@ to `training_share` of the wall time (measured over the last SHARE_WINDOW_SECOND
 faster than inference cannot starve training. A round after the first model also ends its steps
 early (waits included) when more would not leave time to validate, estimate and promote within
 ROUND_SHARE of `every_seconds` (that part taken as its longest in the last AFTER_STEPS_ROUNDS
-rounds, as it varies with what else runs): on a slow or busy machine rounds still come every
-`every_seconds`, with the steps that fitted.
+rounds, as it varies with what else runs, and a round that had the machine to itself counted as
+if it had shared it): on a slow or busy machine rounds still come every `every_seconds`, with
+the steps that fitted.
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
 round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
@@ -77,6 +78,8 @@ HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
 SHARE_WINDOW_SECONDS = 60.0  # training's share of time is measured over this much of the past
 ROUND_SHARE = 0.9  # of `every_seconds` a round after the first model may take
 AFTER_STEPS_ROUNDS = 3  # rounds whose after-steps time bounds the next round's steps
+SHARED_SLOWDOWN = 2.0  # after-steps time beside a busy inference stage / with the machine alone
+LATE_ATTEMPT_SECONDS = 5.0  # an attempt this late still keeps its place in the schedule
 # Rounds train on acquisitions with frames stored within this long, or not denoised yet.
 RECENT_SECONDS = 12 * 3600.0
 
@@ -159,7 +162,7 @@ class Trainer(Stage):
             return False  # too few frames yet for a held-back one, or frames too small
         name = chosen[0].name
         growth.clear()
-        self._last_round = time.monotonic()  # an attempt, read or not
+        self._last_round = self._attempt_time(overdue)
         series, weights = self._frames(*chosen)
         self._unreadable = not series.trained or not series.held_back
         if self._unreadable:
@@ -173,6 +176,14 @@ class Trainer(Stage):
         finally:
             self._set_state("idle")
         return True
+
+    def _attempt_time(self, overdue: bool) -> float:
+        """When this attempt counts as begun (monotonic s): an attempt due by the clock and
+        late by at most LATE_ATTEMPT_SECONDS (the stage's polling) keeps its place in the
+        schedule, so that rounds do not drift later by a poll each."""
+        now = time.monotonic()
+        due = self._last_round + self.settings.every_seconds
+        return due if overdue and now - due <= LATE_ATTEMPT_SECONDS else now
 
     def _enough_for_first_model(self, acquisition: Acquisition) -> bool:
         """`first_model_frames` frames stored, or all there will be (closed)."""
@@ -239,6 +250,7 @@ class Trainer(Stage):
         if losses is None:
             return  # stopping: abandon the round, nothing is promoted
         steps_ended = time.monotonic()
+        alone = self.inference_idle.is_set()
         self._steps_since_promotion += len(losses)
         validation_batch = series.validation_batch(training.denoiser, patch)
         spread = training.fit_prior_spread(validation_batch)
@@ -269,7 +281,11 @@ class Trainer(Stage):
             )
         if promoted is not None:
             self._steps_since_promotion = 0
-        self._after_steps_s.append(time.monotonic() - steps_ended)
+        after_steps = time.monotonic() - steps_ended
+        # measured with the machine to itself (e.g. the first model's, before inference runs),
+        # it would take about SHARED_SLOWDOWN times as long beside a busy inference stage
+        alone = alone and self.inference_idle.is_set()
+        self._after_steps_s.append(after_steps * (SHARED_SLOWDOWN if alone else 1.0))
         outcome = "promoted" if promoted else "kept"
         TRAINING_ROUNDS.labels(outcome).inc()
         TRAINING_LOSS.set(float(np.mean(losses)))
@@ -289,6 +305,7 @@ class Trainer(Stage):
             "estimated_gain_uncertainty_db": estimate.uncertainty_db,
             "promoted_version": promoted.version if promoted else None,
             "seconds": time.monotonic() - started,
+            "after_steps_seconds": after_steps,
         }
         self.history.append(record)
         self.log.info(
