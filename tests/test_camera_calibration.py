@@ -118,3 +118,40 @@ def test_cli_calibrates_maps_and_stores_them_with_the_noise_model(series, tmp_pa
     np.testing.assert_array_equal(model.maps.variance, maps.variance)
     assert (tmp_path / "report.camera.png").stat().st_size > 10_000
     assert "fewer than 100 frames" in done.stderr  # 60 frames: usable, with a warning
+
+
+def run_calibrate_with_map_files(tmp_path, name, offset, truth, raw):
+    """`calibrate` with the maps as separate TIFFs (offset shifted by the caller) and `raw` as
+    INPUT; (JSON summary, stderr)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    paths = {}
+    for what, values in {"offset": offset, "gain": truth.gain, "variance": truth.variance,
+                         "raw": raw}.items():  # fmt: skip
+        paths[what] = folder / f"{what}.tif"
+        tifffile.imwrite(paths[what], values, photometric="minisblack")
+    command = [sys.executable, "-m", "pn2v_live", "calibrate", "-o", str(folder / "noise.pt"),
+               "--offset-map", str(paths["offset"]), "--gain-map", str(paths["gain"]),
+               "--variance-map", str(paths["variance"]), str(paths["raw"])]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_cli_with_map_files_checks_them_against_the_data_and_warns_on_a_misfit(truth, tmp_path):
+    raw, _ = ScmosCamera(truth).acquisition(20, seed=8)
+    summary, stderr = run_calibrate_with_map_files(tmp_path, "right", truth.offset, truth, raw)
+    check = summary["fit_check"]["raw.tif"]
+    assert check["share_below_offset"] < check["read_noise_allows"] < 0.002
+    assert check["photon_transfer_gain"] == pytest.approx(np.median(truth.gain), rel=0.1)
+    assert "do not fit" not in stderr and "WARNING pn2v_live.calibration.camera_maps" not in stderr
+    # 4 σ of read noise too high: ~10 % of the background's values fall 3 σ below the map.
+    summary, stderr = run_calibrate_with_map_files(tmp_path, "high", truth.offset + 12, truth, raw)
+    check = summary["fit_check"]["raw.tif"]
+    assert check["share_below_offset"] > 0.05
+    warning = next(line for line in stderr.splitlines() if "do not fit" in line)
+    assert "WARNING" in warning and f"{check['share_below_offset']:.2%}" in warning
+    assert "at most 0.13%" in warning and "offset map is too high" in warning
+    assert any("do not fit" in message for message in summary["warnings"])
+    saved = load_camera_maps(tmp_path / "high" / "noise.camera.tif")
+    assert saved.metadata["fit_check"]["raw.tif"]["share_below_offset"] > 0.05

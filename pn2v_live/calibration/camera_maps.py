@@ -12,6 +12,7 @@ variance of v_L).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,8 @@ STEADY_RATIO = 4.0  # frame means may vary this many times more than pixel noise
 LEAK_CORRELATION = 0.3  # dark: correlation of per-pixel mean and variance that means light
 BELOW_OFFSET_SIGMAS = 3.0  # fit check: raw values this far below the offset map ...
 BELOW_OFFSET_SHARE = 0.01  # ... in more than this share of the values: the map is too high
+# Φ(−3 σ): the largest share of values read noise puts that far below the offset (no light).
+READ_NOISE_TAIL = 0.5 * math.erfc(BELOW_OFFSET_SIGMAS / math.sqrt(2))
 GAIN_AGREEMENT = 0.25  # fit check: relative difference of map gain and photon-transfer slope
 
 
@@ -200,22 +203,42 @@ def maps_from_arrays(
 
 
 def fit_check(
-    maps: CameraMaps, frames: np.ndarray, name: str, fitted_gain: float | None
+    maps: CameraMaps,
+    frames: np.ndarray,
+    name: str,
+    fitted_gain: float | None,
+    read_variance: float | None = None,
 ) -> dict[str, float]:
     """How well maps fit raw frames (T, H, W) of their region: the share of values more than
-    BELOW_OFFSET_SIGMAS read-noise σ below the offset map (offset map too high), and the map's
-    median gain against the photon-transfer slope `fitted_gain` of the equalised frames (a
-    normalised or relative gain map). Returns the numbers; warnings go to the log and into
-    `maps.metadata["fit_check"]`."""
-    sigma = np.sqrt(np.maximum(maps.variance, 1.0))
+    BELOW_OFFSET_SIGMAS read-noise σ below the offset map (offset map too high; read noise alone
+    puts at most Φ(−BELOW_OFFSET_SIGMAS) ≈ 0.13 % there, at pixels without light), the share
+    below the map at all, and the map's median gain against the photon-transfer slope
+    `fitted_gain` of the equalised frames (a normalised or relative gain map). σ is the variance
+    map's, or √`read_variance` (ADU², e.g. the data's own read noise) where the map holds none.
+    Returns the numbers; warnings go to the log and into `maps.metadata["fit_check"]`."""
+    variance = maps.variance
+    if read_variance is not None and not np.any(variance > 0):  # map files without variance
+        variance = np.full_like(variance, read_variance)
+    sigma = np.sqrt(np.maximum(variance, 1.0))
     below = float(np.mean(frames < maps.offset - BELOW_OFFSET_SIGMAS * sigma))
+    below_map = float(np.mean(frames < maps.offset))
     darkest = float(np.percentile(frames.mean(0), 1)) - float(np.median(maps.offset))
-    check = {"share_below_offset": round(below, 6), "darkest_level_above_offset": round(darkest, 3)}
+    check = {
+        "share_below_offset": round(below, 6),
+        "share_below_offset_map": round(below_map, 6),
+        "read_noise_allows": round(READ_NOISE_TAIL, 6),
+        "darkest_level_above_offset": round(darkest, 3),
+    }
     messages = []
     if below > BELOW_OFFSET_SHARE:
         messages.append(
-            f"{name}: {below:.2%} of the raw values lie more than {BELOW_OFFSET_SIGMAS:g} σ below "
-            "the offset map: the offset map is too high for this camera setting"
+            f"{name}: the camera maps do not fit the data: {below:.2%} of the raw values lie "
+            f"more than {BELOW_OFFSET_SIGMAS:g} σ of read noise below the offset map, where read "
+            f"noise explains at most {READ_NOISE_TAIL:.2%} ({below / READ_NOISE_TAIL:.0f}× more; "
+            f"{below_map:.1%} lie below the map at all, and the darkest 1 % of pixels average "
+            f"{darkest:+.1f} ADU from its median): the offset map is too high for this camera "
+            "setting (other exposure, readout mode, temperature, or another camera) — give maps "
+            "of this setting, or calibrate them with --dark and --flat"
         )
     if fitted_gain is not None:
         check["photon_transfer_gain"] = round(fitted_gain, 5)

@@ -197,17 +197,28 @@ def calibrate_with_maps(maps, inputs, output, maps_output, report, kind, bins) -
             Acquisition(a.name, r.equalise(a.frames)) for a, r in zip(raws, regions, strict=True)
         ]
         result = run_calibration(equalised, kind=kind.value, bins=bins)
+        fitted = result.poisson_gaussian
         checks = {
-            a.name: fit_check(r, a.frames, a.name, result.poisson_gaussian.gain)
+            a.name: fit_check(r, a.frames, a.name, fitted.gain, fitted.read_noise**2)
             for a, r in zip(raws, regions, strict=True)
         }
+        # Kept with the maps written (the regions checked are copies of them).
+        maps.metadata["fit_check"] = {
+            a.name: r.metadata["fit_check"] for a, r in zip(raws, regions, strict=True)
+        }
+        misfits = [m for r in regions for m in r.metadata["fit_check"]["warnings"]]
         base = result.models[result.chosen]
-        summary |= {**result.summary, "fit_check": checks, "warnings": result.warnings}
+        summary |= {**result.summary, "fit_check": checks, "warnings": result.warnings + misfits}
         if report is not None:
             from pn2v_live.calibration.report import write_report
 
             write_report(result, report)
     else:
+        if maps.metadata.get("source") == "map files":
+            log.warning(
+                "map files without INPUTS: nothing to check them against; give raw frames of "
+                "this camera setting as INPUTS to check that the maps fit them"
+            )
         offset, gain = maps.reference
         top = max(maps.metadata.get("levels_electrons") or [1000.0])
         model = CameraNoiseModel.from_maps(maps, (offset, offset + gain * top))
