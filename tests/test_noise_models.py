@@ -303,3 +303,39 @@ def test_gmm_fit_draws_pairs_evenly_across_the_signal_range():
     drawn = np.histogram(signal[pick].numpy(), bins=64, range=(5.0, 163.0))[0]
     np.testing.assert_array_equal(drawn, np.minimum(available, 640 // 64))
     assert drawn[0] == 10 and drawn[1:].sum() > 200  # vs about 6 bright in a uniform draw
+
+
+def test_histogram_on_data_with_nan_and_empty_bins_fits_the_finite_pairs_without_index_errors():
+    """NaN (a missing frame or pixel) once became a table index far outside the table:
+    IndexError at fit or likelihood time. The finite pairs are fitted; NaN observations get the
+    floor, a NaN signal NaN; data with nothing finite is refused clearly."""
+    from pn2v_live.core.calibration import fit_models
+
+    signal, observation = poisson_gaussian_pairs(40_000, seed=3)
+    signal[signal > OFFSET + 120] += 60  # no signal in [140, 200) ADU: empty rows in between
+    holed_signal, holed_observation = signal.copy(), observation.copy()
+    holed_observation[::50] = np.nan
+    holed_signal[7::50] = np.nan
+    holed_observation[9::50] = np.inf
+    holed = HistogramNoiseModel.fit(holed_signal, holed_observation, bins=64)
+    finite = np.isfinite(holed_signal) & np.isfinite(holed_observation)
+    clean = HistogramNoiseModel.fit(signal[finite], observation[finite], bins=64)
+    torch.testing.assert_close(holed.table.density, clean.table.density)
+    assert (clean.table.low, clean.table.high) == (holed.table.low, holed.table.high)
+    assert int(holed.support.sum()) == int(finite.sum())
+    empty_row = int((170.0 - holed.table.low) / holed.table.width)
+    assert holed.support[empty_row] == 0
+    log_p = holed.log_likelihood(
+        torch.tensor([float("nan"), 170.0, 100.0, 100.0]),
+        torch.tensor([100.0, 170.0, 100.0, float("nan")]),
+    )
+    assert log_p[0] == pytest.approx(math.log(1e-10)) and torch.isfinite(log_p[1:3]).all()
+    assert log_p[2] > math.log(0.01) and torch.isnan(log_p[3])
+    pairs = [torch.from_numpy(a) for a in (holed_signal, holed_observation)]
+    fitted = fit_models(("poisson-gaussian",), *pairs, 64)["poisson-gaussian"]
+    kept = PoissonGaussianNoiseModel.fit(signal[finite], observation[finite])
+    assert fitted.gain == pytest.approx(kept.gain) and fitted.read_noise == kept.read_noise
+    hybrid = HybridNoiseModel.fit(holed_signal, holed_observation, fitted, bins=64)
+    assert torch.isfinite(hybrid.log_likelihood(torch.tensor(170.0), torch.tensor(170.0)))
+    with pytest.raises(ValueError, match="no finite"):
+        HistogramNoiseModel.fit(np.full(10, np.nan), np.ones(10))

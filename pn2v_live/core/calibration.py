@@ -23,7 +23,7 @@ from pn2v_live.core.noise import (
     PoissonGaussianNoiseModel,
     as_pairs,
 )
-from pn2v_live.core.noise.histogram import common_range
+from pn2v_live.core.noise.histogram import common_range, finite_pairs
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ def fit_models(
     """Fit the requested kinds on 1-D pairs (the parametric parts first: others build on them);
     the result also holds the Poisson–Gaussian and GMM fits the others were built on.
     `poisson_gaussian` is fitted from the pairs when not given and a kind needs it."""
+    signal, observation = finite_pairs(signal, observation)  # NaN: missing frames or pixels
     models: dict[str, NoiseModel] = {}
     if {"poisson-gaussian", "gmm", "hybrid"} & set(kinds):
         poisson_gaussian = poisson_gaussian or PoissonGaussianNoiseModel.fit(signal, observation)

@@ -39,15 +39,34 @@ class BinnedTable:
     def interpolated(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         """Table density at (observation column, signal), linear in signal between row centres."""
         n = self.bins
+        # NaN would become an index far outside the table (IndexError, or a device assert on a
+        # GPU): its column and row are the first; a NaN signal still gives NaN through `fraction`.
+        observation = torch.nan_to_num(observation, nan=self.low)
         column = ((observation - self.low) / self.width).floor().clamp(0, n - 1).long()
         position = ((signal - self.low) / self.width - 0.5).clamp(0, n - 1)
-        row = position.detach().floor().clamp(max=n - 2).long()
+        row = torch.nan_to_num(position.detach(), nan=0.0).floor().clamp(max=n - 2).long()
         fraction = position - row
         flat = row * n + column
         table = self.density.view(-1)
         below = table[flat]
         above = table[flat + n]
         return below + fraction * (above - below)
+
+
+def finite_pairs(
+    signal: torch.Tensor, observation: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (signal, observation) pairs where both are finite (NaN marks a missing frame or pixel);
+    ValueError when none are (a histogram of nothing has no range)."""
+    finite = torch.isfinite(signal) & torch.isfinite(observation)
+    if not bool(finite.all()):
+        signal, observation = signal[finite], observation[finite]
+    if signal.numel() == 0:
+        raise ValueError(
+            "no finite (signal, observation) pairs to fit a noise model on: the calibration "
+            "data is empty or all NaN/infinite"
+        )
+    return signal, observation
 
 
 def pair_counts(
@@ -114,7 +133,7 @@ class HistogramNoiseModel(NoiseModel):
         metadata: dict[str, Any] | None = None,
     ) -> HistogramNoiseModel:
         """Histogram of pairs; `signal` broadcasts against `observation` (e.g. (Y,X) vs (T,Y,X))."""
-        signal, observation = as_pairs(signal, observation)
+        signal, observation = finite_pairs(*as_pairs(signal, observation))
         value_range = value_range or common_range(signal, observation, bins)
         counts = pair_counts(signal, observation, bins, value_range)
         support = counts.sum(1)

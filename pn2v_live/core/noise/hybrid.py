@@ -25,6 +25,7 @@ from pn2v_live.core.noise.histogram import (
     BinnedTable,
     HistogramNoiseModel,
     common_range,
+    finite_pairs,
     pair_counts,
     table_arguments,
 )
@@ -76,7 +77,7 @@ class HybridNoiseModel(HistogramNoiseModel):
         metadata: dict[str, Any] | None = None,
     ) -> HybridNoiseModel:
         """Histogram of the pairs blended with `parametric` (already fitted to the same pairs)."""
-        signal, observation = as_pairs(signal, observation)
+        signal, observation = finite_pairs(*as_pairs(signal, observation))
         value_range = value_range or common_range(signal, observation, bins)
         counts = pair_counts(signal, observation, bins, value_range)
         support = counts.sum(1)
