@@ -64,7 +64,8 @@ class Acquisition:
         publication: Publication | None = None,
     ) -> None:
         self.name = name
-        self._on_changed = changed  # told (name, 1) after each raw frame stored, (name, 0) on close
+        # told (name, 1) after each raw frame stored, (name, 0) after a denoised one and on close
+        self._on_changed = changed
         self.path = path
         self._group = group
         self._ledger = ledger
@@ -318,6 +319,8 @@ class Acquisition:
             self._versions[t] = int(model_version)
             self._windows[t] = window
             self._without_twin.discard(t)
+        if self._on_changed is not None:
+            self._on_changed(self.name, 0)
 
     def note_physical(self, physical: Physical) -> None:
         """Take the physical sizes a source item (file, message) carries: written into both

@@ -154,6 +154,15 @@ class Ledger:
         rows = self.run("SELECT max(t) FROM frames WHERE acquisition = ?", (acquisition,))
         return 0 if rows[0][0] is None else rows[0][0] + 1
 
+    def counts(self, acquisition: str) -> tuple[int, int]:
+        """(stored raw frames, denoised frames) of `acquisition`."""
+        rows = self.run(
+            "SELECT (SELECT count(*) FROM frames WHERE acquisition = ?), "
+            "(SELECT count(*) FROM denoised WHERE acquisition = ?)",
+            (acquisition, acquisition),
+        )
+        return rows[0][0], rows[0][1]
+
     def frames(self, acquisition: str) -> list[int]:
         """Indices of the stored raw frames of `acquisition`, ascending."""
         rows = self.run("SELECT t FROM frames WHERE acquisition = ? ORDER BY t", (acquisition,))
@@ -172,13 +181,3 @@ class Ledger:
             "SELECT t, version, window FROM denoised WHERE acquisition = ?", (acquisition,)
         )
         return {t: (version, window) for t, version, window in rows}
-
-    def acquisitions_without_twins(self) -> set[str]:
-        """Names of the acquisitions with at least one stored raw frame that has no denoised
-        twin (one query over every frame: for a pass's first look at the store, not every pass).
-        """
-        rows = self.run(
-            "SELECT DISTINCT acquisition FROM frames AS f WHERE NOT EXISTS (SELECT 1 FROM "
-            "denoised AS d WHERE d.acquisition = f.acquisition AND d.t = f.t)"
-        )
-        return {name for (name,) in rows}

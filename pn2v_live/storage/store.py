@@ -3,6 +3,12 @@
 `Store` opens and creates acquisitions (`Acquisition`), stores each raw frame exactly once
 (`put_raw`), publishes what is stored to readers (`settle`) and answers what the ledger records.
 
+An acquisition stays open (in memory, see `Acquisition`) while anything in the process uses it
+and while it is among the KEEP_OPEN most recently asked for; the others are closed, so memory
+does not grow with the number of old acquisitions a viewer or a pass has looked at. There is
+never more than one open `Acquisition` per name. `summary` answers the counts of one without
+opening it.
+
 One process writes a data root at a time: `Store(root, writer=True)` (ingest, serve) holds an
 exclusive lock on `<root>/writer.lock` and refuses to open while another process holds it. Only the
 writer removes the temporary chunk files (`*.partial`) a killed writer left behind; other processes
@@ -15,6 +21,8 @@ import fcntl
 import logging
 import os
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -40,10 +48,12 @@ from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.publication import Publication
 from pn2v_live.storage.rejected import FrameCheck, Rejected
 from pn2v_live.storage.source_items import SourceItems
+from pn2v_live.storage.summary import Summary, of_acquisition, read_summary
 
 log = logging.getLogger(__name__)
 
 WRITER_LOCK = "writer.lock"
+KEEP_OPEN = 8  # acquisitions kept open when nothing else uses them, the most recently asked for
 
 
 class Store:
@@ -62,7 +72,12 @@ class Store:
         self.committer = GroupCommit(self._ledger)
         self._publication = Publication()
         self._lock = threading.Lock()
-        self._open: dict[str, Acquisition] = {}
+        # Open acquisitions: each while in use anywhere (weak), the KEEP_OPEN most recently
+        # asked for (`_recent`), and for a store that is not the writer those it wrote to,
+        # until `close` trims them (`_written`).
+        self._open: weakref.WeakValueDictionary[str, Acquisition] = weakref.WeakValueDictionary()
+        self._recent: OrderedDict[str, Acquisition] = OrderedDict()
+        self._written: dict[str, Acquisition] = {}
         self._unopenable: set[str] = set()  # acquisitions already logged as damaged
         self._watchers: list[Changes] = []
 
@@ -74,7 +89,7 @@ class Store:
             self.trim_all()
         else:
             with self._lock:
-                for acquisition in self._open.values():
+                for acquisition in list(self._open.values()):
                     if acquisition.wrote:
                         acquisition.flush()
         self._ledger.close()
@@ -127,14 +142,9 @@ class Store:
         ledger has them now (also those another process wrote since this store was opened)."""
         return self._ledger.denoised_twins(name)
 
-    def acquisitions_without_twins(self) -> set[str]:
-        """Names of the acquisitions with a stored raw frame that has no denoised twin (one
-        query over every frame: for a first look at the store, not for every pass)."""
-        return self._ledger.acquisitions_without_twins()
-
     def watch(self) -> Changes:
-        """A feed of the names of acquisitions given raw frames or closed from now on
-        (`WorkingSet`, the viewer's `AcquisitionList`)."""
+        """A feed of the names of acquisitions given raw or denoised frames or closed from now
+        on (`WorkingSet`, the viewer's `AcquisitionList`)."""
         with self._lock:
             self._watchers.append(Changes())
             return self._watchers[-1]
@@ -142,6 +152,29 @@ class Store:
     def _notify_watchers(self, name: str, frames: int) -> None:
         for changes in self._watchers:
             changes.add(name, frames)
+
+    @property
+    def open_count(self) -> int:
+        """How many acquisitions are open in this process now (module docstring)."""
+        with self._lock:
+            return len(self._open)
+
+    def summary(self, name: str) -> Summary | None:
+        """The counts of acquisition `name` (`summary.Summary`): from memory when it is open,
+        else from its metadata files and the ledger, without opening it; None when it cannot
+        be read (gone; a damaged one is logged once)."""
+        with self._lock:
+            acquisition = self._open.get(name)
+        if acquisition is not None:
+            return of_acquisition(acquisition)
+        try:
+            return read_summary(self.path(name), name, *self._ledger.counts(name))
+        except Exception as error:  # JSON and OS errors of a damaged or vanished folder
+            if name not in self._unopenable:
+                self._unopenable.add(name)
+                log.error("cannot read acquisition %s, left alone: %s: %s",
+                          name, type(error).__name__, error)  # fmt: skip
+            return None
 
     def open_acquisitions(self, names: Iterable[str] | None = None) -> list[Acquisition]:
         """Every acquisition that opens (or those of `names`), by name; one that does not
@@ -165,11 +198,12 @@ class Store:
         """Open an existing acquisition; KeyError when there is none of that name."""
         path = self.path(name)
         with self._lock:
-            if name not in self._open:
+            acquisition = self._open.get(name)
+            if acquisition is None:
                 if not (path / "raw").is_dir():
                     raise KeyError(f"no acquisition {name!r} under {self.root}")
                 group = zarr.open_group(path, mode="r+")
-                self._open[name] = Acquisition(
+                acquisition = Acquisition(
                     group,
                     name,
                     path,
@@ -179,7 +213,19 @@ class Store:
                     self._notify_watchers,
                     self._publication,
                 )
-            return self._open[name]
+                self._open[name] = acquisition
+            self._keep(acquisition)
+            return acquisition
+
+    def _keep(self, acquisition: Acquisition) -> None:
+        """Hold `acquisition` as the most recently asked for, letting go of the least recent
+        beyond KEEP_OPEN (caller holds the lock)."""
+        self._recent[acquisition.name] = acquisition
+        self._recent.move_to_end(acquisition.name)
+        while len(self._recent) > KEEP_OPEN:
+            _, oldest = self._recent.popitem(last=False)
+            if oldest.wrote and not self.writer:  # `close` trims it (the writer trims all)
+                self._written[oldest.name] = oldest
 
     def put_raw(
         self,

@@ -2,19 +2,18 @@
 
 A store may hold thousands of acquisitions that will never change again. A pass of inference or
 the trainer (every 0.1 s, 0.5 s) that listed and opened them all would slow down with each one.
-A `WorkingSet` lists the store once, at its first pass, judging each acquisition from its
-metadata file and one ledger query for all (not opening it); from then on it learns of frames
-stored anywhere in the store through `Store.watch`, and drops an acquisition once it has no
-frame without a denoised twin and no raw frame stored within `horizon_seconds`. A pass then
-costs the acquisitions that may have work, however many closed ones the store holds.
+A `WorkingSet` lists the store once, at its first pass, judging each acquisition by its
+`Store.summary` (metadata files and ledger counts, not opening it); from then on it learns of
+frames stored anywhere in the store through `Store.watch`, and drops an acquisition once it has
+no frame without a denoised twin and no raw frame stored within `horizon_seconds`. A pass then
+costs the acquisitions that may have work, however many closed ones the store holds. It keeps
+those acquisitions open between passes (the store closes the ones nobody uses).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,6 +30,7 @@ class WorkingSet:
         self.horizon_seconds = horizon_seconds
         self._changes = store.watch()
         self._names: set[str] | None = None  # None until the first pass lists the store
+        self._working: list[Acquisition] = []  # kept open between passes
         # raw frames stored per acquisition since this set was made or `stored` was cleared
         self.stored: Counter[str] = Counter()
 
@@ -38,11 +38,12 @@ class WorkingSet:
         """The acquisitions that may have work now, opened, by name (a deleted or damaged one is
         left out, see `Store.open_acquisitions`)."""
         changed = self._changes.take()
-        self.stored.update(changed)
+        self.stored.update(+changed)  # raw frames only (`+` drops those only denoised or closed)
         names = set(changed) | (self._listing() if self._names is None else self._names)
         present = sorted(n for n in names if (self.store.path(n) / "raw").is_dir())  # not deleted
         opened = self.store.open_acquisitions(present)
         working = [a for a in opened if a.untwinned_count or self.recent(a)]
+        self._working = working
         self._names = {a.name for a in working}
         return working
 
@@ -54,27 +55,11 @@ class WorkingSet:
         return last_frame_at is not None and time.time() - last_frame_at < self.horizon_seconds
 
     def _listing(self) -> set[str]:
-        """The store's acquisitions that may have work, from their metadata files and the
-        ledger, without opening them."""
-        waiting = self.store.acquisitions_without_twins()
+        """The store's acquisitions that may have work, from their summaries (not opening
+        them)."""
+        summaries = (self.store.summary(name) for name in self.store.acquisitions())
         return {
-            name
-            for name in self.store.acquisitions()
-            if name in waiting or self._within(last_frame_at(self.store.path(name)))
+            summary.name
+            for summary in summaries
+            if summary is not None and (summary.untwinned or self._within(summary.last_frame_at))
         }
-
-
-def last_frame_at(path: Path) -> float | None:
-    """The unix time (s) the newest raw frame of the acquisition at `path` was stored, from its
-    group's attributes file (Zarr format 2 or 3) alone; None when unknown or unreadable."""
-    for name in (".zattrs", "zarr.json"):
-        try:
-            document = json.loads((path / name).read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError):
-            return None
-        attributes = document.get("attributes", {}) if name == "zarr.json" else document
-        value = attributes.get("pn2v_live", {}).get("last_frame_at")
-        return float(value) if isinstance(value, int | float) else None
-    return None
