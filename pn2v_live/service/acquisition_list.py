@@ -1,10 +1,11 @@
 """The viewer's list of acquisitions, kept current at the cost of what changed.
 
-Each open viewer polls the list (its live view every 0.25 s). Listing the store folder and
-summarising every acquisition each time would take a store of 10,000 acquisitions most of a
-core. Instead the folder is listed again only when it changed (its modification time), and an
-acquisition is summarised again only while frames of it wait for a denoised twin, or when the
-store reports it given frames or closed (`Store.watch`).
+Each open viewer polls the list (its live view every 0.25 s), and a facility store holds
+thousands of old acquisitions. The list never opens an acquisition: it lists the store folder
+again only when the folder changed (its modification time), summarises each acquisition once
+from its metadata files and ledger counts (`Store.summary`), and again only when the store
+reports it given raw or denoised frames or closed (`Store.watch`). It keeps a small summary
+dict per acquisition; the viewer opens an acquisition when a page asks for its frames.
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ import threading
 import time
 from collections.abc import Callable
 
-from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.store import Store
+from pn2v_live.storage.summary import Summary
 
 RACY_NS = 1_000_000_000  # a listing this young may have missed a change within the same tick
 
 
 class AcquisitionList:
-    """Summaries (`summarise(acquisition)`, a dict with "lag": frames without a twin) of the
-    acquisitions of `store`, by name; thread-safe."""
+    """The summaries (`show(summary)`, a JSON-able dict) of the acquisitions of `store`, by
+    name; thread-safe."""
 
-    def __init__(self, store: Store, summarise: Callable[[Acquisition], dict]) -> None:
-        self.store, self.summarise = store, summarise
+    def __init__(self, store: Store, show: Callable[[Summary], dict]) -> None:
+        self.store, self.show = store, show
         self._changes = store.watch()
         self._listed: tuple[int, list[str]] | None = None  # (folder mtime in ns, names)
         self._summaries: dict[str, dict] = {}
@@ -43,18 +44,16 @@ class AcquisitionList:
         return names
 
     def summaries(self) -> list[dict]:
-        """The summary of every acquisition that opens, by name."""
+        """The summary of every acquisition that can be read, by name."""
         with self._lock:
             changed = self._changes.take()
-            names = self.names()
-            stale = [
-                name for name in names
-                if name in changed or self._summaries.get(name, {"lag": 1})["lag"]
-            ]  # fmt: skip
-            fresh = {a.name: self.summarise(a) for a in self.store.open_acquisitions(stale)}
-            self._summaries = {
-                name: summary
-                for name in names
-                if (summary := fresh.get(name, self._summaries.get(name))) is not None
-            }
-            return list(self._summaries.values())
+            summaries = {}
+            for name in self.names():
+                shown = self._summaries.get(name)
+                if shown is None or name in changed:
+                    summary = self.store.summary(name)
+                    shown = None if summary is None else self.show(summary)
+                if shown is not None:
+                    summaries[name] = shown
+            self._summaries = summaries
+            return list(summaries.values())

@@ -66,6 +66,7 @@ from pn2v_live.service.viewer_requests import (
 )
 from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.store import Store
+from pn2v_live.storage.summary import Summary
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,16 @@ TOKEN_COOKIE = "pn2v_live_viewer_token"
 PLANE_SIZES = {"c": 1, "z": 1}
 
 
-def acquisition_summary(acquisition: Acquisition) -> dict:
+def acquisition_summary(summary: Summary) -> dict:
     """What the acquisition list and the live updates show about one acquisition."""
-    stored = acquisition.frame_count
-    waiting = len(acquisition.frames_without_twin())
     return {
-        "name": acquisition.name,
-        "frames": acquisition.valid_t,
-        "denoised": stored - waiting,
-        "lag": waiting,
-        "closed": bool(acquisition.closed),
-        "shape": list(acquisition.frame_shape),
-        "dtype": str(acquisition.dtype),
+        "name": summary.name,
+        "frames": summary.valid_t,
+        "denoised": summary.denoised,
+        "lag": summary.untwinned,
+        "closed": summary.closed,
+        "shape": list(summary.frame_shape),
+        "dtype": summary.dtype,
         "sizes": dict(PLANE_SIZES),
     }
 
@@ -133,7 +132,7 @@ class ViewerServer:
         self.stalled_seconds = STALLED_SECONDS
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="viewer-render")
         self._updates = LiveUpdates(self._state, max_streams, poll_seconds)
-        self._list = AcquisitionList(store, acquisition_summary)  # what changed is re-read
+        self._list = AcquisitionList(store, acquisition_summary)  # opens no acquisition
         self._host_check: HostCheck | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

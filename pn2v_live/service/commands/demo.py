@@ -35,6 +35,7 @@ from pn2v_live.service.cli import app
 from pn2v_live.service.commands.demo_scmos import calibrate_scmos, fixed_pattern, scmos_camera
 from pn2v_live.service.viewer import acquisition_summary
 from pn2v_live.storage.acquisition import Acquisition
+from pn2v_live.storage.summary import of_acquisition
 
 ACQUISITION = "demo"
 DEMO_CAMERA_SEED = 7
@@ -210,7 +211,7 @@ class Watcher(threading.Thread):
                 return
 
     def progress_line(self, status: dict, acquisition: Acquisition) -> str:
-        summary = acquisition_summary(acquisition)
+        summary = acquisition_summary(of_acquisition(acquisition))
         model = f"model v{status['model_version']}" if status["model_version"] else "no model yet"
         loss = ""
         if status["loss_history"]:
