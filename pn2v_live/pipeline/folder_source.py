@@ -40,10 +40,10 @@ from pn2v_live.pipeline.ingest import ingested, reject
 from pn2v_live.pipeline.stage import Liveness, Stage, failure_reason, thread_liveness
 from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.layout import validate_name
-from pn2v_live.storage.physical import Physical
 from pn2v_live.storage.rejected import FrameCheck, Rejected
 from pn2v_live.storage.source_items import Item
 from pn2v_live.storage.store import Store
+from pn2v_live.storage.tiff_metadata import ImageMetadata
 from pn2v_live.storage.tiff_reader import TiffRefused, read_tiff
 from pn2v_live.telemetry import STAGE_FAILURES
 
@@ -293,9 +293,14 @@ class FolderSource(Stage):
         name = None
         try:
             name = self._acquisition_name(path, candidate.root)
-            frames, physical = _read_frames(path)
+            frames, metadata = _read_frames(path)
             acquisition = self.store.acquisition_for(
-                name, frames.shape[1:], frames.dtype, physical, check=self.check
+                name,
+                frames.shape[1:],
+                frames.dtype,
+                metadata.physical,
+                metadata.sensor_origin,  # Micro-Manager's ROI: selects the camera maps' region
+                check=self.check,
             )
             if grown:
                 first_t, done = self._extend(acquisition, previous, frames, size, mtime_ns)
@@ -356,14 +361,13 @@ class FolderSource(Stage):
             raise Rejected("name", str(error)) from error
 
 
-def _read_frames(path: Path) -> tuple[np.ndarray, Physical]:
-    """The frames (T, Y, X) of a complete TIFF and their physical sizes (`read_tiff`, strict);
+def _read_frames(path: Path) -> tuple[np.ndarray, ImageMetadata]:
+    """The frames (T, Y, X) of a complete TIFF and their metadata (`read_tiff`, strict);
     Rejected saying why not."""
     try:
-        frames, metadata = read_tiff(path, strict=True)
+        return read_tiff(path, strict=True)
     except TiffRefused as refused:
         raise Rejected(refused.reason, str(refused)) from None
-    return frames, metadata.physical
 
 
 def _is_stored(acquisition: Acquisition, t: int, pixels: np.ndarray) -> bool:

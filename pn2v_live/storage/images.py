@@ -46,7 +46,10 @@ def read_stack_metadata(path: str | Path) -> tuple[np.ndarray, ImageMetadata]:
                 f"{path}: frames differ in shape {sorted(map(str, shapes))} "
                 f"or dtype {sorted(map(str, dtypes))}; put one acquisition per folder"
             )
-        return np.concatenate(frames), ImageMetadata(metadata.physical, metadata.channel)
+        origin = metadata.sensor_origin
+        return np.concatenate(frames), ImageMetadata(
+            metadata.physical, metadata.channel, "T", origin
+        )
     if not path.is_file():
         raise UserError(f"{path}: no such file or folder")
     try:

@@ -5,6 +5,13 @@ channel's Name), ImageJ metadata (`unit`, `spacing`, `finterval`, `tunit`, with 
 tags in that unit), then the TIFF resolution tags in centimetres, millimetres or micrometres.
 Resolution tags in inches are ignored: they are the DPI of graphics software (72, 96, 300), not a
 microscope's pixel size. A size that is missing, zero, negative or in an unknown unit is unknown.
+
+The frames' position on the camera sensor (a crop or ROI, which selects the sCMOS camera maps'
+region) comes from Micro-Manager's per-image metadata (TIFF tag 51123, which Micro-Manager writes
+in its TIFF, OME-TIFF and ImageJ files): "ROI": "x-y-width-height", used only when width and
+height are the frames'. OME-XML has no such field (Plane PositionX/Y are stage positions in
+micrometres), nor have ImageJ metadata or plain TIFF tags: there, `--sensor-origin` or the
+configuration says it.
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ METRIC_RESOLUTION = (
 
 @dataclass(frozen=True)
 class ImageMetadata:
-    """What pn2v-live keeps of an image file's metadata: physical sizes, the channel's name and
-    the axis its frames lie along ("T" time, or "Z" for a z-stack)."""
+    """What pn2v-live keeps of an image file's metadata: physical sizes, the channel's name, the
+    axis its frames lie along ("T" time, or "Z" for a z-stack), and where the frames lie on the
+    camera sensor when the file says (module docstring)."""
 
     physical: Physical = field(default_factory=Physical)
     channel: str | None = None
     frame_axis: str = "T"
+    sensor_origin: tuple[int, int] | None = None  # (row, column) of pixel [0, 0] on the sensor
 
 
 def read_metadata(tif: tifffile.TiffFile) -> ImageMetadata:
@@ -54,7 +63,34 @@ def read_metadata(tif: tifffile.TiffFile) -> ImageMetadata:
         physical = _imagej(tif.imagej_metadata or {}, tif.pages.first)
     if physical is None:
         physical = _metric_resolution(tif.pages.first)
-    return ImageMetadata(physical, channel, frame_axis)
+    frame_shape = tuple(tif.series[0].shape[-2:]) if tif.series else ()
+    return ImageMetadata(physical, channel, frame_axis, micromanager_origin(tif, frame_shape))
+
+
+def micromanager_origin(
+    tif: tifffile.TiffFile, frame_shape: tuple[int, ...]
+) -> tuple[int, int] | None:
+    """(row, column) on the sensor of the frames' pixel [0, 0] from Micro-Manager's "ROI":
+    "x-y-width-height" of the first page (tag 51123); None when there is none, it does not parse,
+    or its width and height are not the frames' (`frame_shape` (Y, X): cropped since)."""
+    tag = tif.pages.first.tags.get(51123)
+    roi = tag.value.get("ROI") if tag is not None and isinstance(tag.value, dict) else None
+    if roi is None:
+        return None
+    parts = roi.split("-") if isinstance(roi, str) else roi
+    try:
+        x, y, width, height = (int(part) for part in parts)
+    except (TypeError, ValueError):
+        log.warning("%s: Micro-Manager ROI %r is not x-y-width-height; ignored", tif.filename, roi)
+        return None
+    if (height, width) != tuple(frame_shape) or x < 0 or y < 0:
+        log.warning(
+            "%s: Micro-Manager ROI %r does not describe its %s frames (cropped since?); ignored: "
+            "give --sensor-origin ROW,COL if they are a crop of the sensor",
+            tif.filename, roi, "×".join(map(str, frame_shape)),
+        )  # fmt: skip
+        return None
+    return y, x
 
 
 def ome_tiff_options(
