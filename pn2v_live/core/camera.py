@@ -14,6 +14,7 @@ else in pn2v-live.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,16 @@ class CameraMaps:
     @property
     def shape(self) -> tuple[int, int]:
         return self.offset.shape
+
+    def content_id(self) -> str:
+        """A short identifier (16 hex digits of a SHA-256) of what the maps do to frames: the three
+        maps, their origin and reference, not their metadata (dates, names)."""
+        digest = hashlib.sha256()
+        for values in (self.offset, self.gain, self.variance):
+            digest.update(np.ascontiguousarray(values, np.float32).tobytes())
+            digest.update(repr(values.shape).encode())
+        digest.update(repr((self.origin, self.reference)).encode())
+        return digest.hexdigest()[:16]
 
     def pixel_variance(self) -> np.ndarray:
         """w_i: each pixel's read-noise variance in reference ADU² (H, W) float32."""
