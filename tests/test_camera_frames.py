@@ -14,7 +14,8 @@ from pn2v_live.core.context import SPATIAL
 from pn2v_live.core.noise import CameraNoiseModel
 from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
 from pn2v_live.pipeline.camera_frames import CameraFrames
-from pn2v_live.pipeline.trainer import Trainer, TrainerSettings, _usable_window
+from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
+from pn2v_live.pipeline.training_series import usable_window as _usable_window
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.rejected import Rejected
 from pn2v_live.storage.store import Store

@@ -10,7 +10,8 @@ from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import psnr
 from pn2v_live.core.model import new_denoiser, normalisation_of
 from pn2v_live.core.noise import HistogramNoiseModel
-from pn2v_live.core.training import Training, sample_patches
+from pn2v_live.core.patches import sample_patches
+from pn2v_live.core.training import Training
 from pn2v_live.service.bench.quality import load_field
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,8 +11,9 @@ from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import psnr
 from pn2v_live.core.model import new_denoiser, normalisation_of
 from pn2v_live.core.noise import HistogramNoiseModel
+from pn2v_live.core.patches import sample_patches
 from pn2v_live.core.quality import denoised_gain
-from pn2v_live.core.training import sample_patches, train
+from pn2v_live.core.training import train
 from pn2v_live.service.bench.quality import calibrated_models, drift_corrected, load_field
 
 

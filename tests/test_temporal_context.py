@@ -9,10 +9,12 @@ import torch
 
 from pn2v_live.core.context import KEEP_FUTURE, KEEP_PAST, Context, Windows, visible_channels
 from pn2v_live.core.context import window as context_window
+from pn2v_live.core.context_choice import train_choosing_context
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import new_denoiser, widened
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.core.training import Training, sample_patches, total_steps, train_choosing_context
+from pn2v_live.core.patches import sample_patches
+from pn2v_live.core.training import Training, total_steps
 from pn2v_live.pipeline.inference import InferenceScheduler
 from pn2v_live.storage.checkpoints import load_denoiser, save_denoiser
 from pn2v_live.storage.registry import ModelRegistry

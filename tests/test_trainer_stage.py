@@ -12,14 +12,11 @@ import torch
 from prometheus_client import REGISTRY
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.core.training import Training, sample_patches
-from pn2v_live.pipeline.trainer import (
-    SHARED_SLOWDOWN,
-    VALIDATION_PATCHES,
-    BusyTime,
-    Trainer,
-    TrainerSettings,
-)
+from pn2v_live.core.patches import sample_patches
+from pn2v_live.core.training import Training
+from pn2v_live.pipeline.busy_time import BusyTime
+from pn2v_live.pipeline.trainer import SHARED_SLOWDOWN, Trainer, TrainerSettings
+from pn2v_live.pipeline.training_series import VALIDATION_PATCHES
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 

@@ -1,4 +1,6 @@
-"""Training: patch sampling, one optimiser step per `Training.step`, and the whole `train` loop.
+"""Training: one optimiser step per `Training.step`, and the whole `train` loop.
+
+Patches come from `core.patches`; choosing a temporal context first is `core.context_choice`.
 
 Self-supervised modes ("pn2v", "n2v") mask pixels Noise2Void-style and evaluate the head and the
 loss at the masked pixels only; "supervised" regresses the whole patch onto ground truth.
@@ -15,11 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pn2v_live.core.context import SPATIAL, Context, Windows, visible_channels
+from pn2v_live.core.context import visible_channels
 from pn2v_live.core.losses import mse, pn2v_loss
 from pn2v_live.core.masking import DEFAULT_FRACTION, n2v_mask
-from pn2v_live.core.model import Denoiser, widened
+from pn2v_live.core.model import Denoiser
 from pn2v_live.core.noise.base import NoiseModel
+from pn2v_live.core.patches import sample_patches, split_frames
 from pn2v_live.core.quality import GainEstimate, estimate_gain
 from pn2v_live.core.unet import INFERENCE_MEMORY_FORMAT
 
@@ -30,38 +33,6 @@ VALIDATION_SEED = 12345
 # by Eq. 7 alone (`Training.fit_prior_spread`).
 MEAN_WEIGHT = 1.0
 SPREAD_SCALES = np.geomspace(0.02, 2.0, 41)  # the prior spreads `fit_prior_spread` tries
-
-
-def sample_patches(
-    frames: Sequence[np.ndarray],
-    n: int,
-    size: int,
-    rng: np.random.Generator,
-    weights: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """`n` random square patches (n, C, size, size) float32, randomly rotated by 90° and flipped.
-
-    `frames` are (Y, X) or (C, Y, X) arrays (C aligned channels: a temporal window, with the
-    ground truth last for supervised training), e.g. `Windows`; a frame is drawn with
-    probability proportional to `weights` (uniform when None).
-    """
-    p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
-    patches = np.empty((n, *_channels_first(frames[0]).shape[:1], size, size), np.float32)
-    for i, index in enumerate(rng.choice(len(frames), size=n, p=p)):
-        frame = _channels_first(frames[index])
-        height, width = frame.shape[1:]
-        if height < size or width < size:
-            raise ValueError(f"patch size {size} exceeds frame size {height}×{width}")
-        y = rng.integers(0, height - size + 1)
-        x = rng.integers(0, width - size + 1)
-        patch = frame[:, y : y + size, x : x + size]
-        patch = np.rot90(patch, k=int(rng.integers(4)), axes=(1, 2))
-        patches[i] = patch[:, :, ::-1] if rng.integers(2) else patch
-    return torch.from_numpy(patches)
-
-
-def _channels_first(frame: np.ndarray) -> np.ndarray:
-    return frame[np.newaxis] if frame.ndim == 2 else frame
 
 
 class Training:
@@ -389,85 +360,3 @@ def budget_used(step: int, steps: int | None, seconds: float, minutes: float | N
     by_steps = step / steps if steps is not None else 0.0
     by_time = seconds / (60 * minutes) if minutes is not None else 0.0
     return max(by_steps, by_time)
-
-
-def split_frames(
-    frames: Sequence[np.ndarray], val_fraction: float, patch_size: int, rng: np.random.Generator
-) -> tuple[Sequence[np.ndarray], Sequence[np.ndarray]]:
-    """Hold back about `val_fraction` of the frames (≥ 1 when there are ≥ 2 frames).
-
-    With a single frame, a bottom strip of rows (val_fraction of the height, at least one
-    patch high) is held back instead.
-    """
-    if len(frames) >= 2:
-        order = rng.permutation(len(frames))
-        n_val = max(1, round(val_fraction * len(frames)))
-        return _pick(frames, order[n_val:]), _pick(frames, order[:n_val])
-    frame = frames[0]
-    height = frame.shape[-2]
-    strip = max(round(val_fraction * height), patch_size)
-    if height - strip < patch_size:
-        raise ValueError(
-            f"one {height}-row frame cannot hold {patch_size}-pixel training and validation "
-            "patches: give more frames or a smaller patch size"
-        )
-    return [frame[..., : height - strip, :]], [frame[..., height - strip :, :]]
-
-
-def _pick(frames: Sequence[np.ndarray], positions: Sequence[int]) -> Sequence[np.ndarray]:
-    """The frames at `positions`; `Windows` stay lazy."""
-    if isinstance(frames, Windows):
-        return frames.subset(positions)
-    return [frames[p] for p in positions]
-
-
-BASE_SHARE = 0.25  # of a budget that `train_choosing_context` spends on the shared start
-PILOT_SHARE = 0.25  # ... and on trying the candidates from it
-
-
-def train_choosing_context(
-    make_denoiser: Callable[[Context], Denoiser],
-    series: Sequence[Sequence[np.ndarray]],
-    candidates: Sequence[Context],
-    noise_model: NoiseModel | None = None,
-    steps: int | None = None,
-    minutes: float | None = None,
-    truths: Sequence[Sequence[np.ndarray]] | None = None,
-    log: Callable[[str], None] | None = None,
-    **options: Any,
-) -> tuple[Denoiser, dict[str, float]]:
-    """Choose the temporal context by held-out validation loss, then train it to the budget.
-
-    A single-frame model `make_denoiser(SPATIAL)` trains for BASE_SHARE of the budget (steps or
-    minutes); every candidate starts from it (`widened`: it denoises as that model does until it
-    learns to use its other frames) and trains for an equal part of PILOT_SHARE. All are
-    validated on the same held-back frames and pixels (Eq. 7 with the whole window visible), so
-    their losses compare, and no window loses for starting from scratch. The best one then
-    trains on for the rest of the budget. `series` are (T, Y, X) raw stacks (one per
-    acquisition or file), `truths` their ground truth per frame for "supervised"; `options` go
-    to `train`. Returns the trained denoiser and each candidate's best validation loss keyed by
-    "A:B".
-    """
-    share = PILOT_SHARE / len(candidates)
-    base_steps = None if steps is None else max(1, round(steps * BASE_SHARE))
-    pilot_steps = None if steps is None else max(1, round(steps * share))
-    base = make_denoiser(SPATIAL)
-    train(base, Windows(series, SPATIAL, truths=truths), noise_model, base_steps,
-          None if minutes is None else minutes * BASE_SHARE, **options)  # fmt: skip
-    losses, best = {}, None
-    for context in candidates:
-        denoiser = widened(base, context)
-        frames = Windows(series, context, truths=truths)
-        history = train(denoiser, frames, noise_model, pilot_steps,
-                        None if minutes is None else minutes * share, **options)  # fmt: skip
-        losses[str(context)] = min(r["validation_loss"] for r in history)
-        if best is None or losses[str(context)] < losses[str(best.context)]:
-            best = denoiser
-        if log is not None:
-            log(f"context {context}: validation loss {losses[str(context)]:.4f}")
-    spent = base_steps + pilot_steps * len(candidates) if steps is not None else 0
-    rest_steps = None if steps is None else max(1, steps - spent)
-    rest_minutes = None if minutes is None else minutes * (1 - BASE_SHARE - PILOT_SHARE)
-    frames = Windows(series, best.context, truths=truths)
-    train(best, frames, noise_model, rest_steps, rest_minutes, **options)
-    return best, losses

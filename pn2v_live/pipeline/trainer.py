@@ -29,10 +29,7 @@ round that starts a new model first trains a single-frame model for BASE_SHARE o
 then each candidate window widened from it (`core.model.widened`) for an equal part of
 PILOT_SHARE, and goes on with the one with the lowest validation loss on the round's held-back
 frames (a static sample gets a wide window, a moving one less or none); a pinned "A:B" skips
-the choice.
-
-With sCMOS camera maps (`camera`), frames are equalised as they are read and every patch carries
-their pixels' read-noise variance as one more channel (`core.camera`, `core.training.Training`).
+the choice. What a round reads, holds back and validates on: `training_series`.
 """
 
 from __future__ import annotations
@@ -46,34 +43,30 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pn2v_live.core.context import CANDIDATES, SPATIAL, Context, Windows
-from pn2v_live.core.model import PRECISIONS, Denoiser, new_denoiser, normalisation_of, widened
+from pn2v_live.core.context import CANDIDATES, SPATIAL, Context
+from pn2v_live.core.context_choice import BASE_SHARE, PILOT_SHARE
+from pn2v_live.core.model import PRECISIONS, Denoiser, widened
 from pn2v_live.core.noise.base import NoiseModel
-from pn2v_live.core.quality import GainEstimate, denoised_gain
-from pn2v_live.core.training import (
-    BASE_SHARE,
-    PILOT_SHARE,
-    Training,
-    budget_used,
-    cosine_rate,
-    sample_patches,
-)
+from pn2v_live.core.patches import sample_patches
+from pn2v_live.core.training import Training, budget_used, cosine_rate
+from pn2v_live.pipeline.busy_time import BusyTime
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
+from pn2v_live.pipeline.training_series import (
+    Series,
+    Window,
+    enough_for_first_model,
+    promoted_loss,
+    read_series,
+    usable_window,
+)
 from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 from pn2v_live.storage.working_set import WorkingSet
 from pn2v_live.telemetry import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, VALIDATION_LOSS
 
-VALIDATION_PERIOD = 8  # frames t with t % 8 == 3 are held back for validation
-VALIDATION_PHASE = 3
-VALIDATION_PATCHES = 32
-WINDOW_FRAMES = 400  # newest frames a round samples from ...
-WINDOW_BYTES = 512 * 2**20  # ... as long as they fit in this much memory
-HALF_LIFE_FRAMES = 100  # a frame this much older than the newest is drawn half as often
-MIN_SIDE = 8  # smallest frame side a patch (a multiple of 8) fits in
 HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
 SHARE_WINDOW_SECONDS = 60.0  # training's share of time is measured over this much of the past
 ROUND_SHARE = 0.9  # of `every_seconds` a round after the first model may take
@@ -153,11 +146,12 @@ class Trainer(Stage):
         if new_frames < self.settings.every_frames and not (overdue or first_model):
             return False
         if self.registry.current() is None:  # a first model learns from enough frames
-            acquisitions = [a for a in acquisitions if self._enough_for_first_model(a)]
+            enough = self.settings.first_model_frames
+            acquisitions = [a for a in acquisitions if enough_for_first_model(a, enough)]
         ranked = sorted(
             acquisitions, key=lambda a: (growth[a.name], a.last_frame_at or 0.0), reverse=True
         )
-        chosen = next(((a, w) for a in ranked if (w := _usable_window(a))), None)
+        chosen = next(((a, w) for a in ranked if (w := usable_window(a))), None)
         if chosen is None:
             return False  # too few frames yet for a held-back one, or frames too small
         name = chosen[0].name
@@ -185,10 +179,6 @@ class Trainer(Stage):
         due = self._last_round + self.settings.every_seconds
         return due if overdue and now - due <= LATE_ATTEMPT_SECONDS else now
 
-    def _enough_for_first_model(self, acquisition: Acquisition) -> bool:
-        """`first_model_frames` frames stored, or all there will be (closed)."""
-        return acquisition.closed or acquisition.frame_count >= self.settings.first_model_frames
-
     def use_noise_model(self, model: NoiseModel, model_id: str) -> None:
         """Train with `model` (a refined noise model) from the next round on, and record
         `model_id` in the models promoted from then on; thread-safe."""
@@ -212,24 +202,9 @@ class Trainer(Stage):
         self.state = state
         TRAINER_STATE.state(state)
 
-    def _frames(
-        self, acquisition: Acquisition, window: tuple[list[int], list[int]]
-    ) -> tuple[Series, np.ndarray]:
-        """The frames of `window` (see `_usable_window`) as a `Series` (equalised, with their
-        read-noise variance, with camera maps), and the recency weights of its training frames;
-        a damaged frame is left out (`Stage.read_raw`)."""
-        trained, held_back = window
-        first, last = min(trained + held_back), max(trained + held_back)
-        frames = [None] * (last - first + 1)
-        variance = None
-        for t in trained + held_back:
-            raw = self.read_raw(acquisition, t)
-            if raw is not None:
-                frames[t - first], variance = self.camera.inputs(acquisition, raw)
-        trained = [t - first for t in trained if frames[t - first] is not None]
-        held_back = [t - first for t in held_back if frames[t - first] is not None]
-        ages = (last - first) - np.asarray(trained, dtype=float)
-        return Series(frames, trained, held_back, variance), 0.5 ** (ages / HALF_LIFE_FRAMES)
+    def _frames(self, acquisition: Acquisition, window: Window) -> tuple[Series, np.ndarray]:
+        """The frames of `window` as a `Series`, and their recency weights (`read_series`)."""
+        return read_series(acquisition, window, self.read_raw, self.camera)
 
     def _round(self, name: str, series: Series, weights: np.ndarray) -> None:
         s = self.settings
@@ -263,7 +238,9 @@ class Trainer(Stage):
             )
         if self.stopping:
             return  # each of these steps takes long on a busy CPU: stop between them
-        baseline = self._promoted_loss(series, patch)
+        baseline = promoted_loss(
+            self.registry, series, patch, self.noise_model, self.device, self._bf16
+        )
         if self.stopping:
             return
         estimate = series.estimated_gain(training, self.noise_model, patch)
@@ -368,7 +345,7 @@ class Trainer(Stage):
         if usable and pinned in (None, denoiser.context):
             self._training = self._new_training(denoiser)
         elif pinned is not None:
-            self._training = self._new_training(self._new_denoiser(series, pinned))
+            self._training = self._new_training(series.new_denoiser(pinned, self.settings.k))
         else:
             chosen = self._choose_context(series, weights, patch, steps)
             if chosen is None:
@@ -384,7 +361,7 @@ class Trainer(Stage):
         window the frames allow, widened from it, for an equal part of PILOT_SHARE; the one with
         the lowest validation loss on the held-back frames (whole window visible), and the steps
         all this took."""
-        base = self._new_training(self._new_denoiser(series, SPATIAL))
+        base = self._new_training(series.new_denoiser(SPATIAL, self.settings.k))
         base_steps = max(1, round(round_steps * BASE_SHARE))
         if self._steps(base, series, weights, patch, base_steps) is None:
             return None
@@ -403,25 +380,9 @@ class Trainer(Stage):
         self.log.info("context %s chosen by validation loss", best.denoiser.context)
         return best, base_steps + steps * len(candidates)
 
-    def _new_denoiser(self, series: Series, context: Context) -> Denoiser:
-        mean, std = normalisation_of([f for f in series.frames if f is not None])
-        return new_denoiser("pn2v", mean, std, k=self.settings.k, context=context)
-
     def _new_training(self, denoiser: Denoiser) -> Training:
         denoiser.net.to(self.device)
         return Training(denoiser, self.noise_model, lr=self.settings.learning_rate, bf16=self._bf16)
-
-    def _promoted_loss(self, series: Series, patch: int) -> float | None:
-        """The promoted model's loss on the validation batch of `series` (None when nothing is
-        promoted yet)."""
-        if self.registry.current() is None:
-            return None
-        denoiser, _ = self.registry.load()
-        denoiser.net.to(self.device)
-        if denoiser.mode != "pn2v":
-            return None  # an initial N2V/supervised model: any PN2V model replaces it
-        training = Training(denoiser, self.noise_model, bf16=self._bf16)
-        return training.validation_loss(series.validation_batch(denoiser, patch))
 
     def _wait_for_turn(self) -> bool:
         """Block while inference has fresh frames and training has had its `training_share` of
@@ -437,88 +398,3 @@ class Trainer(Stage):
             self.inference_idle.wait(0.1)
         self._set_state("training")
         return not self.stopping
-
-
-class BusyTime:
-    """The share of the last `window` seconds spent inside intervals `add`ed (monotonic s), and
-    the `total` seconds ever added."""
-
-    def __init__(self, window: float):
-        self.window = window
-        self.total = 0.0
-        self._intervals: deque[tuple[float, float]] = deque()
-
-    def add(self, start: float, end: float) -> None:
-        self._intervals.append((start, end))
-        self.total += end - start
-
-    def share(self, now: float) -> float:
-        since = now - self.window
-        while self._intervals and self._intervals[0][1] <= since:
-            self._intervals.popleft()
-        busy = sum(end - max(start, since) for start, end in self._intervals)
-        return busy / self.window
-
-
-@dataclass
-class Series:
-    """The frames a round reads from one acquisition: `frames` in time order (None where not
-    stored or unreadable), and the positions in it of the training and held-back frames; with
-    camera maps, `variance` is their pixels' (Y, X) read-noise variance, a last channel of every
-    patch."""
-
-    frames: list[np.ndarray | None]
-    trained: list[int]
-    held_back: list[int]
-    variance: np.ndarray | None = None
-
-    @property
-    def frame_shape(self) -> tuple[int, int]:
-        return next(f for f in self.frames if f is not None).shape
-
-    def training_windows(self, context: Context) -> Windows:
-        return self._windows(context, self.trained)
-
-    def _windows(self, context: Context, centres: list[int]) -> Windows:
-        """The windows of `context` at `centres`, with the variance channel last if any."""
-        truths = None if self.variance is None else [[self.variance] * len(self.frames)]
-        return Windows([self.frames], context, [(0, t) for t in centres], truths)
-
-    def estimated_gain(
-        self, training: Training, noise_model: NoiseModel, patch: int
-    ) -> GainEstimate:
-        """The ground-truth-free gain over raw of `training`'s model on the held-back frames:
-        from frame pairs (`core.quality.denoised_gain`) where the frame after a held-back
-        frame's window is stored, else from the blind spot (`Training.estimated_gain`)."""
-        context = training.denoiser.context
-        with_next = Context(context.before, context.after + 1)
-        windows = self._windows(with_next, self.held_back)
-        batch = sample_patches(windows, VALIDATION_PATCHES, patch, np.random.default_rng(0))
-        variance = None
-        if self.variance is not None:
-            batch, variance = batch[:, :-1], batch[:, -1]
-        try:
-            return denoised_gain(training.denoiser, noise_model, batch, read_variance=variance)
-        except ValueError:  # no held-back frame has its next frame yet
-            return training.estimated_gain(self.validation_batch(training.denoiser, patch))
-
-    def validation_batch(self, denoiser: Denoiser, patch: int) -> torch.Tensor:
-        """VALIDATION_PATCHES patches of the held-back frames in `denoiser`'s window; the same
-        frames, places and orientations for every window, so losses of different models
-        compare."""
-        windows = self._windows(denoiser.context, self.held_back)
-        return sample_patches(windows, VALIDATION_PATCHES, patch, np.random.default_rng(0))
-
-
-def _usable_window(acquisition: Acquisition) -> tuple[list[int], list[int]] | None:
-    """(training, held-back) frame numbers a round would use: the newest WINDOW_FRAMES (fewer
-    when they would exceed WINDOW_BYTES, never fewer than one validation period). None when a
-    round cannot use `acquisition`: frames under MIN_SIDE pixels, or no frame of one kind."""
-    if min(acquisition.frame_shape) < MIN_SIDE:
-        return None
-    frame_bytes = acquisition.dtype.itemsize * int(np.prod(acquisition.frame_shape))
-    window = min(WINDOW_FRAMES, max(VALIDATION_PERIOD, WINDOW_BYTES // frame_bytes))
-    recent = acquisition.stored_frames()[-window:]
-    held_back = [t for t in recent if t % VALIDATION_PERIOD == VALIDATION_PHASE]
-    trained = [t for t in recent if t % VALIDATION_PERIOD != VALIDATION_PHASE]
-    return (trained, held_back) if trained and held_back else None

@@ -24,11 +24,12 @@ import torch
 
 from pn2v_live.core.calibration import fit_models
 from pn2v_live.core.context import CANDIDATES, SPATIAL, Context, Windows, window
+from pn2v_live.core.context_choice import train_choosing_context
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import affine_fit, psnr
 from pn2v_live.core.model import normalisation_of, seeded_denoisers
 from pn2v_live.core.noise.base import NoiseModel, as_pairs
-from pn2v_live.core.training import total_steps, train, train_choosing_context
+from pn2v_live.core.training import total_steps, train
 from pn2v_live.storage.images import read_image, read_stack
 
 FMD = "fmd_confocal_bpae"
