@@ -79,3 +79,57 @@ def test_folder_ingest_places_an_acquisition_at_its_micromanager_roi(tmp_path):
     finally:
         source.stop()
         store.close()
+
+
+def test_train_and_denoise_read_the_roi_and_record_and_check_the_camera_maps(tmp_path, caplog):
+    """`denoise` of a Micro-Manager crop without --sensor-origin reads its own region of the
+    maps; the model records the maps it was trained with, and other maps (or none) are named in a
+    WARNING."""
+    from typer.testing import CliRunner
+
+    from pn2v_live.core.noise import PoissonGaussianNoiseModel
+    from pn2v_live.service.cli import app
+    from pn2v_live.storage.camera_maps_file import save_camera_maps
+    from pn2v_live.storage.checkpoints import load_denoiser
+    from pn2v_live.storage.noise_model_file import save_noise_model
+
+    def run(*args: str) -> None:
+        result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+        assert result.exit_code == 0, (result.output, result.exception)
+
+    maps, other = scmos_maps((64, 64), seed=11), scmos_maps((64, 64), seed=12)
+    raw, _ = ScmosCamera(maps).acquisition(4, seed=11)
+    crop = raw[:, 16:48, 8:40]
+    write_micromanager_tiff(tmp_path / "mm.tif", raw, "0-0-64-64")
+    write_micromanager_tiff(tmp_path / "mm_crop.tif", crop, "8-16-32-32")  # x 8, y 16
+    tifffile.imwrite(tmp_path / "crop.tif", crop, photometric="minisblack")
+    save_camera_maps(maps, tmp_path / "maps.tif")
+    save_camera_maps(other, tmp_path / "other.tif")
+    offset, gain = maps.reference
+    save_noise_model(PoissonGaussianNoiseModel(gain, offset, 3.0, (100.0, 600.0)),
+                     tmp_path / "plain.pt")  # fmt: skip
+    run("train", str(tmp_path / "mm.tif"), "-o", str(tmp_path / "model.pt"), "--noise-model",
+        str(tmp_path / "plain.pt"), "--camera-maps", str(tmp_path / "maps.tif"), "--steps", "2",
+        "--k", "8", "--patch-size", "32", "--context", "0:0")  # fmt: skip
+    assert load_denoiser(tmp_path / "model.pt")[1]["camera_maps_id"] == maps.content_id()
+    outputs = {}
+    for name, path, *origin in [("roi", "mm_crop.tif"), ("given", "crop.tif", "16,8")]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run("denoise", str(tmp_path / path), "-m", str(tmp_path / "model.pt"), "-o",
+                str(tmp_path / f"{name}.tif"), "--tile", "32",
+                *(["--sensor-origin", *origin] if origin else []))  # fmt: skip
+        assert "camera maps" not in caplog.text  # the maps it was trained with
+        outputs[name] = tifffile.imread(tmp_path / f"{name}.tif")
+    # Read at (0, 0) instead, the crop would be equalised with other offsets (~1 ADU off).
+    np.testing.assert_array_equal(outputs["roi"], outputs["given"])
+    for option, path, expected in [("--camera-maps", "other.tif", other.content_id()),
+                                   ("--noise-model", "plain.pt", "none are applied")]:  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run("denoise", str(tmp_path / "mm_crop.tif"), "-m", str(tmp_path / "model.pt"),
+                "-o", str(tmp_path / "x.tif"), "--frames", "0:1", option,
+                str(tmp_path / path))  # fmt: skip
+        warning = next(r for r in caplog.records if "was trained with camera maps" in r.message)
+        assert warning.levelname == "WARNING" and maps.content_id() in warning.message
+        assert expected in warning.message

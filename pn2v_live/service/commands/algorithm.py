@@ -17,8 +17,11 @@ from pn2v_live.service.cli import app
 from pn2v_live.service.commands.camera_options import (
     CameraMapsOption,
     SensorOriginOption,
+    camera_maps_id,
     camera_series,
     parse_origin,
+    sensor_origins,
+    warn_if_other_maps,
     with_camera_maps,
 )
 
@@ -103,7 +106,7 @@ def train(
         Path | None, typer.Option("--noise-model", help="noise-model file (pn2v)")
     ] = None,
     camera_maps: CameraMapsOption = None,
-    sensor_origin: SensorOriginOption = "0,0",
+    sensor_origin: SensorOriginOption = None,
     gt: Annotated[
         list[Path] | None, typer.Option(help="ground truth per IMAGE (supervised)")
     ] = None,
@@ -131,9 +134,10 @@ def train(
     """Train a PN2V, N2V or supervised denoiser on IMAGES and write it to OUTPUT."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pn2v_live.core.context_choice import train_choosing_context
     from pn2v_live.core.device import resolve_device
     from pn2v_live.core.model import normalisation_of, seeded_denoisers
-    from pn2v_live.core.training import total_steps, train_choosing_context
+    from pn2v_live.core.training import total_steps
     from pn2v_live.core.training import train as train_denoiser
     from pn2v_live.storage.checkpoints import save_denoiser
     from pn2v_live.storage.noise_model_file import load_noise_model
@@ -153,7 +157,7 @@ def train(
     model = load_noise_model(noise_model, device) if noise_model else None
     if model is not None and mode is TrainingMode.pn2v:  # equalised, with a variance channel
         model = with_camera_maps(model, camera_maps)
-        series, variances = camera_series(model, series, parse_origin(sensor_origin))
+        series, variances = camera_series(model, series, sensor_origins(sensor_origin, images))
         if variances is not None:
             truths = [[v] * len(s) for v, s in zip(variances, series, strict=True)]
     if model is not None:
@@ -201,6 +205,7 @@ def train(
         "noise_model": str(noise_model) if noise_model else None,
         "noise_model_id": content_id(noise_model) if noise_model else None,
         "noise_model_state": model.to("cpu").state() if model else None,
+        "camera_maps_id": camera_maps_id(model) if mode is TrainingMode.pn2v else None,
         "context_validation_loss": losses,
     }
     save_denoiser(denoiser, output, metadata)
@@ -234,7 +239,7 @@ def denoise(
         Path | None, typer.Option("--noise-model", help="override the model's noise model")
     ] = None,
     camera_maps: CameraMapsOption = None,
-    sensor_origin: SensorOriginOption = "0,0",
+    sensor_origin: SensorOriginOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     uncertainty: Annotated[
         Path | None, typer.Option(help="also write the posterior std (pn2v) to this TIFF")
@@ -290,7 +295,9 @@ def denoise(
         raise UserError("--uncertainty needs a pn2v model")
     if noise is not None:
         noise = with_camera_maps(noise, camera_maps)
-    (inputs,), variances = camera_series(noise, [stack], parse_origin(sensor_origin))
+        warn_if_other_maps(metadata, noise, model)
+    origin = parse_origin(sensor_origin, image_metadata.sensor_origin)
+    (inputs,), variances = camera_series(noise, [stack], origin)
     if noise is not None:
         warn_if_out_of_calibration(noise, list(inputs[selected]))
     outputs = ("denoised", "posterior_std") if uncertainty else ("denoised",)
