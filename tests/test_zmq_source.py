@@ -16,7 +16,8 @@ import zmq
 from prometheus_client import REGISTRY
 
 from pn2v_live.errors import UserError
-from pn2v_live.pipeline.zmq_source import ZmqSource, stored_ranges
+from pn2v_live.pipeline.zmq_source import ZmqSource
+from pn2v_live.pipeline.zmq_status import stored_ranges
 from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.rejected import Rejected
 from pn2v_live.storage.store import Store

@@ -12,18 +12,9 @@ that received frames hold stays below about queue_bytes + (1 + RECEIVE_HWM per s
 of at most MAX_MESSAGE_BYTES. The backlog is `health()["queue"]` / `["queue_bytes"]` and the
 `pn2v_live_ingest_queue_frames` / `pn2v_live_receive_queue_bytes` gauges.
 
-Status requests (REP, JSON): `{"acquisition": name}` → `{"acquisition", "known", "stored":
-[[start, stop), ...], "valid_t", "closed", "queue", "queue_bytes", "queue_limit_bytes",
-"refusing"}`. A sender resumes by resending
-the frames missing from `stored` (see `sender.FrameSender`); a duplicate of a stored frame is
-ignored.
-
-A full disk (ENOSPC, EDQUOT) is not a per-frame error: from the first frame that does not fit,
-new frames are refused unwritten (`pn2v_live_frames_rejected_total{reason="disk_full"}`) and
-`refusing` says so (`{"reason": "disk_full", "since", "detail"}`, else null), so a sender keeps
-them and resends the missing ones later. One frame now and then tries the disk again (after
-1 s, doubling up to 5 min, at once when space is freed); once it is stored, frames are taken
-again, and end markers that could not be written then are written.
+Status requests (REP, JSON) say what is stored of an acquisition, so that a sender resumes:
+`zmq_status`. While the store's disk is full, new frames are refused, not stored, until one fits
+again: `disk_refusal`.
 
 Health: `health_reports` gives the receiver's and each writer's liveness (see `stage.Liveness`)
 for the daemon's watchdog: a thread that ended or hangs is unhealthy; writers refusing frames on
@@ -33,28 +24,21 @@ a full disk are "paused" (healthy: a restart would not help).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
 from pn2v_live.errors import UserError
+from pn2v_live.pipeline.disk_refusal import DISK_FULL, DiskRefusal
 from pn2v_live.pipeline.ingest import ingested, reject
-from pn2v_live.pipeline.stage import (
-    MAX_BACKOFF_SECONDS,
-    Failures,
-    Liveness,
-    describe,
-    failure_reason,
-)
-from pn2v_live.storage.layout import validate_name
+from pn2v_live.pipeline.stage import Failures, Liveness, describe, failure_reason
+from pn2v_live.pipeline.zmq_messages import store_message
+from pn2v_live.pipeline.zmq_status import status_reply
 from pn2v_live.storage.rejected import FrameCheck, Rejected
 from pn2v_live.storage.store import Store
 from pn2v_live.telemetry import (
@@ -90,35 +74,6 @@ PROBE_FILE = ".disk-probe"  # in the store's root, written while refusing to see
 PROBE_BYTES = 256 * 1024
 RECEIVER = "zmq-receive"  # thread names, also the `stage` of their metrics
 WRITER = "zmq-write"
-REFUSING_DETAIL = (
-    "the store's disk is full: new frames are refused, not stored; keep them and resend the "
-    'ones missing from "stored" once "refusing" is null'
-)
-
-
-@dataclass
-class Refusal:
-    """While frames are refused: why, since when (Unix time), from when one frame may try the
-    disk again (monotonic; inf while one tries), and how many were refused."""
-
-    reason: str
-    since: float
-    retry_at: float
-    refused: int = 0
-
-    def as_reply(self) -> dict:
-        return {"reason": self.reason, "since": self.since, "detail": REFUSING_DETAIL}
-
-
-def stored_ranges(frames: list[int]) -> list[list[int]]:
-    """Sorted frame indices as half-open ranges: [0, 1, 2, 5] → [[0, 3], [5, 6]]."""
-    ranges: list[list[int]] = []
-    for t in frames:
-        if ranges and ranges[-1][1] == t:
-            ranges[-1][1] = t + 1
-        else:
-            ranges.append([t, t + 1])
-    return ranges
 
 
 class ZmqSource:
@@ -155,12 +110,10 @@ class ZmqSource:
         self._last_error: str | None = None
         self._beats: dict[str, float] = {}  # thread name → when its loop last came round
         self._ended: dict[str, str] = {}  # thread name → what ended it
-        self._refusal: Refusal | None = None  # set while frames are refused (disk full)
-        self._refusal_lock = threading.Lock()
-        self._pending_ends: dict[str, int | None] = {}  # end markers to write once space returns
         # Messages that did not store, and status requests or decodings that failed:
         self._store_failures = Failures(WRITER, log, store.root, per_item=True)
         self._receive_failures = Failures(RECEIVER, log, per_item=True)
+        self._refusing = DiskRefusal(self._store_failures)  # new frames, while the disk is full
 
     # lifecycle --------------------------------------------------------------------------
 
@@ -222,7 +175,7 @@ class ZmqSource:
             counts = dict(self._counts)
             held = self._held
         dead = self._state == "running" and not all(t.is_alive() for t in self._threads)
-        refusal = self._refusal
+        refusal = self._refusing.current
         return {
             "state": "failed" if dead else self._state,
             "queue": self._queue.qsize(),
@@ -235,7 +188,7 @@ class ZmqSource:
 
     def health_reports(self, max_silence: float) -> list[Liveness]:
         """The liveness of the receiver and of each writer thread (see the module docstring)."""
-        now, refusal, reports = time.monotonic(), self._refusal, []
+        now, refusal, reports = time.monotonic(), self._refusing.current, []
         for thread in self._threads:
             name = thread.name
             silent = now - self._beats.get(name, now)
@@ -324,31 +277,15 @@ class ZmqSource:
         INGEST_QUEUE.set(self._queue.qsize())
 
     def _status(self, request: list[bytes]) -> dict:
-        """Answer one status query (a malformed one gets {"error": ...})."""
-        try:
-            if len(request) != 1:
-                raise ValueError(f"got {len(request)} message parts, expected 1")
-            name = validate_name(json.loads(request[0])["acquisition"])
-        except (ValueError, KeyError, TypeError, RecursionError) as error:
-            return {"error": f'status request must be {{"acquisition": NAME}}: {error}'}
-        refusal = self._refusal
-        reply = {
-            "acquisition": name,
-            "known": True,
+        """Answer one status query (`zmq_status.status_reply`)."""
+        refusal = self._refusing.current
+        receiver = {
             "queue": self._queue.qsize(),
             "queue_bytes": self._held,
             "queue_limit_bytes": self.queue_bytes,
             "refusing": refusal.as_reply() if refusal else None,
         }
-        try:
-            acquisition = self.store.acquisition(name)
-        except KeyError:
-            return reply | {"known": False, "stored": [], "valid_t": 0, "closed": False}
-        return reply | {
-            "stored": stored_ranges(acquisition.stored_frames()),
-            "valid_t": acquisition.valid_t,
-            "closed": acquisition.closed,
-        }
+        return status_reply(self.store, request, receiver)
 
     # writer threads ---------------------------------------------------------------------
 
@@ -376,9 +313,13 @@ class ZmqSource:
             log.critical("ZeroMQ writer %s stopped: %s", name, describe(error), exc_info=error)
 
     def _store(self, message: FrameMessage | EndMessage) -> None:
-        """Store one message, or refuse it while the disk is full (see `_admit`)."""
-        admitted = self._admit(message)
-        if not admitted:
+        """Store one message, or refuse it while the disk is full (`DiskRefusal.admit`)."""
+        admitted = self._refusing.admit(message)
+        if admitted == "kept":
+            return
+        if admitted == "refused":
+            self._count("rejected")
+            FRAMES_REJECTED.labels(source=SOURCE, reason=DISK_FULL).inc()
             return
         probe = admitted == "probe"
         try:
@@ -392,39 +333,12 @@ class ZmqSource:
         else:
             self._stored(probe, wrote)
 
-    def _admit(self, message: FrameMessage | EndMessage) -> str | None:
-        """Whether to store `message` now: "store"; "probe" while refusing, for the one frame
-        that tries the full disk again (after the back-off, or once space was freed); None when
-        it is refused (counted; an end marker is kept and written once frames store again)."""
-        with self._refusal_lock:
-            refusal = self._refusal
-            if refusal is None:
-                return "store"
-            if isinstance(message, EndMessage):
-                self._pending_ends[message.acquisition] = message.frames
-                log.info("end marker of %s kept until frames are stored again", message.acquisition)
-                return None
-            if refusal.retry_at <= time.monotonic() or (
-                refusal.retry_at < math.inf and self._store_failures.space_returned()
-            ):
-                refusal.retry_at = math.inf  # until this frame's write says how the disk is
-                return "probe"
-            refusal.refused += 1
-        self._count("rejected")
-        FRAMES_REJECTED.labels(source=SOURCE, reason=refusal.reason).inc()
-        return None
-
     def _probe_disk(self) -> None:
         """While refusing and no frame comes to try the disk with: once the back-off is over
         or space was freed, write (and fsync, and remove) PROBE_BYTES in the store's root; when
         that fits, frames are taken again (and "refusing" is null) without waiting for one."""
-        with self._refusal_lock:
-            refusal = self._refusal
-            if refusal is None or refusal.retry_at == math.inf:
-                return
-            if refusal.retry_at > time.monotonic() and not self._store_failures.space_returned():
-                return
-            refusal.retry_at = math.inf
+        if not self._refusing.probe_due():
+            return
         probe = self.store.root / PROBE_FILE
         try:
             with open(probe, "wb") as file:
@@ -440,98 +354,41 @@ class ZmqSource:
                 probe.unlink()
 
     def _stored(self, probe: bool, wrote: bool) -> None:
-        """After a message was handled: a probe that wrote ends the refusal; one that did not
-        write (a duplicate, a rejected message) lets the next frame try."""
-        with self._refusal_lock:
-            refusal = self._refusal
-            if refusal is not None and probe and not wrote:
-                refusal.retry_at = time.monotonic()
-            if refusal is None or not (probe and wrote):
-                if wrote and refusal is None:
-                    self._store_failures.succeeded(quiet=True)
-                return
-            self._refusal = None
-            ends, self._pending_ends = self._pending_ends, {}
-        self._store_failures.succeeded(quiet=True)
-        log.info(
-            "storing frames again: %d frame(s) were refused over %.0f s (%s); their senders "
-            "resend them",
-            refusal.refused,
-            time.time() - refusal.since,
-            refusal.reason,
-        )
-        for name, frames in ends.items():
+        """After a message was handled (`DiskRefusal.handled`); once the refusal ends, the end
+        markers kept meanwhile are written."""
+        for name, frames in self._refusing.handled(probe, wrote).items():
             self._store(EndMessage(name, frames))
 
     def _failed(self, message: FrameMessage | EndMessage, error: Exception, probe: bool) -> None:
         """A message that could not be stored: counted and logged when due (`Failures`); a full
         disk starts (or prolongs) the refusal of new frames."""
         self._count("rejected")
-        full = failure_reason(error) == "disk_full"
-        FRAMES_REJECTED.labels(source=SOURCE, reason="disk_full" if full else "error").inc()
+        full = failure_reason(error) == DISK_FULL
+        FRAMES_REJECTED.labels(source=SOURCE, reason=DISK_FULL if full else "error").inc()
         end = isinstance(message, EndMessage)
         if full and end:
-            with self._refusal_lock:
-                self._pending_ends[message.acquisition] = message.frames
+            self._refusing.keep_end(message)
         what = "closing an acquisition" if end else "storing a frame"
         self._write_failed(error, probe, what, message.acquisition)
 
     def _write_failed(
         self, error: Exception, probe: bool, what: str, acquisition: str | None = None
     ) -> None:
-        """Count and log (when due) a write that failed; a full disk starts or prolongs the
-        refusal of new frames, another error lets the next frame try the disk."""
+        """A write that failed is the last error; see `DiskRefusal.failed`."""
         self._last_error = describe(error)
-        delay = self._store_failures.failed(error, what, acquisition)
-        with self._refusal_lock:
-            refusal = self._refusal
-            if failure_reason(error) != "disk_full":
-                if refusal is not None and probe:
-                    refusal.retry_at = time.monotonic()
-                return
-            if refusal is not None:
-                refusal.retry_at = time.monotonic() + delay
-                return
-            self._refusal = Refusal("disk_full", time.time(), time.monotonic() + delay)
-        log.error(
-            "the store's disk is full: new frames are refused, not stored, until one fits again "
-            "(one tries after %.0f s, then less and less often up to every %.0f min, and at once "
-            "when space is freed); senders keep them and resend, the status reply says "
-            '"refusing"',
-            delay,
-            MAX_BACKOFF_SECONDS / 60,
-        )
+        self._refusing.failed(error, probe, what, acquisition)
 
     def _handle(self, message: FrameMessage | EndMessage) -> bool:
-        """Store a frame or close an acquisition; False for a duplicate (nothing written)."""
-        if isinstance(message, EndMessage):
-            try:
-                acquisition = self.store.acquisition(message.acquisition)
-            except KeyError:
-                raise Rejected(
-                    "unknown", f"end marker for {message.acquisition!r}, which has no frames"
-                ) from None
-            acquisition.close(message.frames)
-            log.info(
-                "%s closed by its sender (%s frames announced)", acquisition.name, message.frames
-            )
-            return True
-        if message.c or message.z:
-            raise Rejected("plane", "only single-plane frames (c = 0, z = 0) are stored")
-        outcome = self.store.put_raw(
-            message.acquisition,
-            message.index,
-            message.pixels,
-            physical=message.physical,
-            sensor_origin=message.sensor_origin,
-            check=self.check,
-        )
+        """Store a frame or close an acquisition (`store_message`); False for a duplicate
+        (nothing written)."""
+        outcome = store_message(self.store, message, self.check)
+        if outcome == "duplicate":
+            self._count("duplicates")
+            return False
         if outcome == "stored":
             ingested(SOURCE)
             self._count("stored")
-            return True
-        self._count("duplicates")
-        return False
+        return True
 
     def _settle(self) -> None:
         """Publish and trim the acquisitions given frames (`Store.settle`); a metadata write
