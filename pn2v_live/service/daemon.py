@@ -13,36 +13,27 @@ signal during start-up lets start-up finish, then `run` drains at once.
 from __future__ import annotations
 
 import logging
-import re
-import sqlite3
 import threading
 from collections.abc import Callable
 
 import torch
 
-from pn2v_live import __version__
-from pn2v_live.core.device import (
-    describe_device,
-    device_name,
-    precision_name,
-    resolve_device,
-    torch_build,
-    unusable_gpu_warning,
-)
-from pn2v_live.core.model import PRECISIONS
 from pn2v_live.core.noise import NoiseModel
-from pn2v_live.errors import UserError
+from pn2v_live.errors import UserError, writable_folder
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.folder_source import FolderSource
 from pn2v_live.pipeline.inference import FrameListener, InferenceScheduler
 from pn2v_live.pipeline.noise_refinement import NoiseRefiner, RefinementSettings, on_device
 from pn2v_live.pipeline.publisher import DenoisedPublisher
-from pn2v_live.pipeline.stage import Liveness, thread_liveness
+from pn2v_live.pipeline.stage import Liveness
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.service.access import parse_bind
 from pn2v_live.service.commands.camera_options import with_camera_maps
 from pn2v_live.service.config import Config
+from pn2v_live.service.daemon_devices import daemon_devices
+from pn2v_live.service.daemon_noise_model import newest_noise_model, refines
+from pn2v_live.service.daemon_status import HealthCheck, health_reports, status_line, status_of
 from pn2v_live.service.metrics_server import start_metrics_server
 from pn2v_live.service.notify import SystemdNotifier
 from pn2v_live.service.stop_request import StopRequest
@@ -53,7 +44,7 @@ from pn2v_live.storage.noise_model_versions import FOLDER as VERSIONS_FOLDER
 from pn2v_live.storage.noise_model_versions import NoiseModelVersions
 from pn2v_live.storage.registry import ModelRegistry, content_id
 from pn2v_live.storage.store import Store
-from pn2v_live.telemetry import BUILD_INFO, DISK_FULL, NOISE_MODEL_SIGNAL_MAX, STAGE_HEALTHY
+from pn2v_live.telemetry import NOISE_MODEL_SIGNAL_MAX
 
 log = logging.getLogger("pn2v_live.daemon")
 
@@ -103,9 +94,13 @@ class Daemon:
         # checked before anything starts
         noise_model = with_camera_maps(load_noise_model(c.noise_model.path), c.camera.maps)
         self.camera = CameraFrames(noise_model, c.camera.sensor_origin)
-        self.refine = self._refines()
+        self.refine = refines(c.noise_model, self.camera)
         registry = self._open_store()
-        noise_model, noise_model_id = self._newest_noise_model(noise_model)
+        calibrated_id = content_id(c.noise_model.path)
+        self.noise_versions = NoiseModelVersions(c.store.root / VERSIONS_FOLDER)
+        noise_model, noise_model_id = newest_noise_model(
+            c.noise_model, self.noise_versions, noise_model, calibrated_id, self.refine
+        )
         self._import_initial_model(registry)
         self.inference = InferenceScheduler(
             self.store,
@@ -155,86 +150,18 @@ class Daemon:
         self.notifier.ready(self.status_line())
 
     def _devices(self) -> tuple[torch.device, torch.device]:
-        """The inference and trainer devices (a UserError when one is not on this machine);
-        `devices` describes them, the log and `pn2v_live_build_info` say what they are."""
-        c = self.config
-        inference = resolve_device(c.inference.device, "inference.device")
-        trainer = (  # the same setting twice: one resolution, one warning
-            inference
-            if c.trainer.device == c.inference.device
-            else resolve_device(c.trainer.device, "trainer.device")
-        )
-        inference_bf16 = PRECISIONS[c.inference.precision]
-        where = "" if c.inference.scheduler == "local" else f" (dask at {c.inference.scheduler})"
-        auto_on_cpu = any(
-            setting == "auto" and device.type == "cpu"
-            for setting, device in ((c.inference.device, inference), (c.trainer.device, trainer))
-        )
-        self.devices = {
-            "inference": describe_device(inference, inference_bf16) + where,
-            "training": describe_device(trainer, PRECISIONS[c.trainer.precision]),
-            "torch": torch_build(),
-            "warning": unusable_gpu_warning() if auto_on_cpu else None,
-        }
-        log.info(
-            "inference on %s; training on %s; %s",
-            self.devices["inference"],
-            self.devices["training"],
-            self.devices["torch"],
-        )
-        BUILD_INFO.info(
-            {
-                "version": __version__,
-                "torch": self.devices["torch"].removeprefix("torch "),
-                "device": device_name(inference) + where,
-                "precision": precision_name(inference, inference_bf16),
-            }
-        )
+        """The inference and trainer devices; `devices` describes them (`daemon_devices`)."""
+        inference, trainer, self.devices = daemon_devices(self.config)
         return inference, trainer
 
     def _open_store(self) -> ModelRegistry:
         """Open the store as its one writer, and its model registry; UserError when store.root
         cannot be created or written."""
         root = self.config.store.root
-        try:
+        with writable_folder("store.root", root):
             self.store = Store(root, self.config.store.zarr_format, writer=True)
             self._closers.append(self.store.close)
             return ModelRegistry(root / "models", self.config.model.keep_versions)
-        except (OSError, sqlite3.Error) as error:
-            reason = getattr(error, "strerror", None) or error
-            raise UserError(
-                f"store.root {root}: cannot create or write it ({reason}); choose a folder "
-                "this user may write"
-            ) from error
-
-    def _newest_noise_model(self, calibrated: NoiseModel) -> tuple[NoiseModel, str]:
-        """The noise model to start with, and its id: the newest version refined from the
-        configured file (`noise_model.refine`), else that file's model."""
-        c = self.config.noise_model
-        calibrated_id = content_id(c.path)
-        self.noise_versions = NoiseModelVersions(self.config.store.root / VERSIONS_FOLDER)
-        newest = self.noise_versions.newest(calibrated_id) if self.refine else None
-        if newest is None:
-            if not c.refine and self.noise_versions.versions(calibrated_id):
-                log.info(
-                    "noise_model.refine is off: using %s as calibrated, not its refined versions "
-                    "in %s",
-                    c.path,
-                    self.noise_versions.folder,
-                )
-            return calibrated, calibrated_id
-        version, model = newest
-        log.info(
-            "using noise model %s, refined from %s (generation %d, signal range %.0f–%.0f ADU, "
-            "calibrated %.0f–%.0f ADU); noise_model.refine = false uses %s alone",
-            version.id,
-            c.path,
-            version.generation,
-            *model.signal_range,
-            *calibrated.signal_range,
-            c.path,
-        )
-        return model, version.id
 
     def _start_refiner(self, noise_model: NoiseModel, noise_model_id: str) -> None:
         """The stage that refines the noise model from the stream (`noise_model.refine`); it
@@ -257,15 +184,6 @@ class Daemon:
             RefinementSettings(c.refine_every_frames, c.refine_every_seconds, c.refine_min_pairs),
             [self.inference.use_noise_model, self.trainer.use_noise_model],
         )
-
-    def _refines(self) -> bool:
-        """Whether the noise model is refined from the stream: `noise_model.refine`, and not with
-        sCMOS camera maps (a refined model would lose them; logged)."""
-        if self.config.noise_model.refine and self.camera.maps is not None:
-            log.info("noise_model.refine is not done with sCMOS camera maps; using %s as it is",
-                     self.config.noise_model.path)  # fmt: skip
-            return False
-        return self.config.noise_model.refine
 
     def _import_initial_model(self, registry: ModelRegistry) -> None:
         """Make `[model] initial` version 1 when the registry has no promoted model yet."""
@@ -367,27 +285,11 @@ class Daemon:
         thread is healthy, one log line when that changes — and STATUS= when it changed."""
         interval = self.notifier.watchdog_interval
         tick = min(TICK_SECONDS, interval) if interval else TICK_SECONDS
-        last_status, last_problems = None, []
+        check = HealthCheck(self.notifier)
         try:
             while not self._stop.wait(tick):
                 reports = self.health()
-                problems = [report for report in reports if not report.healthy]
-                if not problems:
-                    self.notifier.watchdog()
-                key = [(report.name, report.state) for report in problems]
-                if key != last_problems:
-                    if problems:
-                        log.error(
-                            "unhealthy, no WATCHDOG=1 until it recovers: %s",
-                            "; ".join(str(report) for report in problems),
-                        )
-                    else:
-                        log.info("healthy again: every thread makes progress")
-                    last_problems = key
-                status = self.status_line(reports)
-                if status != last_status:
-                    self.notifier.status(status)
-                    last_status = status
+                check.tick(reports, self.status_line(reports))
         finally:
             self.drain()
 
@@ -424,49 +326,16 @@ class Daemon:
 
     def health(self) -> list[Liveness]:
         """The liveness of every long-running thread — inference, trainer, noise refiner,
-        folder watcher, the ZeroMQ receiver and writers, the viewer's and the metrics' servers —
-        also exported as pn2v_live_stage_healthy{stage} and pn2v_live_disk_full."""
+        folder watcher, the ZeroMQ receiver and writers, the viewer's and the metrics' servers
+        (`daemon_status.health_reports`)."""
         parts = [self.inference, self.trainer, self.refiner, *self.sources]
-        reports = [
-            report
-            for part in parts
-            if hasattr(part, "health_reports")
-            for report in part.health_reports(self.max_silence)
-        ]
-        reports += [thread_liveness(name, thread) for name, thread in self._listeners.items()]
-        for report in reports:
-            STAGE_HEALTHY.labels(report.name).set(report.healthy)
-        DISK_FULL.set(any(_disk_full(report) for report in reports))
-        return reports
+        return health_reports(parts, self._listeners, self.max_silence)
 
     def status(self) -> dict:
-        """What the viewer's /api/status shows."""
+        """What the viewer's /api/status shows (`daemon_status.status_of`)."""
         reports = self.health()
-        inference, trainer = self.inference, self.trainer
-        model = inference.model if inference else None
-        return {
-            "model_version": model.version if model else None,
-            "model_source": (model.source if model else "waiting for the first trained model"),
-            "model_context": inference.context if inference else None,
-            "model_estimated_gain_db": model.estimated_gain_db if model else None,
-            "model_estimated_gain_uncertainty_db": (
-                model.estimated_gain_uncertainty_db if model else None
-            ),
-            "waiting_for_model": inference.waiting_for_model if inference else True,
-            "backlog": inference.backlog if inference else 0,
-            # frames that do not read back or denoise, each retried on its own back-off
-            "failed_frames": (
-                inference.frame_failures.report() if inference else {"count": 0, "frames": []}
-            ),
-            "training_rounds": trainer.rounds if trainer else 0,
-            "trainer_state": trainer.state if trainer else "idle",
-            "loss_history": list(trainer.history) if trainer else [],
-            "noise_model": self.noise_model_status(),
-            "healthy": all(report.healthy for report in reports),
-            "disk_full": any(_disk_full(report) for report in reports),
-            "health": [report.as_dict() for report in reports],
-            "device": self.devices,
-        }
+        noise_model = self.noise_model_status()
+        return status_of(self.inference, self.trainer, noise_model, self.devices, reports)
 
     def noise_model_status(self) -> dict:
         """The noise model in use (id, kind, signal range, what it was refined from) and the
@@ -481,57 +350,9 @@ class Daemon:
         }
 
     def status_line(self, reports: list[Liveness] | None = None) -> str:
-        """systemd's STATUS=: what is wrong first (unhealthy threads, a full disk, failures
-        being retried), then model, backlog and trainer."""
+        """systemd's STATUS= (`daemon_status.status_line`)."""
         status = self.status()
-        model = (
-            f"model v{status['model_version']} (context {status['model_context']})"
-            if status["model_version"]
-            else "waiting for the first model"
-        )
-        line = (
-            f"{model}, backlog {status['backlog']} frames, {status['training_rounds']} rounds, "
-            f"trainer {status['trainer_state']}"
-        )
-        if self.devices:
-            line += f"; inference on {self.devices['inference']}"
-        return _health_line(self.health() if reports is None else reports) + line
-
-
-def _disk_full(report: Liveness) -> bool:
-    return report.state == "paused" and report.reason == "disk_full"
-
-
-def _short(report: Liveness) -> str:
-    """E.g. "trainer failing (disk_full)", "zmq-receive dead (InjectedFault: ...)"."""
-    why = report.detail if report.state == "dead" else report.reason
-    return f"{report.name} {report.state}" + (f" ({why})" if why else "")
-
-
-def _health_line(reports: list[Liveness]) -> str:
-    """The start of the STATUS= line: e.g. "UNHEALTHY: zmq-receive dead (InjectedFault: ...);
-    DISK FULL: new frames refused, paused: zmq-write, trainer; " ("" when all is well). Names
-    and states only (no times), so the line changes only when the health does."""
-
-    def names(selected: list[Liveness]) -> str:
-        return ", ".join(dict.fromkeys(re.sub(r"-\d+$", "", r.name) for r in selected))
-
-    unhealthy = [r for r in reports if not r.healthy]
-    paused = [r for r in reports if _disk_full(r)]
-    retrying = [r for r in reports if r.state == "retrying"]
-    parts = []
-    if unhealthy:
-        parts.append("UNHEALTHY: " + ", ".join(map(_short, unhealthy)))
-    if paused:
-        refusing = any(r.name.startswith("zmq-write") for r in paused)
-        parts.append(
-            "DISK FULL: "
-            + ("new frames refused, " if refusing else "")
-            + f"paused: {names(paused)}"
-        )
-    if retrying:
-        parts.append("retrying after failures: " + names(retrying))
-    return "".join(f"{part}; " for part in parts)
+        return status_line(status, self.health() if reports is None else reports)
 
 
 def _and_offer(listener: FrameListener | None, offer: Callable) -> FrameListener:

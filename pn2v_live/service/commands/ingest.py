@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pn2v_live.errors import UserError
+from pn2v_live.errors import UserError, writable_folder
 from pn2v_live.pipeline.folder_layout import DEFAULT_PATTERN
 from pn2v_live.service.cli import app
 from pn2v_live.service.stop_request import StopRequest
@@ -174,14 +173,8 @@ def ingest(
         raise UserError("nothing to ingest: give --zmq tcp://HOST:PORT and/or --folder DIR")
     if zarr_format not in (2, 3):
         raise UserError(f"--zarr-format must be 2 or 3, not {zarr_format}")
-    try:
+    with writable_folder("--data", data):
         store = Store(data, zarr_format, writer=True)
-    except (OSError, sqlite3.Error) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise UserError(
-            f"--data {data}: cannot create or write it ({reason}); choose a folder this user "
-            "may write"
-        ) from error
     sources = []
     if zmq is not None:
         sources.append(ZmqSource(store, zmq, status))
