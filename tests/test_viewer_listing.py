@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -123,4 +124,16 @@ def test_a_damaged_acquisition_is_left_out_of_the_list(tmp_path) -> None:
         assert list(listing(server)) == ["good"]
     finally:
         server.stop()
+        store.close()
+
+
+def test_a_pass_over_many_acquisitions_leaves_the_recently_shown_one_open(old_store) -> None:
+    store = Store(old_store)
+    try:
+        shown = weakref.ref(store.acquisition("old_001"))  # e.g. the one a viewer page shows
+        working = store.open_acquisitions([f"old_{n:03d}" for n in range(100, 100 + KEEP_OPEN)])
+        assert store.open_count == KEEP_OPEN + 1
+        del working  # a pass that keeps none of them
+        assert store.open_count == 1 and store.acquisition("old_001") is shown()
+    finally:
         store.close()

@@ -179,11 +179,12 @@ class Store:
     def open_acquisitions(self, names: Iterable[str] | None = None) -> list[Acquisition]:
         """Every acquisition that opens (or those of `names`), by name; one that does not
         (damaged metadata, gone) is logged once and left out, so it never stops work on the
-        others."""
+        others. They are not counted among the most recently asked for (the caller holds
+        those it keeps working on, e.g. `WorkingSet`), so a pass does not close others'."""
         opened = []
         for name in self.acquisitions() if names is None else names:
             try:
-                opened.append(self.acquisition(name))
+                opened.append(self.acquisition(name, recent=False))
             except Exception as error:  # zarr, JSON and OS errors of a damaged folder
                 if name not in self._unopenable:
                     self._unopenable.add(name)
@@ -194,8 +195,9 @@ class Store:
     def path(self, name: str) -> Path:
         return self.root / (validate_name(name) + SUFFIX)
 
-    def acquisition(self, name: str) -> Acquisition:
-        """Open an existing acquisition; KeyError when there is none of that name."""
+    def acquisition(self, name: str, *, recent: bool = True) -> Acquisition:
+        """Open an existing acquisition, kept open as the most recently asked for unless
+        `recent` is False (module docstring); KeyError when there is none of that name."""
         path = self.path(name)
         with self._lock:
             acquisition = self._open.get(name)
@@ -214,7 +216,8 @@ class Store:
                     self._publication,
                 )
                 self._open[name] = acquisition
-            self._keep(acquisition)
+            if recent:
+                self._keep(acquisition)
             return acquisition
 
     def _keep(self, acquisition: Acquisition) -> None:
