@@ -46,7 +46,16 @@ class NoiseModel(ABC):
     ) -> torch.Tensor:
         """`log_likelihood` at pixels with their own read-noise variance `read_variance`
         (reference ADU², broadcasting like `observation`; see `core.camera`): a model with
-        camera maps uses it, others ignore it."""
+        camera maps uses it (`variance_log_likelihood`), others ignore it."""
+        if read_variance is None:
+            return self.log_likelihood(observation, signal)
+        return self.variance_log_likelihood(observation, signal, read_variance)
+
+    def variance_log_likelihood(
+        self, observation: torch.Tensor, signal: torch.Tensor, read_variance: torch.Tensor
+    ) -> torch.Tensor:
+        """`pixel_log_likelihood` where the pixels' read-noise variance is given: the plain
+        `log_likelihood` for a model without camera maps."""
         return self.log_likelihood(observation, signal)
 
     def camera_inputs(

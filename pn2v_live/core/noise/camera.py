@@ -57,14 +57,11 @@ class CameraNoiseModel(NoiseModel):
         """The typical pixel's log-likelihood (the base model)."""
         return self.base.log_likelihood(observation, signal)
 
-    def pixel_log_likelihood(
-        self,
-        observation: torch.Tensor,
-        signal: torch.Tensor,
-        read_variance: torch.Tensor | None = None,
+    def variance_log_likelihood(
+        self, observation: torch.Tensor, signal: torch.Tensor, read_variance: torch.Tensor
     ) -> torch.Tensor:
-        if read_variance is None:
-            return self.base.log_likelihood(observation, signal)
+        """The base model's log-likelihood of the observation rescaled from the pixel's noise
+        (`read_variance`, reference ADU²) to the typical pixel's."""
         offset, gain = self.maps.reference
         shot = gain * (signal.float() - offset).clamp(min=0) + TINY_VARIANCE
         log_ratio = 0.5 * (

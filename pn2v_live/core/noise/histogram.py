@@ -133,13 +133,10 @@ class HistogramNoiseModel(NoiseModel):
         metadata: dict[str, Any] | None = None,
     ) -> HistogramNoiseModel:
         """Histogram of pairs; `signal` broadcasts against `observation` (e.g. (Y,X) vs (T,Y,X))."""
-        signal, observation = finite_pairs(*as_pairs(signal, observation))
-        value_range = value_range or common_range(signal, observation, bins)
-        counts = pair_counts(signal, observation, bins, value_range)
+        counts, value_range, signal_range = binned_pairs(signal, observation, bins, value_range)
         support = counts.sum(1)
         width = (value_range[1] - value_range[0]) / bins
         density = counts / support.clamp(min=1)[:, None] / width
-        signal_range = (float(signal.min()), float(signal.max()))
         return cls(density.clamp(min=DENSITY_FLOOR), value_range, support, signal_range, metadata)
 
     def log_likelihood(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
@@ -165,6 +162,21 @@ class HistogramNoiseModel(NoiseModel):
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> HistogramNoiseModel:
         return cls(*table_arguments(state))
+
+
+def binned_pairs(
+    signal: np.ndarray | torch.Tensor,
+    observation: np.ndarray | torch.Tensor,
+    bins: int,
+    value_range: tuple[float, float] | None,
+) -> tuple[torch.Tensor, tuple[float, float], tuple[float, float]]:
+    """The finite (signal, observation) pairs (`signal` broadcasting against `observation`)
+    counted into a (bins, bins) table over `value_range` (None: `common_range` of the pairs):
+    the counts, the value range, and the pairs' signal range (ADU)."""
+    signal, observation = finite_pairs(*as_pairs(signal, observation))
+    value_range = value_range or common_range(signal, observation, bins)
+    counts = pair_counts(signal, observation, bins, value_range)
+    return counts, value_range, (float(signal.min()), float(signal.max()))
 
 
 def table_arguments(state: dict[str, Any]) -> tuple:

@@ -19,14 +19,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from pn2v_live.core.noise.base import NoiseModel, as_pairs, noise_model_from_state
+from pn2v_live.core.noise.base import NoiseModel, noise_model_from_state
 from pn2v_live.core.noise.histogram import (
     DENSITY_FLOOR,
     BinnedTable,
     HistogramNoiseModel,
-    common_range,
-    finite_pairs,
-    pair_counts,
+    binned_pairs,
     table_arguments,
 )
 
@@ -51,17 +49,10 @@ class HybridNoiseModel(HistogramNoiseModel):
 
     kind: ClassVar[str] = "hybrid"
 
-    def __init__(
-        self,
-        density: torch.Tensor,
-        value_range: tuple[float, float],
-        support: torch.Tensor,
-        signal_range: tuple[float, float],
-        metadata: dict[str, Any] | None = None,
-        *,
-        parametric: NoiseModel,
-    ):
-        super().__init__(density, value_range, support, signal_range, metadata)
+    def __init__(self, *table: Any, parametric: NoiseModel):
+        """`table`: the histogram's arguments (see `HistogramNoiseModel`); `parametric`: the
+        model blended in and used outside the table."""
+        super().__init__(*table)
         self.parametric = parametric
 
     @classmethod
@@ -77,9 +68,7 @@ class HybridNoiseModel(HistogramNoiseModel):
         metadata: dict[str, Any] | None = None,
     ) -> HybridNoiseModel:
         """Histogram of the pairs blended with `parametric` (already fitted to the same pairs)."""
-        signal, observation = finite_pairs(*as_pairs(signal, observation))
-        value_range = value_range or common_range(signal, observation, bins)
-        counts = pair_counts(signal, observation, bins, value_range)
+        counts, value_range, signal_range = binned_pairs(signal, observation, bins, value_range)
         support = counts.sum(1)
         table = BinnedTable(counts, value_range)
         q = bin_probabilities(parametric, table)
@@ -88,7 +77,6 @@ class HybridNoiseModel(HistogramNoiseModel):
         # Far tails where even the parametric probability underflows get the histogram's floor.
         density = density.clamp(min=DENSITY_FLOOR)
         metadata = {"prior_pairs": prior_pairs, "floor_ratio": floor_ratio, **(metadata or {})}
-        signal_range = (float(signal.min()), float(signal.max()))
         return cls(density, value_range, support, signal_range, metadata, parametric=parametric)
 
     def log_likelihood(self, observation: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
