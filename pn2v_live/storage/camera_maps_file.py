@@ -21,6 +21,7 @@ import tifffile
 from pn2v_live.core.camera import CameraMaps
 from pn2v_live.errors import UserError
 from pn2v_live.storage.atomic import write_atomically
+from pn2v_live.storage.file_format import check_format
 
 FORMAT = "pn2v-live camera maps"
 VERSION = 1
@@ -64,13 +65,7 @@ def load_camera_maps(path: str | Path) -> CameraMaps:
             stack = tif.asarray()
     except Exception as error:  # tifffile and json raise many types for foreign files
         raise UserError(f"{path}: not a pn2v-live camera-maps file ({error})") from error
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise UserError(f"{path}: not a pn2v-live camera-maps file")
-    if description.get("version") != VERSION:
-        raise UserError(
-            f"{path}: camera-maps file version {description.get('version')} is not supported "
-            f"(this pn2v-live reads version {VERSION})"
-        )
+    check_format(path, description, FORMAT, VERSION, "camera-maps")
     try:
         return CameraMaps(
             *stack,

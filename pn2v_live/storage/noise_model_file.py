@@ -21,6 +21,7 @@ import torch
 from pn2v_live.core.noise import NoiseModel, noise_model_from_state
 from pn2v_live.errors import UserError
 from pn2v_live.storage.atomic import write_atomically
+from pn2v_live.storage.file_format import check_format
 
 FORMAT = "pn2v-live noise model"
 VERSION = 1
@@ -51,13 +52,7 @@ def load_noise_model(path: str | Path, device: torch.device | str = "cpu") -> No
             f"{path}: not a readable noise-model file ({error}); recreate it with "
             "`pn2v-live calibrate`"
         ) from error
-    if not isinstance(content, dict) or content.get("format") != FORMAT:
-        raise UserError(f"{path}: not a pn2v-live noise-model file")
-    if content.get("version") != VERSION:
-        raise UserError(
-            f"{path}: noise-model file version {content.get('version')} is not supported "
-            f"(this pn2v-live reads version {VERSION}); recalibrate"
-        )
+    check_format(path, content, FORMAT, VERSION, "noise-model", "; recalibrate")
     try:
         model = noise_model_from_state(content["state"])
     except (KeyError, TypeError, ValueError) as error:
