@@ -9,18 +9,24 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pn2v_live.errors import UserError
+
+if TYPE_CHECKING:
+    from pn2v_live.wire.sender import FrameSender
 
 START_TIMEOUT_S = 300.0  # the daemon's start-up (imports, noise model, sockets, dask)
 STOP_TIMEOUT_S = 300.0  # its drain after SIGTERM (the frames in flight, then the store)
 LOG_TAIL_LINES = 20
+SEND_TIMEOUT_S = 60.0  # one frame may wait this long for the receiver's backpressure
 PROBE_ACQUISITION = "live"  # asked for in the readiness probe: any name, the answer is enough
 # Keys the bench sets itself: the store it reads, the noise model it was given, the sockets it
 # sends to. The viewer, metrics and publisher get free ports, which `--set` may override.
@@ -38,6 +44,50 @@ class Endpoints:
     @classmethod
     def in_folder(cls, folder: Path) -> Endpoints:
         return cls(f"ipc://{folder / 'frames'}", f"ipc://{folder / 'status'}")
+
+
+class SenderThread(threading.Thread):
+    """A thread sending to the daemon at `endpoints` through one `FrameSender`: `send` (in
+    subclasses) once it is connected. `started` is set once it is (`started_at`: monotonic time
+    then) or when it ended without; `error` is what stopped it early, if anything."""
+
+    def __init__(self, name: str, endpoints: Endpoints) -> None:
+        super().__init__(name=name, daemon=True)
+        self.endpoints = endpoints
+        self.started = threading.Event()
+        self.started_at: float | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from pn2v_live.wire.sender import FrameSender
+
+        try:
+            with FrameSender(
+                self.endpoints.frames, self.endpoints.status, send_timeout=SEND_TIMEOUT_S
+            ) as sender:
+                self.started_at = time.monotonic()
+                self.started.set()
+                self.send(sender)
+        except BaseException as error:  # reported by the caller
+            self.error = error
+        finally:
+            self.started.set()
+
+    def send(self, sender: FrameSender) -> None:
+        """Send what this thread sends (the sender is connected)."""
+        raise NotImplementedError
+
+
+def work_folders(cleanup: ExitStack, keep: Path | None, prefix: str) -> tuple[Path, Path]:
+    """(sockets, work): a private temporary folder (named `prefix`…, removed by `cleanup`) for
+    the daemon's IPC sockets, and the folder for its store and log: `keep` when given (created;
+    a UserError when it holds a store already), else the sockets' folder."""
+    sockets = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    work = keep.resolve() if keep is not None else sockets
+    if keep is not None and (work / "store").exists():
+        raise UserError(f"--keep {work}: {work / 'store'} exists; give a new folder")
+    work.mkdir(parents=True, exist_ok=True)
+    return sockets, work
 
 
 def daemon_overrides(

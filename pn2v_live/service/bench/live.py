@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -30,24 +28,27 @@ import numpy as np
 
 from pn2v_live.errors import UserError
 from pn2v_live.service.bench.daemon_process import (
+    SEND_TIMEOUT_S,
     Endpoints,
+    SenderThread,
     daemon_overrides,
     log_tail,
     sigterm_as_interrupt,
     start_daemon,
     stop_daemon,
     wait_until_ready,
+    work_folders,
 )
 from pn2v_live.service.bench.store_watch import ModelWatcher, Reference, Twin, TwinWatcher
 
 if TYPE_CHECKING:
     from pn2v_live.core.context import Context
     from pn2v_live.service.config import Config
+    from pn2v_live.wire.sender import FrameSender
 
 ACQUISITION = "live"
 GOOD_GAIN_DB = 3.0  # a twin this much above its raw frame (PSNR) is "good"
 POLL_SECONDS = 0.5  # store polling period: the resolution of every *_s result
-SEND_TIMEOUT_S = 60.0  # one frame may wait this long for the receiver's backpressure
 
 Log = Callable[[str], None]
 
@@ -96,7 +97,7 @@ def frames_within(count: int, fps: float, minutes: float) -> int:
 # ---- the replay ------------------------------------------------------------------------
 
 
-class Replay(threading.Thread):
+class Replay(SenderThread):
     """Sends `frames` (T, Y, X) with `FrameSender` at `fps` as one acquisition, waits until the
     receiver stored them all, then (with `end`) sends the end marker. `started_at` is the
     monotonic time the first frame was sent; `error` what stopped it early, if anything."""
@@ -104,32 +105,17 @@ class Replay(threading.Thread):
     def __init__(
         self, endpoints: Endpoints, frames: np.ndarray, fps: float, end: bool, budget_s: float
     ):
-        super().__init__(name="bench-live-replay", daemon=True)
-        self.endpoints, self.frames, self.fps, self.end = endpoints, frames, fps, end
+        super().__init__("bench-live-replay", endpoints)
+        self.frames, self.fps, self.end = frames, fps, end
         self.budget_s = budget_s  # seconds from the first frame to give up waiting for storage
-        self.started = threading.Event()
-        self.started_at: float | None = None
         self.sent_at: float | None = None  # monotonic time the last frame was sent
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        from pn2v_live.wire.sender import FrameSender
-
-        try:
-            with FrameSender(
-                self.endpoints.frames, self.endpoints.status, send_timeout=SEND_TIMEOUT_S
-            ) as sender:
-                self.started_at = time.monotonic()
-                self.started.set()
-                sender.send_stack(ACQUISITION, self.frames, fps=self.fps)
-                self.sent_at = time.monotonic()
-                sender.ensure_stored(ACQUISITION, self.frames, timeout=self._left())
-                if self.end:
-                    sender.end(ACQUISITION, len(self.frames), confirm_timeout=self._left())
-        except BaseException as error:  # reported by the caller
-            self.error = error
-        finally:
-            self.started.set()
+    def send(self, sender: FrameSender) -> None:
+        sender.send_stack(ACQUISITION, self.frames, fps=self.fps)
+        self.sent_at = time.monotonic()
+        sender.ensure_stored(ACQUISITION, self.frames, timeout=self._left())
+        if self.end:
+            sender.end(ACQUISITION, len(self.frames), confirm_timeout=self._left())
 
     def _left(self) -> float:
         return max(5.0, self.started_at + self.budget_s - time.monotonic())
@@ -246,17 +232,12 @@ def run_live(
     from pn2v_live.storage.noise_model_file import load_noise_model
 
     load_noise_model(noise_model)  # a bad file is the user's: say so before starting anything
-    keep = None if keep is None else keep.resolve()
     stack, truth = load_inputs(stack_path, gt_path)
     sent = frames_within(len(stack), fps, minutes)
     reference = Reference(stack[:sent], truth[:sent] if truth.ndim == 3 else truth,
                           data_range(stack, truth))  # fmt: skip
     with ExitStack() as cleanup:
-        sockets = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pn2v-live-")))
-        work = keep if keep is not None else sockets
-        if keep is not None and (keep / "store").exists():
-            raise UserError(f"--keep {keep}: {keep / 'store'} exists; give a new folder")
-        work.mkdir(parents=True, exist_ok=True)
+        sockets, work = work_folders(cleanup, keep, "pn2v-live-")
         endpoints = Endpoints.in_folder(sockets)
         settings = daemon_overrides(work / "store", noise_model, endpoints, overrides)
         config = load_config(None, settings)  # UserError for a bad --set, before starting

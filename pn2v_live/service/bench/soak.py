@@ -33,22 +33,24 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pn2v_live.errors import UserError
 from pn2v_live.service.bench import daemon_process
 from pn2v_live.service.bench.daemon_metrics import metrics_url, read_metrics, total
-from pn2v_live.service.bench.live import SEND_TIMEOUT_S
+from pn2v_live.service.bench.daemon_process import SEND_TIMEOUT_S
 from pn2v_live.service.bench.store_watch import ModelWatcher
+
+if TYPE_CHECKING:
+    from pn2v_live.wire.sender import FrameSender
 
 SAMPLE_SECONDS = 1.0
 WARMUP_SECONDS = 60.0  # samples before this are left out of the RSS slope and growth
@@ -106,7 +108,7 @@ def camera_noise_model(path: Path, pool: np.ndarray) -> Path:
     return save_noise_model(model, path)
 
 
-class Stream(threading.Thread):
+class Stream(daemon_process.SenderThread):
     """Sends frames at `fps` until `stop` is set: acquisition k gets `per_acquisition` frames
     (frame numbers 0..n-1) and its end marker, then k + 1 starts. Once stopped, resends what the
     receiver lacks until all is stored. `sent` maps each acquisition to the frames sent."""
@@ -118,33 +120,18 @@ class Stream(threading.Thread):
         fps: float,
         per_acquisition: int,
     ):
-        super().__init__(name="bench-soak-stream", daemon=True)
-        self.endpoints, self.pool, self.fps = endpoints, pool, fps
+        super().__init__("bench-soak-stream", endpoints)
+        self.pool, self.fps = pool, fps
         self.per_acquisition = per_acquisition
         self.stop = threading.Event()
-        self.started = threading.Event()
-        self.started_at: float | None = None
         self.sent: dict[str, int] = {}
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        from pn2v_live.wire.sender import FrameSender
+    def send(self, sender: FrameSender) -> None:
+        self._stream(sender)
+        for name, count in self.sent.items():
+            sender.ensure_stored(name, Cycled(self.pool, count), timeout=STORE_TIMEOUT_S)
 
-        try:
-            with FrameSender(
-                self.endpoints.frames, self.endpoints.status, send_timeout=SEND_TIMEOUT_S
-            ) as sender:
-                self.started_at = time.monotonic()
-                self.started.set()
-                self._stream(sender)
-                for name, count in self.sent.items():
-                    sender.ensure_stored(name, Cycled(self.pool, count), timeout=STORE_TIMEOUT_S)
-        except BaseException as error:  # reported by the caller
-            self.error = error
-        finally:
-            self.started.set()
-
-    def _stream(self, sender) -> None:
+    def _stream(self, sender: FrameSender) -> None:
         n = 0
         while not self.stop.is_set():
             wait = self.started_at + n / self.fps - time.monotonic()
@@ -275,14 +262,9 @@ def run_soak(
         raise UserError("--part soak needs --minutes > 0, --fps > 0 and --size >= 16")
     if noise_model is not None:
         load_noise_model(noise_model)  # a bad file is the user's: say so before starting
-    keep = None if keep is None else keep.resolve()
     pool = frame_pool(size)
     with ExitStack() as cleanup:
-        sockets = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pn2v-soak-")))
-        work = keep if keep is not None else sockets
-        if keep is not None and (keep / "store").exists():
-            raise UserError(f"--keep {keep}: {keep / 'store'} exists; give a new folder")
-        work.mkdir(parents=True, exist_ok=True)
+        sockets, work = daemon_process.work_folders(cleanup, keep, "pn2v-soak-")
         if noise_model is None:
             noise_model = camera_noise_model(work / "noise-model.pt", pool)
         endpoints = daemon_process.Endpoints.in_folder(sockets)
