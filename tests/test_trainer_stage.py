@@ -272,8 +272,8 @@ def test_rounds_choose_the_newest_trainable_acquisition_and_skip_damaged_frames(
     assert record["acquisition"] == "cells"  # newest trainable; nothing counts as new yet
     assert registry.current().training_frames == 9  # 10 training frames, one damaged
     assert unreadable_count() == unreadable + 1
-    trainer._last_round -= SETTINGS.every_seconds + 1.0  # overdue by a second: an idle round
-    due = trainer._last_round + SETTINGS.every_seconds
+    due = time.monotonic() - 0.5  # overdue by half a second (a late poll): an idle round
+    trainer._last_round = due - SETTINGS.every_seconds
     assert trainer.work() is True
     assert trainer._last_round == due  # a late poll keeps the round's place in the schedule
     assert trainer.history[-1]["acquisition"] == "cells"
