@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,36 +85,46 @@ def score(frames: np.ndarray, references: np.ndarray | list[np.ndarray]) -> floa
     return float(np.mean([psnr(f, r, DATA_RANGE) for f, r in zip(frames, references, strict=True)]))
 
 
+@dataclass(frozen=True)
+class QualitySettings:
+    """What `compare` trains and scores, the same for every seed: the target field, the `modes`
+    (PN2V once per noise model and temporal context in `contexts`, None meaning "auto"), each
+    trained for `minutes` (or `steps`, whichever ends first) with `k` prior samples; the
+    target's first `score_frames` frames are scored, or with `score_spread` that many spread
+    evenly over the acquisition (where a temporal window is whole for most of them); with
+    `drift` (pixels per frame) the target is `drifting`."""
+
+    target: str = "fov03"
+    modes: tuple[str, ...] = ("n2v", "pn2v", "supervised")
+    minutes: float | None = 25.0
+    steps: int | None = None
+    k: int = 800
+    score_frames: int = 5
+    score_spread: bool = False
+    contexts: tuple[Context | None, ...] = (SPATIAL,)
+    drift: int = 0
+
+
 def compare(
     data_dir: Path,
     noise_models: dict[str, NoiseModel],
-    target: str = "fov03",
-    supervised_fields: tuple[str, ...] = ("fov01", "fov02"),
-    modes: tuple[str, ...] = ("n2v", "pn2v", "supervised"),
-    minutes: float | None = 25.0,
-    steps: int | None = None,
-    k: int = 800,
-    score_frames: int = 5,
-    score_spread: bool = False,
+    settings: QualitySettings,
     seed: int = 0,
-    contexts: tuple[Context | None, ...] = (SPATIAL,),
-    drift: int = 0,
+    supervised_fields: tuple[str, ...] = ("fov01", "fov02"),
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, float]]:
-    """Train each mode (PN2V once per noise model and temporal context, None meaning "auto")
-    for `minutes` (or `steps`, whichever ends first) and score the target's frames against the
-    ground truth and against the ground truth corrected for drift (see the module docstring).
-    The frames scored are the first `score_frames`, or with `score_spread` that many spread
-    evenly over the acquisition (where a temporal window is whole for most of them).
-    With `drift` (pixels per frame) the target is `drifting`. A PN2V model with temporal
-    context is also scored on its causal (live) twins, as "<name> live".
+    """Train each mode of `settings` with `seed` and score the target's frames against the
+    ground truth and against the ground truth corrected for drift (see the module docstring);
+    supervised training uses `supervised_fields`. A PN2V model with temporal context is also
+    scored on its causal (live) twins, as "<name> live".
 
     Returns {"psnr_db": {"raw": dB, "n2v": dB, "pn2v[<noise model>,<context>]": dB,
     "supervised": dB, ...}, "psnr_drift_corrected_db": {the same names: dB}}.
     """
-    raw, truth = load_field(data_dir, target)
+    drift, k = settings.drift, settings.k
+    raw, truth = load_field(data_dir, settings.target)
     raw, truths = drifting(raw, truth, drift) if drift else (raw, [truth] * len(raw))
-    scored = scored_frames(len(raw), score_frames, score_spread)
+    scored = scored_frames(len(raw), settings.score_frames, settings.score_spread)
     test_frames = raw[scored]
     references = [truths[t] for t in scored]
     corrected = [drift_corrected(f, t) for f, t in zip(test_frames, references, strict=True)]
@@ -130,12 +141,12 @@ def compare(
 
     record("raw", test_frames)
     runs: list[tuple[str, str, NoiseModel | None, Context | None]] = []
-    for mode in modes:
+    for mode in settings.modes:
         if mode == "pn2v":
             runs += [
                 ("pn2v", f"pn2v[{name},{context or 'auto'}]", model, context)
                 for name, model in noise_models.items()
-                for context in contexts
+                for context in settings.contexts
             ]
         else:
             runs.append((mode, mode, None, SPATIAL))
@@ -148,7 +159,7 @@ def compare(
         mean, std = normalisation_of([f for stack in series for f in stack])
         make_denoiser = seeded_denoisers(mode, mean, std, k, seed)
         started = time.monotonic()
-        budget = dict(steps=steps, minutes=minutes, seed=seed)
+        budget = dict(steps=settings.steps, minutes=settings.minutes, seed=seed)
         if context is None:
             denoiser, losses = train_choosing_context(
                 make_denoiser, series, CANDIDATES, noise_model, truths=run_truths, **budget

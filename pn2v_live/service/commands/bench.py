@@ -6,12 +6,15 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
+
+if TYPE_CHECKING:
+    from pn2v_live.service.bench.quality import QualitySettings
 
 
 class Part(StrEnum):
@@ -197,13 +200,17 @@ def bench(
             result = run_soak(10.0 if minutes is None else minutes, fps or 2.0, side,
                               set_ or [], noise_model_file, keep)  # fmt: skip
         elif name is Part.quality:
+            from pn2v_live.service.bench.quality import QualitySettings
+
             side = 512
             if minutes is None and steps is None:
                 minutes = 20.0
-            result = run_quality(
-                data, minutes, steps, k, seeds, tuple(noise_model), score_frames, score_spread,
-                contexts=contexts, drift=drift, target=target, modes=tuple(mode),
+            settings = QualitySettings(
+                target=target, modes=tuple(mode), minutes=minutes, steps=steps, k=k,
+                score_frames=score_frames, score_spread=score_spread, contexts=contexts,
+                drift=drift,
             )  # fmt: skip
+            result = run_quality(data, settings, seeds, tuple(noise_model))
         else:
             from pn2v_live.service.bench.pipeline import run_pipeline
 
@@ -239,22 +246,11 @@ def run_live_part(
 
 
 def run_quality(
-    data: Path | None,
-    minutes: float | None,
-    steps: int | None,
-    k: int,
-    seeds: int,
-    kinds: tuple[str, ...],
-    score_frames: int,
-    score_spread: bool,
-    contexts: tuple,
-    drift: int,
-    target: str,
-    modes: tuple[str, ...],
+    data: Path | None, settings: QualitySettings, seeds: int, kinds: tuple[str, ...]
 ) -> dict:
-    """PSNR of raw and of every trained model on `target` (see `bench`), PN2V once per noise-
-    model kind in `kinds` and context in `contexts` (None: auto), with the budget used: the mean
-    over `seeds` runs, and each run's score under "<score>_by_seed"."""
+    """PSNR of raw and of every trained model on the target of `settings` (see `bench`), PN2V
+    once per noise-model kind in `kinds` and context, with the budget used: the mean over
+    `seeds` runs, and each run's score under "<score>_by_seed"."""
     import numpy as np
     import torch
 
@@ -274,26 +270,14 @@ def run_quality(
         raise UserError(f"--data must name a folder holding {FMD}/ (got {data})")
     if unknown := sorted(set(kinds) - set(KINDS)):
         raise UserError(f"--noise-model must be one of {', '.join(KINDS)}, not {unknown[0]!r}")
-    if unknown := sorted(set(modes) - set(MODES)):
+    if unknown := sorted(set(settings.modes) - set(MODES)):
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not {unknown[0]!r}")
-    if target not in FIELDS:
-        raise UserError(f"--target must be one of {', '.join(FIELDS)}, not {target!r}")
+    if settings.target not in FIELDS:
+        raise UserError(f"--target must be one of {', '.join(FIELDS)}, not {settings.target!r}")
     models = calibrated_models(data, kinds=kinds)
     runs = [
         compare(
-            data,
-            models,
-            minutes=minutes,
-            steps=steps,
-            k=k,
-            score_frames=score_frames,
-            score_spread=score_spread,
-            seed=seed,
-            target=target,
-            modes=modes,
-            contexts=contexts,
-            drift=drift,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
+            data, models, settings, seed, log=lambda line: print(line, file=sys.stderr, flush=True)
         )
         for seed in range(seeds)
     ]
@@ -306,10 +290,10 @@ def run_quality(
     return {
         **summary,
         "seeds": seeds,
-        "minutes_per_model": minutes,
-        "steps_per_model": steps,
-        "scored_frames": scored_frames(FIELD_FRAMES, score_frames, score_spread),
-        "target": target,
-        "drift_px_per_frame": drift,
+        "minutes_per_model": settings.minutes,
+        "steps_per_model": settings.steps,
+        "scored_frames": scored_frames(FIELD_FRAMES, settings.score_frames, settings.score_spread),
+        "target": settings.target,
+        "drift_px_per_frame": settings.drift,
         "body_dtype": body,
     }
