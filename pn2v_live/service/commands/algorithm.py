@@ -24,6 +24,7 @@ from pn2v_live.service.commands.camera_options import (
     warn_if_other_maps,
     with_camera_maps,
 )
+from pn2v_live.service.commands.options import DeviceOption
 
 if TYPE_CHECKING:
     import torch
@@ -112,7 +113,7 @@ def train(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="number of optimiser steps", min=1)] = None,
     minutes: Annotated[float | None, typer.Option(help="wall-time budget", min=0.01)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    device: DeviceOption = "auto",
     val_fraction: Annotated[
         float, typer.Option(help="frames held back for validation", min=0.0, max=0.9)
     ] = 0.1,
@@ -240,7 +241,7 @@ def denoise(
     ] = None,
     camera_maps: CameraMapsOption = None,
     sensor_origin: SensorOriginOption = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    device: DeviceOption = "auto",
     uncertainty: Annotated[
         Path | None, typer.Option(help="also write the posterior std (pn2v) to this TIFF")
     ] = None,

@@ -12,6 +12,7 @@ import typer
 
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
+from pn2v_live.service.commands.options import DeviceOption
 
 if TYPE_CHECKING:
     from pn2v_live.service.bench.quality import QualitySettings
@@ -37,7 +38,7 @@ def bench(
         typer.Option(help="frame side (predict, ingest; soak: 256) or patch side (train)"),
     ] = None,
     k: Annotated[int, typer.Option(help="prior samples per pixel")] = 800,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    device: DeviceOption = "auto",
     repeats: Annotated[int, typer.Option(help="timed repeats after one warm-up")] = 3,
     baseline: Annotated[
         str | None, typer.Option(help="'naive': also time the straightforward formulation")

@@ -12,6 +12,7 @@ import typer
 
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
+from pn2v_live.service.commands.options import BinsOption, NoiseModelOutputOption
 
 log = logging.getLogger("pn2v_live.cli")
 
@@ -33,7 +34,7 @@ class FitKind(StrEnum):
 
 @app.command()
 def calibrate(
-    output: Annotated[Path, typer.Option("-o", "--output", help="noise-model file to write")],
+    output: NoiseModelOutputOption,
     inputs: Annotated[
         list[Path] | None,
         typer.Argument(
@@ -48,7 +49,7 @@ def calibrate(
         CalibrationKind,
         typer.Option(help="model to fit; all = fit every kind, keep the best held-out NLL"),
     ] = CalibrationKind.hybrid,
-    bins: Annotated[int, typer.Option(min=16, max=4096, help="histogram bins per axis")] = 256,
+    bins: BinsOption = 256,
     report: Annotated[Path | None, typer.Option(help="report figure to write (PNG)")] = None,
     camera: Annotated[str, typer.Option(help="camera / setting name stored with the model")] = "",
     offset: Annotated[
@@ -249,9 +250,9 @@ def calibration_device(bootstrap: bool) -> str:
 def fit_noise_model(
     signal: Annotated[Path, typer.Option(help="clean image (Y, X) or stack matching STACK")],
     observations: Annotated[Path, typer.Option(help="noisy frames of the same scene")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="noise-model file to write")],
+    output: NoiseModelOutputOption,
     kind: Annotated[FitKind, typer.Option(help="model to fit")] = FitKind.histogram,
-    bins: Annotated[int, typer.Option(min=16, max=4096, help="histogram bins per axis")] = 256,
+    bins: BinsOption = 256,
 ) -> None:
     """Fit one noise model to all (signal, observation) pairs, without checks or held-out frames;
     prints a one-line JSON summary. `calibrate` is the checked workflow."""
