@@ -97,7 +97,8 @@ class Acquisition:
         self._versions = {t: version for t, (version, _) in twins.items()}
         self._windows = {t: Context.parse(window) for t, (_, window) in twins.items()}
         self._without_twin = self._stored - self._versions.keys()  # kept current by the writers
-        self._valid_t = _contiguous(self._stored)
+        self._valid_t = 0
+        self._advance_valid_t()
         self.closed = bool(self._attrs().get("closed", False))
         # A crash before valid_t was published: the writer publishes it (readers, e.g. napari,
         # must not rewrite the attributes the writer is updating).
@@ -297,8 +298,7 @@ class Acquisition:
                 self._without_twin.add(t)
             self._in_flight.discard(t)
             self._last_frame_at = round(time.time(), 3)
-            while self._valid_t in self._stored:
-                self._valid_t += 1
+            self._advance_valid_t()
             if publish:
                 self._set_attrs()
         if self._on_changed is not None:
@@ -383,6 +383,11 @@ class Acquisition:
         if self._raw.shape[0] < frames:
             resize_arrays((self._raw, self._denoised), frames + GROW_STEP - 1)
 
+    def _advance_valid_t(self) -> None:
+        """Extend `valid_t` over the stored frames that now follow it (caller locks)."""
+        while self._valid_t in self._stored:
+            self._valid_t += 1
+
     def _attrs(self) -> dict:
         return dict(self._group.attrs.get("pn2v_live", {}))
 
@@ -393,11 +398,3 @@ class Acquisition:
             attrs["last_frame_at"] = self._last_frame_at
         if attrs != self._attrs():
             self._group.attrs["pn2v_live"] = attrs
-
-
-def _contiguous(frames: set[int]) -> int:
-    """Length of the run 0, 1, 2, ... contained in `frames`."""
-    n = 0
-    while n in frames:
-        n += 1
-    return n
