@@ -8,6 +8,8 @@ from __future__ import annotations
 import http.client
 import json
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,19 @@ def listing(server: ViewerServer) -> dict[str, dict]:
     return {summary["name"]: summary for summary in json.loads(body)}
 
 
+@contextmanager
+def serving(root: Path) -> Iterator[tuple[Store, ViewerServer]]:
+    """The writer store on `root` (as the daemon opens it) and a real viewer server on it."""
+    store = Store(root, writer=True)
+    server = ViewerServer(store, "127.0.0.1:0", status=dict)
+    server.start()
+    try:
+        yield store, server
+    finally:
+        server.stop()
+        store.close()
+
+
 @pytest.fixture(scope="module")
 def old_store(tmp_path_factory) -> Path:
     """COUNT closed acquisitions made through the store: acquisition n holds stored(n) frames,
@@ -61,10 +76,7 @@ def old_store(tmp_path_factory) -> Path:
 
 
 def test_list_shows_every_acquisition_with_its_counts_and_keeps_few_open(old_store) -> None:
-    store = Store(old_store, writer=True)  # the daemon starting on a store of old acquisitions
-    server = ViewerServer(store, "127.0.0.1:0", status=dict)
-    server.start()
-    try:
+    with serving(old_store) as (store, server):  # the daemon starting on old acquisitions
         summaries = listing(server)
         assert sorted(summaries) == [f"old_{n:03d}" for n in range(COUNT)]
         for n in range(COUNT):
@@ -94,9 +106,6 @@ def test_list_shows_every_acquisition_with_its_counts_and_keeps_few_open(old_sto
         assert (summaries["new"]["frames"], summaries["new"]["lag"]) == (1, 1)
         assert len(summaries) == COUNT + 1
         assert store.open_count <= KEEP_OPEN + 1  # `live` is still held here
-    finally:
-        server.stop()
-        store.close()
 
 
 def test_an_acquisition_in_use_stays_the_one_open_object(old_store) -> None:
@@ -117,14 +126,8 @@ def test_a_damaged_acquisition_is_left_out_of_the_list(tmp_path) -> None:
     store.create("damaged", SHAPE, "uint16")
     store.close()
     (tmp_path / "store" / "damaged.ome.zarr" / ".zattrs").write_text("{")
-    store = Store(tmp_path / "store", writer=True)
-    server = ViewerServer(store, "127.0.0.1:0", status=dict)
-    server.start()
-    try:
+    with serving(tmp_path / "store") as (_, server):
         assert list(listing(server)) == ["good"]
-    finally:
-        server.stop()
-        store.close()
 
 
 def test_a_pass_over_many_acquisitions_leaves_the_recently_shown_one_open(old_store) -> None:
