@@ -194,11 +194,18 @@ def list_images(group: zarr.Group) -> None:
 def array_length(folder: Path) -> int | None:
     """The first dimension of the zarr array in `folder` (format 2 or 3), read from its metadata
     file alone; None when that cannot be read."""
-    for metadata in (".zarray", "zarr.json"):
-        try:
-            return int(json.loads((folder / metadata).read_text())["shape"][0])
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            return None
-    return None
+    try:
+        return int(metadata_document(folder, "array")["shape"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def metadata_document(folder: Path, kind: str) -> dict:
+    """A zarr group's attributes (`kind` "") or an array's metadata ("array") in `folder`,
+    format 2 or 3, read from its file alone (no zarr); raises OSError or ValueError when it
+    cannot be read."""
+    try:
+        return json.loads((folder / (".zarray" if kind else ".zattrs")).read_text())
+    except FileNotFoundError:
+        document = json.loads((folder / "zarr.json").read_text())
+    return document if kind else document.get("attributes", {})

@@ -9,12 +9,13 @@ when the acquisition is open (`of_acquisition`, exact to the last frame).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from pn2v_live.storage.layout import metadata_document
 
 if TYPE_CHECKING:
     from pn2v_live.storage.acquisition import Acquisition
@@ -61,8 +62,8 @@ def read_summary(path: Path, name: str, stored: int, denoised: int) -> Summary:
     """The summary of the acquisition `name` at `path` from its metadata files, with the
     `stored` and `denoised` counts the ledger has; raises (OSError, ValueError, KeyError...) when
     they cannot be read (gone, damaged)."""
-    attributes = _document(path, "")
-    raw = _document(path / "raw" / "0", "array")
+    attributes = metadata_document(path, "")
+    raw = metadata_document(path / "raw" / "0", "array")
     state = attributes.get("pn2v_live", {})
     last = state.get("last_frame_at")
     return Summary(
@@ -75,13 +76,3 @@ def read_summary(path: Path, name: str, stored: int, denoised: int) -> Summary:
         dtype=str(np.dtype(raw.get("dtype", raw.get("data_type")))),
         last_frame_at=float(last) if isinstance(last, int | float) else None,
     )
-
-
-def _document(folder: Path, kind: str) -> dict:
-    """A group's attributes (`kind` "") or an array's metadata ("array"), Zarr format 2 or 3."""
-    name = ".zarray" if kind else ".zattrs"
-    try:
-        return json.loads((folder / name).read_text())
-    except FileNotFoundError:
-        document = json.loads((folder / "zarr.json").read_text())
-    return document if kind else document.get("attributes", {})
