@@ -1,9 +1,11 @@
 """The daemon's camera maps (`pipeline.camera_frames`): which region of the maps an acquisition's
 frames cover, refusal at ingest of frames beyond them, and the trainer's equalised frames with
-their read-noise variance as the last channel of every patch."""
+their read-noise variance as the last channel of every patch, and the maps' id in the registry
+entry of the model trained on them."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -15,7 +17,10 @@ from pn2v_live.core.noise import CameraNoiseModel
 from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
+from pn2v_live.pipeline.training_series import read_series
 from pn2v_live.pipeline.training_series import usable_window as _usable_window
+from pn2v_live.service.commands.camera_options import trained_maps_id
+from pn2v_live.storage.checkpoints import load_denoiser
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.rejected import Rejected
 from pn2v_live.storage.store import Store
@@ -72,7 +77,8 @@ def test_trainer_reads_equalised_frames_and_a_variance_channel(tmp_path, maps):
     trainer = Trainer(store, ModelRegistry(tmp_path / "models"), model, "nm", SETTINGS,
                       torch.device("cpu"), idle, camera=CameraFrames(model))  # fmt: skip
     try:
-        series, _ = trainer._frames(acquisition, _usable_window(acquisition))
+        window = _usable_window(acquisition)
+        series, _ = read_series(acquisition, window, trainer.read_raw, trainer.camera)
         region = maps.region((8, 16), (24, 24))
         for t in series.trained + series.held_back:
             np.testing.assert_array_equal(series.frames[t], region.equalise(raw[t]))
@@ -81,7 +87,12 @@ def test_trainer_reads_equalised_frames_and_a_variance_channel(tmp_path, maps):
         assert batch.shape == (2, 24, 24)
         np.testing.assert_array_equal(batch[1], region.pixel_variance())
         assert trainer.work()  # a whole round with the variance channel: a first model
-        assert trainer.registry.current() is not None
+        info = trainer.registry.current()  # it records the maps its frames were equalised with
+        assert info.camera_maps_id == maps.content_id() == trainer.camera.maps_id
+        on_disk = json.loads((tmp_path / "models" / "v0001.json").read_text())
+        assert on_disk["camera_maps_id"] == maps.content_id()
+        _, metadata = load_denoiser(tmp_path / "models" / "v0001.pt")
+        assert trained_maps_id(metadata) == maps.content_id()  # what `denoise` checks
     finally:
         trainer.stop(timeout=60)
         store.close()

@@ -77,6 +77,7 @@ def test_round_promotes_first_model_with_metadata_and_holds_back_frames(setup):
     assert trainer.work() is True
     info = registry.current()
     assert (info.version, info.parent, info.noise_model_id) == (1, None, "nm-id")
+    assert info.camera_maps_id is None  # frames as they are, without sCMOS maps
     assert info.training_frames == 10 and info.training_steps == SETTINGS.steps_per_round
     assert np.isfinite(info.validation_loss)
     record = trainer.history[-1]

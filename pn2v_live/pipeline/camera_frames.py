@@ -26,6 +26,8 @@ class CameraFrames:
         self.maps: CameraMaps | None = (
             noise_model.maps if isinstance(noise_model, CameraNoiseModel) else None
         )
+        # what the registry records with each model trained on these frames (None: no maps)
+        self.maps_id: str | None = None if self.maps is None else self.maps.content_id()
         self.default_origin = (int(default_origin[0]), int(default_origin[1]))
 
     def origin(self, acquisition: Acquisition) -> tuple[int, int]:

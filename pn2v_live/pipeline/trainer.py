@@ -55,13 +55,11 @@ from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.pipeline.training_series import (
     Series,
-    Window,
     enough_for_first_model,
     promoted_loss,
     read_series,
     usable_window,
 )
-from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 from pn2v_live.storage.working_set import WorkingSet
@@ -157,7 +155,7 @@ class Trainer(Stage):
         name = chosen[0].name
         growth.clear()
         self._last_round = self._attempt_time(overdue)
-        series, weights = self._frames(*chosen)
+        series, weights = read_series(*chosen, self.read_raw, self.camera)  # with recency weights
         self._unreadable = not series.trained or not series.held_back
         if self._unreadable:
             return False  # every frame of one kind unreadable: wait for new frames or the clock
@@ -201,10 +199,6 @@ class Trainer(Stage):
     def _set_state(self, state: str) -> None:
         self.state = state
         TRAINER_STATE.state(state)
-
-    def _frames(self, acquisition: Acquisition, window: Window) -> tuple[Series, np.ndarray]:
-        """The frames of `window` as a `Series`, and their recency weights (`read_series`)."""
-        return read_series(acquisition, window, self.read_raw, self.camera)
 
     def _round(self, name: str, series: Series, weights: np.ndarray) -> None:
         s = self.settings
@@ -253,6 +247,7 @@ class Trainer(Stage):
                 training_frames=len(series.trained),
                 training_steps=self._steps_since_promotion,
                 noise_model_id=self.noise_model_id,
+                camera_maps_id=self.camera.maps_id,
                 estimated_gain_db=estimate.gain_db,
                 estimated_gain_uncertainty_db=estimate.uncertainty_db,
             )

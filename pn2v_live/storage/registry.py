@@ -53,6 +53,9 @@ class ModelInfo:
     # error, dB; None for imported models and versions written before it was measured.
     estimated_gain_db: float | None = None
     estimated_gain_uncertainty_db: float | None = None
+    # `CameraMaps.content_id` of the sCMOS camera maps its frames were equalised with; None:
+    # trained without maps (and every version written before it was recorded).
+    camera_maps_id: str | None = None
 
 
 class ModelRegistry:
@@ -107,6 +110,7 @@ class ModelRegistry:
         source: str = "trained",
         estimated_gain_db: float | None = None,
         estimated_gain_uncertainty_db: float | None = None,
+        camera_maps_id: str | None = None,
     ) -> ModelInfo | None:
         """Store `denoiser` as the next version and point `current` at it, if it is better.
 
@@ -137,6 +141,7 @@ class ModelRegistry:
                 source=source,
                 estimated_gain_db=estimated_gain_db,
                 estimated_gain_uncertainty_db=estimated_gain_uncertainty_db,
+                camera_maps_id=camera_maps_id,
             )
             save_denoiser(denoiser, self._path(info.version, ".pt"), asdict(info))  # atomic
             write_atomically(self._path(info.version, ".json"), _writer(json.dumps(asdict(info))))
