@@ -12,7 +12,7 @@ import typer
 
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
-from pn2v_live.service.commands.options import DeviceOption
+from pn2v_live.service.commands.options import DeviceOption, panel_option
 
 if TYPE_CHECKING:
     from pn2v_live.service.bench.quality import QualitySettings
@@ -28,6 +28,10 @@ class Part(StrEnum):
     soak = "soak"
 
 
+quality_option = panel_option("--part quality")
+live_option = panel_option("--part live, soak")
+
+
 @app.command()
 def bench(
     part: Annotated[list[Part], typer.Option(help="what to measure (repeatable)")] = [  # noqa: B006
@@ -35,7 +39,10 @@ def bench(
     ],
     size: Annotated[
         int | None,
-        typer.Option(help="frame side (predict, ingest; soak: 256) or patch side (train)"),
+        typer.Option(
+            help="frame side, or patch side (train)",
+            show_default="predict, ingest: 512; pipeline, soak: 256; train: 100",
+        ),
     ] = None,
     k: Annotated[int, typer.Option(help="prior samples per pixel")] = 800,
     device: DeviceOption = "auto",
@@ -48,19 +55,11 @@ def bench(
     minutes: Annotated[
         float | None,
         typer.Option(
-            help="quality: training budget per model, wall-clock minutes [default: 20 unless "
-            "--steps is given, whose step budget is then the only one, as on a busy machine "
-            "minutes would cut it short]; live: how long the daemon runs from the first frame "
-            "sent (required); soak: how long frames stream [default: 10]"
+            help="quality: training budget per model, wall-clock; live: how long the daemon runs "
+            "from the first frame sent (required); soak: how long frames stream",
+            show_default="quality: 20, none with --steps; soak: 10",
         ),
     ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help="quality: stop each model after this many steps")
-    ] = None,
-    seeds: Annotated[
-        int,
-        typer.Option(min=1, help="quality: train every model with seeds 0..N-1, report the mean"),
-    ] = 1,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -69,23 +68,6 @@ def bench(
             envvar="PN2V_LIVE_TEST_DATA",
         ),
     ] = None,
-    noise_model: Annotated[
-        list[str],
-        typer.Option(
-            help="quality: train PN2V with each of these noise-model kinds (repeatable): "
-            "histogram, hybrid, gmm, poisson-gaussian"
-        ),
-    ] = ["histogram", "hybrid"],  # noqa: B006
-    score_frames: Annotated[
-        int, typer.Option(min=1, max=50, help="quality: score the target's first N frames")
-    ] = 5,
-    score_spread: Annotated[
-        bool,
-        typer.Option(
-            "--score-spread",
-            help="quality: score the N frames spread evenly over the acquisition instead",
-        ),
-    ] = False,
     context: Annotated[
         list[str],
         typer.Option(
@@ -94,54 +76,73 @@ def bench(
             "than 0:0 (context_cost_ratio)"
         ),
     ] = ["0:0"],  # noqa: B006
-    drift: Annotated[
-        int, typer.Option(min=0, help="quality: the target drifts by PX pixels per frame")
-    ] = 0,
+    steps: Annotated[int | None, quality_option("stop each model after this many steps")] = None,
+    seeds: Annotated[
+        int, quality_option("train every model with seeds 0..N-1, report the mean", min=1)
+    ] = 1,
+    noise_model: Annotated[
+        list[str],
+        quality_option(
+            "train PN2V with each of these noise-model kinds (repeatable): histogram, hybrid, "
+            "gmm, poisson-gaussian"
+        ),
+    ] = ["histogram", "hybrid"],  # noqa: B006
+    score_frames: Annotated[
+        int, quality_option("score the target's first N frames", min=1, max=50)
+    ] = 5,
+    score_spread: Annotated[
+        bool,
+        quality_option(
+            "score the N frames spread evenly over the acquisition instead", "--score-spread"
+        ),
+    ] = False,
+    drift: Annotated[int, quality_option("the target drifts by PX pixels per frame", min=0)] = 0,
     target: Annotated[
-        str, typer.Option(help="quality: field of view scored (fov03 or fov04 are held out)")
+        str, quality_option("field of view scored (fov03 or fov04 are held out)")
     ] = "fov03",
     mode: Annotated[
-        list[str], typer.Option(help="quality: models to train (repeatable): n2v, pn2v, supervised")
+        list[str], quality_option("models to train (repeatable): n2v, pn2v, supervised")
     ] = ["n2v", "pn2v", "supervised"],  # noqa: B006
     gt: Annotated[
-        Path | None,
-        typer.Option(help="live: ground truth, one image for every frame or a stack of one each"),
+        Path | None, live_option("live: ground truth, one image per frame or a stack of one each")
     ] = None,
     fps: Annotated[
         float | None,
-        typer.Option(
+        live_option(
+            "frames per second of the replay (live) or of the stream (soak)",
             min=0.001,
-            help="live: frames per second of the replay; soak: of the stream [default: 2]",
+            show_default="soak: 2",
         ),
     ] = None,
     noise_model_file: Annotated[
         Path | None,
-        typer.Option(
-            help="live: the daemon's noise-model file (make one with pn2v-live calibrate); soak: "
+        live_option(
+            "live: the daemon's noise-model file (make one with pn2v-live calibrate); soak: "
             "instead of the synthetic camera's own"
         ),
     ] = None,
     offline: Annotated[
         bool,
-        typer.Option(
+        live_option(
+            "live: also train offline on the replayed frames for the daemon's total steps, with "
+            "its settings and window, and report that model's gain (offline_gain_db)",
             "--offline",
-            help="live: also train offline on the replayed frames for the daemon's total steps, "
-            "with its settings and window, and report that model's gain (offline_gain_db)",
         ),
     ] = False,
     set_: Annotated[
         list[str] | None,
-        typer.Option(
+        live_option(
+            "override one daemon config key (repeatable), e.g. --set trainer.device=cuda; the "
+            "shipped defaults otherwise",
             "--set",
-            help="live, soak: override one daemon config key (repeatable), e.g. --set "
-            "trainer.device=cuda; the shipped defaults otherwise",
         ),
     ] = None,
     keep: Annotated[
         Path | None,
-        typer.Option(
-            help="live, soak: keep the daemon's store (DIR/store) and log (DIR/serve.log; soak "
-            "also DIR/samples.jsonl) in DIR [default: a temporary folder, removed]"
+        live_option(
+            "keep the daemon's store (DIR/store) and log (DIR/serve.log; soak also "
+            "DIR/samples.jsonl) in DIR",
+            show_default="a temporary folder, removed",
         ),
     ] = None,
 ) -> None:
@@ -205,6 +206,8 @@ def bench(
 
             side = 512
             if minutes is None and steps is None:
+                # With --steps the step budget is the only one: on a busy machine a minutes
+                # budget would cut it short.
                 minutes = 20.0
             settings = QualitySettings(
                 target=target, modes=tuple(mode), minutes=minutes, steps=steps, k=k,

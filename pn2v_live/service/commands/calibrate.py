@@ -12,9 +12,11 @@ import typer
 
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
-from pn2v_live.service.commands.options import BinsOption, NoiseModelOutputOption
+from pn2v_live.service.commands.options import BinsOption, NoiseModelOutputOption, panel_option
 
 log = logging.getLogger("pn2v_live.cli")
+bootstrap_option = panel_option("--bootstrap")
+scmos_option = panel_option("sCMOS camera maps")
 
 
 class CalibrationKind(StrEnum):
@@ -43,7 +45,8 @@ def calibrate(
         ),
     ] = None,
     signal: Annotated[
-        Path | None, typer.Option(help="clean image of the scene [default: mean of the frames]")
+        Path | None,
+        typer.Option(help="clean image of the scene", show_default="mean of the frames"),
     ] = None,
     kind: Annotated[
         CalibrationKind,
@@ -54,30 +57,31 @@ def calibrate(
     camera: Annotated[str, typer.Option(help="camera / setting name stored with the model")] = "",
     offset: Annotated[
         float | None,
-        typer.Option(help="camera black level (ADU) [default: level of the darkest pixels]"),
+        typer.Option(help="camera black level (ADU)", show_default="level of the darkest pixels"),
     ] = None,
     bootstrap: Annotated[
-        bool, typer.Option(help="no test pattern: use N2V predictions of the images as signal")
+        bool, bootstrap_option("no test pattern: use N2V predictions of the images as signal")
     ] = False,
-    steps: Annotated[int | None, typer.Option(min=1, help="bootstrap: N2V training steps")] = None,
-    minutes: Annotated[
-        float | None, typer.Option(min=0.01, help="bootstrap: N2V training wall time")
+    steps: Annotated[
+        int | None,
+        bootstrap_option("N2V training steps", min=1, show_default="400, none with --minutes"),
     ] = None,
+    minutes: Annotated[float | None, bootstrap_option("N2V training wall time", min=0.01)] = None,
     dark: Annotated[
-        Path | None, typer.Option(help="sCMOS: dark series (camera capped): offset, variance")
+        Path | None, scmos_option("dark series (camera capped): offset, variance")
     ] = None,
     flat: Annotated[
         list[Path] | None,
-        typer.Option(help="sCMOS: flat-field series, one per light level (repeat), for the gain"),
+        scmos_option("flat-field series, one per light level (repeat), for the gain"),
     ] = None,
-    offset_map: Annotated[Path | None, typer.Option(help="sCMOS: offset map TIFF (ADU)")] = None,
-    gain_map: Annotated[Path | None, typer.Option(help="sCMOS: gain map TIFF (ADU/e⁻)")] = None,
+    offset_map: Annotated[Path | None, scmos_option("offset map TIFF (ADU)")] = None,
+    gain_map: Annotated[Path | None, scmos_option("gain map TIFF (ADU/e⁻)")] = None,
     variance_map: Annotated[
-        Path | None, typer.Option(help="sCMOS: read-noise variance map TIFF (ADU²)")
+        Path | None, scmos_option("read-noise variance map TIFF (ADU²)")
     ] = None,
     maps_output: Annotated[
         Path | None,
-        typer.Option(help="sCMOS: camera-maps file to write [default: OUTPUT stem + .camera.tif]"),
+        scmos_option("camera-maps file to write", show_default="OUTPUT stem + .camera.tif"),
     ] = None,
 ) -> None:
     """Fit noise models from a calibration acquisition, compare them on held-out frames and write

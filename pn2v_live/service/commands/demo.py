@@ -33,6 +33,7 @@ from pn2v_live.core.synthetic_scmos import ScmosCamera
 from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
 from pn2v_live.service.commands.demo_scmos import calibrate_scmos, fixed_pattern, scmos_camera
+from pn2v_live.service.commands.options import panel_option
 from pn2v_live.service.viewer import acquisition_summary
 from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.summary import of_acquisition
@@ -40,6 +41,7 @@ from pn2v_live.storage.summary import of_acquisition
 ACQUISITION = "demo"
 DEMO_CAMERA_SEED = 7
 PROGRESS_SECONDS = 15.0
+own_data = panel_option("Your own data instead of the simulated sample")
 
 
 @dataclass(frozen=True)
@@ -254,16 +256,14 @@ def start_microscope(
 
 @app.command()
 def demo(
-    data: Annotated[
-        Path | None, typer.Option(help="play this real noisy stack (TIFF/PNG/folder) instead")
-    ] = None,
+    data: Annotated[Path | None, own_data("noisy stack to play (TIFF/PNG/folder)")] = None,
     calibration: Annotated[
         Path | None,
-        typer.Option(help="static-scene stack to calibrate from [default: --data itself]"),
+        own_data("static-scene stack to calibrate from", show_default="--data itself"),
     ] = None,
     noise_model: Annotated[
         Path | None,
-        typer.Option(help="use this noise-model file (pn2v-live calibrate) instead of calibrating"),
+        own_data("use this noise-model file (pn2v-live calibrate) instead of calibrating"),
     ] = None,
     camera: Annotated[
         CameraKind,
@@ -282,7 +282,8 @@ def demo(
         "127.0.0.1:9464"
     ),
     workdir: Annotated[
-        Path | None, typer.Option(help="keep the store, models and logs here [default: temporary]")
+        Path | None,
+        typer.Option(help="keep the store, models and logs here", show_default="temporary"),
     ] = None,
     exit_when_live: Annotated[
         bool, typer.Option(help="stop once denoising is live (for scripted checks)")
