@@ -120,7 +120,8 @@ def train(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     k: Annotated[int, typer.Option(help="prior samples per pixel (pn2v)", min=1)] = 800,
     batch_size: Annotated[
-        int | None, typer.Option(help="patches per step [default: 16 on a GPU, 4 on a CPU]", min=1)
+        int | None,
+        typer.Option(help="patches per step", show_default="16 on a GPU, 4 on a CPU", min=1),
     ] = None,
     patch_size: Annotated[int, typer.Option(help="patch side in pixels")] = 96,
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 4e-4,
@@ -358,7 +359,7 @@ def evaluate(
     ground_truth: Annotated[Path, typer.Argument(help="ground-truth image (or matching stack)")],
     data_range: Annotated[
         float | None,
-        typer.Option(help="PSNR data range [default: the ground truth's max - min]"),
+        typer.Option(help="PSNR data range", show_default="the ground truth's max - min"),
     ] = None,
 ) -> None:
     """Print one JSON line with PSNR and PSNR* (means over frames for a stack) and the data range

@@ -31,7 +31,8 @@ SensorOriginOption = Annotated[
     typer.Option(
         "--sensor-origin",
         help="ROW,COL: the sensor position of the images' pixel [0, 0] (a crop or ROI); picks the "
-        "camera maps' region [default: the Micro-Manager ROI a TIFF carries, else 0,0]",
+        "camera maps' region",
+        show_default="the Micro-Manager ROI a TIFF carries, else 0,0",
     ),
 ]
 
@@ -130,26 +131,35 @@ def trained_maps_id(metadata: dict) -> str | None:
 
 def warn_if_other_maps(metadata: dict, noise_model: NoiseModel | None, model: Path) -> str | None:
     """A WARNING (logged and returned) when `noise_model`'s camera maps are not those the model
-    was trained with: its network learnt frames equalised with those maps (or raw ones), so other
-    maps leave a fixed pattern or misplace hot pixels. None when they agree."""
+    file `model` was trained with (`other_maps_warning`); None when they agree."""
     trained, given = trained_maps_id(metadata), camera_maps_id(noise_model)
+    message = other_maps_warning(trained, given, str(model), "--camera-maps")
+    if message is not None:
+        log.warning(message)
+    return message
+
+
+def other_maps_warning(
+    trained: str | None, given: str | None, model: str, setting: str
+) -> str | None:
+    """What to warn when the camera maps applied now (`given`, their id; None: none) are not those
+    `model` was trained with (`trained`): its network learnt frames equalised with those maps (or
+    raw ones), so other maps leave a fixed pattern or misplace hot pixels. `setting`: where maps
+    are given (an option or config key). None when they agree."""
     if trained == given:
         return None
     if given is None:
-        message = (
+        return (
             f"{model} was trained with camera maps {trained}, but none are applied now: the "
             "frames are not equalised as in training (a fixed-pattern residual, hot pixels taken "
-            "as signal) — give the noise model with those maps, or --camera-maps"
+            f"as signal) — give the noise model with those maps, or {setting}"
         )
-    elif trained is None:
-        message = (
+    if trained is None:
+        return (
             f"{model} was trained without camera maps, but maps {given} are applied now: the "
             "network sees equalised frames it was not trained on — retrain with the maps"
         )
-    else:
-        message = (
-            f"{model} was trained with camera maps {trained}, not with the maps {given} given "
-            "now (another calibration or camera): give the maps it was trained with, or retrain"
-        )
-    log.warning(message)
-    return message
+    return (
+        f"{model} was trained with camera maps {trained}, not with the maps {given} given "
+        "now (another calibration or camera): give the maps it was trained with, or retrain"
+    )

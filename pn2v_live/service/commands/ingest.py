@@ -19,7 +19,8 @@ log = logging.getLogger("pn2v_live.cli")
 DEFAULT_TO = "tcp://127.0.0.1:5555"
 ToOption = Annotated[str, typer.Option("--to", help="receiver's ZeroMQ frame endpoint")]
 StatusOption = Annotated[
-    str | None, typer.Option("--status", help="receiver's status endpoint [default: --to port + 1]")
+    str | None,
+    typer.Option("--status", help="receiver's status endpoint", show_default="--to port + 1"),
 ]
 
 
@@ -71,7 +72,7 @@ def send(
     to: ToOption = DEFAULT_TO,
     status: StatusOption = None,
     acquisition: Annotated[
-        str | None, typer.Option(help="acquisition name [default: first file's name]")
+        str | None, typer.Option(help="acquisition name", show_default="first file's name")
     ] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the receiver")] = 60.0,
 ) -> None:
@@ -120,7 +121,8 @@ def simulate(
     fps: Annotated[float, typer.Option(help="frames per second", min=0.01)] = 10.0,
     frames: Annotated[int, typer.Option(help="number of frames", min=1)] = 100,
     source: Annotated[
-        Path | None, typer.Option(help="stack to play (repeated as needed) [default: synthetic]")
+        Path | None,
+        typer.Option(help="stack to play (repeated as needed)", show_default="synthetic"),
     ] = None,
     acquisition: Annotated[str | None, typer.Option(help="acquisition name")] = None,
     size: Annotated[int, typer.Option(help="synthetic frame size (pixels)", min=8)] = 256,
