@@ -29,10 +29,14 @@ from pn2v_live.pipeline.stage import Liveness
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
 from pn2v_live.pipeline.zmq_source import ZmqSource
 from pn2v_live.service.access import parse_bind
-from pn2v_live.service.commands.camera_options import with_camera_maps
+from pn2v_live.service.commands.camera_options import trained_maps_id, with_camera_maps
 from pn2v_live.service.config import Config
 from pn2v_live.service.daemon_devices import daemon_devices
-from pn2v_live.service.daemon_noise_model import newest_noise_model, refines
+from pn2v_live.service.daemon_noise_model import (
+    newest_noise_model,
+    refines,
+    warn_if_other_model_maps,
+)
 from pn2v_live.service.daemon_status import HealthCheck, health_reports, status_line, status_of
 from pn2v_live.service.metrics_server import start_metrics_server
 from pn2v_live.service.notify import SystemdNotifier
@@ -102,6 +106,7 @@ class Daemon:
             c.noise_model, self.noise_versions, noise_model, calibrated_id, self.refine
         )
         self._import_initial_model(registry)
+        warn_if_other_model_maps(registry, self.camera)
         self.inference = InferenceScheduler(
             self.store,
             registry,
@@ -190,7 +195,7 @@ class Daemon:
         initial = self.config.model.initial
         if initial is None or registry.current() is not None:
             return
-        denoiser, _ = load_denoiser(initial)
+        denoiser, metadata = load_denoiser(initial)
         info = registry.promote(
             denoiser,
             validation_loss=None,
@@ -198,6 +203,7 @@ class Daemon:
             training_steps=0,
             noise_model_id=None,
             source=str(initial),
+            camera_maps_id=trained_maps_id(metadata),  # as `train` recorded it
         )
         log.info("imported initial model %s as version %d", initial, info.version)
 
@@ -338,12 +344,15 @@ class Daemon:
         return status_of(self.inference, self.trainer, noise_model, self.devices, reports)
 
     def noise_model_status(self) -> dict:
-        """The noise model in use (id, kind, signal range, what it was refined from) and the
-        refinements: whether they are on, how many this run, the latest one's record."""
+        """The noise model in use (id, kind, signal range, what it was refined from, the id of
+        the sCMOS camera maps applied with it) and the refinements: whether they are on, how
+        many this run, the latest one's record."""
+        maps = {"camera_maps_id": self.camera.maps_id if self.camera else None}
         if self.refiner is not None:
-            return {**self.refiner.status(), "refine": True}
+            return {**self.refiner.status(), **maps, "refine": True}
         return {
             **self._noise_model_status,
+            **maps,
             "refinements": 0,
             "last_refinement": None,
             "refine": self.config.noise_model.refine,

@@ -1,4 +1,5 @@
-"""Which noise model the daemon starts with, and whether it refines it from the stream."""
+"""Which noise model the daemon starts with, whether it refines it from the stream, and whether
+the model it resumes from was trained with the camera maps it applies."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import logging
 
 from pn2v_live.core.noise import NoiseModel
 from pn2v_live.pipeline.camera_frames import CameraFrames
+from pn2v_live.service.commands.camera_options import other_maps_warning
 from pn2v_live.service.config import NoiseModelConfig
 from pn2v_live.storage.noise_model_versions import NoiseModelVersions
+from pn2v_live.storage.registry import ModelRegistry
 
 log = logging.getLogger("pn2v_live.daemon")
 
@@ -51,3 +54,21 @@ def newest_noise_model(
         c.path,
     )
     return model, version.id
+
+
+def warn_if_other_model_maps(registry: ModelRegistry, camera: CameraFrames) -> str | None:
+    """A WARNING naming both ids (logged and returned; `denoise`'s wording, `other_maps_warning`)
+    when the promoted model, which the daemon resumes from, was trained with other camera maps
+    than `camera`'s, or with maps where none are applied now, or the reverse; None when they
+    agree. The daemon goes on with it, as with another noise model: rounds fine-tune it on the
+    frames as read now, and a version that beats it replaces it."""
+    current = registry.current()
+    if current is None:
+        return None
+    model = f"model version {current.version} ({registry.folder})"
+    message = other_maps_warning(current.camera_maps_id, camera.maps_id, model, "camera.maps")
+    if message is None:
+        return None
+    message += " (the daemon goes on with it; rounds fine-tune it on the frames as read now)"
+    log.warning(message)
+    return message
