@@ -31,7 +31,8 @@ SensorOriginOption = Annotated[
     typer.Option(
         "--sensor-origin",
         help="ROW,COL: the sensor position of the images' pixel [0, 0] (a crop or ROI); picks the "
-        "camera maps' region [default: the Micro-Manager ROI a TIFF carries, else 0,0]",
+        "camera maps' region",
+        show_default="the Micro-Manager ROI a TIFF carries, else 0,0",
     ),
 ]
 
