@@ -84,7 +84,7 @@ def test_eq7_with_a_variance_channel_uses_each_masked_pixel_s_own_variance(setup
     batch = torch.from_numpy(np.stack([np.stack([f, variance]) for f in frames]))
     with torch.no_grad():
         loss = training.loss(batch, torch.Generator().manual_seed(1))
-        features, (b, y, x) = training.masked_features(
+        features, (b, y, x), _ = training.masked_features(
             batch[:, :1], torch.Generator().manual_seed(1)
         )
         weight, bias = denoiser.head_in_adu()

@@ -167,7 +167,7 @@ def test_training_loss_adds_the_prior_mean_s_noise2void_loss():
         plain = training.loss(batch, torch.Generator().manual_seed(8))
         both = training.loss(batch, torch.Generator().manual_seed(8), training=True)
         # the same mask, computed independently: the K head outputs' mean at the masked pixels
-        features, (b, y, x) = training.masked_features(batch, torch.Generator().manual_seed(8))
+        features, (b, y, x), _ = training.masked_features(batch, torch.Generator().manual_seed(8))
         head = denoiser.net.head
         samples = (features @ head.weight.flatten(1).T + head.bias) * 40 + 200
         error = ((samples.mean(dim=1) - batch[b, 0, y, x]) / 40).square().mean()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from numpy.random import default_rng as rng
 
+from pn2v_live.core.context import Context, Windows, window
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.metrics import psnr
 from pn2v_live.core.model import new_denoiser, normalisation_of
@@ -14,7 +15,12 @@ from pn2v_live.core.noise import HistogramNoiseModel
 from pn2v_live.core.patches import sample_patches
 from pn2v_live.core.quality import denoised_gain
 from pn2v_live.core.training import train
-from pn2v_live.service.bench.quality import calibrated_models, drift_corrected, load_field
+from pn2v_live.service.bench.quality import (
+    calibrated_models,
+    drift_corrected,
+    drifting,
+    load_field,
+)
 
 
 def test_pn2v_on_fov03_beats_raw_with_a_small_budget(data_dir):
@@ -56,3 +62,32 @@ def test_ground_truth_free_gain_estimate_is_close_to_the_true_gain(data_dir, fie
     print(field, estimate, "true", np.mean(gains))
     assert abs(estimate.gain_db - np.mean(gains)) < 1.0
     assert estimate.uncertainty_db < 0.75
+
+
+def static_and_drifting_scores(data_dir, drift: int, steps: int) -> dict[str, float]:
+    """PSNR (dB, plain ground truth) of frames 4–7 of a 256² crop of fov03 drifting by `drift`
+    px per frame, denoised by a single-frame model and by a 3:3 residual window, each trained
+    `steps` steps from seed 0; the noise model from fov01."""
+    calibration, _ = load_field(data_dir, "fov01")
+    noise_model = HistogramNoiseModel.fit(calibration.mean(0), calibration)
+    raw, truth = load_field(data_dir, "fov03")
+    raw, truths = drifting(raw[:12], truth, drift)
+    crop = (slice(None), slice(128, 384), slice(64, 320))
+    frames, truths = raw[crop].astype(np.float32), truths[crop]
+    scores = {}
+    for context in (Context(0, 0), Context(3, 3)):
+        torch.manual_seed(0)
+        denoiser = new_denoiser("pn2v", *normalisation_of(list(frames)), k=64, features=16,
+                                context=context)  # fmt: skip
+        train(denoiser, Windows([frames], context), noise_model, steps=steps, batch_size=4,
+              patch_size=64, lr=1e-3)  # fmt: skip
+        denoised = [denoise(denoiser, window(frames, t, context), noise_model)["denoised"]
+                    for t in range(4, 8)]  # fmt: skip
+        scores[str(context)] = psnr(np.stack(denoised), truths[4:8], 255)
+    return scores
+
+
+def test_a_residual_window_beats_the_single_frame_on_a_static_field(data_dir):
+    scores = static_and_drifting_scores(data_dir, drift=0, steps=100)
+    print(scores)
+    assert scores["3:3"] > scores["0:0"] + 2.0

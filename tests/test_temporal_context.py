@@ -11,7 +11,7 @@ from pn2v_live.core.context import KEEP_FUTURE, KEEP_PAST, Context, Windows, vis
 from pn2v_live.core.context import window as context_window
 from pn2v_live.core.context_choice import train_choosing_context
 from pn2v_live.core.inference import denoise
-from pn2v_live.core.model import new_denoiser, widened
+from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.core.patches import sample_patches
 from pn2v_live.core.training import Training, total_steps
@@ -32,10 +32,10 @@ def test_the_masked_pixel_of_frame_t_never_reaches_its_prior_samples_but_frame_t
     denoiser = tiny(Context(1, 1))
     training = Training(denoiser, NOISE)
     raw = (100 + 30 * torch.randn(2, 3, 16, 16)).requires_grad_()
-    features, (b, y, x) = training.masked_features(raw, torch.Generator().manual_seed(3))
+    features, (b, y, x), offsets = training.masked_features(raw, torch.Generator().manual_seed(3))
     weight, bias = denoiser.head_in_adu()
-    samples = features @ weight.T + bias  # (P, K) prior samples at the masked pixels, ADU
-    assert len(b) >= 8
+    samples = features @ weight.T + bias + offsets[:, None]  # (P, K) prior samples, ADU
+    assert denoiser.residual and len(b) >= 8
     for p in range(len(b)):
         (gradient,) = torch.autograd.grad(samples[p].sum(), raw, retain_graph=True)
         own = gradient[b[p], :, y[p], x[p]]  # frames t−1, t, t+1 at the masked pixel
@@ -44,7 +44,7 @@ def test_the_masked_pixel_of_frame_t_never_reaches_its_prior_samples_but_frame_t
     # the spatial network is blind at the masked pixel in the same way
     spatial = Training(tiny(Context(0, 0)), NOISE)
     raw1 = raw[:, 1:2].detach().clone().requires_grad_()
-    features, (b, y, x) = spatial.masked_features(raw1, torch.Generator().manual_seed(3))
+    features, (b, y, x), _ = spatial.masked_features(raw1, torch.Generator().manual_seed(3))
     (gradient,) = torch.autograd.grad(features.sum(), raw1)
     assert torch.all(gradient[b, 0, y, x] == 0)
     assert gradient.abs().sum() > 0
@@ -121,7 +121,11 @@ def test_model_files_keep_the_context_and_older_files_read_as_single_frame(tmp_p
     denoiser = tiny(Context(2, 1))
     save_denoiser(denoiser, tmp_path / "m.pt")
     loaded, _ = load_denoiser(tmp_path / "m.pt")
-    assert loaded.context == Context(2, 1) and loaded.net.in_channels == 4
+    assert loaded.context == Context(2, 1) and loaded.net.in_channels == 4 and loaded.residual
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    del state["residual"]  # as written before residual windows: the network alone
+    torch.save(state, tmp_path / "m.pt")
+    assert not load_denoiser(tmp_path / "m.pt")[0].residual
     spatial = tiny(Context(0, 0))
     save_denoiser(spatial, tmp_path / "old.pt")
     state = torch.load(tmp_path / "old.pt", weights_only=True)
@@ -179,28 +183,28 @@ def test_live_twins_see_no_later_frame_and_are_refined_once_those_are_stored(tmp
     assert [str(reopened.denoised_window(t)) for t in range(6)] == ["1:1"] * 6
 
 
-def test_a_widened_model_denoises_as_its_narrower_one_until_trained_to_use_the_other_frames():
-    torch.manual_seed(0)
-    narrow = new_denoiser("pn2v", mean=20.0, std=5.0, k=8, context=Context(1, 0))
-    wide = widened(narrow, Context(2, 1))
-    frames = torch.rand(2, 4, 32, 32) * 40  # t−2 … t+1; frame t is channel 2
+def test_a_residual_window_adds_the_mean_of_its_other_present_frames_to_every_sample():
+    denoiser = tiny(Context(1, 1))  # temporal windows are residual; data mean 100 ADU
+    nan = float("nan")
+    window = torch.tensor([[[[110.0, nan], [130, 140]], [[500] * 2] * 2, [[150, 160], [nan, 180]]]])
+    # frame t (500) never counts; a missing frame (NaN) or one hidden from the patch neither
+    np.testing.assert_allclose(denoiser.prior_offset(window)[0], [[30, 60], [30, 60]])
+    seen = torch.tensor([[1.0, 1.0, 0.0]])
+    np.testing.assert_allclose(denoiser.prior_offset(window, seen)[0], [[10, 0], [30, 40]])
     with torch.no_grad():
-        expected = narrow.net(narrow.normalise(frames[:, 1:3]))
-        np.testing.assert_allclose(wide.net(wide.normalise(frames)), expected, atol=1e-5)
-    assert (wide.context, wide.mean, wide.std) == (Context(2, 1), 20.0, 5.0)
-    assert wide.net.down[0][0].weight.is_contiguous(memory_format=narrow.net.memory_format)
-
-    # The added frames' weights start at zero but learn: they get a gradient.
-    loss = wide.net(wide.normalise(frames)).square().mean()
-    loss.backward()
-    grad = wide.net.down[0][0].weight.grad
-    assert grad[:, [0, 3]].abs().sum() > 0
-    assert narrow.net.down[0][0].weight.grad is None  # the narrow model is left as it was
-    with pytest.raises(ValueError, match="does not contain"):
-        widened(wide, Context(1, 1))
+        features = denoiser.net.body(denoiser.normalise(window))
+        weight, bias = denoiser.head_in_adu()
+        samples = torch.einsum("kf,fhw->khw", weight, features[0]) + bias[:, None, None]
+    wider = tiny(Context(1, 1))
+    wider.residual = False  # the same network, not residual
+    prior = denoise(denoiser, window[0], NOISE, outputs=("prior_mean",))["prior_mean"]
+    plain = denoise(wider, window[0], NOISE, outputs=("prior_mean",))["prior_mean"]
+    np.testing.assert_allclose(plain, samples.mean(0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(prior - plain, [[30, 60], [30, 60]], rtol=1e-4, atol=1e-3)
+    assert not tiny(Context(0, 0)).residual  # a single frame has no other frames
 
 
-def test_every_candidate_window_starts_from_one_trained_single_frame_model():
+def test_the_single_frame_candidate_gets_a_head_start_and_temporal_ones_start_fresh():
     made, logged = [], []
 
     def make(context: Context):
@@ -212,8 +216,9 @@ def test_every_candidate_window_starts_from_one_trained_single_frame_model():
     best, losses = train_choosing_context(
         make, [stack], candidates, NOISE, steps=24, log=logged.append, batch_size=2, patch_size=16
     )
-    assert made == [Context(0, 0)]  # one fresh model; the candidates are widened from it
+    assert made == candidates  # the single frame first, then each temporal window fresh
     assert set(losses) == {"0:0", "1:1", "2:1"} and len(logged) == 3
     assert str(best.context) == min(losses, key=losses.get)
-    # the single-frame start (a quarter: 6), the winner's pilot (2), the rest (24 - 6 - 3 · 2)
-    assert total_steps(best.history) == 6 + 2 + 12
+    # the winner's pilot (2) and the rest (24 - 6 - 3 · 2), after the single frame's start (6)
+    head_start = 6 if best.context == Context(0, 0) else 0
+    assert total_steps(best.history) == head_start + 2 + 12

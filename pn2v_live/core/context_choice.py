@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from pn2v_live.core.context import SPATIAL, Context, Windows
-from pn2v_live.core.model import Denoiser, widened
+from pn2v_live.core.model import Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.training import train
 
@@ -30,14 +30,15 @@ def train_choosing_context(
     """Choose the temporal context by held-out validation loss, then train it to the budget.
 
     A single-frame model `make_denoiser(SPATIAL)` trains for BASE_SHARE of the budget (steps or
-    minutes); every candidate starts from it (`widened`: it denoises as that model does until it
-    learns to use its other frames) and trains for an equal part of PILOT_SHARE. All are
-    validated on the same held-back frames and pixels (Eq. 7 with the whole window visible), so
-    their losses compare, and no window loses for starting from scratch. The best one then
-    trains on for the rest of the budget. `series` are (T, Y, X) raw stacks (one per
-    acquisition or file), `truths` their ground truth per frame for "supervised"; `options` go
-    to `train`. Returns the trained denoiser and each candidate's best validation loss keyed by
-    "A:B".
+    minutes) and goes on as the single-frame candidate; each temporal candidate starts fresh
+    from `make_denoiser`, a residual window that begins as the mean of its other frames, so it
+    does not need those steps to be competitive (and a moving scene, whose mean smears, keeps
+    the single frame's head start). Each candidate trains for an equal part of PILOT_SHARE; all
+    are validated on the same held-back frames and pixels (Eq. 7 with the whole window
+    visible), so their losses compare. The best one then trains on for the rest of the budget.
+    `series` are (T, Y, X) raw stacks (one per acquisition or file), `truths` their ground truth
+    per frame for "supervised"; `options` go to `train`. Returns the trained denoiser and each
+    candidate's best validation loss keyed by "A:B".
     """
     share = PILOT_SHARE / len(candidates)
     base_steps = None if steps is None else max(1, round(steps * BASE_SHARE))
@@ -47,7 +48,7 @@ def train_choosing_context(
           None if minutes is None else minutes * BASE_SHARE, **options)  # fmt: skip
     losses, best = {}, None
     for context in candidates:
-        denoiser = widened(base, context)
+        denoiser = base if context == SPATIAL else make_denoiser(context)
         frames = Windows(series, context, truths=truths)
         history = train(denoiser, frames, noise_model, pilot_steps,
                         None if minutes is None else minutes * share, **options)  # fmt: skip

@@ -95,6 +95,7 @@ def denoise(
     multiple = net.size_multiple
     padded = _pad_to_multiple(frame, multiple)
     centre = padded[denoiser.context.before]
+    offset = denoiser.prior_offset(padded[None])[0]  # (H', W') ADU, 0 unless residual
     variance = None
     if read_variance is not None:
         variance = torch.as_tensor(np.ascontiguousarray(read_variance, np.float32)).to(device)
@@ -118,6 +119,7 @@ def denoise(
                 denoiser,
                 features,
                 centre[core_y, core_x],
+                offset[core_y, core_x],
                 None if variance is None else variance[core_y, core_x],
                 noise_model,
                 outputs,
@@ -143,18 +145,20 @@ def _head_estimates(
     denoiser: Denoiser,
     features: torch.Tensor,
     observations: torch.Tensor,
+    offset: torch.Tensor,
     read_variance: torch.Tensor | None,
     noise_model: NoiseModel | None,
     outputs: Sequence[str],
     chunk_elements: int,
     compiled: bool,
 ) -> dict[str, torch.Tensor]:
-    """Per-pixel estimates from (F, h, w) features and (h, w) observations (ADU), with the
-    pixels' (h, w) read-noise variance for a camera-maps noise model (else None)."""
+    """Per-pixel estimates from (F, h, w) features, (h, w) observations and (h, w) prior
+    offsets (ADU, `Denoiser.prior_offset`), with the pixels' (h, w) read-noise variance for a
+    camera-maps noise model (else None)."""
     height, width = observations.shape
     weight, bias = denoiser.head_in_adu()
     if denoiser.mode != "pn2v":
-        denoised = torch.einsum("kf,fhw->khw", weight, features)[0] + bias[0]
+        denoised = torch.einsum("kf,fhw->khw", weight, features)[0] + bias[0] + offset
         return {"denoised": denoised}
     pixels = height * width
     chunk = max(1, chunk_elements // denoiser.k)
@@ -162,6 +166,7 @@ def _head_estimates(
     padded = math.ceil(pixels / chunk) * chunk
     flat_features = F.pad(features.permute(1, 2, 0).reshape(pixels, -1), (0, 0, 0, padded - pixels))
     flat_observations = F.pad(observations.reshape(-1), (0, padded - pixels))
+    flat_offset = F.pad(offset.reshape(-1), (0, padded - pixels))
     flat_variance = None
     if read_variance is not None:
         flat_variance = F.pad(read_variance.reshape(-1), (0, padded - pixels), value=1.0)
@@ -171,7 +176,7 @@ def _head_estimates(
         part = slice(start, start + chunk)
         variance = None if flat_variance is None else flat_variance[part]
         for name, values in summarise(
-            flat_features[part], weight, bias, flat_observations[part], variance
+            flat_features[part], weight, bias, flat_observations[part], flat_offset[part], variance
         ).items():
             result[name][part] = values
     return {name: values[:pixels].reshape(height, width) for name, values in result.items()}
@@ -180,15 +185,15 @@ def _head_estimates(
 def _chunk_summaries(
     noise_model: NoiseModel, outputs: tuple[str, ...], compiled: bool
 ) -> Callable[..., dict[str, torch.Tensor]]:
-    """(chunk, F) features, head weight (K, F) and bias (K,), (chunk,) observations and read-noise
-    variances (or None) → summaries.
+    """(chunk, F) features, head weight (K, F) and bias (K,), (chunk,) observations, prior offsets
+    and read-noise variances (or None) → summaries.
 
     With `compiled`, the head, likelihood and weighted sums are fused by torch.compile into
     one pass over each chunk; where compilation is unavailable it falls back to eager.
     """
 
-    def summarise(features, weight, bias, observations, read_variance):
-        samples = torch.addmm(bias, features, weight.T)  # (chunk, K) ADU
+    def summarise(features, weight, bias, observations, offset, read_variance):
+        samples = torch.addmm(bias, features, weight.T) + offset[:, None]  # (chunk, K) ADU
         return posterior_summaries(samples, observations, noise_model, outputs, read_variance)
 
     if not compiled or _COMPILE_FAILED:

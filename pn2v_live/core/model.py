@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,7 +22,10 @@ class Denoiser:
 
     For "pn2v" the K outputs are samples of the prior p(s | neighbourhood); for "n2v" and
     "supervised" the single output is the estimate itself. The network's input is the frames of
-    `context` around the frame denoised (one channel each). `history` holds the training record.
+    `context` around the frame denoised (one channel each). A `residual` model adds to its
+    outputs the mean of the other frames of its window (`prior_offset`), so it starts from
+    temporal averaging and learns what the frames' neighbourhoods add. `history` holds the
+    training record.
     """
 
     net: UNet
@@ -32,6 +34,7 @@ class Denoiser:
     std: float
     history: list[dict[str, Any]] = field(default_factory=list)
     context: Context = SPATIAL
+    residual: bool = False
 
     @property
     def k(self) -> int:
@@ -44,6 +47,21 @@ class Denoiser:
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """ADU → network input units; a missing frame (NaN) becomes 0, the data mean."""
         return torch.nan_to_num((x - self.mean) / self.std, nan=0.0)
+
+    def prior_offset(self, window: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) raw ADU windows (NaN where a frame is missing) → (B, H, W) ADU added to
+        every output: for a `residual` model the mean of the frames other than t that are
+        present (and `seen`: (B, C) 0/1, the frames each window shows), minus the data mean;
+        0 where no other frame is, and for every other model."""
+        offset = window.new_zeros(window.shape[0], *window.shape[2:])
+        if not self.residual or self.context.channels == 1:
+            return offset
+        present = torch.isfinite(window)
+        present[:, self.context.before] = False
+        if seen is not None:
+            present &= seen.bool()[:, :, None, None]
+        total = torch.where(present, window - self.mean, 0.0).sum(dim=1)
+        return total / present.sum(dim=1).clamp(min=1)
 
     def body_in_bf16(self, bf16: bool | None = None) -> bool:
         """Whether the U-Net body runs in bfloat16: `bf16`, or where None, whether the device
@@ -84,38 +102,19 @@ def new_denoiser(
     depth: int = 3,
     features: int = 64,
     context: Context = SPATIAL,
+    residual: bool | None = None,
 ) -> Denoiser:
-    """A freshly initialised denoiser; K applies to "pn2v" only (the others have 1 output)."""
+    """A freshly initialised denoiser; K applies to "pn2v" only (the others have 1 output).
+    `residual` None: every temporal window is residual (see `Denoiser`); False for files saved
+    before residual windows."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     out_channels = k if mode == "pn2v" else 1
     net = UNet(out_channels, depth, features, in_channels=context.channels)
-    return Denoiser(net, mode, float(mean), float(max(std, 1e-6)), context=context)
-
-
-def widened(denoiser: Denoiser, context: Context) -> Denoiser:
-    """A copy of `denoiser` that sees the window `context` (containing its own): the first
-    convolution's weights for the frames it saw are copied to their channels and those of the
-    added frames start at zero, so the copy denoises exactly as `denoiser` does until training
-    teaches it to use the other frames, and it keeps `denoiser`'s training history. A temporal
-    window widened from a trained single-frame model starts from what that model learned
-    instead of from scratch."""
-    old, new = denoiser.context, context
-    if old.before > new.before or old.after > new.after:
-        raise ValueError(f"context {new} does not contain {old}")
-    net = copy.deepcopy(denoiser.net)
-    first = net.down[0][0]
-    weight = first.weight.new_zeros(first.out_channels, new.channels, *first.kernel_size)
-    start = new.before - old.before
-    weight[:, start : start + old.channels] = first.weight.detach()
-    wide = torch.nn.Conv2d(new.channels, first.out_channels, first.kernel_size,
-                           padding=first.padding).to(weight.device)  # fmt: skip
-    with torch.no_grad():
-        wide.weight.copy_(weight)
-        wide.bias.copy_(first.bias)
-    net.down[0][0] = wide.to(memory_format=net.memory_format)
-    history = list(denoiser.history)  # its training so far counts for the copy
-    return Denoiser(net, denoiser.mode, denoiser.mean, denoiser.std, history, context=new)
+    residual = context.channels > 1 if residual is None else residual
+    return Denoiser(
+        net, mode, float(mean), float(max(std, 1e-6)), context=context, residual=residual
+    )
 
 
 def seeded_denoisers(

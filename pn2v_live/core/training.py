@@ -85,17 +85,18 @@ class Training:
         channels, centre = d.context.channels, d.context.before
         raw = batch[:, :channels]
         if d.mode == "supervised":
+            inputs, offset = self._inputs(raw, generator, hide)
             with d.body_autocast(self.bf16):
-                prediction = d.net(self._inputs(raw, generator, hide))
-            return mse(prediction.float(), d.normalise(batch[:, channels : channels + 1]))
-        features, (b, y, x) = self.masked_features(raw, generator, hide)
+                prediction = d.net(inputs).float() + offset[:, None] / d.std
+            return mse(prediction, d.normalise(batch[:, channels : channels + 1]))
+        features, (b, y, x), offsets = self.masked_features(raw, generator, hide)
         observations = raw[b, centre, y, x]
         if d.mode == "n2v":
             head = d.net.head
             prediction = features @ head.weight.flatten(1).T + head.bias
-            return mse(prediction[:, 0], d.normalise(observations))
+            return mse(prediction[:, 0] + offsets / d.std, d.normalise(observations))
         weight, bias = d.head_in_adu()
-        samples = torch.addmm(bias, features, weight.T)  # (P, K) ADU
+        samples = torch.addmm(bias, features, weight.T) + offsets[:, None]  # (P, K) ADU
         read_variance = pixel_values(batch, channels, (b, y, x))
         loss = pn2v_loss(samples, observations, self.noise_model, read_variance)
         if training and self.mean_weight:
@@ -104,27 +105,30 @@ class Training:
 
     def masked_features(
         self, raw: torch.Tensor, generator: torch.Generator | None = None, hide: bool = False
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """Noise2Void: mask frame t of (B, C, H, W) raw patches, run the body; the (P, F) float32
-        features at the P masked pixels, whose own values never reach them, and their (b, y, x)
-        indices."""
+        features at the P masked pixels, whose own values never reach them, their (b, y, x)
+        indices and the (P,) ADU `Denoiser.prior_offset` there."""
         d = self.denoiser
         masked, (b, y, x) = n2v_mask(
             raw, self.fraction, generator=generator, channel=d.context.before
         )
+        inputs, offset = self._inputs(masked, generator, hide)
         with d.body_autocast(self.bf16):
-            features = d.net.body(self._inputs(masked, generator, hide))
-        return features[b, :, y, x].float(), (b, y, x)
+            features = d.net.body(inputs)
+        return features[b, :, y, x].float(), (b, y, x), offset[b, y, x]
 
     def _inputs(
         self, raw: torch.Tensor, generator: torch.Generator | None, hide: bool
-    ) -> torch.Tensor:
-        """Normalised network input; with `hide`, the hidden frames of each patch set to 0."""
-        inputs = self.denoiser.normalise(raw)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised network input, with `hide` the hidden frames of each patch set to 0; and
+        the (B, H, W) ADU prior offset of the frames it shows (`Denoiser.prior_offset`)."""
+        d = self.denoiser
+        inputs, seen = d.normalise(raw), None
         if hide and raw.shape[1] > 1:
-            seen = visible_channels(len(raw), self.denoiser.context, generator)
-            inputs = inputs * seen.to(inputs.device)[:, :, None, None]
-        return inputs
+            seen = visible_channels(len(raw), d.context, generator).to(inputs.device)
+            inputs = inputs * seen[:, :, None, None]
+        return inputs, d.prior_offset(raw, seen)
 
     def step(self, batch: torch.Tensor, lr: float | None = None) -> float:
         """One Adam update on `batch`, at learning rate `lr` from now on when given; returns the
@@ -193,8 +197,8 @@ class Training:
         heads, observations, patches, variances = [], [], [], []
         for draw in range(draws):
             generator = torch.Generator().manual_seed(VALIDATION_SEED + draw)
-            features, (b, y, x) = self.masked_features(raw, generator)
-            heads.append(torch.addmm(bias, features, weight.T))
+            features, (b, y, x), offsets = self.masked_features(raw, generator)
+            heads.append(torch.addmm(bias, features, weight.T) + offsets[:, None])
             observations.append(raw[b, d.context.before, y, x])
             patches.append(b)
             variances.append(pixel_values(batch, d.context.channels, (b, y, x)))

@@ -26,7 +26,7 @@ the steps that fitted.
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
 round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
-then each candidate window widened from it (`core.model.widened`) for an equal part of
+then it and each candidate window (fresh, residual: `core.context_choice`) for an equal part of
 PILOT_SHARE, and goes on with the one with the lowest validation loss on the round's held-back
 frames (a static sample gets a wide window, a moving one less or none); a pinned "A:B" skips
 the choice. What a round reads, holds back and validates on: `training_series`.
@@ -45,7 +45,7 @@ import torch
 
 from pn2v_live.core.context import CANDIDATES, SPATIAL, Context
 from pn2v_live.core.context_choice import BASE_SHARE, PILOT_SHARE
-from pn2v_live.core.model import PRECISIONS, Denoiser, widened
+from pn2v_live.core.model import PRECISIONS, Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.patches import sample_patches
 from pn2v_live.core.training import Training, budget_used, cosine_rate
@@ -352,10 +352,10 @@ class Trainer(Stage):
     def _choose_context(
         self, series: Series, weights: np.ndarray, patch: int, round_steps: int
     ) -> tuple[Training, int] | None:
-        """Train a single-frame model for BASE_SHARE of the round's steps, then each candidate
-        window the frames allow, widened from it, for an equal part of PILOT_SHARE; the one with
-        the lowest validation loss on the held-back frames (whole window visible), and the steps
-        all this took."""
+        """Train a single-frame model for BASE_SHARE of the round's steps, then it and each
+        temporal window the frames allow (fresh, residual: `core.context_choice`) for an equal
+        part of PILOT_SHARE; the one with the lowest validation loss on the held-back frames
+        (whole window visible), and the steps all this took."""
         base = self._new_training(series.new_denoiser(SPATIAL, self.settings.k))
         base_steps = max(1, round(round_steps * BASE_SHARE))
         if self._steps(base, series, weights, patch, base_steps) is None:
@@ -364,14 +364,18 @@ class Trainer(Stage):
         steps = max(1, round(round_steps * PILOT_SHARE / len(candidates)))
         best, best_loss = None, float("inf")
         for context in candidates:
-            training = self._new_training(widened(base.denoiser, context))
+            if context == SPATIAL:
+                training = base
+            else:
+                training = self._new_training(series.new_denoiser(context, self.settings.k))
             if self._steps(training, series, weights, patch, steps) is None:
                 return None
             loss = training.validation_loss(series.validation_batch(training.denoiser, patch))
             self.log.info("context %s: validation loss %.4f", context, loss)
             if best is None or loss < best_loss:
                 best, best_loss = training, loss
-        self._steps_since_promotion += base_steps + steps  # the winner's own training
+        own = steps + (base_steps if best is base else 0)  # a temporal window started fresh
+        self._steps_since_promotion += own
         self.log.info("context %s chosen by validation loss", best.denoiser.context)
         return best, base_steps + steps * len(candidates)
 

@@ -27,6 +27,7 @@ def save_denoiser(
         "depth": net.depth,
         "features": net.features,
         "context": [denoiser.context.before, denoiser.context.after],
+        "residual": denoiser.residual,
         "mean": denoiser.mean,
         "std": denoiser.std,
         "weights": {name: t.detach().cpu() for name, t in net.state_dict().items()},
@@ -50,7 +51,7 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
     before, after = state.get("context", (0, 0))  # files from before temporal context: 0:0
     denoiser = new_denoiser(
         state["mode"], state["mean"], state["std"], state["k"], state["depth"], state["features"],
-        Context(before, after),
+        Context(before, after), state.get("residual", False),  # older files: not residual
     )  # fmt: skip
     denoiser.net.load_state_dict(state["weights"])
     denoiser.net.to(device)
