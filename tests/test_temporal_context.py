@@ -219,6 +219,9 @@ def test_the_single_frame_candidate_gets_a_head_start_and_temporal_ones_start_fr
     assert made == candidates  # the single frame first, then each temporal window fresh
     assert set(losses) == {"0:0", "1:1", "2:1"} and len(logged) == 3
     assert str(best.context) == min(losses, key=losses.get)
+    # judged after the prior's spread fit, as each candidate would denoise
+    fitted = [record.get("fitted_validation_loss") for record in best.history]
+    assert losses[str(best.context)] in fitted
     # the winner's pilot (2) and the rest (24 - 6 - 3 · 2), after the single frame's start (6)
     head_start = 6 if best.context == Context(0, 0) else 0
     assert total_steps(best.history) == head_start + 2 + 12

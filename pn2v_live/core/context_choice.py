@@ -35,7 +35,9 @@ def train_choosing_context(
     does not need those steps to be competitive (and a moving scene, whose mean smears, keeps
     the single frame's head start). Each candidate trains for an equal part of PILOT_SHARE; all
     are validated on the same held-back frames and pixels (Eq. 7 with the whole window
-    visible), so their losses compare. The best one then trains on for the rest of the budget.
+    visible), so their losses compare; a PN2V candidate's after its spread is fitted, as it will
+    denoise (before the fit, a prior far too wide loses more than one nearly right, which favoured
+    the temporal windows on a drifting sample). The best one trains on for the rest of the budget.
     `series` are (T, Y, X) raw stacks (one per acquisition or file), `truths` their ground truth
     per frame for "supervised"; `options` go to `train`. Returns the trained denoiser and each
     candidate's best validation loss keyed by "A:B".
@@ -52,7 +54,7 @@ def train_choosing_context(
         frames = Windows(series, context, truths=truths)
         history = train(denoiser, frames, noise_model, pilot_steps,
                         None if minutes is None else minutes * share, **options)  # fmt: skip
-        losses[str(context)] = min(r["validation_loss"] for r in history)
+        losses[str(context)] = compared_loss(history)
         if best is None or losses[str(context)] < losses[str(best.context)]:
             best = denoiser
         if log is not None:
@@ -63,3 +65,12 @@ def train_choosing_context(
     frames = Windows(series, best.context, truths=truths)
     train(best, frames, noise_model, rest_steps, rest_minutes, **options)
     return best, losses
+
+
+def compared_loss(history: Sequence[dict[str, Any]]) -> float:
+    """The validation loss a candidate is judged by: after the PN2V prior's spread fit where
+    there was one, else the best during training."""
+    last = history[-1]
+    if "fitted_validation_loss" in last:
+        return last["fitted_validation_loss"]
+    return min(record["validation_loss"] for record in history)

@@ -276,9 +276,9 @@ def train(
     and minutes runs out first), so the run ends on a quiet average instead of one noisy Adam
     step; every `validate_every` steps the validation loss is measured and the best weights so
     far are kept; a PN2V prior's spread is then fitted (`Training.fit_prior_spread`, the factor
-    in the last record's "prior_spread"). `bf16`: see `Training`. The denoiser ends with the
-    best weights, laid out channels-last for inference; returns the history (also appended to
-    `denoiser.history`).
+    in the last record's "prior_spread", the validation loss after it "fitted_validation_loss").
+    `bf16`: see `Training`. The denoiser ends with the best weights, laid out channels-last for
+    inference; returns the history (also appended to `denoiser.history`).
     `batch_size` None: `default_batch_size`.
     """
     if steps is None and minutes is None:
@@ -324,6 +324,7 @@ def train(
         denoiser.net.load_state_dict(best_state)
     if denoiser.mode == "pn2v" and history:
         history[-1]["prior_spread"] = training.fit_prior_spread(val_batch)
+        history[-1]["fitted_validation_loss"] = training.validation_loss(val_batch)
     denoiser.net.use_memory_format(INFERENCE_MEMORY_FORMAT)
     denoiser.history.extend(history)
     return history

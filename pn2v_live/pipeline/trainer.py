@@ -352,10 +352,9 @@ class Trainer(Stage):
     def _choose_context(
         self, series: Series, weights: np.ndarray, patch: int, round_steps: int
     ) -> tuple[Training, int] | None:
-        """Train a single-frame model for BASE_SHARE of the round's steps, then it and each
-        temporal window the frames allow (fresh, residual: `core.context_choice`) for an equal
-        part of PILOT_SHARE; the one with the lowest validation loss on the held-back frames
-        (whole window visible), and the steps all this took."""
+        """A single-frame model trains BASE_SHARE of the round's steps, then it and each window
+        the frames allow (`core.context_choice`) a part of PILOT_SHARE; the one with the lowest
+        spread-fitted validation loss on the held-back frames, and the steps all this took."""
         base = self._new_training(series.new_denoiser(SPATIAL, self.settings.k))
         base_steps = max(1, round(round_steps * BASE_SHARE))
         if self._steps(base, series, weights, patch, base_steps) is None:
@@ -370,7 +369,9 @@ class Trainer(Stage):
                 training = self._new_training(series.new_denoiser(context, self.settings.k))
             if self._steps(training, series, weights, patch, steps) is None:
                 return None
-            loss = training.validation_loss(series.validation_batch(training.denoiser, patch))
+            batch = series.validation_batch(training.denoiser, patch)
+            training.fit_prior_spread(batch, draws=1)  # judged as it would denoise
+            loss = training.validation_loss(batch)
             self.log.info("context %s: validation loss %.4f", context, loss)
             if best is None or loss < best_loss:
                 best, best_loss = training, loss
