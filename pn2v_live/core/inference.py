@@ -95,7 +95,8 @@ def denoise(
     multiple = net.size_multiple
     padded = _pad_to_multiple(frame, multiple)
     centre = padded[denoiser.context.before]
-    offset = denoiser.prior_offset(padded[None])[0]  # (H', W') ADU, 0 unless residual
+    # (H', W') ADU for a residual window; None skips a pass over every (pixels, K) chunk
+    offset = denoiser.prior_offset(padded[None])[0] if denoiser.residual else None
     variance = None
     if read_variance is not None:
         variance = torch.as_tensor(np.ascontiguousarray(read_variance, np.float32)).to(device)
@@ -119,7 +120,7 @@ def denoise(
                 denoiser,
                 features,
                 centre[core_y, core_x],
-                offset[core_y, core_x],
+                None if offset is None else offset[core_y, core_x],
                 None if variance is None else variance[core_y, core_x],
                 noise_model,
                 outputs,
@@ -145,7 +146,7 @@ def _head_estimates(
     denoiser: Denoiser,
     features: torch.Tensor,
     observations: torch.Tensor,
-    offset: torch.Tensor,
+    offset: torch.Tensor | None,
     read_variance: torch.Tensor | None,
     noise_model: NoiseModel | None,
     outputs: Sequence[str],
@@ -153,20 +154,20 @@ def _head_estimates(
     compiled: bool,
 ) -> dict[str, torch.Tensor]:
     """Per-pixel estimates from (F, h, w) features, (h, w) observations and (h, w) prior
-    offsets (ADU, `Denoiser.prior_offset`), with the pixels' (h, w) read-noise variance for a
-    camera-maps noise model (else None)."""
+    offsets (ADU, `Denoiser.prior_offset`; None: none), with the pixels' (h, w) read-noise
+    variance for a camera-maps noise model (else None)."""
     height, width = observations.shape
     weight, bias = denoiser.head_in_adu()
     if denoiser.mode != "pn2v":
-        denoised = torch.einsum("kf,fhw->khw", weight, features)[0] + bias[0] + offset
-        return {"denoised": denoised}
+        denoised = torch.einsum("kf,fhw->khw", weight, features)[0] + bias[0]
+        return {"denoised": denoised if offset is None else denoised + offset}
     pixels = height * width
     chunk = max(1, chunk_elements // denoiser.k)
     # Pad to whole chunks: one static shape for the compiled kernel.
     padded = math.ceil(pixels / chunk) * chunk
     flat_features = F.pad(features.permute(1, 2, 0).reshape(pixels, -1), (0, 0, 0, padded - pixels))
     flat_observations = F.pad(observations.reshape(-1), (0, padded - pixels))
-    flat_offset = F.pad(offset.reshape(-1), (0, padded - pixels))
+    flat_offset = None if offset is None else F.pad(offset.reshape(-1), (0, padded - pixels))
     flat_variance = None
     if read_variance is not None:
         flat_variance = F.pad(read_variance.reshape(-1), (0, padded - pixels), value=1.0)
@@ -175,8 +176,9 @@ def _head_estimates(
     for start in range(0, padded, chunk):
         part = slice(start, start + chunk)
         variance = None if flat_variance is None else flat_variance[part]
+        shift = None if flat_offset is None else flat_offset[part]
         for name, values in summarise(
-            flat_features[part], weight, bias, flat_observations[part], flat_offset[part], variance
+            flat_features[part], weight, bias, flat_observations[part], shift, variance
         ).items():
             result[name][part] = values
     return {name: values[:pixels].reshape(height, width) for name, values in result.items()}
@@ -186,14 +188,16 @@ def _chunk_summaries(
     noise_model: NoiseModel, outputs: tuple[str, ...], compiled: bool
 ) -> Callable[..., dict[str, torch.Tensor]]:
     """(chunk, F) features, head weight (K, F) and bias (K,), (chunk,) observations, prior offsets
-    and read-noise variances (or None) → summaries.
+    and read-noise variances (each or None) → summaries.
 
     With `compiled`, the head, likelihood and weighted sums are fused by torch.compile into
     one pass over each chunk; where compilation is unavailable it falls back to eager.
     """
 
     def summarise(features, weight, bias, observations, offset, read_variance):
-        samples = torch.addmm(bias, features, weight.T) + offset[:, None]  # (chunk, K) ADU
+        samples = torch.addmm(bias, features, weight.T)  # (chunk, K) ADU
+        if offset is not None:
+            samples += offset[:, None]
         return posterior_summaries(samples, observations, noise_model, outputs, read_variance)
 
     if not compiled or _COMPILE_FAILED:

@@ -54,7 +54,7 @@ class Denoiser:
         present (and `seen`: (B, C) 0/1, the frames each window shows), minus the data mean;
         0 where no other frame is, and for every other model."""
         offset = window.new_zeros(window.shape[0], *window.shape[2:])
-        if not self.residual or self.context.channels == 1:
+        if not self.residual:
             return offset
         present = torch.isfinite(window)
         present[:, self.context.before] = False
