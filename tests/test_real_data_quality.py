@@ -91,3 +91,9 @@ def test_a_residual_window_beats_the_single_frame_on_a_static_field(data_dir):
     scores = static_and_drifting_scores(data_dir, drift=0, steps=100)
     print(scores)
     assert scores["3:3"] > scores["0:0"] + 2.0
+
+
+def test_a_registered_window_beats_the_single_frame_on_a_drifting_field(data_dir):
+    scores = static_and_drifting_scores(data_dir, drift=4, steps=100)
+    print(scores)
+    assert scores["3:3"] > scores["0:0"] + 2.0

@@ -24,12 +24,12 @@ from pn2v_live.core.noise import (
     as_pairs,
 )
 from pn2v_live.core.noise.histogram import common_range, finite_pairs
+from pn2v_live.core.registration import shift_between
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_FRACTION = 0.2  # of every acquisition's frames, the last ones, held back for scoring
 MIN_PAIRS_PER_ROW = 100  # average calibration pairs per occupied histogram row
-MIN_CORRELATION = 0.2  # frame-to-mean correlation needed to measure motion at all
 
 
 @dataclass
@@ -47,33 +47,17 @@ class CalibrationResult:
 
 def frame_shift(frames: np.ndarray) -> tuple[int, tuple[float, float]] | None:
     """Largest displacement (frame index, (dy, dx) px) of any frame against the mean of the
-    others: the peak of their FFT cross-correlation, refined to sub-pixel by a parabola.
-
-    Frames whose correlation with the others stays below MIN_CORRELATION are skipped (a scene
-    without structure cannot be registered); None when no frame could be registered."""
+    others (`registration.shift_between`). Frames without enough structure to register are
+    skipped; None when no frame could be registered."""
     frames = frames.astype(np.float32)
     total = frames.sum(0)
     worst: tuple[int, tuple[float, float]] | None = None
     for index, frame in enumerate(frames):
-        others = (total - frame) / (len(frames) - 1)
-        frame, others = frame - frame.mean(), others - others.mean()
-        spectrum = np.fft.rfft2(frame) * np.conj(np.fft.rfft2(others))
-        correlation = np.fft.fftshift(np.fft.irfft2(spectrum, s=frame.shape))
-        peak = np.unravel_index(np.argmax(correlation), correlation.shape)
-        if correlation[peak] < MIN_CORRELATION * np.sqrt((frame**2).sum() * (others**2).sum()):
+        shift = shift_between(frame, (total - frame) / (len(frames) - 1))
+        if shift is None:
             continue
-        shift = []
-        for axis, p in enumerate(peak):
-            n = correlation.shape[axis]
-            before, at, after = (
-                correlation[tuple((p + d) % n if a == axis else q for a, q in enumerate(peak))]
-                for d in (-1, 0, 1)
-            )
-            curvature = before - 2 * at + after
-            vertex = 0.5 * (before - after) / curvature if curvature < 0 else 0.0
-            shift.append(float(p - n // 2 + vertex))
         if worst is None or max(map(abs, shift)) > max(map(abs, worst[1])):
-            worst = (index, (shift[0], shift[1]))
+            worst = (index, shift)
     return worst
 
 

@@ -11,6 +11,10 @@ normalisation) in the network's input; a window never reads another frame in its
 frame's pixel can stand in for frame t's own value. Training hides random parts of the window
 (`visible_channels`), so one network denoises with its whole window (the refined twin), with the
 frames after t hidden (the causal live twin) and at the edges of an acquisition.
+
+Every frame of a window is registered onto frame t (`core.registration`): a sample drifting
+across the field of view stays in place in the window, so the context helps it as it helps a
+static one; what moves within the field (cells, not the stage) is left to the window choice.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from pn2v_live.core.registration import Registration
 
 if TYPE_CHECKING:  # torch is imported where used, so the CLI can parse contexts without it
     import torch
@@ -75,11 +81,15 @@ def window(
     t: int,
     context: Context,
     visible: Context | None = None,
+    registration: Registration | None = None,
 ) -> np.ndarray:
     """Frames t−before … t+after of `frames` (a time series of (Y, X) frames, None where
-    missing, or a {t: frame} mapping) as one (channels, Y, X) float32 array; frames outside
-    `frames`, missing, or outside `visible` (default: the whole window) are NaN."""
+    missing, or a {t: frame} mapping) as one (channels, Y, X) float32 array, every frame but t
+    registered onto frame t (`registration`, which remembers the shifts of one series; a new
+    one by default); frames outside `frames`, missing, or outside `visible` (default: the whole
+    window), and pixels a registered frame does not reach, are NaN."""
     visible = visible or context
+    registration = registration or Registration()
     if isinstance(frames, Mapping):
         lookup = frames.get
     else:
@@ -88,15 +98,18 @@ def window(
     result = np.full((context.channels, *centre.shape), np.nan, np.float32)
     for channel, number in enumerate(context.frame_numbers(t)):
         frame = lookup(number) if -visible.before <= number - t <= visible.after else None
-        if frame is not None:
-            result[channel] = frame
+        if frame is not None and number != t:
+            result[channel] = registration.align(np.asarray(frame, np.float32), number, centre, t)
+        elif frame is not None:
+            result[channel] = centre
     return result
 
 
 class Windows(Sequence):
     """Lazy training windows of one or more time series (acquisitions, files): item i is
     `window(series[s], t, context)` for the i-th centre (s, t), with that frame's ground truth
-    appended as a last channel when `truths` (one sequence per series) are given.
+    appended as a last channel when `truths` (one sequence per series) are given; each series
+    is registered with its own `registrations` entry (new ones by default).
 
     Keeps one copy of the frames however wide the window, so a round can draw from hundreds of
     frames with several channels each; a window never reaches into another series.
@@ -108,18 +121,20 @@ class Windows(Sequence):
         context: Context,
         centres: Sequence[tuple[int, int]] | None = None,
         truths: Sequence[Sequence[np.ndarray]] | None = None,
+        registrations: Sequence[Registration] | None = None,
     ):
         self.series, self.context, self.truths = series, context, truths
         if centres is None:
             centres = [(s, t) for s, frames in enumerate(series) for t in range(len(frames))]
         self.centres = list(centres)
+        self.registrations = registrations or [Registration() for _ in series]
 
     def __len__(self) -> int:
         return len(self.centres)
 
     def __getitem__(self, index: int) -> np.ndarray:
         s, t = self.centres[index]
-        stacked = window(self.series[s], t, self.context)
+        stacked = window(self.series[s], t, self.context, registration=self.registrations[s])
         if self.truths is None:
             return stacked
         return np.concatenate([stacked, np.asarray(self.truths[s][t], np.float32)[None]])
@@ -127,7 +142,7 @@ class Windows(Sequence):
     def subset(self, positions: Sequence[int]) -> Windows:
         """The windows at `positions` of this sequence (sharing the frames)."""
         picked = [self.centres[p] for p in positions]
-        return Windows(self.series, self.context, picked, self.truths)
+        return Windows(self.series, self.context, picked, self.truths, self.registrations)
 
 
 def visible_channels(

@@ -48,6 +48,7 @@ from pn2v_live.core.context_choice import BASE_SHARE, PILOT_SHARE
 from pn2v_live.core.model import PRECISIONS, Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.patches import sample_patches
+from pn2v_live.core.registration import Registration
 from pn2v_live.core.training import Training, budget_used, cosine_rate
 from pn2v_live.pipeline.busy_time import BusyTime
 from pn2v_live.pipeline.camera_frames import CameraFrames
@@ -127,6 +128,7 @@ class Trainer(Stage):
         self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
         self._busy = BusyTime(SHARE_WINDOW_SECONDS)  # when training steps ran
         self.working = WorkingSet(store, RECENT_SECONDS)  # what a round may train on
+        self._registration = ("", Registration())  # shifts measured in the last acquisition
 
     def work(self) -> bool:
         """Run a round when one is due, on the acquisition with the most new frames (ties, e.g.
@@ -155,7 +157,9 @@ class Trainer(Stage):
         name = chosen[0].name
         growth.clear()
         self._last_round = self._attempt_time(overdue)
-        series, weights = read_series(*chosen, self.read_raw, self.camera)  # with recency weights
+        if self._registration[0] != name:
+            self._registration = (name, Registration())
+        series, weights = read_series(*chosen, self.read_raw, self.camera, self._registration[1])
         self._unreadable = not series.trained or not series.held_back
         if self._unreadable:
             return False  # every frame of one kind unreadable: wait for new frames or the clock

@@ -9,7 +9,7 @@ their pixels' read-noise variance as one more channel (`core.camera`, `core.trai
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from pn2v_live.core.model import Denoiser, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.patches import sample_patches
 from pn2v_live.core.quality import GainEstimate, denoised_gain
+from pn2v_live.core.registration import Registration
 from pn2v_live.core.training import Training
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.storage.acquisition import Acquisition
@@ -40,12 +41,13 @@ class Series:
     """The frames a round reads from one acquisition: `frames` in time order (None where not
     stored or unreadable), and the positions in it of the training and held-back frames; with
     camera maps, `variance` is their pixels' (Y, X) read-noise variance, a last channel of every
-    patch."""
+    patch; `registration` registers its windows (shared with later rounds' series)."""
 
     frames: list[np.ndarray | None]
     trained: list[int]
     held_back: list[int]
     variance: np.ndarray | None = None
+    registration: Registration = field(default_factory=Registration)
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -62,7 +64,8 @@ class Series:
     def _windows(self, context: Context, centres: list[int]) -> Windows:
         """The windows of `context` at `centres`, with the variance channel last if any."""
         truths = None if self.variance is None else [[self.variance] * len(self.frames)]
-        return Windows([self.frames], context, [(0, t) for t in centres], truths)
+        centred = [(0, t) for t in centres]
+        return Windows([self.frames], context, centred, truths, [self.registration])
 
     def estimated_gain(
         self, training: Training, noise_model: NoiseModel, patch: int
@@ -115,10 +118,12 @@ def read_series(
     window: Window,
     read_raw: Callable[[Acquisition, int], np.ndarray | None],
     camera: CameraFrames,
+    registration: Registration,
 ) -> tuple[Series, np.ndarray]:
     """The frames of `window` (see `usable_window`) as a `Series` (equalised, with their
-    read-noise variance, with camera maps), and the recency weights of its training frames;
-    a frame `read_raw` cannot read (None) is left out."""
+    read-noise variance, with camera maps; registered with `registration`, the acquisition's),
+    and the recency weights of its training frames; a frame `read_raw` cannot read (None) is
+    left out."""
     trained, held_back = window
     first, last = min(trained + held_back), max(trained + held_back)
     frames = [None] * (last - first + 1)
@@ -130,7 +135,8 @@ def read_series(
     trained = [t - first for t in trained if frames[t - first] is not None]
     held_back = [t - first for t in held_back if frames[t - first] is not None]
     ages = (last - first) - np.asarray(trained, dtype=float)
-    return Series(frames, trained, held_back, variance), 0.5 ** (ages / HALF_LIFE_FRAMES)
+    series = Series(frames, trained, held_back, variance, registration.from_frame(first))
+    return series, 0.5 ** (ages / HALF_LIFE_FRAMES)
 
 
 def promoted_loss(
