@@ -14,7 +14,6 @@ import torch
 
 from pn2v_live.core.context import SPATIAL
 from pn2v_live.core.noise import CameraNoiseModel
-from pn2v_live.core.registration import Registration
 from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
@@ -79,8 +78,7 @@ def test_trainer_reads_equalised_frames_and_a_variance_channel(tmp_path, maps):
                       torch.device("cpu"), idle, camera=CameraFrames(model))  # fmt: skip
     try:
         window = _usable_window(acquisition)
-        read = trainer.read_raw, trainer.camera, Registration()
-        series, _ = read_series(acquisition, window, *read)
+        series, _ = read_series(acquisition, window, trainer.read_raw, trainer.camera, {})
         region = maps.region((8, 16), (24, 24))
         for t in series.trained + series.held_back:
             np.testing.assert_array_equal(series.frames[t], region.equalise(raw[t]))

@@ -10,10 +10,10 @@ changing sample), then compares the working model with the promoted one on the s
 batch from held-back frames (t % 8 == 3, never trained on) and promotes it through the registry
 only if it is better and measurably better than raw.
 
-The first model: rounds wait until an acquisition has `first_model_frames` frames (or is
-closed) and last `first_model_steps` steps, and a model is promoted only when the lower bound
-of its ground-truth-free gain estimate (`core.quality`, on the held-back frames) reaches
-`min_gain_db`; until then inference waits and the viewer shows raw frames as "learning".
+The first model: rounds wait for `first_model_frames` frames (or a closed acquisition) and
+last `first_model_steps` steps; a model is promoted only when the lower bound of its ground-
+truth-free gain estimate (`core.quality`, held-back frames) reaches `min_gain_db`; until then
+the viewer shows raw frames as "learning".
 
 Sharing the machine: inference comes first, but while it has a backlog training still takes up
 to `training_share` of the wall time (measured over the last SHARE_WINDOW_SECONDS), so a stream
@@ -27,9 +27,8 @@ the steps that fitted.
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
 round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
 then it and each candidate window (fresh, residual: `core.context_choice`) for an equal part of
-PILOT_SHARE, and goes on with the one with the lowest validation loss on the round's held-back
-frames (a static sample gets a wide window, a moving one less or none); a pinned "A:B" skips
-the choice. What a round reads, holds back and validates on: `training_series`.
+PILOT_SHARE, and goes on with the one of lowest validation loss on the held-back frames (a
+pinned "A:B" skips the choice). What a round reads and holds back: `training_series`.
 """
 
 from __future__ import annotations
@@ -72,8 +71,7 @@ ROUND_SHARE = 0.9  # of `every_seconds` a round after the first model may take
 AFTER_STEPS_ROUNDS = 3  # rounds whose after-steps time bounds the next round's steps
 SHARED_SLOWDOWN = 2.0  # after-steps time beside a busy inference stage / with the machine alone
 LATE_ATTEMPT_SECONDS = 5.0  # an attempt this late still keeps its place in the schedule
-# Rounds train on acquisitions with frames stored within this long, or not denoised yet.
-RECENT_SECONDS = 12 * 3600.0
+RECENT_SECONDS = 12 * 3600.0  # rounds train on acquisitions with a frame this recent (or undone)
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,7 @@ class Trainer(Stage):
         self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
         self._busy = BusyTime(SHARE_WINDOW_SECONDS)  # when training steps ran
         self.working = WorkingSet(store, RECENT_SECONDS)  # what a round may train on
-        self._registration = ("", Registration())  # shifts measured in the last acquisition
+        self._registrations: dict[str, Registration] = {}  # shifts measured, by acquisition
 
     def work(self) -> bool:
         """Run a round when one is due, on the acquisition with the most new frames (ties, e.g.
@@ -157,9 +155,7 @@ class Trainer(Stage):
         name = chosen[0].name
         growth.clear()
         self._last_round = self._attempt_time(overdue)
-        if self._registration[0] != name:
-            self._registration = (name, Registration())
-        series, weights = read_series(*chosen, self.read_raw, self.camera, self._registration[1])
+        series, weights = read_series(*chosen, self.read_raw, self.camera, self._registrations)
         self._unreadable = not series.trained or not series.held_back
         if self._unreadable:
             return False  # every frame of one kind unreadable: wait for new frames or the clock

@@ -118,12 +118,16 @@ def read_series(
     window: Window,
     read_raw: Callable[[Acquisition, int], np.ndarray | None],
     camera: CameraFrames,
-    registration: Registration,
+    registrations: dict[str, Registration],
 ) -> tuple[Series, np.ndarray]:
     """The frames of `window` (see `usable_window`) as a `Series` (equalised, with their
-    read-noise variance, with camera maps; registered with `registration`, the acquisition's),
-    and the recency weights of its training frames; a frame `read_raw` cannot read (None) is
-    left out."""
+    read-noise variance, with camera maps), and the recency weights of its training frames; a
+    frame `read_raw` cannot read (None) is left out. Its windows are registered with the shifts
+    in `registrations` (acquisition name → `Registration`), which keeps only this acquisition's.
+    """
+    registration = registrations.pop(acquisition.name, None) or Registration()
+    registrations.clear()
+    registrations[acquisition.name] = registration
     trained, held_back = window
     first, last = min(trained + held_back), max(trained + held_back)
     frames = [None] * (last - first + 1)

@@ -397,5 +397,4 @@ def evaluate(
 
 
 def _size(stack: np.ndarray) -> str:
-    """ "512x512" for a (T, Y, X) stack."""
-    return "x".join(map(str, stack.shape[1:]))
+    return "x".join(map(str, stack.shape[1:]))  # "512x512" for a (T, Y, X) stack
