@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from pn2v_live.core.context import SPATIAL
+from pn2v_live.core.context import SPATIAL, Context, window
+from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import CameraNoiseModel
+from pn2v_live.core.synthetic import scene
 from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
 from pn2v_live.pipeline.camera_frames import CameraFrames
+from pn2v_live.pipeline.inference import InferenceScheduler, Job
 from pn2v_live.pipeline.trainer import Trainer, TrainerSettings
 from pn2v_live.pipeline.training_series import read_series
 from pn2v_live.pipeline.training_series import usable_window as _usable_window
@@ -95,4 +98,36 @@ def test_trainer_reads_equalised_frames_and_a_variance_channel(tmp_path, maps):
         assert trained_maps_id(metadata) == maps.content_id()  # what `denoise` checks
     finally:
         trainer.stop(timeout=60)
+        store.close()
+
+
+def test_inference_equalises_each_frame_where_it_was_on_the_sensor_before_registering(tmp_path):
+    maps = scmos_maps((64, 96), seed=5, offset_spread=20.0)
+    model = CameraNoiseModel.from_maps(maps, (100.0, 900.0))
+    camera = ScmosCamera(maps)
+    rng = np.random.default_rng(6)
+    electrons = scene((64, 160), rng, 5.0, 300.0)  # a field sliding 3 px per frame
+    raw = np.stack([camera.expose_electrons(electrons[:, 3 * t : 3 * t + 96], rng)
+                    for t in range(5)])  # fmt: skip
+    store = Store(tmp_path / "store")
+    registry = ModelRegistry(tmp_path / "store" / "models")
+    try:
+        acquisition = store.create("drifting", (64, 96), "uint16")
+        for t, frame in enumerate(raw):
+            acquisition.write_raw(t, frame)
+        torch.manual_seed(0)
+        denoiser = new_denoiser("pn2v", 500.0, 100.0, k=4, depth=2, features=8,
+                                context=Context(2, 0))  # fmt: skip
+        registry.promote(denoiser, validation_loss=1.0, training_frames=1, training_steps=1,
+                         noise_model_id=None)  # fmt: skip
+        stage = InferenceScheduler(store, registry, model, torch.device("cpu"),
+                                   camera=CameraFrames(model))  # fmt: skip
+        stage.load_current_model()
+        _, (stacked,), (variance,) = stage._read([Job(acquisition, 4, "new", Context(2, 0))])
+        region = maps.region((0, 0), (64, 96))
+        equalised = {t: region.equalise(frame) for t, frame in enumerate(raw)}
+        np.testing.assert_array_equal(stacked, window(equalised, 4, Context(2, 0)))
+        np.testing.assert_array_equal(variance, region.pixel_variance())
+        assert [int(np.isnan(c).sum()) for c in stacked] == [6 * 64, 3 * 64, 0]  # moved 6, 3 px
+    finally:
         store.close()

@@ -346,11 +346,14 @@ class InferenceScheduler(Stage):
             for n in job.window.frame_numbers(job.t):
                 if n != job.t and job.acquisition.is_stored(n):
                     frames[n] = self.read_raw(job.acquisition, n)
-            stacked, variance = self.camera.inputs(
-                job.acquisition, window(frames, job.t, context, job.window)
-            )
-            raws.append(stacked)
-            variances.append(variance)
+            inputs = {  # equalised where they were on the sensor, before registration moves them
+                n: self.camera.inputs(job.acquisition, frame)
+                for n, frame in frames.items()
+                if frame is not None
+            }
+            equalised = {n: frame for n, (frame, _) in inputs.items()}
+            raws.append(window(equalised, job.t, context, job.window))
+            variances.append(inputs[job.t][1])
         return readable, raws, variances
 
     def _check_calibration(self, acquisition: Acquisition, denoised: np.ndarray) -> None:
