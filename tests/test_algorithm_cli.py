@@ -77,12 +77,13 @@ def test_context_auto_trains_the_best_candidate_and_denoise_uses_its_window(came
     summary = json.loads(trained.stdout.strip().splitlines()[-1])
     denoiser, metadata = load_denoiser(model)
     losses = metadata["context_validation_loss"]
-    assert set(losses) == {"0:0", "1:1", "2:2"}  # 6 frames: the 7-frame window 3:3 is left out
+    assert set(losses) == {"0:0", "1:1"}  # 6 frames: the 7- and 11-frame windows are left out
     assert str(denoiser.context) == summary["context"] == min(losses, key=losses.get)
-    # the winner's pilot (2) and the 24 less the single frame's start (a quarter: 6) and 3
-    # pilots of 2; a temporal winner started fresh, the single frame after its start
+    # the winner's pilot (3: a quarter of 24 shared by 2) and the 24 less the single frame's
+    # start (a quarter: 6) and 2 pilots of 3; a temporal winner started fresh, the single frame
+    # after its start
     head_start = 6 if denoiser.context == Context(0, 0) else 0
-    assert summary["total_steps"] == head_start + 2 + 12
+    assert summary["total_steps"] == head_start + 3 + 12
     # denoise gives each frame its window of the whole stack, frames outside --frames included
     for extra, path in (([], output), (["--causal"], live)):
         pn2v_live("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(path),

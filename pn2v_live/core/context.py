@@ -73,7 +73,7 @@ class Context:
 
 
 SPATIAL = Context(0, 0)
-CANDIDATES = (SPATIAL, Context(1, 1), Context(2, 2), Context(3, 3))  # what "auto" chooses from
+CANDIDATES = (SPATIAL, Context(1, 1), Context(3, 3), Context(8, 2))  # what "auto" chooses from
 
 
 def window(
