@@ -40,6 +40,7 @@ from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import PRECISIONS, Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.noise.coverage import WARN_FRACTION
+from pn2v_live.core.registration import Registration
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.frame_failures import FrameFailures
@@ -141,6 +142,7 @@ class InferenceScheduler(Stage):
         self._client = None
         self._remote: tuple | None = None  # (denoiser, noise model) futures on the cluster
         self._warned: set[str] = set()  # acquisitions already warned about uncalibrated signal
+        self._registrations: dict[str, Registration] = {}  # shifts measured, working set only
         self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
         # The end of the warning about signal above the range (the daemon's refiner changes it).
         self.out_of_range_advice = (
@@ -215,11 +217,12 @@ class InferenceScheduler(Stage):
     def _next_jobs(self) -> tuple[list[Job], int]:
         """Up to `max_in_flight` frames to denoise next, and the number of frames with no twin.
 
-        Only the working set's acquisitions are looked at, and in them only frames without a
-        twin and the frames of recent acquisitions, so a pass stays cheap however many old
-        acquisitions the store holds.
-        """
+        Only the working set's acquisitions are looked at (and their measured frame shifts kept),
+        in them only frames without a twin and the frames of recent acquisitions, so a pass stays
+        cheap however many old acquisitions the store holds."""
         acquisitions = sorted(self.working.acquisitions(), key=lambda a: a.closed)  # live first
+        kept = {a.name for a in acquisitions}
+        self._registrations = {n: r for n, r in self._registrations.items() if n in kept}
         fresh = [
             Job(a, t, "new", self._window(a, t))
             for a in acquisitions
@@ -327,11 +330,10 @@ class InferenceScheduler(Stage):
         return self._client.gather(futures)
 
     def _read(self, jobs: list[Job]) -> tuple[list[Job], list[np.ndarray], list[np.ndarray | None]]:
-        """The jobs whose raw frame reads back, with those frames (or their temporal windows),
-        equalised with camera maps, and their read-noise variance (None without maps); a
-        damaged frame fails alone (counted in pn2v_live_frames_unreadable_total, tried again
-        on its back-off: `FrameFailures`) and is left out (as missing) of its neighbours'
-        windows (`Stage.read_raw`)."""
+        """The jobs whose raw frame reads back, with their registered windows of frames
+        equalised with camera maps, and their read-noise variance (None without maps); a damaged
+        frame fails alone (counted in pn2v_live_frames_unreadable_total, tried again on its
+        back-off: `FrameFailures`), missing from its neighbours' windows (`Stage.read_raw`)."""
         context = self._context
         readable, raws, variances = [], [], []
         for job in jobs:
@@ -352,7 +354,8 @@ class InferenceScheduler(Stage):
                 if frame is not None
             }
             equalised = {n: frame for n, (frame, _) in inputs.items()}
-            raws.append(window(equalised, job.t, context, job.window))
+            registration = self._registrations.setdefault(job.acquisition.name, Registration())
+            raws.append(window(equalised, job.t, context, job.window, registration))
             variances.append(inputs[job.t][1])
         return readable, raws, variances
 
