@@ -118,6 +118,10 @@ def test_live_replay_scores_what_the_daemon_stored(inputs, tmp_path):
     store.close()
     assert result["frames_denoised"] == len(gains) > 0
     assert result["final_gain_db"] == pytest.approx(np.mean(list(gains.values())), abs=2e-4)
+    final = result["final_gains_db"]
+    assert len(final) == FRAMES
+    for t in range(FRAMES):
+        assert final[t] == (pytest.approx(gains[t], abs=2e-4) if t in gains else None)
     assert result["final_gain_drift_corrected_db"] == pytest.approx(
         np.mean(list(corrected_gains.values())), abs=2e-4
     )
@@ -161,6 +165,11 @@ def test_live_replay_scores_what_the_daemon_stored(inputs, tmp_path):
     assert result["offline_steps"] == result["training_steps"]
     assert np.isfinite(result["offline_gain_db"])
     assert np.isfinite(result["offline_gain_drift_corrected_db"])
+    offline = result["offline_gains_db"]
+    assert result["offline_gain_db"] == pytest.approx(np.mean(offline), abs=1e-3)
+    short = [off - gains.get(t, 0.0) for t, off in enumerate(offline)]
+    assert result["offline_shortfall_max_db"] == pytest.approx(max(short), abs=1e-3)
+    assert result["frames_within_1db_of_offline"] == sum(gap <= 1.0 for gap in short)
     assert (keep / "serve.log").is_file()
 
 

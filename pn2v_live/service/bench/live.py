@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 ACQUISITION = "live"
 GOOD_GAIN_DB = 3.0  # a twin this much above its raw frame (PSNR) is "good"
+SHORTFALL_DB = 1.0  # a final twin this close to the offline one (gain over raw) is "as good"
 POLL_SECONDS = 0.5  # store polling period: the resolution of every *_s result
 
 Log = Callable[[str], None]
@@ -134,7 +135,8 @@ def offline_gains(
 ) -> dict[str, Any]:
     """Train PN2V offline on the replayed frames for `steps` steps with the daemon's settings
     (`config`: its `Config`; `context`: the window its final model chose), denoise every frame
-    with the whole window, and return the mean gains over raw (dB)."""
+    with the whole window, and return the gains over raw (dB): their means, and per frame
+    ("offline_gains_db", in frame order) for the comparison with the daemon's final twins."""
     import torch
 
     from pn2v_live.core.context import Windows, window
@@ -171,6 +173,7 @@ def offline_gains(
     return {
         "offline_gain_db": round(float(np.mean(gains)), 4),
         "offline_gain_drift_corrected_db": round(float(np.mean(corrected)), 4),
+        "offline_gains_db": [round(float(gain), 4) for gain in gains],
         "offline_steps": steps,
         "offline_context": str(context),
         "offline_seconds": round(time.monotonic() - started, 1),
@@ -205,6 +208,10 @@ def summarise(twins: list[Twin], final: dict[int, Twin], reference: Reference) -
         "min_gain_drift_corrected_db": lowest([twin.gain_drift_corrected_db for twin in twins]),
         "final_gain_db": mean([twin.gain_db for twin in last]),
         "final_gain_drift_corrected_db": mean([twin.gain_drift_corrected_db for twin in last]),
+        "final_gains_db": [
+            None if t not in final else round(final[t].gain_db, 4)
+            for t in range(len(reference.raw))
+        ],
         "final_psnr_db": mean([twin.psnr_db for twin in last]),
         "raw_psnr_db": mean([score[0] for score in raw]),
         "raw_psnr_drift_corrected_db": mean([score[1] for score in raw]),
@@ -353,8 +360,9 @@ def _offline(
     result: dict[str, Any],
     log: Log,
 ) -> dict[str, Any]:
-    """`offline_gains` for the daemon's final model's steps and window; nulls (with a
-    reason) when the daemon promoted no trained model."""
+    """`offline_gains` for the daemon's final model's steps and window, and per frame how far
+    the daemon's final twin falls short of the offline one (`shortfalls`); nulls (with a reason)
+    when the daemon promoted no trained model."""
     from pn2v_live.storage.registry import ModelRegistry
 
     version, steps = result["model_version"], result["training_steps"]
@@ -362,4 +370,18 @@ def _offline(
         log(json.dumps({"offline": "skipped: the daemon promoted no trained model"}))
         return {"offline_gain_db": None, "offline_gain_drift_corrected_db": None}
     denoiser, _ = ModelRegistry(config.store.root / "models").load(version)  # daemon stopped
-    return offline_gains(reference, noise_model, config, denoiser.context, steps, log)
+    offline = offline_gains(reference, noise_model, config, denoiser.context, steps, log)
+    return offline | shortfalls(result["final_gains_db"], offline["offline_gains_db"])
+
+
+def shortfalls(final: list[float | None], offline: list[float]) -> dict[str, Any]:
+    """How far each frame's final twin falls short of its offline twin, in dB of gain over raw
+    (positive: the live result is worse; a frame without a twin falls short by its whole offline
+    gain): the largest shortfall, and how many frames are within SHORTFALL_DB."""
+    short = [
+        off - (0.0 if live is None else live) for live, off in zip(final, offline, strict=True)
+    ]
+    return {
+        "offline_shortfall_max_db": round(max(short), 4),
+        "frames_within_1db_of_offline": sum(gap <= SHORTFALL_DB for gap in short),
+    }
