@@ -64,8 +64,9 @@ SIGNAL_OUT_OF_CALIBRATION = Gauge(
 )
 NOISE_MODEL_REFINEMENTS = Counter(
     "pn2v_live_noise_model_refinements_total",
-    "Attempts to refine the noise model from the stream's (denoised, raw) pairs above its range; "
-    "outcome is refined (a new noise-model version is in use) or refused (reason logged)",
+    "Attempts to refine the noise model from the stream's (signal estimate, raw) pairs above "
+    "its range; outcome is refined (a new noise-model version is in use) or refused (reason "
+    "logged)",
     ["outcome"],
 )
 for _outcome in ("refined", "refused"):

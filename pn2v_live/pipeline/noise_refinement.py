@@ -1,9 +1,13 @@
 """Refining the noise model from the stream when its signal goes above the calibrated range.
 
-When more than WARN_FRACTION of a denoised frame lies above the noise model's signal range, the
-frame's (MMSE estimate = denoised twin, raw) pairs are gathered, as `calibrate --bootstrap` uses
-(N2V prediction, raw) pairs. Once enough are in (`RefinementSettings`), the model is refined
-from them (`core.noise.refinement`), at most once per `every_frames` and `every_seconds`.
+The stage follows the stored raw frames (`WorkingSet`), at most one frame per `gather_seconds`,
+newest first. A frame's signal estimate is the mean of the other frames of its WINDOW, registered
+onto it (`core.noise.refinement.other_frames_mean`): it needs no model, so refinement can come
+before the first trained model, and a calibration so poor that no model trained with it is ever
+good enough to show is repaired all the same. When more than WARN_FRACTION of that estimate lies
+above the noise model's signal range, the frame's (estimate, raw) pairs are gathered. Once
+enough are in (`RefinementSettings`), the model is refined from them (`core.noise.refinement`),
+at most once per `every_frames` frames and `every_seconds`.
 
 Each refinement is a new version in the store (`NoiseModelVersions`), handed to the trainer and
 inference (`use_noise_model` on each), logged, counted in
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +27,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from pn2v_live.core.context import Context, window
 from pn2v_live.core.noise import (
     NoiseModel,
     RefinedNoiseModel,
@@ -34,18 +39,24 @@ from pn2v_live.core.noise.refinement import (
     RefinementRefused,
     calibrated_part,
     join_range,
+    other_frames_mean,
     refine_noise_model,
 )
+from pn2v_live.core.registration import Registration
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.noise_model_versions import NoiseModelVersions
+from pn2v_live.storage.store import Store
+from pn2v_live.storage.working_set import WorkingSet
 from pn2v_live.telemetry import NOISE_MODEL_REFINEMENTS, NOISE_MODEL_SIGNAL_MAX
 
 MAX_BUFFERED_PAIRS = 2_000_000  # pairs kept for the next refinement (newest frames win)
 # A refused attempt doubles the frames the next one waits for, up to 2**6 × every_frames, so a
 # calibration that needs no refinement does not cost a fit every few minutes.
 MAX_BACKOFF_DOUBLINGS = 6
-QUEUE_FRAMES = 1024  # frames waiting to be gathered (oldest dropped beyond)
+WINDOW = Context(8, 2)  # the frames whose registered mean estimates a frame's signal
+RECENT_FRAMES = 64  # only an acquisition's newest ready frames are gathered ...
+RECENT_SECONDS = 600.0  # ... of acquisitions given a raw frame within this time
 
 ModelListener = Callable[[NoiseModel, str], None]
 Pairs = tuple[torch.Tensor, torch.Tensor]
@@ -56,11 +67,15 @@ T = TypeVar("T")
 class RefinementSettings:
     """At most one refinement per `every_frames` frames with signal above the range and per
     `every_seconds`, and only with `min_pairs` pairs above it; after n refusals in a row the
-    next attempt waits for 2**n times the frames (at most 2**MAX_BACKOFF_DOUBLINGS)."""
+    next attempt waits for 2**n times the frames (at most 2**MAX_BACKOFF_DOUBLINGS). At most
+    one frame is gathered per `gather_seconds` (each costs reading its window's frames and
+    registering them onto it), so the stage's share of the CPU does not grow with the camera's
+    frame rate."""
 
-    every_frames: int = 50
+    every_frames: int = 16  # as many as a first model waits for, so both can come together
     every_seconds: float = 300.0
     min_pairs: int = DEFAULT_MIN_PAIRS
+    gather_seconds: float = 1.0
 
 
 class Handover(Generic[T]):
@@ -86,12 +101,13 @@ def on_device(model: NoiseModel, device: torch.device | str) -> NoiseModel:
 
 
 class NoiseRefiner(Stage):
-    """Gathers the pairs of frames whose signal goes above the noise model's range (`offer`,
-    called after each denoised frame) and refines the model when `settings` allow (see the
-    module docstring); `listeners` get every new model and its id."""
+    """Gathers the pairs of stored frames whose signal goes above the noise model's range and
+    refines the model when `settings` allow (see the module docstring); `listeners` get every
+    new model and its id."""
 
     def __init__(
         self,
+        store: Store,
         versions: NoiseModelVersions,
         model: NoiseModel,
         model_id: str,
@@ -105,22 +121,16 @@ class NoiseRefiner(Stage):
         self.listeners = list(listeners)
         self.refinements = 0  # refinements by this process
         self.last: dict[str, Any] | None = None  # the latest refinement (or refusal) record
-        self._queue: deque[tuple[Acquisition, int]] = deque(maxlen=QUEUE_FRAMES)
-        self._lock = threading.Lock()
-        # (acquisition, t) → (denoised, raw) values from the join range up, oldest first
+        self.working = WorkingSet(store, RECENT_SECONDS)
+        self._looked_at: dict[str, set[int]] = {}  # frames already gathered or passed over
+        self._registrations: dict[str, Registration] = {}  # shifts measured, working set only
+        self._last_gather = -float("inf")
+        # (acquisition, t) → (estimate, raw) values from the join range up, oldest first
         self._pairs: OrderedDict[tuple[str, int], Pairs] = OrderedDict()
         self._last_attempt = -float("inf")
         self._frames = 0  # frames gathered since the last attempt
         self._refused = 0  # attempts refused in a row: each doubles the frames the next needs
         NOISE_MODEL_SIGNAL_MAX.set(model.signal_range[1])
-
-    def offer(self, acquisition: Acquisition, t: int, denoised: np.ndarray) -> None:
-        """Note frame `t` for its pairs when its denoised twin goes above the model's signal
-        range (cheap; called by inference after it writes a twin)."""
-        top = self.model.signal_range[1]
-        if float(np.mean(denoised > top)) > WARN_FRACTION:
-            with self._lock:
-                self._queue.append((acquisition, t))
 
     def status(self) -> dict[str, Any]:
         """What the daemon's status shows about the noise model in use."""
@@ -135,37 +145,68 @@ class NoiseRefiner(Stage):
         }
 
     def work(self) -> bool:
-        with self._lock:
-            offered = list(self._queue)
-            self._queue.clear()
-        for acquisition, t in offered:
-            self._gather(acquisition, t)
-            self.beat()
+        gathered = False
+        if time.monotonic() - self._last_gather >= self.settings.gather_seconds:
+            gathered = self._gather_next()
         if not self._due():
-            return bool(offered)
+            return gathered
         self._refine()
         return True
 
+    def _gather_next(self) -> bool:
+        """Look at the newest ready frame not yet looked at, of the first acquisition that has
+        one; whether there was one."""
+        acquisitions = self.working.acquisitions()
+        names = {a.name for a in acquisitions}
+        for kept in (self._looked_at, self._registrations):
+            for name in set(kept) - names:
+                del kept[name]
+        for acquisition in acquisitions:
+            t = self._next_frame(acquisition)
+            if t is not None:
+                self._last_gather = time.monotonic()
+                self._gather(acquisition, t)
+                return True
+        return False
+
+    def _next_frame(self, acquisition: Acquisition) -> int | None:
+        """The newest of `acquisition`'s last RECENT_FRAMES frames whose window is stored (its
+        WINDOW.after later frames, unless the acquisition is closed) and not yet looked at."""
+        ready = acquisition.valid_t if acquisition.closed else acquisition.valid_t - WINDOW.after
+        oldest = max(0, ready - RECENT_FRAMES)
+        looked_at = {n for n in self._looked_at.get(acquisition.name, ()) if n >= oldest}
+        self._looked_at[acquisition.name] = looked_at
+        t = next((n for n in range(ready - 1, oldest - 1, -1) if n not in looked_at), None)
+        if t is not None:
+            looked_at.add(t)
+        return t
+
     def _gather(self, acquisition: Acquisition, t: int) -> None:
-        """Keep frame t's pairs with signal from the join range up (newest frames first)."""
-        raw = self.read_raw(acquisition, t)
-        if raw is None:
+        """Keep frame t's (estimate, raw) pairs from the join range up when more than
+        WARN_FRACTION of its estimate lies above the model's range (newest frames first)."""
+        frames = {
+            number: frame
+            for number in WINDOW.frame_numbers(t)
+            if 0 <= number < acquisition.valid_t
+            and (frame := self.read_raw(acquisition, number)) is not None
+        }
+        if t not in frames:
             return
-        try:
-            denoised = acquisition.read_denoised(t)
-        except Exception as error:  # a damaged chunk: this frame simply gives no pairs
-            self.log.warning("denoised frame %d does not read back: %s", t, error)
-            return
-        if denoised is None:
+        registration = self._registrations.setdefault(acquisition.name, Registration())
+        estimate = other_frames_mean(window(frames, t, WINDOW, registration=registration),
+                                     WINDOW.before)  # fmt: skip
+        seen = np.isfinite(estimate)
+        top = self.model.signal_range[1]
+        if not seen.any() or float(np.mean(estimate[seen] > top)) <= WARN_FRACTION:
             return
         low, _ = join_range(calibrated_part(self.model))
-        keep = denoised >= low
+        keep = seen & (estimate >= low)
         key = (acquisition.name, t)
         self._pairs.pop(key, None)
         self._frames += 1
         self._pairs[key] = (
-            torch.from_numpy(np.ascontiguousarray(denoised[keep], dtype=np.float32)),
-            torch.from_numpy(np.ascontiguousarray(raw[keep], dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(estimate[keep], dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(frames[t][keep], dtype=np.float32)),
         )
         while sum(len(s) for s, _ in self._pairs.values()) > MAX_BUFFERED_PAIRS:
             self._pairs.popitem(last=False)
@@ -256,7 +297,7 @@ class NoiseRefiner(Stage):
         NOISE_MODEL_SIGNAL_MAX.set(refined.signal_range[1])
         self.log.info(
             "noise model refined: %d frames went above its signal range %.0f–%.0f ADU, so %d "
-            "(denoised, raw) pairs from %.0f ADU up were fitted; version %s (from %s) covers "
+            "(estimate, raw) pairs from %.0f ADU up were fitted; version %s (from %s) covers "
             "%.0f–%.0f ADU, stored in %s (%.1f s)",
             len(keys),
             *previous,

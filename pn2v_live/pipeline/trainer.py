@@ -67,7 +67,7 @@ from pn2v_live.telemetry import TRAINER_STATE, TRAINING_LOSS, TRAINING_ROUNDS, V
 
 HISTORY_ROUNDS = 1000  # rounds kept in `history` for the viewer's loss plot
 SHARE_WINDOW_SECONDS = 60.0  # training's share of time is measured over this much of the past
-ROUND_SHARE = 0.9  # of `every_seconds` a round after the first model may take
+ROUND_SHARE = 0.85  # of `every_seconds` a round after the first model may take
 AFTER_STEPS_ROUNDS = 3  # rounds whose after-steps time bounds the next round's steps
 SHARED_SLOWDOWN = 2.0  # after-steps time beside a busy inference stage / with the machine alone
 LATE_ATTEMPT_SECONDS = 5.0  # an attempt this late still keeps its place in the schedule

@@ -51,7 +51,7 @@ MAX_BATCH = 4096  # patches per training step
 MAX_K = 4096  # prior samples per pixel (the paper uses 800)
 MAX_IN_FLIGHT = 1024  # frames denoised at once
 MAX_VERSIONS = 1_000_000  # model versions kept
-MAX_PAIRS = 10_000_000_000  # (denoised, raw) pixel pairs a noise-model refinement needs
+MAX_PAIRS = 10_000_000_000  # (signal estimate, raw) pixel pairs a noise-model refinement needs
 MAX_BACKFILL_HOURS = 24 * 366.0  # a year
 MAX_GAIN_DB = 100.0  # |trainer.min_gain_db|
 
@@ -170,9 +170,9 @@ class NoiseModelConfig(Section):
     path: Path = Path("noise-model.pt")
     refine: Bool = True  # refine it from the stream when the signal goes above its range
     # at most one refinement per this many frames ... and per this many seconds
-    refine_every_frames: Int = Field(50, gt=0, le=MAX_FRAMES)
+    refine_every_frames: Int = Field(16, gt=0, le=MAX_FRAMES)
     refine_every_seconds: Number = Field(300.0, ge=0, le=MAX_SECONDS)
-    # (denoised, raw) pairs above the range needed
+    # (signal estimate, raw) pairs above the range needed
     refine_min_pairs: Int = Field(10_000, ge=1000, le=MAX_PAIRS)
 
 

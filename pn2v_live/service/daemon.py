@@ -22,7 +22,7 @@ from pn2v_live.core.noise import NoiseModel
 from pn2v_live.errors import UserError, writable_folder
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.folder_source import FolderSource
-from pn2v_live.pipeline.inference import FrameListener, InferenceScheduler
+from pn2v_live.pipeline.inference import InferenceScheduler
 from pn2v_live.pipeline.noise_refinement import NoiseRefiner, RefinementSettings, on_device
 from pn2v_live.pipeline.publisher import DenoisedPublisher
 from pn2v_live.pipeline.stage import Liveness
@@ -135,11 +135,10 @@ class Daemon:
         self._start_metrics()
         self._start_publisher()
         self._start_viewer()
-        if self.refiner is not None:  # after the publisher: both see every denoised frame
-            self.inference.on_frame = _and_offer(self.inference.on_frame, self.refiner.offer)
+        if self.refiner is not None:
             self.inference.out_of_range_advice = (
                 "the noise model will be refined from the stream once enough such frames are "
-                "denoised (noise_model.refine; a log line says when)"
+                "stored (noise_model.refine; a log line says when)"
             )
         # Closers run last-in first-out: at shutdown the sources stop accepting first, then the
         # trainer abandons its round, then inference finishes its in-flight frames.
@@ -170,7 +169,7 @@ class Daemon:
 
     def _start_refiner(self, noise_model: NoiseModel, noise_model_id: str) -> None:
         """The stage that refines the noise model from the stream (`noise_model.refine`); it
-        sees every denoised frame and hands new versions to inference and the trainer."""
+        follows the stored frames and hands new versions to inference and the trainer."""
         c = self.config.noise_model
         self._noise_model_status = {
             "id": noise_model_id,
@@ -182,6 +181,7 @@ class Daemon:
         if not self.refine:
             return
         self.refiner = NoiseRefiner(
+            self.store,
             self.noise_versions,
             noise_model,
             noise_model_id,
@@ -362,17 +362,6 @@ class Daemon:
         """systemd's STATUS= (`daemon_status.status_line`)."""
         status = self.status()
         return status_line(status, self.health() if reports is None else reports)
-
-
-def _and_offer(listener: FrameListener | None, offer: Callable) -> FrameListener:
-    """A frame listener calling `listener` (if any), then `offer(acquisition, t, denoised)`."""
-
-    def on_frame(acquisition, t, denoised, version):
-        if listener is not None:
-            listener(acquisition, t, denoised, version)
-        offer(acquisition, t, denoised)
-
-    return on_frame
 
 
 def serve(config: Config) -> None:

@@ -1,5 +1,5 @@
 """A calibrated noise model extended above its calibrated range by a fit to the stream's own
-(denoised, raw) pairs: the daemon's answer to samples brighter than the calibration.
+(signal estimate, raw) pairs: the daemon's answer to samples brighter than the calibration.
 
     p(x | s) = (1 − w(s)) · p_calibrated(x | s) + w(s) · p_stream(x | s)
 

@@ -1,15 +1,19 @@
 """Refining a calibrated noise model from the stream's (signal estimate, raw) pairs above its
 signal range.
 
-The calibration rarely covers the brightest signal of later experiments. `refine_noise_model`
-fits a hybrid model (`core.calibration.fit_models`) to the stream's (denoised twin, raw) pairs
-from the top OVERLAP_FRACTION of the calibrated range upwards and joins it to the calibrated
-model across that overlap (`RefinedNoiseModel`), after rescaling the pairs' spread to match the
-calibration in that overlap. It refuses when the pairs' noise in the overlap disagrees with the
-calibration by more than MAX_OVERLAP_VARIANCE_RATIO (a young model's twins that still hold, or
-smooth away, part of the noise), and when the refined model does not explain held-back pairs
-above the range better than the model in use (e.g. a Poisson–Gaussian calibration that
-extrapolates well already).
+The calibration rarely covers the brightest signal of later experiments. The stream's signal
+estimate of a frame is the mean of the other frames of its registered window
+(`other_frames_mean`): noise is independent from frame to frame, so for a static scene that
+estimate shares none of the frame's noise and needs no model, neither the noise model being
+refined nor a network trained with it. `refine_noise_model` fits a hybrid model
+(`core.calibration.fit_models`) to the (estimate, raw) pairs from the top OVERLAP_FRACTION of the
+calibrated range upwards and joins it to the calibrated model across that overlap
+(`RefinedNoiseModel`), after rescaling the pairs' spread to match the calibration in that overlap
+(the estimate's own noise, σ²/n for n frames, adds to the spread). It refuses when the pairs'
+spread in the overlap disagrees with the calibration by more than MAX_OVERLAP_VARIANCE_RATIO (a
+scene that moves or changes between frames), and when the refined model does not explain
+held-back pairs above the range better than the model in use (e.g. a Poisson–Gaussian or hybrid
+calibration that extrapolates well already).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ MIN_NLL_GAIN = 0.005  # nats per pixel it must gain on them over the model in us
 MIN_BINS = 16  # histogram rows of the stream's fit, at least ...
 MAX_BINS = 256  # ... and at most; else one per MIN_PAIRS_PER_ROW pairs
 DEFAULT_MIN_PAIRS = 10_000  # pairs above the calibrated range needed to refine
+MIN_OTHER_FRAMES = 4  # other frames that must see a pixel for their mean to estimate its signal
 
 
 class RefinementRefused(ValueError):
@@ -52,6 +57,16 @@ def join_range(calibrated: NoiseModel) -> tuple[float, float]:
     """Signal span (ADU) where a refined model blends from `calibrated` to the stream's fit."""
     low, high = calibrated.signal_range
     return high - OVERLAP_FRACTION * (high - low), high
+
+
+def other_frames_mean(window: np.ndarray, centre: int) -> np.ndarray:
+    """(Y, X) mean of the (channels, Y, X) registered `window`'s frames other than channel
+    `centre` (NaN entries left out), NaN where fewer than MIN_OTHER_FRAMES of them see the pixel:
+    the signal estimate of frame `centre` (module docstring)."""
+    others = np.delete(np.asarray(window, dtype=np.float32), centre, axis=0)
+    seen = np.isfinite(others).sum(0)
+    mean = np.nansum(others, axis=0) / np.maximum(seen, 1)
+    return np.where(seen >= MIN_OTHER_FRAMES, mean, np.nan).astype(np.float32)
 
 
 def noise_variance(model: NoiseModel, signal: float, points: int = 8193) -> float:
@@ -73,13 +88,12 @@ def refine_noise_model(
     """`current`'s calibrated model below its join range, a hybrid fit of the (signal,
     observation) pairs from the join range upwards above it (see the module docstring).
 
-    `signal` are the stream's signal estimates (denoised twins), `observation` the raw values,
-    any matching shapes. A denoised twin holds a little of its pixel's own noise (the MMSE
-    weighs the observation in) and errs a little, so the spread of x − s is not quite the
-    noise's: it is rescaled by the ratio measured in the overlap, where the calibration is
-    trusted, which also makes the two parts meet. HELD_OUT_FRACTION of the pairs are kept back,
-    and the refined model must explain those above `current`'s range better than `current`
-    does.
+    `signal` are the stream's signal estimates (`other_frames_mean`, or any estimate that errs
+    a little), `observation` the raw values, any matching shapes. An estimate's own error adds
+    to the spread of x − s, so that spread is not quite the noise's: it is rescaled by the ratio
+    measured in the overlap, where the calibration is trusted, which also makes the two parts
+    meet. HELD_OUT_FRACTION of the pairs are kept back, and the refined model must explain those
+    above `current`'s range better than `current` does.
 
     Raises RefinementRefused saying why when there are fewer than `min_pairs` pairs above the
     range, too few in the overlap, a noise ratio there beyond MAX_OVERLAP_VARIANCE_RATIO, or no
@@ -108,9 +122,9 @@ def refine_noise_model(
     ratio = float(residual.var()) / noise_variance(calibrated, level)
     if not 1 / MAX_OVERLAP_VARIANCE_RATIO <= ratio <= MAX_OVERLAP_VARIANCE_RATIO:
         raise RefinementRefused(
-            f"in the overlap with the calibration (around {level:.0f} ADU) the denoised frames "
-            f"leave {ratio:.2f}× the calibrated noise variance; the model's estimates are not yet "
-            "good enough to measure the noise from"
+            f"in the overlap with the calibration (around {level:.0f} ADU) the signal estimates "
+            f"leave {ratio:.2f}× the calibrated noise variance: the scene changes too much "
+            "between frames to measure the noise from"
         )
     observation = signal + (observation - signal) / math.sqrt(ratio)
     held = torch.rand(signal.numel(), generator=torch.Generator().manual_seed(0))
