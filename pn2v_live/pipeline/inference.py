@@ -344,14 +344,10 @@ class InferenceScheduler(Stage):
                 self.frame_failures.failed(job.acquisition.name, job.t, error, "reading")
                 continue
             readable.append(job)
-            frames = {job.t: raw}
-            for n in job.window.frame_numbers(job.t):
-                if n != job.t and job.acquisition.is_stored(n):
-                    frames[n] = self.read_raw(job.acquisition, n)
+            others = (n for n in job.window.frame_numbers(job.t) if n != job.t)
+            frames = {job.t: raw, **self.read_stored(job.acquisition, others)}
             inputs = {  # equalised where they were on the sensor, before registration moves them
-                n: self.camera.inputs(job.acquisition, frame)
-                for n, frame in frames.items()
-                if frame is not None
+                n: self.camera.inputs(job.acquisition, frame) for n, frame in frames.items()
             }
             equalised = {n: frame for n, (frame, _) in inputs.items()}
             registration = self._registrations.setdefault(job.acquisition.name, Registration())

@@ -184,12 +184,7 @@ class NoiseRefiner(Stage):
     def _gather(self, acquisition: Acquisition, t: int) -> None:
         """Keep frame t's (estimate, raw) pairs from the join range up when more than
         WARN_FRACTION of its estimate lies above the model's range (newest frames first)."""
-        frames = {
-            number: frame
-            for number in WINDOW.frame_numbers(t)
-            if 0 <= number < acquisition.valid_t
-            and (frame := self.read_raw(acquisition, number)) is not None
-        }
+        frames = self.read_stored(acquisition, WINDOW.frame_numbers(t))
         if t not in frames:
             return
         registration = self._registrations.setdefault(acquisition.name, Registration())

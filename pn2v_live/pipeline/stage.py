@@ -24,6 +24,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,6 +335,13 @@ class Stage:
                 extra={"acquisition": acquisition.name},
             )
             return None
+
+    def read_stored(
+        self, acquisition: Acquisition, numbers: Iterable[int]
+    ) -> dict[int, np.ndarray]:
+        """{t: raw frame} of the frames `numbers` that are stored and read back (`read_raw`)."""
+        frames = {t: self.read_raw(acquisition, t) for t in numbers if acquisition.is_stored(t)}
+        return {t: frame for t, frame in frames.items() if frame is not None}
 
     def liveness(self, max_silence: float) -> Liveness:
         """This stage's state for the health check (see `Liveness`)."""
