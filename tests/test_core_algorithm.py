@@ -190,6 +190,26 @@ def test_best_spread_is_the_maximum_likelihood_width_of_a_gaussian_prior():
     assert best_spread(m[:, None] + 3 * z[None, :], x, gaussian(2.0)) == pytest.approx(1, abs=0.1)
 
 
+def test_best_spread_evaluates_the_likelihood_a_chunk_of_pixels_at_a_time():
+    # The round's held-back pixels at K = 800 make (P, K) temporaries of hundreds of MB: the
+    # search sums the loss over `chunk` rows at a time and lands where one chunk of all does.
+    generator = torch.Generator().manual_seed(4)
+    m = 100 + 50 * torch.rand(1000, generator=generator)
+    x = m + 3 * torch.randn(1000, generator=generator)
+    samples = m[:, None] + 10 * torch.randn(1000, 64, generator=generator)
+    widths = []
+
+    class Recording(PoissonGaussianNoiseModel):
+        def log_likelihood(self, observation, signal):
+            widths.append(len(signal))
+            return super().log_likelihood(observation, signal)
+
+    noise = Recording(gain=0.0, offset=0.0, read_noise=3.0, signal_range=(0, 1e3))
+    chunked = best_spread(samples, x, noise, chunk=96)
+    assert max(widths) == 96 and min(widths) == 1000 % 96
+    assert chunked == best_spread(samples, x, noise, chunk=len(samples))
+
+
 def test_fitting_the_spread_scales_every_sample_about_the_prior_mean():
     torch.manual_seed(7)
     denoiser = new_denoiser("pn2v", mean=200, std=40, k=64, features=8)

@@ -33,6 +33,7 @@ VALIDATION_SEED = 12345
 # by Eq. 7 alone (`Training.fit_prior_spread`).
 MEAN_WEIGHT = 1.0
 SPREAD_SCALES = np.geomspace(0.02, 2.0, 41)  # the prior spreads `fit_prior_spread` tries
+SPREAD_CHUNK = 2048  # pixels per likelihood evaluation of `best_spread`
 
 
 class Training:
@@ -213,6 +214,7 @@ def best_spread(
     scales: Sequence[float] = SPREAD_SCALES,
     read_variance: torch.Tensor | None = None,
     stride: int = 4,
+    chunk: int = SPREAD_CHUNK,
 ) -> float:
     """The factor of `scales` for which the (P, K) ADU prior samples, scaled about their mean,
     give the lowest Eq. 7 loss for the (P,) observations (the prior's maximum-likelihood
@@ -221,15 +223,21 @@ def best_spread(
 
     Searched coarse to fine: every `stride`-th factor, then the factors around the best of
     those, so a round evaluates the loss (P·K likelihoods) about a third as often as for every
-    factor; the loss as a function of the spread has one minimum at this resolution."""
+    factor; the loss as a function of the spread has one minimum at this resolution. The loss
+    is summed over `chunk` pixels at a time, so its temporaries are (chunk, K), not (P, K)."""
     mean = samples.mean(dim=1, keepdim=True)
-    deviation = samples - mean
+    rows = [slice(start, start + chunk) for start in range(0, len(samples), chunk)]
     losses: dict[float, float] = {}
 
     def loss_at(factor: float) -> float:
         if factor not in losses:
-            scaled = mean + factor * deviation
-            losses[factor] = float(pn2v_loss(scaled, observations, noise_model, read_variance))
+            total = 0.0
+            for r in rows:
+                scaled = mean[r] + factor * (samples[r] - mean[r])
+                variance = None if read_variance is None else read_variance[r]
+                loss = pn2v_loss(scaled, observations[r], noise_model, variance)
+                total += float(loss) * len(scaled)
+            losses[factor] = total / len(samples)
         return losses[factor]
 
     factors = [float(s) for s in scales]
