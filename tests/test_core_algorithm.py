@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pn2v_live.core.context import Context
 from pn2v_live.core.inference import denoise, posterior_summaries
 from pn2v_live.core.losses import pn2v_loss
 from pn2v_live.core.masking import n2v_mask
@@ -273,6 +274,28 @@ def test_compiled_mmse_compiles_once_whatever_leaves_the_table():
         np.testing.assert_allclose(fused["denoised"], eager["denoised"], rtol=1e-4, atol=1e-3)
     assert counters["frames"]["total"] - compiled_before <= 2
     assert not counters["graph_break"], list(counters["graph_break"])
+
+
+def test_compiled_mmse_compiles_each_noise_model_once_for_plain_and_residual_models():
+    """The daemon swaps noise models as it refines them, and serves spatial and residual
+    temporal models: each noise model gets one kernel, shared by both kinds of model, and
+    compiling goes on past torch's recompile limit (8), which would fall back to the slow path."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(12)
+    plain = new_denoiser("pn2v", mean=200, std=40, k=16, features=4)
+    residual = new_denoiser("pn2v", mean=200, std=40, k=16, features=4, context=Context(1, 1))
+    window = np.random.default_rng(12).normal(200, 40, size=(3, 24, 20)).astype(np.float32)
+    for gain in range(1, 11):
+        model = PoissonGaussianNoiseModel(gain, 100.0, 3.0, (0.0, 400.0))
+        graphs = counters["stats"]["unique_graphs"]
+        fused = denoise(plain, window[1], model, chunk_elements=1600, compiled=True)
+        eager = denoise(plain, window[1], model, chunk_elements=1600)
+        np.testing.assert_allclose(fused["denoised"], eager["denoised"], rtol=1e-4, atol=1e-3)
+        fused = denoise(residual, window, model, chunk_elements=1600, compiled=True)
+        eager = denoise(residual, window, model, chunk_elements=1600)
+        np.testing.assert_allclose(fused["denoised"], eager["denoised"], rtol=1e-4, atol=1e-3)
+        assert counters["stats"]["unique_graphs"] == graphs + 1, f"gain {gain}"
 
 
 def test_learning_rate_follows_a_cosine_over_the_step_budget():

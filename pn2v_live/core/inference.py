@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -95,8 +96,9 @@ def denoise(
     multiple = net.size_multiple
     padded = _pad_to_multiple(frame, multiple)
     centre = padded[denoiser.context.before]
-    # (H', W') ADU for a residual window; None skips a pass over every (pixels, K) chunk
-    offset = denoiser.prior_offset(padded[None])[0] if denoiser.residual else None
+    # (H', W') ADU for a residual window. Eager, None skips a pass over every (pixels, K) chunk;
+    # compiled, the zeros of other models cost nothing and one kernel serves every model.
+    offset = denoiser.prior_offset(padded[None])[0] if denoiser.residual or compiled else None
     variance = None
     if read_variance is not None:
         variance = torch.as_tensor(np.ascontiguousarray(read_variance, np.float32)).to(device)
@@ -203,13 +205,20 @@ def _chunk_summaries(
     if not compiled or _COMPILE_FAILED:
         return summarise
     key = (id(noise_model), outputs)
-    if key not in _COMPILED:
-        _COMPILED.clear()  # one noise model at a time: a hot-swapped model replaces the old kernel
-        _COMPILED[key] = _with_eager_fallback(torch.compile(summarise, dynamic=False), summarise)
-    return _COMPILED[key]
+    with _COMPILE_LOCK:  # frames denoised at once share one kernel
+        if key not in _COMPILED:
+            # One noise model at a time: a hot-swapped model replaces the old kernel, and
+            # dynamo forgets the old ones, or past its recompile limit (8) it would run eager.
+            _COMPILED.clear()
+            torch.compiler.reset()
+            _COMPILED[key] = _with_eager_fallback(
+                torch.compile(summarise, dynamic=False), summarise
+            )
+        return _COMPILED[key]
 
 
 _COMPILED: dict[tuple[int, tuple[str, ...]], Callable[..., dict[str, torch.Tensor]]] = {}
+_COMPILE_LOCK = threading.Lock()
 _COMPILE_FAILED = False
 
 
