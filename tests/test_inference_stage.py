@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import zarr
 from prometheus_client import REGISTRY
 
+from pn2v_live.core.context import Context
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
@@ -60,6 +62,33 @@ def test_frames_wait_for_the_first_model_without_blocking_training(setup):
     assert stage.waiting_for_model and stage.backlog == 10
     assert stage.idle.is_set()  # nothing inference can do: the trainer may use the device
     assert all(acquisition.denoised_version(t) is None for t in range(10))
+
+
+def test_waiting_for_the_first_model_it_warms_up_once_and_the_model_finds_its_kernel(setup, caplog):
+    """Before the first model, one stored frame is denoised with an untrained stand-in of the
+    trainer's architecture (nothing written), compiling the MMSE kernel; the first model, here
+    a residual temporal one, denoises with that kernel, without compiling again."""
+    from torch._dynamo.utils import counters
+
+    store, registry, noise, acquisition, frames, _, _ = setup
+    stage = InferenceScheduler(
+        store, registry, noise, torch.device("cpu"), compiled=True, warm_up_k=16
+    )
+    graphs = counters["stats"]["unique_graphs"]
+    with caplog.at_level(logging.INFO, logger="pn2v_live"):
+        assert stage.work() is False
+        assert stage.work() is False
+    assert caplog.text.count("warmed up for the first model") == 1
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert stage.waiting_for_model and stage.backlog == 10
+    assert all(acquisition.denoised_version(t) is None for t in range(10))
+
+    torch.manual_seed(0)
+    trained = new_denoiser("pn2v", mean=100.0, std=50.0, k=16, context=Context(1, 1))
+    promote(registry, trained, 1.0)
+    assert stage.work() is True
+    assert acquisition.denoised_version(9) == 1
+    assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_newest_first_exact_mmse_then_backfill_after_promotion(setup):

@@ -8,7 +8,8 @@ only when none is left are frames re-denoised (back-fill), in acquisitions whose
 under `backfill_hours` old: first the live twins of a model with temporal context, once the later
 frames of their window are stored, then frames denoised by an older model. A newly promoted model
 is picked up between passes (hot swap). Before the first model exists, frames wait in the store
-and `waiting_for_model` is set.
+and `waiting_for_model` is set; meanwhile the stage warms up once on one of them
+(`frame_denoising.warm_up`).
 
 A model with temporal context `before:after` sees frames t−before … t+after. A frame's first
 (live) twin is made as soon as it is stored, with the frames after it hidden (window
@@ -36,13 +37,13 @@ import numpy as np
 import torch
 
 from pn2v_live.core.context import SPATIAL, Context, window
-from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import PRECISIONS, Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.noise.coverage import WARN_FRACTION
 from pn2v_live.core.registration import Registration
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.camera_frames import CameraFrames
+from pn2v_live.pipeline.frame_denoising import denoise_frame, warm_up
 from pn2v_live.pipeline.frame_failures import FrameFailures
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
@@ -76,29 +77,6 @@ class Job:
     window: Context
 
 
-def denoise_frame(
-    denoiser: Denoiser,
-    noise_model: NoiseModel,
-    raw: np.ndarray,
-    tile: int | None,
-    compiled: bool = False,
-    bf16: bool | None = None,
-    read_variance: np.ndarray | None = None,
-) -> np.ndarray:
-    """The dask task: MMSE estimate (float32, Y × X) of one raw frame (Y, X) in ADU, or of the
-    frame at the centre of a (channels, Y, X) temporal window (`core.context.window`); with
-    camera maps, equalised frames and their (Y, X) `read_variance`."""
-    return denoise(
-        denoiser,
-        raw,
-        noise_model,
-        tile=tile,
-        compiled=compiled,
-        bf16=bf16,
-        read_variance=read_variance,
-    )["denoised"]
-
-
 def default_in_flight(scheduler: str, device: torch.device) -> int:
     """Frames denoised at once when the config leaves it open: 1 on the local CPU (torch already
     uses every core for one frame; more would only multiply memory), 4 on a GPU or a cluster."""
@@ -122,6 +100,7 @@ class InferenceScheduler(Stage):
         precision: str = "auto",
         backfill_hours: float = 12.0,
         camera: CameraFrames | None = None,  # sCMOS camera maps (None: frames as they are)
+        warm_up_k: int | None = None,  # the trainer's K: warm up on a frame before its first model
     ):
         super().__init__("inference", idle_seconds=0.1, disk_path=store.root)
         self.store, self.registry, self.device = store, registry, device
@@ -149,6 +128,7 @@ class InferenceScheduler(Stage):
             "recalibrate with brighter test-pattern frames for the best denoising"
         )
         self.frame_failures = FrameFailures(self.name, self.log)  # each retried on its own
+        self.warm_up_k = warm_up_k if scheduler == "local" else None  # (workers compile their own)
         if scheduler != "local":
             self._client = connect(scheduler)
 
@@ -170,10 +150,30 @@ class InferenceScheduler(Stage):
             self.idle.clear()
         else:
             self.idle.set()
+        if jobs and self._denoiser is None and self.warm_up_k:
+            self._warm_up(jobs[0])
         if not jobs or self._denoiser is None:
             return False
         self._run(jobs)
         return True
+
+    def _warm_up(self, job: Job) -> None:
+        """Once, before the first model: denoise `job`'s frame with an untrained stand-in
+        (`frame_denoising.warm_up`), so the first model's frames start at full speed."""
+        k, self.warm_up_k = self.warm_up_k, None
+        readable, raws, variances = self._read([job])
+        if readable:
+            seconds = warm_up(
+                raws[0],
+                self.noise_model,
+                k,
+                self.device,
+                self.tile,
+                self.compiled,
+                self.bf16,
+                variances[0],
+            )
+            self.log.info("warmed up for the first model in %.1f s", seconds)
 
     def use_noise_model(self, model: NoiseModel, model_id: str) -> None:
         """Denoise with `model` (a refined noise model) from the next pass on; thread-safe."""

@@ -119,6 +119,7 @@ class Daemon:
             precision=c.inference.precision,
             backfill_hours=c.inference.backfill_hours,
             camera=self.camera,
+            warm_up_k=c.trainer.k,
         )
         self._closers.append(self.inference.stop)  # closes the dask client if start fails
         self.trainer = Trainer(
