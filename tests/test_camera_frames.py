@@ -15,7 +15,7 @@ import torch
 from pn2v_live.core.context import SPATIAL, Context, window
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import CameraNoiseModel
-from pn2v_live.core.registration import moved
+from pn2v_live.core.registration import Shifts, moved
 from pn2v_live.core.synthetic import scene
 from pn2v_live.core.synthetic_scmos import ScmosCamera, scmos_maps
 from pn2v_live.pipeline.camera_frames import CameraFrames
@@ -82,7 +82,7 @@ def test_trainer_reads_equalised_frames_and_a_variance_channel(tmp_path, maps):
                       torch.device("cpu"), idle, camera=CameraFrames(model))  # fmt: skip
     try:
         window = _usable_window(acquisition)
-        series, _ = read_series(acquisition, window, trainer.read_raw, trainer.camera, {})
+        series, _ = read_series(acquisition, window, trainer.read_raw, trainer.camera, Shifts())
         region = maps.region((8, 16), (24, 24))
         for t in series.trained + series.held_back:
             np.testing.assert_array_equal(series.frames[t], region.equalise(raw[t]))
@@ -130,7 +130,7 @@ def test_inference_equalises_each_frame_where_it_was_on_the_sensor_before_regist
         np.testing.assert_array_equal(stacked, window(equalised, 4, Context(2, 0)))
         np.testing.assert_array_equal(variance, region.pixel_variance())
         assert [int(np.isnan(c).sum()) for c in stacked] == [6 * 64, 3 * 64, 0]  # moved 6, 3 px
-        kept = stage._registrations["drifting"]  # the next window of frame 4 measures nothing
+        kept = stage.shifts.series("drifting")  # the next window of frame 4 measures nothing
         flat = np.ones((64, 96), np.float32)
         np.testing.assert_array_equal(kept.align(flat, 2, flat, 4), moved(flat, 0, -6))
     finally:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pn2v_live.core.context import Context, window
-from pn2v_live.core.registration import Registration, moved, whole_shift
+from pn2v_live.core.registration import Registration, Shifts, moved, whole_shift
 from pn2v_live.service.bench.quality import drifting, load_field
 
 
@@ -65,3 +65,22 @@ def test_a_part_of_a_series_shares_the_shifts_measured_in_the_whole(data_dir):
     same = part.align(frames[2], 2, frames[2], 3)  # not measured again (it would be 0 px)
     np.testing.assert_array_equal(same, moved(frames[2], 0, -2))
     np.testing.assert_array_equal(Registration().align(frames[2], 2, frames[2], 3), frames[2])
+
+
+def test_stages_sharing_shifts_measure_each_pair_of_an_acquisition_once():
+    """The daemon's inference, trainer and refiner share one `Shifts`: a pair measured by one is
+    not measured again by another, pairs of other acquisitions are their own, and only the
+    `limit` pairs used last are kept."""
+    scene = np.random.default_rng(1).normal(100, 20, (96, 140)).astype(np.float32)
+    frames = [scene[:, 2 * t : 2 * t + 120] for t in range(10)]  # drifting 2 px per frame
+    flat = np.ones((96, 120), np.float32)  # registers on nothing: a pair measured on it is 0 px
+    shifts = Shifts(limit=2)
+    inference = shifts.series("cells")
+    aligned = inference.align(frames[7], 7, frames[8], 8)  # measured: 2 px
+    np.testing.assert_array_equal(aligned, moved(frames[7], 0, -2))
+    trainer = shifts.series("cells").from_frame(5)  # its frames 2 and 3 are frames 7 and 8
+    np.testing.assert_array_equal(trainer.align(flat, 2, flat, 3), moved(flat, 0, -2))
+    other = shifts.series("other")
+    np.testing.assert_array_equal(other.align(flat, 7, flat, 8), flat)  # its own pair, 0 px
+    other.align(flat, 1, flat, 2)  # a third pair: the one used longest ago goes
+    np.testing.assert_array_equal(inference.align(flat, 7, flat, 8), flat)  # measured anew

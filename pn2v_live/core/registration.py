@@ -9,13 +9,15 @@ estimated from all of its pixels, so the blind spot holds.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 
 import numpy as np
 
 MIN_CORRELATION = 0.2  # peak correlation needed to measure a shift at all (else: none)
 WHITENING = 0.5  # registration's power of the cross-power spectrum's magnitude taken out
-CACHED_SHIFTS = 65536  # frame pairs whose shift a `Registration` remembers
+CACHED_SHIFTS = 65536  # frame pairs whose shift `Shifts` remembers
 
 
 def shift_between(frame: np.ndarray, reference: np.ndarray) -> tuple[float, float] | None:
@@ -86,28 +88,57 @@ def moved(frame: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return result
 
 
+class Shifts:
+    """Integer shifts measured between frames, keyed by (series, n, t), the newest `limit`
+    pairs kept; thread-safe, so the stages of one daemon measure each pair once between them."""
+
+    def __init__(self, limit: int = CACHED_SHIFTS) -> None:
+        self.limit = limit
+        self._shifts: OrderedDict[tuple[Hashable, int, int], tuple[int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def series(self, name: Hashable) -> Registration:
+        """The `Registration` of the series `name` (e.g. an acquisition), with these shifts."""
+        return Registration(self, name)
+
+    def get(self, key: tuple[Hashable, int, int]) -> tuple[int, int] | None:
+        with self._lock:
+            shift = self._shifts.get(key)
+            if shift is not None:
+                self._shifts.move_to_end(key)
+            return shift
+
+    def put(self, key: tuple[Hashable, int, int], shift: tuple[int, int]) -> None:
+        with self._lock:
+            self._shifts[key] = shift
+            while len(self._shifts) > self.limit:
+                self._shifts.popitem(last=False)
+
+
 class Registration:
     """Integer shifts between frames of one series (an acquisition, a file), each pair measured
-    once: frames are named by their frame numbers and do not change under them."""
+    once: frames are named by their frame numbers and do not change under them. The shifts are
+    kept in `shifts` (new ones by default) under the series' `name`."""
 
-    def __init__(self) -> None:
-        self._shifts: OrderedDict[tuple[int, int], tuple[int, int]] = OrderedDict()
+    def __init__(self, shifts: Shifts | None = None, name: Hashable = None) -> None:
+        self._shifts = Shifts() if shifts is None else shifts
+        self._name = name
         self._origin = 0
 
     def from_frame(self, first: int) -> Registration:
         """This registration (sharing its measured shifts) for a part of the series whose frame
         0 is frame `first` of the whole."""
-        part = Registration()
-        part._shifts, part._origin = self._shifts, self._origin + first
+        part = Registration(self._shifts, self._name)
+        part._origin = self._origin + first
         return part
 
     def align(self, frame: np.ndarray, n: int, reference: np.ndarray, t: int) -> np.ndarray:
         """Frame `n` (Y, X) moved onto frame `t` (Y, X) by their integer shift (unmoved when
         none can be measured), NaN where it does not reach."""
-        pair = (self._origin + n, self._origin + t)
-        if pair not in self._shifts:
-            self._shifts[pair] = whole_shift(frame, reference)
-            if len(self._shifts) > CACHED_SHIFTS:
-                self._shifts.popitem(last=False)
-        dy, dx = self._shifts[pair]
+        key = (self._name, self._origin + n, self._origin + t)
+        shift = self._shifts.get(key)
+        if shift is None:
+            shift = whole_shift(frame, reference)
+            self._shifts.put(key, shift)
+        dy, dx = shift
         return moved(frame, -dy, -dx) if dy or dx else frame

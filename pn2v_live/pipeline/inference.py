@@ -40,7 +40,7 @@ from pn2v_live.core.context import SPATIAL, Context, window
 from pn2v_live.core.model import PRECISIONS, Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.noise.coverage import WARN_FRACTION
-from pn2v_live.core.registration import Registration
+from pn2v_live.core.registration import Shifts
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.frame_denoising import denoise_frame, warm_up
@@ -101,6 +101,7 @@ class InferenceScheduler(Stage):
         backfill_hours: float = 12.0,
         camera: CameraFrames | None = None,  # sCMOS camera maps (None: frames as they are)
         warm_up_k: int | None = None,  # the trainer's K: warm up on a frame before its first model
+        shifts: Shifts | None = None,  # frame shifts measured (shared with other stages)
     ):
         super().__init__("inference", idle_seconds=0.1, disk_path=store.root)
         self.store, self.registry, self.device = store, registry, device
@@ -121,7 +122,7 @@ class InferenceScheduler(Stage):
         self._client = None
         self._remote: tuple | None = None  # (denoiser, noise model) futures on the cluster
         self._warned: set[str] = set()  # acquisitions already warned about uncalibrated signal
-        self._registrations: dict[str, Registration] = {}  # shifts measured, working set only
+        self.shifts = Shifts() if shifts is None else shifts
         self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
         # The end of the warning about signal above the range (the daemon's refiner changes it).
         self.out_of_range_advice = (
@@ -217,12 +218,10 @@ class InferenceScheduler(Stage):
     def _next_jobs(self) -> tuple[list[Job], int]:
         """Up to `max_in_flight` frames to denoise next, and the number of frames with no twin.
 
-        Only the working set's acquisitions are looked at (and their measured frame shifts kept),
-        in them only frames without a twin and the frames of recent acquisitions, so a pass stays
-        cheap however many old acquisitions the store holds."""
+        Only the working set's acquisitions are looked at, in them only frames without a twin
+        and the frames of recent acquisitions, so a pass stays cheap however many old
+        acquisitions the store holds."""
         acquisitions = sorted(self.working.acquisitions(), key=lambda a: a.closed)  # live first
-        kept = {a.name for a in acquisitions}
-        self._registrations = {n: r for n, r in self._registrations.items() if n in kept}
         fresh = [
             Job(a, t, "new", self._window(a, t))
             for a in acquisitions
@@ -350,7 +349,7 @@ class InferenceScheduler(Stage):
                 n: self.camera.inputs(job.acquisition, frame) for n, frame in frames.items()
             }
             equalised = {n: frame for n, (frame, _) in inputs.items()}
-            registration = self._registrations.setdefault(job.acquisition.name, Registration())
+            registration = self.shifts.series(job.acquisition.name)
             raws.append(window(equalised, job.t, context, job.window, registration))
             variances.append(inputs[job.t][1])
         return readable, raws, variances

@@ -42,7 +42,7 @@ from pn2v_live.core.noise.refinement import (
     other_frames_mean,
     refine_noise_model,
 )
-from pn2v_live.core.registration import Registration
+from pn2v_live.core.registration import Shifts
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.storage.acquisition import Acquisition
 from pn2v_live.storage.noise_model_versions import NoiseModelVersions
@@ -114,6 +114,7 @@ class NoiseRefiner(Stage):
         root_id: str,
         settings: RefinementSettings,
         listeners: list[ModelListener] = (),
+        shifts: Shifts | None = None,  # frame shifts measured (shared with other stages)
     ):
         super().__init__("noise-refiner", idle_seconds=1.0)
         self.versions, self.settings, self.root_id = versions, settings, root_id
@@ -123,7 +124,7 @@ class NoiseRefiner(Stage):
         self.last: dict[str, Any] | None = None  # the latest refinement (or refusal) record
         self.working = WorkingSet(store, RECENT_SECONDS)
         self._looked_at: dict[str, set[int]] = {}  # frames already gathered or passed over
-        self._registrations: dict[str, Registration] = {}  # shifts measured, working set only
+        self.shifts = Shifts() if shifts is None else shifts
         self._last_gather = -float("inf")
         # (acquisition, t) → (estimate, raw) values from the join range up, oldest first
         self._pairs: OrderedDict[tuple[str, int], Pairs] = OrderedDict()
@@ -158,9 +159,8 @@ class NoiseRefiner(Stage):
         one; whether there was one."""
         acquisitions = self.working.acquisitions()
         names = {a.name for a in acquisitions}
-        for kept in (self._looked_at, self._registrations):
-            for name in set(kept) - names:
-                del kept[name]
+        for name in set(self._looked_at) - names:
+            del self._looked_at[name]
         for acquisition in acquisitions:
             t = self._next_frame(acquisition)
             if t is not None:
@@ -187,7 +187,7 @@ class NoiseRefiner(Stage):
         frames = self.read_stored(acquisition, WINDOW.frame_numbers(t))
         if t not in frames:
             return
-        registration = self._registrations.setdefault(acquisition.name, Registration())
+        registration = self.shifts.series(acquisition.name)
         estimate = other_frames_mean(window(frames, t, WINDOW, registration=registration),
                                      WINDOW.before)  # fmt: skip
         seen = np.isfinite(estimate)

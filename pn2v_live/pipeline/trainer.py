@@ -15,14 +15,13 @@ last `first_model_steps` steps; a model is promoted only when the lower bound of
 truth-free gain estimate (`core.quality`, held-back frames) reaches `min_gain_db`; until then
 the viewer shows raw frames as "learning".
 
-Sharing the machine: inference comes first, but while it has a backlog training still takes up
-to `training_share` of the wall time (measured over the last SHARE_WINDOW_SECONDS), so a stream
-faster than inference cannot starve training. A round after the first model also ends its steps
-early (waits included) when more would not leave time to validate, estimate and promote within
-ROUND_SHARE of `every_seconds` (that part taken as its longest in the last AFTER_STEPS_ROUNDS
-rounds, as it varies with what else runs, and a round that had the machine to itself counted as
-if it had shared it): on a slow or busy machine rounds still come every `every_seconds`, with
-the steps that fitted.
+Sharing the machine: inference comes first, but while it has a backlog training still takes up to
+`training_share` of the wall time (measured over the last SHARE_WINDOW_SECONDS), so a stream faster
+than inference cannot starve training. A round after the first model also ends its steps early
+(waits included) when more would not leave time to validate, estimate and promote within ROUND_SHARE
+of `every_seconds` (that part taken as its longest in the last AFTER_STEPS_ROUNDS rounds, as it
+varies with what else runs, and a round that had the machine to itself counted as if it had shared
+it): on a slow or busy machine rounds still come every `every_seconds`, with the steps that fitted.
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
 round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
@@ -47,7 +46,7 @@ from pn2v_live.core.context_choice import BASE_SHARE, PILOT_SHARE
 from pn2v_live.core.model import PRECISIONS, Denoiser
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.patches import sample_patches
-from pn2v_live.core.registration import Registration
+from pn2v_live.core.registration import Shifts
 from pn2v_live.core.training import Training, budget_used, cosine_rate
 from pn2v_live.pipeline.busy_time import BusyTime
 from pn2v_live.pipeline.camera_frames import CameraFrames
@@ -105,6 +104,7 @@ class Trainer(Stage):
         inference_idle: threading.Event,  # set while no fresh frame waits for inference
         seed: int = 0,
         camera: CameraFrames | None = None,  # sCMOS camera maps (None: frames as they are)
+        shifts: Shifts | None = None,  # frame shifts measured (shared with other stages)
     ):
         super().__init__("trainer", idle_seconds=0.5, disk_path=store.root)
         self.store, self.registry, self.settings, self.device = store, registry, settings, device
@@ -126,7 +126,7 @@ class Trainer(Stage):
         self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
         self._busy = BusyTime(SHARE_WINDOW_SECONDS)  # when training steps ran
         self.working = WorkingSet(store, RECENT_SECONDS)  # what a round may train on
-        self._registrations: dict[str, Registration] = {}  # shifts measured, by acquisition
+        self.shifts = Shifts() if shifts is None else shifts
 
     def work(self) -> bool:
         """Run a round when one is due, on the acquisition with the most new frames (ties, e.g.
@@ -155,7 +155,7 @@ class Trainer(Stage):
         name = chosen[0].name
         growth.clear()
         self._last_round = self._attempt_time(overdue)
-        series, weights = read_series(*chosen, self.read_raw, self.camera, self._registrations)
+        series, weights = read_series(*chosen, self.read_raw, self.camera, self.shifts)
         self._unreadable = not series.trained or not series.held_back
         if self._unreadable:
             return False  # every frame of one kind unreadable: wait for new frames or the clock

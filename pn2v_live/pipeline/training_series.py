@@ -19,7 +19,7 @@ from pn2v_live.core.model import Denoiser, new_denoiser, normalisation_of
 from pn2v_live.core.noise.base import NoiseModel
 from pn2v_live.core.patches import sample_patches
 from pn2v_live.core.quality import GainEstimate, denoised_gain
-from pn2v_live.core.registration import Registration
+from pn2v_live.core.registration import Registration, Shifts
 from pn2v_live.core.training import Training
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.storage.acquisition import Acquisition
@@ -118,16 +118,13 @@ def read_series(
     window: Window,
     read_raw: Callable[[Acquisition, int], np.ndarray | None],
     camera: CameraFrames,
-    registrations: dict[str, Registration],
+    shifts: Shifts,
 ) -> tuple[Series, np.ndarray]:
     """The frames of `window` (see `usable_window`) as a `Series` (equalised, with their
     read-noise variance, with camera maps), and the recency weights of its training frames; a
-    frame `read_raw` cannot read (None) is left out. Its windows are registered with the shifts
-    in `registrations` (acquisition name → `Registration`), which keeps only this acquisition's.
+    frame `read_raw` cannot read (None) is left out. Its windows are registered with `shifts`.
     """
-    registration = registrations.pop(acquisition.name, None) or Registration()
-    registrations.clear()
-    registrations[acquisition.name] = registration
+    registration = shifts.series(acquisition.name)
     trained, held_back = window
     first, last = min(trained + held_back), max(trained + held_back)
     frames = [None] * (last - first + 1)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from pn2v_live.core.noise import NoiseModel
+from pn2v_live.core.registration import Shifts
 from pn2v_live.errors import UserError, writable_folder
 from pn2v_live.pipeline.camera_frames import CameraFrames
 from pn2v_live.pipeline.folder_source import FolderSource
@@ -98,6 +99,7 @@ class Daemon:
         # checked before anything starts
         noise_model = with_camera_maps(load_noise_model(c.noise_model.path), c.camera.maps)
         self.camera = CameraFrames(noise_model, c.camera.sensor_origin)
+        self.shifts = Shifts()  # frame shifts, measured once for inference, trainer and refiner
         self.refine = refines(c.noise_model, self.camera)
         registry = self._open_store()
         calibrated_id = content_id(c.noise_model.path)
@@ -120,6 +122,7 @@ class Daemon:
             backfill_hours=c.inference.backfill_hours,
             camera=self.camera,
             warm_up_k=c.trainer.k,
+            shifts=self.shifts,
         )
         self._closers.append(self.inference.stop)  # closes the dask client if start fails
         self.trainer = Trainer(
@@ -131,6 +134,7 @@ class Daemon:
             trainer_device,
             self.inference.idle,
             camera=self.camera,
+            shifts=self.shifts,
         )
         self._start_refiner(noise_model, noise_model_id)
         self._start_metrics()
@@ -189,6 +193,7 @@ class Daemon:
             content_id(c.path),
             RefinementSettings(c.refine_every_frames, c.refine_every_seconds, c.refine_min_pairs),
             [self.inference.use_noise_model, self.trainer.use_noise_model],
+            shifts=self.shifts,
         )
 
     def _import_initial_model(self, registry: ModelRegistry) -> None:
