@@ -223,7 +223,7 @@ def test_refiner_stage_stores_a_version_and_hands_it_to_the_trainer(store, calib
         calibrated,
         "calibrated-id",
         "calibrated-id",
-        RefinementSettings(every_frames=10, every_seconds=0, min_pairs=5000, gather_seconds=0),
+        RefinementSettings(10, 0, min_pairs=5000, gather_seconds=0, gather_share=1.0),
         [trainer.use_noise_model, lambda model, model_id: handed.append(model_id)],
     )
     before = refinements("refined")
@@ -266,7 +266,7 @@ def test_refusals_are_logged_counted_and_back_off(store, calibrated, caplog):
     frames = np.stack([exposures(clean * (0.7 if t % 2 else 1.3), 1, seed=t)[0] for t in range(10)])
     stored(store, "flicker", frames)
     versions = NoiseModelVersions(store.root / "noise-models")
-    settings = RefinementSettings(every_frames=2, every_seconds=0, min_pairs=1000, gather_seconds=0)
+    settings = RefinementSettings(2, 0, min_pairs=1000, gather_seconds=0, gather_share=1.0)
     refiner = NoiseRefiner(store, versions, calibrated, "calibrated-id", "calibrated-id", settings)
     before = refinements("refused")
     for _ in range(2):
@@ -278,6 +278,22 @@ def test_refusals_are_logged_counted_and_back_off(store, calibrated, caplog):
     for _ in range(2):  # after a refusal the next attempt waits for twice the frames
         refiner.work()
     assert refinements("refused") == before + 1
+
+
+def test_gathering_pauses_in_proportion_to_its_cost(store, calibrated):
+    """With `gather_share` a quarter of one core, a gather of s seconds is followed by 3 s more
+    without one, however small `gather_seconds` (large frames cost seconds to gather)."""
+    stored(store, "bright", exposures(ramp(*BRIGHT), 12, seed=1))
+    versions = NoiseModelVersions(store.root / "noise-models")
+    settings = RefinementSettings(100, 0, gather_seconds=0, gather_share=0.25)
+    refiner = NoiseRefiner(store, versions, calibrated, "calibrated-id", "calibrated-id", settings)
+    started = time.monotonic()
+    assert refiner.work() is True
+    spent = time.monotonic() - started
+    assert refiner._looked_at["bright"] == {9}  # frames 10 and 11 are the window's after
+    assert refiner.work() is False and refiner._looked_at["bright"] == {9}  # pausing
+    time.sleep(4 * spent)
+    assert refiner.work() is True and refiner._looked_at["bright"] == {8, 9}
 
 
 def test_frames_estimate_the_noise_of_a_dim_calibration_s_bright_signal_on_real_data(data_dir):

@@ -1,13 +1,13 @@
 """Refining the noise model from the stream when its signal goes above the calibrated range.
 
-The stage follows the stored raw frames (`WorkingSet`), at most one frame per `gather_seconds`,
-newest first. A frame's signal estimate is the mean of the other frames of its WINDOW, registered
-onto it (`core.noise.refinement.other_frames_mean`): it needs no model, so refinement can come
-before the first trained model, and a calibration so poor that no model trained with it is ever
-good enough to show is repaired all the same. When more than WARN_FRACTION of that estimate lies
-above the noise model's signal range, the frame's (estimate, raw) pairs are gathered. Once
-enough are in (`RefinementSettings`), the model is refined from them (`core.noise.refinement`),
-at most once per `every_frames` frames and `every_seconds`.
+The stage follows the stored raw frames (`WorkingSet`), newest first, at most one frame per
+`gather_seconds` and using at most `gather_share` of one core. A frame's signal estimate is the mean
+of the other frames of its WINDOW, registered onto it (`core.noise.refinement.other_frames_mean`):
+it needs no model, so refinement can come before the first trained model, and a calibration so poor
+that no model trained with it is ever good enough to show is repaired all the same. When more than
+WARN_FRACTION of that estimate lies above the noise model's signal range, the frame's (estimate,
+raw) pairs are gathered. Once enough are in (`RefinementSettings`), the model is refined from them
+(`core.noise.refinement`), at most once per `every_frames` frames and `every_seconds`.
 
 Each refinement is a new version in the store (`NoiseModelVersions`), handed to the trainer and
 inference (`use_noise_model` on each), logged, counted in
@@ -69,13 +69,15 @@ class RefinementSettings:
     `every_seconds`, and only with `min_pairs` pairs above it; after n refusals in a row the
     next attempt waits for 2**n times the frames (at most 2**MAX_BACKOFF_DOUBLINGS). At most
     one frame is gathered per `gather_seconds` (each costs reading its window's frames and
-    registering them onto it), so the stage's share of the CPU does not grow with the camera's
-    frame rate."""
+    registering them onto it), and gathering takes at most `gather_share` of one core (a gather
+    of s seconds is followed by a pause of s · (1 / gather_share − 1)), so the stage's share of
+    the CPU grows neither with the camera's frame rate nor with its frame size."""
 
     every_frames: int = 16  # as many as a first model waits for, so both can come together
     every_seconds: float = 300.0
     min_pairs: int = DEFAULT_MIN_PAIRS
     gather_seconds: float = 1.0
+    gather_share: float = 0.25
 
 
 class Handover(Generic[T]):
@@ -125,7 +127,7 @@ class NoiseRefiner(Stage):
         self.working = WorkingSet(store, RECENT_SECONDS)
         self._looked_at: dict[str, set[int]] = {}  # frames already gathered or passed over
         self.shifts = Shifts() if shifts is None else shifts
-        self._last_gather = -float("inf")
+        self._next_gather = -float("inf")  # monotonic s
         # (acquisition, t) → (estimate, raw) values from the join range up, oldest first
         self._pairs: OrderedDict[tuple[str, int], Pairs] = OrderedDict()
         self._last_attempt = -float("inf")
@@ -147,7 +149,7 @@ class NoiseRefiner(Stage):
 
     def work(self) -> bool:
         gathered = False
-        if time.monotonic() - self._last_gather >= self.settings.gather_seconds:
+        if time.monotonic() >= self._next_gather:
             gathered = self._gather_next()
         if not self._due():
             return gathered
@@ -164,8 +166,11 @@ class NoiseRefiner(Stage):
         for acquisition in acquisitions:
             t = self._next_frame(acquisition)
             if t is not None:
-                self._last_gather = time.monotonic()
+                started = time.monotonic()
                 self._gather(acquisition, t)
+                spent = time.monotonic() - started
+                wait = max(self.settings.gather_seconds, spent / self.settings.gather_share)
+                self._next_gather = started + wait
                 return True
         return False
 
