@@ -6,7 +6,11 @@ same network for the same steps on the same raw stack and denoise its first fram
 against the clean signal (range: its max − min), and the fixed-pattern residual: the correlation
 of the denoised frame, and of its error, with the offset map.
 
-    python -m pn2v_live.service.bench.scmos --steps 400 --size 128
+    OMP_NUM_THREADS=1 python -m pn2v_live.service.bench.scmos --seed 0 --init-seed 0 1 2 3 4
+
+The defaults are those of calibration/scmos.md: 128² frames, 800 training steps, K = 800,
+64² patches, 0.5 % hot pixels with 10× the typical read noise (rms; `--hot-factor` is the
+variance ratio).
 
 `--seed` draws the data (maps, scene, noise); `--init-seed` (default: `--seed`) the network's
 initialisation and the patch sampling. Several init seeds score one data set over as many
@@ -129,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--frames", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--k", type=int, default=800)
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--scored", type=int, default=5)
@@ -142,7 +146,7 @@ def main() -> None:
         help="network init and patches, one run each (default: --seed)",
     )
     parser.add_argument(
-        "--hot-factor", type=float, default=10.0, help="hot pixels' read-noise variance / typical"
+        "--hot-factor", type=float, default=100.0, help="hot pixels' read-noise variance / typical"
     )
     parser.add_argument("--memory", action="store_true", help="peak memory of one MMSE instead")
     parser.add_argument("--float32", action="store_true", help="--memory: U-Net body in float32")
