@@ -6,7 +6,7 @@ Warm-up: the first frame a model denoises would otherwise pay for compiling the 
 buffers of a whole frame, just when the backlog of frames stored before that model is largest.
 Denoising one stored frame with an untrained network of the trainer's architecture does both
 before: the kernel depends on the noise model, K and the feature count, not on the weights, so
-the trained model reuses it. The daemon so also reaches its working memory in its first minute.
+the trained model reuses it (and the compiler's memory is taken in the daemon's first seconds).
 """
 
 from __future__ import annotations
