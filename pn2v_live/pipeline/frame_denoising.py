@@ -2,11 +2,11 @@
 while the stage waits for the first model.
 
 Warm-up: the first frame a model denoises would otherwise pay for compiling the MMSE kernel
-(torch.compile: seconds on a CPU, more while the trainer shares its cores) and for growing the
-buffers of a whole frame, just when the backlog of frames stored before that model is largest.
-Denoising one stored frame with an untrained network of the trainer's architecture does both
-before: the kernel depends on the noise model, K and the feature count, not on the weights, so
-the trained model reuses it (and the compiler's memory is taken in the daemon's first seconds).
+(torch.compile: seconds on a CPU, more while the trainer shares its cores), just when the
+backlog of frames stored before that model is largest. Denoising one stored frame with an
+untrained network of the trainer's architecture compiles it before: the kernel depends on the
+noise model, K and the feature count, not on the weights, so the trained model reuses it (and
+the compiler's memory is taken in the daemon's first seconds).
 """
 
 from __future__ import annotations
