@@ -126,9 +126,11 @@ def fit_models(
         models["gmm"] = GaussianMixtureNoiseModel.fit(signal, observation, base=poisson_gaussian)
     value_range = common_range(signal, observation, bins)
     if "histogram" in kinds:
-        models["histogram"] = HistogramNoiseModel.fit(signal, observation, bins, value_range)
+        models["histogram"] = HistogramNoiseModel.fit(
+            signal, observation, value_range=value_range, bins=bins
+        )
     if "hybrid" in kinds:
         models["hybrid"] = HybridNoiseModel.fit(
-            signal, observation, models["gmm"], bins, value_range
+            signal, observation, models["gmm"], bins=bins, value_range=value_range
         )
     return models

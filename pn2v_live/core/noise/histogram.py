@@ -128,8 +128,9 @@ class HistogramNoiseModel(NoiseModel):
         cls,
         signal: np.ndarray | torch.Tensor,
         observation: np.ndarray | torch.Tensor,
-        bins: int = 256,
+        *,
         value_range: tuple[float, float] | None = None,
+        bins: int = 256,
         metadata: dict[str, Any] | None = None,
     ) -> HistogramNoiseModel:
         """Histogram of pairs; `signal` broadcasts against `observation` (e.g. (Y,X) vs (T,Y,X))."""

@@ -61,6 +61,7 @@ class HybridNoiseModel(HistogramNoiseModel):
         signal: np.ndarray | torch.Tensor,
         observation: np.ndarray | torch.Tensor,
         parametric: NoiseModel,
+        *,
         bins: int = 256,
         value_range: tuple[float, float] | None = None,
         prior_pairs: float = PRIOR_PAIRS,

@@ -89,6 +89,7 @@ class PoissonGaussianNoiseModel(NoiseModel):
         cls,
         signal: np.ndarray | torch.Tensor,
         observation: np.ndarray | torch.Tensor,
+        *,
         offset: float | None = None,
         signal_frames: int | None = None,
         metadata: dict[str, Any] | None = None,
