@@ -72,9 +72,11 @@ class UNet(nn.Module):
                 x = F.max_pool2d(x, 2)
             x = block(x)
             skips.append(x)
+        skips.pop()  # the bottom level is x itself
         for level in reversed(range(self.depth - 1)):
-            x = self.up[level](x)
-            x = self.merge[level](torch.cat([x, skips[level]], dim=1))
+            # Only the concatenation stays alive into the merge: a full-resolution map less.
+            x = torch.cat([self.up[level](x), skips.pop()], dim=1)
+            x = self.merge[level](x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
