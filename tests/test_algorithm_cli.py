@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from serve_files import run_cli
 
 from pn2v_live.core.context import Context, window
 from pn2v_live.core.inference import denoise
@@ -20,14 +19,6 @@ from pn2v_live.core.noise import HistogramNoiseModel
 from pn2v_live.core.synthetic import Camera, acquisition
 from pn2v_live.storage.checkpoints import load_denoiser, save_denoiser
 from pn2v_live.storage.noise_model_file import load_noise_model, save_noise_model
-
-
-def pn2v_live(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pn2v_live", *args]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if check:
-        assert completed.returncode == 0, completed.stderr
-    return completed
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +35,11 @@ def camera_data(tmp_path_factory) -> dict[str, Path]:
 
 def test_train_denoise_evaluate_round_trip(camera_data, tmp_path):
     model, output, std = tmp_path / "m.pt", tmp_path / "den.tif", tmp_path / "std.tif"
-    trained = pn2v_live("train", str(camera_data["raw"]), "-o", str(model), "--mode", "pn2v",
+    trained = run_cli("train", str(camera_data["raw"]), "-o", str(model), "--mode", "pn2v",
                         "--noise-model", str(camera_data["noise"]), "--steps", "4", "--k", "16",
                         "--batch-size", "2", "--patch-size", "32", "--context", "0:0")  # fmt: skip
     assert json.loads(trained.stdout.strip().splitlines()[-1])["step"] == 4
-    pn2v_live("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(output),
+    run_cli("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(output),
               "--frames", "1:3", "--uncertainty", str(std), "--device", "cpu")  # fmt: skip
     denoised = tifffile.imread(output)
     assert denoised.shape == (2, 64, 64) and denoised.dtype == np.float32
@@ -58,7 +49,7 @@ def test_train_denoise_evaluate_round_trip(camera_data, tmp_path):
     raw = tifffile.imread(camera_data["raw"])
     noise = HistogramNoiseModel.from_state(metadata["noise_model_state"])
     np.testing.assert_allclose(denoised[0], denoise(denoiser, raw[1], noise)["denoised"], rtol=1e-5)
-    scores = json.loads(pn2v_live("evaluate", str(output), str(camera_data["gt"])).stdout)
+    scores = json.loads(run_cli("evaluate", str(output), str(camera_data["gt"])).stdout)
     truth = tifffile.imread(camera_data["gt"])
     assert scores["frames"] == 2
     span = float(truth.max() - truth.min())  # the default range: the ground truth's own
@@ -71,7 +62,7 @@ def test_train_denoise_evaluate_round_trip(camera_data, tmp_path):
 
 def test_context_auto_trains_the_best_candidate_and_denoise_uses_its_window(camera_data, tmp_path):
     model, output, live = tmp_path / "m.pt", tmp_path / "den.tif", tmp_path / "live.tif"
-    trained = pn2v_live("train", str(camera_data["raw"]), "-o", str(model), "--mode", "pn2v",
+    trained = run_cli("train", str(camera_data["raw"]), "-o", str(model), "--mode", "pn2v",
                         "--noise-model", str(camera_data["noise"]), "--steps", "24", "--k", "16",
                         "--batch-size", "2", "--patch-size", "32")  # fmt: skip
     summary = json.loads(trained.stdout.strip().splitlines()[-1])
@@ -86,7 +77,7 @@ def test_context_auto_trains_the_best_candidate_and_denoise_uses_its_window(came
     assert summary["total_steps"] == head_start + 3 + 12
     # denoise gives each frame its window of the whole stack, frames outside --frames included
     for extra, path in (([], output), (["--causal"], live)):
-        pn2v_live("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(path),
+        run_cli("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(path),
                   "--frames", "1:3", "--device", "cpu", *extra)  # fmt: skip
     raw = tifffile.imread(camera_data["raw"])
     noise = HistogramNoiseModel.from_state(metadata["noise_model_state"])
@@ -95,7 +86,7 @@ def test_context_auto_trains_the_best_candidate_and_denoise_uses_its_window(came
         denoiser = new_denoiser("pn2v", denoiser.mean, denoiser.std, k=16, context=context)
         save_denoiser(denoiser, model, metadata)
         for extra, path in (([], output), (["--causal"], live)):
-            pn2v_live("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(path),
+            run_cli("denoise", str(camera_data["raw"]), "-m", str(model), "-o", str(path),
                       "--frames", "1:3", "--device", "cpu", *extra)  # fmt: skip
     for path, visible in ((output, context), (live, context.causal)):
         expected = [denoise(denoiser, window(raw, t, context, visible), noise)["denoised"]
@@ -103,7 +94,7 @@ def test_context_auto_trains_the_best_candidate_and_denoise_uses_its_window(came
         np.testing.assert_allclose(tifffile.imread(path), np.stack(expected), rtol=1e-5)
     assert not np.allclose(tifffile.imread(output), tifffile.imread(live))
     for bad, message in (("1-1", "must look like A:B"), ("3:3", "needs 7 frames, not 6")):
-        refused = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "x.pt"),
+        refused = run_cli("train", str(camera_data["raw"]), "-o", str(tmp_path / "x.pt"),
                             "--mode", "n2v", "--steps", "1", "--context", bad,
                             check=False)  # fmt: skip
         assert refused.returncode == 2 and message in refused.stderr
@@ -111,32 +102,32 @@ def test_context_auto_trains_the_best_candidate_and_denoise_uses_its_window(came
 
 
 def test_user_mistakes_give_one_line_errors(camera_data, tmp_path):
-    missing = pn2v_live("train", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "m.pt"),
+    missing = run_cli("train", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "m.pt"),
                         "--mode", "n2v", "--steps", "1", check=False)  # fmt: skip
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("error:") and "nope.tif" in missing.stderr
     assert "Traceback" not in missing.stderr
-    no_budget = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
+    no_budget = run_cli("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
                           "--mode", "n2v", check=False)  # fmt: skip
     assert no_budget.returncode == 2 and "--steps" in no_budget.stderr
-    no_noise = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
+    no_noise = run_cli("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
                          "--steps", "1", check=False)  # fmt: skip
     assert no_noise.returncode == 2 and "--noise-model" in no_noise.stderr
-    odd_patch = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
+    odd_patch = run_cli("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
                           "--mode", "n2v", "--steps", "1", "--patch-size", "30",
                           check=False)  # fmt: skip
     assert odd_patch.returncode == 2 and "Traceback" not in odd_patch.stderr
     assert "patch size 30 must be a multiple of 4" in odd_patch.stderr
-    no_steps = pn2v_live("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
+    no_steps = run_cli("train", str(camera_data["raw"]), "-o", str(tmp_path / "m.pt"),
                          "--mode", "n2v", "--steps", "0", check=False)  # fmt: skip
     assert no_steps.returncode == 2 and "Traceback" not in no_steps.stderr
-    beyond = pn2v_live("denoise", str(camera_data["raw"]), "-m", str(camera_data["raw"]),
+    beyond = run_cli("denoise", str(camera_data["raw"]), "-m", str(camera_data["raw"]),
                        "-o", str(tmp_path / "x.tif"), "--frames", "10:20", check=False)  # fmt: skip
     assert beyond.returncode == 2 and "selects none of the 6 frames" in beyond.stderr
-    no_range = pn2v_live("evaluate", str(camera_data["raw"]), str(camera_data["gt"]),
+    no_range = run_cli("evaluate", str(camera_data["raw"]), str(camera_data["gt"]),
                          "--data-range", "0", check=False)  # fmt: skip
     assert no_range.returncode == 2 and "--data-range must be > 0" in no_range.stderr
-    not_model = pn2v_live("denoise", str(camera_data["raw"]), "-m", str(camera_data["raw"]),
+    not_model = run_cli("denoise", str(camera_data["raw"]), "-m", str(camera_data["raw"]),
                           "-o", str(tmp_path / "x.tif"), check=False)  # fmt: skip
     assert not_model.returncode == 2 and "not a pn2v-live model file" in not_model.stderr
     assert not (tmp_path / "x.tif").exists()
@@ -165,7 +156,7 @@ def test_synthetic_camera_has_the_stated_mean_and_variance():
 @pytest.mark.parametrize("kind", ["histogram", "poisson-gaussian", "gmm", "hybrid"])
 def test_fit_noise_model_writes_the_kind_and_reports_its_likelihood(camera_data, kind, tmp_path):
     output = tmp_path / f"{kind}.pt"
-    completed = pn2v_live(
+    completed = run_cli(
         "fit-noise-model", "--signal", str(camera_data["gt"]), "--observations",
         str(camera_data["raw"]), "-o", str(output), "--kind", kind, "--bins", "64",
     )  # fmt: skip

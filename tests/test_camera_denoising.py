@@ -4,13 +4,12 @@ Gaussian computations."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from serve_files import run_cli
 
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import new_denoiser
@@ -98,14 +97,6 @@ def test_eq7_with_a_variance_channel_uses_each_masked_pixel_s_own_variance(setup
     assert float(without) != pytest.approx(float(loss), rel=1e-3)
 
 
-def pn2v_live(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pn2v_live", *args]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if check:
-        assert completed.returncode == 0, completed.stderr
-    return completed
-
-
 def test_train_and_denoise_with_maps_equalise_crops_and_refuse_frames_beyond(tmp_path):
     maps = scmos_maps((64, 64), seed=11)
     raw, _ = ScmosCamera(maps).acquisition(4, seed=11)
@@ -116,16 +107,16 @@ def test_train_and_denoise_with_maps_equalise_crops_and_refuse_frames_beyond(tmp
     plain = PoissonGaussianNoiseModel(gain, offset, 3.0, (100.0, 600.0))
     save_noise_model(plain, tmp_path / "noise.pt")
     common = ["--steps", "2", "--k", "8", "--patch-size", "32", "--context", "0:0"]
-    pn2v_live("train", str(tmp_path / "raw.tif"), "-o", str(tmp_path / "model.pt"),
+    run_cli("train", str(tmp_path / "raw.tif"), "-o", str(tmp_path / "model.pt"),
               "--noise-model", str(tmp_path / "noise.pt"), "--camera-maps",
               str(tmp_path / "maps.tif"), "--device", "cpu", *common)  # fmt: skip
     denoiser, metadata = load_denoiser(tmp_path / "model.pt")
     # Normalised on the equalised frames, and the maps travel with the model.
     assert denoiser.mean == pytest.approx(float(maps.equalise(raw).mean()), rel=1e-4)
     assert metadata["noise_model_state"]["kind"] == "camera-maps"
-    pn2v_live("denoise", str(tmp_path / "raw.tif"), "-m", str(tmp_path / "model.pt"),
+    run_cli("denoise", str(tmp_path / "raw.tif"), "-m", str(tmp_path / "model.pt"),
               "-o", str(tmp_path / "whole.tif"), "--device", "cpu")  # fmt: skip
-    pn2v_live("denoise", str(tmp_path / "crop.tif"), "-m", str(tmp_path / "model.pt"),
+    run_cli("denoise", str(tmp_path / "crop.tif"), "-m", str(tmp_path / "model.pt"),
               "-o", str(tmp_path / "crop_out.tif"), "--sensor-origin", "16,8",
               "--device", "cpu", "--tile", "32")  # fmt: skip
     whole = tifffile.imread(tmp_path / "whole.tif")
@@ -133,7 +124,7 @@ def test_train_and_denoise_with_maps_equalise_crops_and_refuse_frames_beyond(tmp
     # The crop reads its own region of the maps: in its middle it matches the whole frame up to
     # what the network sees beyond the crop (a wrong region would be off by the offsets, ~3 ADU).
     np.testing.assert_allclose(crop[:, 12:20, 12:20], whole[:, 28:36, 20:28], atol=0.3)
-    beyond = pn2v_live(
+    beyond = run_cli(
         "denoise", str(tmp_path / "crop.tif"), "-m", str(tmp_path / "model.pt"),
         "-o", str(tmp_path / "x.tif"), "--sensor-origin", "40,8", check=False,
     )  # fmt: skip

@@ -21,10 +21,9 @@ import pytest
 from conftest import free_port
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
+from serve_files import CPU_WITHOUT_TRAINING, listeners, save_camera_noise_model
 
-from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.storage.ledger import LEDGER_FILE
-from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
 from pn2v_live.wire.sender import FrameSender
 
@@ -45,10 +44,7 @@ class Serve:
         self.root = folder / "store"
         port = free_port(pairs=True)
         self.frames, self.status = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
-        model = PoissonGaussianNoiseModel(
-            gain=1.0, offset=0.0, read_noise=2.0, signal_range=(0, 4095)
-        )
-        save_noise_model(model, folder / "nm.pt")
+        save_camera_noise_model(folder / "nm.pt", white=4095)
         self.config = folder / "serve.toml"
         self.config.write_text(
             f"""
@@ -60,19 +56,7 @@ refine = false
 [ingest.zmq]
 bind = "{self.frames}"
 status_bind = "{self.status}"
-[trainer]
-device = "cpu"
-first_model_frames = 1000000
-[inference]
-device = "cpu"
-compile = false
-[metrics]
-bind = ""
-[viewer]
-bind = ""
-[publish]
-bind = ""
-"""
+{CPU_WITHOUT_TRAINING}{listeners()}"""
         )
         self.process: subprocess.Popen | None = None
         self.starts = 0

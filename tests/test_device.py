@@ -23,6 +23,7 @@ import tifffile
 import torch
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from serve_files import listeners, save_camera_noise_model
 
 import pn2v_live
 from pn2v_live.core.device import (
@@ -34,10 +35,8 @@ from pn2v_live.core.device import (
     torch_build,
     unusable_gpu_warning,
 )
-from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.core.synthetic import Camera, acquisition
 from pn2v_live.errors import UserError
-from pn2v_live.storage.noise_model_file import save_noise_model
 
 CLI = Path(sys.executable).with_name("pn2v-live")
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
@@ -178,10 +177,7 @@ def test_calibrate_prints_where_it_runs(tmp_path):
 def test_daemon_says_its_device_in_the_log_status_metrics_and_viewer(tmp_path):
     """A real `pn2v-live serve`: the start-up log line, systemd's STATUS=, the scraped
     pn2v_live_build_info and the viewer's /api/status all name the same device."""
-    save_noise_model(
-        PoissonGaussianNoiseModel(gain=1.0, offset=0.0, read_noise=2.0, signal_range=(0, 255)),
-        tmp_path / "nm.pt",
-    )
+    save_camera_noise_model(tmp_path / "nm.pt")
     metrics_port, viewer_port = free_port(), free_port()
     config = tmp_path / "pn2v-live.toml"
     config.write_text(
@@ -192,12 +188,7 @@ root = "{tmp_path / "store"}"
 path = "nm.pt"
 [ingest.zmq]
 bind = ""
-[metrics]
-bind = "127.0.0.1:{metrics_port}"
-[viewer]
-bind = "127.0.0.1:{viewer_port}"
-[publish]
-bind = ""
+{listeners(metrics=f"127.0.0.1:{metrics_port}", viewer=f"127.0.0.1:{viewer_port}")}
 [inference]
 device = "cpu"
 precision = "float32"

@@ -23,9 +23,8 @@ import numpy as np
 import pytest
 from conftest import free_port, require
 from prometheus_client.parser import text_string_to_metric_families
+from serve_files import listeners, save_camera_noise_model
 
-from pn2v_live.core.noise import PoissonGaussianNoiseModel
-from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.registry import ModelRegistry
 from pn2v_live.storage.store import Store
 from pn2v_live.wire.sender import FrameSender
@@ -107,10 +106,7 @@ class Serve:
         self.folder = folder
         self.store = store
         noise_model = folder / "nm.pt"
-        model = PoissonGaussianNoiseModel(
-            gain=1.0, offset=0.0, read_noise=2.0, signal_range=(0, 255)
-        )
-        save_noise_model(model, noise_model)
+        save_camera_noise_model(noise_model)
         self.zmq = f"tcp://127.0.0.1:{free_port(pairs=True)}" if zmq else ""
         self.metrics_port = free_port()
         self.config = folder / "serve.toml"
@@ -125,12 +121,7 @@ refine = false
 keep_versions = 1
 [ingest.zmq]
 bind = "{self.zmq}"
-[metrics]
-bind = "127.0.0.1:{self.metrics_port}"
-[viewer]
-bind = ""
-[publish]
-bind = ""
+{listeners(metrics=f"127.0.0.1:{self.metrics_port}")}
 {TRAINER}
 """
         )

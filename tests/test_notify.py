@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 from conftest import PROJECT_ROOT, require
+from serve_files import listeners, save_camera_noise_model
 
-from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.service.config import load_config
 from pn2v_live.service.daemon import Daemon
 from pn2v_live.service.notify import SystemdNotifier
-from pn2v_live.storage.noise_model_file import save_noise_model
 
 CLI = Path(sys.executable).with_name("pn2v-live")
 UNIT = PROJECT_ROOT / "service" / "pn2v-live.service"
@@ -88,10 +87,7 @@ def test_abstract_namespace_socket(tmp_path):
 
 def test_daemon_reports_ready_watchdog_stopping_and_exits_0_on_sigterm(tmp_path, notify_socket):
     path, server = notify_socket
-    noise_model = PoissonGaussianNoiseModel(
-        gain=1.0, offset=0.0, read_noise=2.0, signal_range=(0, 255)
-    )
-    save_noise_model(noise_model, tmp_path / "nm.pt")
+    save_camera_noise_model(tmp_path / "nm.pt")
     config = tmp_path / "pn2v-live.toml"
     config.write_text(
         f"""
@@ -101,13 +97,7 @@ root = "{tmp_path / "store"}"
 path = "nm.pt"
 [ingest.zmq]
 bind = ""
-[metrics]
-bind = ""
-[viewer]
-bind = ""
-[publish]
-bind = ""
-"""
+{listeners()}"""
     )
     watchdog = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
     env = {**os.environ, **watchdog, "PYTHONFAULTHANDLER": "1"}  # SIGABRT: print all stacks

@@ -22,6 +22,7 @@ import zmq
 from conftest import free_port
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
+from serve_files import CPU_WITHOUT_TRAINING, listeners, save_camera_noise_model
 
 from pn2v_live.core.model import new_denoiser
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
@@ -126,10 +127,7 @@ def test_folder_and_zmq_frames_keep_pixel_size_and_interval_in_the_store(tmp_pat
     (watched / "folder01").mkdir(parents=True)
     port = free_port(pairs=True)
     endpoint = f"tcp://127.0.0.1:{port}"
-    save_noise_model(
-        PoissonGaussianNoiseModel(gain=1.0, offset=0.0, read_noise=2.0, signal_range=(0, 4095)),
-        tmp_path / "nm.pt",
-    )
+    save_camera_noise_model(tmp_path / "nm.pt", white=4095)
     initial = new_denoiser("n2v", mean=2000.0, std=1000.0, depth=2, features=8)
     save_denoiser(initial, tmp_path / "initial.pt")
     (tmp_path / "serve.toml").write_text(
@@ -146,19 +144,7 @@ paths = ["{watched}"]
 stable_seconds = 0.2
 [ingest.zmq]
 bind = "{endpoint}"
-[trainer]
-device = "cpu"
-first_model_frames = 1000000
-[inference]
-device = "cpu"
-compile = false
-[metrics]
-bind = ""
-[viewer]
-bind = ""
-[publish]
-bind = ""
-"""
+{CPU_WITHOUT_TRAINING}{listeners()}"""
     )
     log = tmp_path / "serve.log"
     with log.open("wb") as out:

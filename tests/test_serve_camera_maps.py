@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from serve_files import listeners
 
 from pn2v_live.core.inference import denoise
 from pn2v_live.core.model import new_denoiser
@@ -100,12 +101,7 @@ batch_size = 2
 device = "cpu"
 compile = false
 precision = "float32"
-[metrics]
-bind = "127.0.0.1:{metrics_port}"
-[viewer]
-bind = ""
-[publish]
-bind = ""
+{listeners(metrics=f"127.0.0.1:{metrics_port}")}
 """)
     log = tmp_path / "serve.log"
     with open(log, "w") as out:

@@ -26,6 +26,7 @@ import torch
 import zarr
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from serve_files import listeners
 
 from pn2v_live.core.metrics import psnr
 from pn2v_live.core.model import new_denoiser
@@ -73,6 +74,11 @@ class Serve:
         self.zmq = f"tcp://127.0.0.1:{free_port(pairs=True)}"
         self.metrics_port = free_port()
         self.viewer_port = free_port()
+        listening = listeners(
+            metrics=f"127.0.0.1:{self.metrics_port}",
+            viewer=f"127.0.0.1:{self.viewer_port}",
+            publish=f"tcp://127.0.0.1:{free_port()}",
+        )
         self.config = folder / "serve.toml"
         self.config.write_text(
             f"""
@@ -100,13 +106,7 @@ scheduler = "{scheduler}"
 max_in_flight = 4
 device = "cpu"
 compile = {"true" if scheduler == "local" else "false"}
-[metrics]
-bind = "127.0.0.1:{self.metrics_port}"
-[viewer]
-bind = "127.0.0.1:{self.viewer_port}"
-[publish]
-bind = "tcp://127.0.0.1:{free_port()}"
-"""
+{listening}"""
         )
         self.log = folder / "serve.log"
         self.process: subprocess.Popen | None = None
