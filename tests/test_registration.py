@@ -1,12 +1,15 @@
 """Registration of temporal windows: shifts measured on real frames, frames moved exactly, and
 windows of a drifting scene aligned onto frame t."""
 
+import shutil
+
 import numpy as np
 import pytest
 
 from pn2v_live.core.context import Context, window
 from pn2v_live.core.registration import Registration, Shifts, moved, whole_shift
 from pn2v_live.service.bench.quality import drifting, load_field
+from pn2v_live.storage.store import Store
 
 
 def test_moved_puts_each_pixel_where_it_belongs_and_leaves_the_rest_missing():
@@ -84,3 +87,30 @@ def test_stages_sharing_shifts_measure_each_pair_of_an_acquisition_once():
     np.testing.assert_array_equal(other.align(flat, 7, flat, 8), flat)  # its own pair, 0 px
     other.align(flat, 1, flat, 2)  # a third pair: the one used longest ago goes
     np.testing.assert_array_equal(inference.align(flat, 7, flat, 8), flat)  # measured anew
+
+
+def test_a_name_reused_after_its_folder_was_deleted_is_registered_anew(tmp_path):
+    """The stages key shifts by `Acquisition.identity`: the same while an acquisition is closed
+    and reopened, new when its folder was deleted and the name came back with other frames, so
+    a pair measured on the old frames is not applied to the new ones."""
+    scene = np.random.default_rng(2).integers(100, 4000, (64, 80)).astype(np.uint16)
+    store = Store(tmp_path, writer=True)
+    first = store.create("run", (64, 64), "uint16")
+    for t in range(2):
+        first.write_raw(t, scene[:, 8 * t : 8 * t + 64])  # drifting 8 px per frame
+    shifts, identity = Shifts(), first.identity
+    old = shifts.series(identity)
+    frame, reference = (first.read_raw(t).astype(np.float32) for t in (0, 1))
+    np.testing.assert_array_equal(old.align(frame, 0, reference, 1), moved(frame, 0, -8))
+    del first, old
+    assert store.acquisition("run").identity == identity  # closed and reopened: the same frames
+    shutil.rmtree(store.path("run"))
+    again = store.create("run", (64, 64), "uint16")
+    still = scene[:, :64]
+    for t in range(2):
+        again.write_raw(t, still)
+    assert again.identity != identity
+    new = shifts.series(again.identity)
+    frame, reference = (again.read_raw(t).astype(np.float32) for t in (0, 1))
+    np.testing.assert_array_equal(new.align(frame, 0, reference, 1), frame)  # measured: 0 px
+    store.close()

@@ -205,6 +205,35 @@ def test_a_frame_stored_again_is_denoised_again(tmp_path):
     store.close()
 
 
+def test_a_folder_deleted_while_open_is_let_go_and_its_name_starts_afresh(tmp_path):
+    """An acquisition's folder deleted while the daemon holds it open (among those asked for
+    last, and in a stage's hands), then frames sent under its name again: they make a new
+    acquisition that readers open whole, with no trace of the old one, and the old object the
+    stage still holds can write neither frames nor metadata into it."""
+    old, new = frames(3, (8, 8)), frames(2, (8, 8), seed=1)
+    store = Store(tmp_path, writer=True)
+    held = store.acquisition_for("run", (8, 8), np.uint16)  # as a stage holds it
+    for t in range(3):
+        assert store.put_raw("run", t, old[t]) == "stored"
+    held.write_denoised(0, old[0].astype(np.float32), model_version=1)
+    shutil.rmtree(store.path("run"))
+    for t in range(2):  # the same frame numbers, other pixels: stored, neither kept nor refused
+        assert store.put_raw("run", t, new[t]) == "stored"
+    again = store.acquisition("run")
+    assert again is not held and again.identity != held.identity
+    with pytest.raises(FileNotFoundError, match="folder was deleted"):
+        held.write_denoised(1, old[1].astype(np.float32), model_version=1)
+    with pytest.raises(FileNotFoundError):
+        held.write_raw(2, old[2])
+    assert held.flush() is False  # its metadata is not written over the new acquisition's
+    assert again.stored_frames() == [0, 1] and again.frames_without_twin() == [1, 0]
+    store.close()
+    reopened = Store(tmp_path).acquisition("run")
+    assert reopened.valid_t == 2 and reopened.denoised_version(0) is None
+    np.testing.assert_array_equal([reopened.read_raw(t) for t in range(2)], new)
+    assert zarr.open_array(store.path("run") / "raw" / "0", mode="r").shape[0] == 2
+
+
 def test_a_second_writer_process_is_refused_until_the_first_closes(tmp_path):
     first = Store(tmp_path, writer=True)
     open_writer = (

@@ -98,7 +98,8 @@ class Shifts:
         self._lock = threading.Lock()
 
     def series(self, name: Hashable) -> Registration:
-        """The `Registration` of the series `name` (e.g. an acquisition), with these shifts."""
+        """The `Registration` of the series `name` (e.g. an acquisition's `identity`), with these
+        shifts."""
         return Registration(self, name)
 
     def get(self, key: tuple[Hashable, int, int]) -> tuple[int, int] | None:

@@ -349,7 +349,7 @@ class InferenceScheduler(Stage):
                 n: self.camera.inputs(job.acquisition, frame) for n, frame in frames.items()
             }
             equalised = {n: frame for n, (frame, _) in inputs.items()}
-            registration = self.shifts.series(job.acquisition.name)
+            registration = self.shifts.series(job.acquisition.identity)
             raws.append(window(equalised, job.t, context, job.window, registration))
             variances.append(inputs[job.t][1])
         return readable, raws, variances

@@ -192,7 +192,7 @@ class NoiseRefiner(Stage):
         frames = self.read_stored(acquisition, WINDOW.frame_numbers(t))
         if t not in frames:
             return
-        registration = self.shifts.series(acquisition.name)
+        registration = self.shifts.series(acquisition.identity)
         estimate = other_frames_mean(window(frames, t, WINDOW, registration=registration),
                                      WINDOW.before)  # fmt: skip
         seen = np.isfinite(estimate)

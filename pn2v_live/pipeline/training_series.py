@@ -124,7 +124,7 @@ def read_series(
     read-noise variance, with camera maps), and the recency weights of its training frames; a
     frame `read_raw` cannot read (None) is left out. Its windows are registered with `shifts`.
     """
-    registration = shifts.series(acquisition.name)
+    registration = shifts.series(acquisition.identity)
     trained, held_back = window
     first, last = min(trained + held_back), max(trained + held_back)
     frames = [None] * (last - first + 1)

@@ -13,6 +13,7 @@ window ("before:after") that made it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -62,8 +63,11 @@ class Acquisition:
         committer: GroupCommit | None = None,
         changed: Callable[[str, int], None] | None = None,
         publication: Publication | None = None,
+        renewal: int = 0,
     ) -> None:
         self.name = name
+        self.identity = (name, renewal)  # caches of frames key on it, not on a re-usable name
+        self.gone = False  # its folder was deleted (`Store`): writes fail, metadata stays unwritten
         # told (name, 1) after each raw frame stored, (name, 0) after a denoised one and on close
         self._on_changed = changed
         self.path = path
@@ -199,10 +203,8 @@ class Acquisition:
         return sorted(refinable, reverse=True)
 
     def frames_to_denoise(self, current_version: int) -> list[int]:
-        """Stored frames without a denoised twin from `current_version` or newer, newest first.
-
-        Looks at every stored frame; `frames_without_twin` is the cheap question.
-        """
+        """Stored frames without a denoised twin from `current_version` or newer, newest first
+        (looks at every stored frame; `frames_without_twin` is the cheap question)."""
         with self._lock:
             stored = sorted(self._stored, reverse=True)
         return [t for t in stored if self._versions.get(t, -1) < current_version]
@@ -222,15 +224,12 @@ class Acquisition:
     def put_raw(self, t: int, pixels: np.ndarray) -> Literal["stored", "duplicate"]:
         """Store raw frame `t` (Y, X) exactly once: "stored" when this call wrote it (on disk
         and recorded when this returns, see `write_raw`), "duplicate" when it is stored already
-        with these pixels (nothing written).
-
-        A different frame under a stored frame's number raises Rejected("conflict") and leaves
-        the stored one as it is (two sources or senders writing the same acquisition). While
-        another writer stores frame `t`, this waits for that write (up to
-        IN_FLIGHT_WAIT_SECONDS) to compare with its pixels, or to take the frame over if that
-        write fails. The on-disk `valid_t` counts the frame within PUBLISH_SECONDS, or once the
-        store settles (`publication.Publication`).
-        """
+        with these pixels (nothing written). A different frame under a stored frame's number
+        raises Rejected("conflict") and leaves the stored one as it is (two sources or senders
+        writing the same acquisition). While another writer stores frame `t`, this waits for
+        that write (up to IN_FLIGHT_WAIT_SECONDS) to compare with its pixels, or to take the
+        frame over if that write fails. The on-disk `valid_t` counts the frame within
+        PUBLISH_SECONDS, or once the store settles (`publication.Publication`)."""
         deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
         while not self._claim(t):
             try:
@@ -326,7 +325,7 @@ class Acquisition:
         """Take the physical sizes a source item (file, message) carries: written into both
         images' metadata when the acquisition has none yet; once it has some, other sizes are
         ignored (logged once per acquisition): the first sizes known stay."""
-        if not physical.known or physical == self._physical:
+        if not physical.known or physical == self._physical or self.gone:
             return
         with self._lock:
             if not self._physical.known:
@@ -352,11 +351,10 @@ class Acquisition:
     def flush(self, trim: bool = True, **attrs: object) -> bool:
         """Write `valid_t` (and `attrs`) to disk; with `trim`, also cut both arrays to the exact
         length (last stored frame + 1) so readers see no empty frames at the end. True when
-        that changed their length.
-
-        The store trims when its ingest sources fall idle (`Store.settle`); `close()` and
-        `Store.close()` do too.
-        """
+        that changed their length. The store trims when its ingest sources fall idle
+        (`Store.settle`); `close()` and `Store.close()` do too."""
+        if self.gone:
+            return False
         with self._lock:
             busy = self._stored | self._writing | self._in_flight
             length = max(busy, default=-1) + 1
@@ -369,6 +367,8 @@ class Acquisition:
     # internals --------------------------------------------------------------------------
 
     def _check_frame(self, frame: np.ndarray, dtype: np.dtype) -> None:
+        if self.gone:  # a new acquisition of this name may be in the folder now
+            raise FileNotFoundError(errno.ENOENT, f"{self.name}: its folder was deleted", self.path)
         if frame.shape != self.frame_shape or frame.dtype != dtype:
             raise ValueError(
                 f"{self.name}: frame is {frame.shape} {frame.dtype}, "
@@ -376,10 +376,8 @@ class Acquisition:
             )
 
     def _ensure_length(self, frames: int) -> None:
-        """Grow both images to hold `frames` frames, in steps of GROW_STEP (caller holds lock).
-
-        Growing rewrites array metadata only, never a chunk; stepping keeps that rare.
-        """
+        """Grow both images to hold `frames` frames, in steps of GROW_STEP (caller holds lock):
+        array metadata only, never a chunk; stepping keeps that rare."""
         if self._raw.shape[0] < frames:
             resize_arrays((self._raw, self._denoised), frames + GROW_STEP - 1)
 

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -79,6 +79,7 @@ class Store:
         self._recent: OrderedDict[str, Acquisition] = OrderedDict()
         self._written: dict[str, Acquisition] = {}
         self._unopenable: set[str] = set()  # acquisitions already logged as damaged
+        self._renewals: Counter[str] = Counter()  # names re-used after their folder was deleted
         self._watchers: list[Changes] = []
 
     def close(self) -> None:
@@ -201,6 +202,9 @@ class Store:
         path = self.path(name)
         with self._lock:
             acquisition = self._open.get(name)
+            if acquisition is not None and not (path / "raw").is_dir():
+                self._let_go(acquisition)  # its folder was deleted while it was open
+                acquisition = None
             if acquisition is None:
                 if not (path / "raw").is_dir():
                     raise KeyError(f"no acquisition {name!r} under {self.root}")
@@ -214,11 +218,22 @@ class Store:
                     self.committer,
                     self._notify_watchers,
                     self._publication,
+                    self._renewals[name],
                 )
                 self._open[name] = acquisition
             if recent:
                 self._keep(acquisition)
             return acquisition
+
+    def _let_go(self, acquisition: Acquisition) -> None:
+        """Close an open acquisition whose folder was deleted: writes through it fail from now
+        on (`Acquisition.gone`), and its name starts afresh with a new `identity` (caller holds
+        the lock)."""
+        acquisition.gone = True
+        for held in (self._open, self._recent, self._written):
+            held.pop(acquisition.name, None)
+        self._renewals[acquisition.name] += 1
+        log.warning("%s: its folder was deleted while open; it is closed", acquisition.name)
 
     def _keep(self, acquisition: Acquisition) -> None:
         """Hold `acquisition` as the most recently asked for, letting go of the least recent
@@ -327,9 +342,12 @@ class Store:
             raise ValueError(f"frame shape must be (Y, X) with Y, X >= 1, got {frame_shape}")
         path = self.path(name)
         with self._lock:
-            if name not in self._open and not (path / "raw").is_dir():
+            if not (path / "raw").is_dir():
+                if name in self._open:
+                    self._let_go(self._open[name])
                 create_group(path, frame_shape, dtype, physical, self.zarr_format)
                 if self._ledger.forget_acquisition(name):
+                    self._renewals[name] += 1
                     log.warning(
                         "%s: the ledger recorded frames of an acquisition of this name whose "
                         "folder is gone; that record is cleared and the name starts afresh "
