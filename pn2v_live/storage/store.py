@@ -227,12 +227,10 @@ class Store:
 
     def _let_go(self, acquisition: Acquisition) -> None:
         """Close an open acquisition whose folder was deleted: writes through it fail from now
-        on (`Acquisition.gone`), and its name starts afresh with a new `identity` (caller holds
-        the lock)."""
+        on (`Acquisition.gone`); `create` starts its name afresh (caller holds the lock)."""
         acquisition.gone = True
         for held in (self._open, self._recent, self._written):
             held.pop(acquisition.name, None)
-        self._renewals[acquisition.name] += 1
         log.warning("%s: its folder was deleted while open; it is closed", acquisition.name)
 
     def _keep(self, acquisition: Acquisition) -> None:
@@ -343,8 +341,9 @@ class Store:
         path = self.path(name)
         with self._lock:
             if not (path / "raw").is_dir():
-                if name in self._open:
-                    self._let_go(self._open[name])
+                stale = self._open.get(name)  # (a weak dictionary: look up once)
+                if stale is not None:
+                    self._let_go(stale)
                 create_group(path, frame_shape, dtype, physical, self.zarr_format)
                 if self._ledger.forget_acquisition(name):
                     self._renewals[name] += 1
