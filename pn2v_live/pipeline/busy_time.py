@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class BusyTime:
@@ -17,6 +23,14 @@ class BusyTime:
     def add(self, start: float, end: float) -> None:
         self._intervals.append((start, end))
         self.total += end - start
+
+    def timed(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """`function(*args, **kwargs)`, the time it ran added (also when it raised)."""
+        started = time.monotonic()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.add(started, time.monotonic())
 
     def share(self, now: float) -> float:
         since = now - self.window

@@ -43,6 +43,7 @@ from pn2v_live.core.noise.coverage import WARN_FRACTION
 from pn2v_live.core.registration import Shifts
 from pn2v_live.errors import UserError
 from pn2v_live.pipeline.camera_frames import CameraFrames
+from pn2v_live.pipeline.compute_turns import ComputeTurns
 from pn2v_live.pipeline.frame_denoising import denoise_frame, warm_up
 from pn2v_live.pipeline.frame_failures import FrameFailures
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
@@ -102,6 +103,7 @@ class InferenceScheduler(Stage):
         camera: CameraFrames | None = None,  # sCMOS camera maps (None: frames as they are)
         warm_up_k: int | None = None,  # the trainer's K: warm up on a frame before its first model
         shifts: Shifts | None = None,  # frame shifts measured (shared with other stages)
+        turns: ComputeTurns | None = None,  # shared with the trainer on a CPU (compute_turns)
     ):
         super().__init__("inference", idle_seconds=0.1, disk_path=store.root)
         self.store, self.registry, self.device = store, registry, device
@@ -123,6 +125,7 @@ class InferenceScheduler(Stage):
         self._remote: tuple | None = None  # (denoiser, noise model) futures on the cluster
         self._warned: set[str] = set()  # acquisitions already warned about uncalibrated signal
         self.shifts = Shifts() if shifts is None else shifts
+        self.turns = turns or ComputeTurns()
         self._next_noise_model: Handover[tuple[NoiseModel, str]] = Handover()  # use_noise_model
         # The end of the warning about signal above the range (the daemon's refiner changes it).
         self.out_of_range_advice = (
@@ -164,7 +167,8 @@ class InferenceScheduler(Stage):
         k, self.warm_up_k = self.warm_up_k, None
         readable, raws, variances = self._read([job])
         if readable:
-            seconds = warm_up(
+            seconds = self.turns.run(
+                warm_up,
                 raws[0],
                 self.noise_model,
                 k,
@@ -309,7 +313,8 @@ class InferenceScheduler(Stage):
                 )
                 for raw, variance in zip(raws, variances, strict=True)
             ]
-            return list(dask.compute(*tasks, scheduler="threads", num_workers=len(raws)))
+            pool = self.turns.executor  # shared turns: the tasks run on their thread, in turn
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=len(raws), pool=pool))
         remote_denoiser, remote_noise = self._remote
         futures = [
             self._client.submit(

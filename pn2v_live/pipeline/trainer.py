@@ -22,6 +22,7 @@ than inference cannot starve training. A round after the first model also ends i
 of `every_seconds` (that part taken as its longest in the last AFTER_STEPS_ROUNDS rounds, as it
 varies with what else runs, and a round that had the machine to itself counted as if it had shared
 it): on a slow or busy machine rounds still come every `every_seconds`, with the steps that fitted.
+On a CPU that inference shares, each step and evaluation takes its turn (`compute_turns`).
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
 round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
@@ -50,6 +51,7 @@ from pn2v_live.core.registration import Shifts
 from pn2v_live.core.training import Training, budget_used, cosine_rate
 from pn2v_live.pipeline.busy_time import BusyTime
 from pn2v_live.pipeline.camera_frames import CameraFrames
+from pn2v_live.pipeline.compute_turns import ComputeTurns
 from pn2v_live.pipeline.noise_refinement import Handover, on_device
 from pn2v_live.pipeline.stage import Stage
 from pn2v_live.pipeline.training_series import (
@@ -105,12 +107,12 @@ class Trainer(Stage):
         seed: int = 0,
         camera: CameraFrames | None = None,  # sCMOS camera maps (None: frames as they are)
         shifts: Shifts | None = None,  # frame shifts measured (shared with other stages)
+        turns: ComputeTurns | None = None,  # shared with inference on a CPU (compute_turns)
     ):
         super().__init__("trainer", idle_seconds=0.5, disk_path=store.root)
         self.store, self.registry, self.settings, self.device = store, registry, settings, device
         self.noise_model, self.noise_model_id = noise_model, noise_model_id
-        self.inference_idle = inference_idle
-        self.camera = camera or CameraFrames(noise_model)
+        self.inference_idle, self.camera = inference_idle, camera or CameraFrames(noise_model)
         self._bf16 = PRECISIONS[settings.precision]
         self.rng = np.random.default_rng(seed)
         self.rounds = 0
@@ -127,6 +129,7 @@ class Trainer(Stage):
         self._busy = BusyTime(SHARE_WINDOW_SECONDS)  # when training steps ran
         self.working = WorkingSet(store, RECENT_SECONDS)  # what a round may train on
         self.shifts = Shifts() if shifts is None else shifts
+        self.turns = turns or ComputeTurns()
 
     def work(self) -> bool:
         """Run a round when one is due, on the acquisition with the most new frames (ties, e.g.
@@ -170,9 +173,8 @@ class Trainer(Stage):
         return True
 
     def _attempt_time(self, overdue: bool) -> float:
-        """When this attempt counts as begun (monotonic s): an attempt due by the clock and
-        late by at most LATE_ATTEMPT_SECONDS (the stage's polling) keeps its place in the
-        schedule, so that rounds do not drift later by a poll each."""
+        """When this attempt counts as begun (monotonic s): one due by the clock and at most
+        LATE_ATTEMPT_SECONDS late keeps its place, so rounds do not drift later by a poll each."""
         now = time.monotonic()
         due = self._last_round + self.settings.every_seconds
         return due if overdue and now - due <= LATE_ATTEMPT_SECONDS else now
@@ -183,10 +185,9 @@ class Trainer(Stage):
         self._next_noise_model.put((on_device(model, self.device), model_id))
 
     def _switch_noise_model(self) -> None:
-        """Take up a noise model handed over by `use_noise_model` (between rounds); the working
-        model goes on fine-tuning under it in a round due at once, so that a model trained on it
-        (and, once promoted, the back-fill of every frame) follows without waiting for new
-        frames or `every_seconds`."""
+        """Take up a noise model handed over by `use_noise_model` (between rounds), fine-tuning
+        under it in a round due at once: a model trained on it (and, once promoted, the back-fill
+        of every frame) follows without waiting for new frames or `every_seconds`."""
         handed = self._next_noise_model.take()
         if handed is None:
             return
@@ -222,8 +223,8 @@ class Trainer(Stage):
         alone = self.inference_idle.is_set()
         self._steps_since_promotion += len(losses)
         validation_batch = series.validation_batch(training.denoiser, patch)
-        spread = training.fit_prior_spread(validation_batch)
-        val_loss = training.validation_loss(validation_batch)
+        spread = self.turns.run(training.fit_prior_spread, validation_batch)
+        val_loss = self.turns.run(training.validation_loss, validation_batch)
         if not np.isfinite(val_loss) or not np.all(np.isfinite(losses)):
             self._training = None  # diverged: the next round restarts from the promoted model
             raise FloatingPointError(
@@ -232,12 +233,12 @@ class Trainer(Stage):
             )
         if self.stopping:
             return  # each of these steps takes long on a busy CPU: stop between them
-        baseline = promoted_loss(
-            self.registry, series, patch, self.noise_model, self.device, self._bf16
+        baseline = self.turns.run(
+            promoted_loss, self.registry, series, patch, self.noise_model, self.device, self._bf16
         )
         if self.stopping:
             return
-        estimate = series.estimated_gain(training, self.noise_model, patch)
+        estimate = self.turns.run(series.estimated_gain, training, self.noise_model, patch)
         promoted = None
         if estimate.lower_db >= s.min_gain_db:  # never show a model not measurably above raw
             promoted = self.registry.promote(
@@ -318,10 +319,10 @@ class Trainer(Stage):
                 break
             if not self._wait_for_turn():
                 return None
-            started = time.monotonic()
             batch = sample_patches(windows, s.batch_size, patch, self.rng, weights)
-            losses.append(training.step(batch, cosine_rate(s.learning_rate, min(done, 1.0))))
-            self._busy.add(started, time.monotonic())
+            rate = cosine_rate(s.learning_rate, min(done, 1.0))
+            # the step's own time counts as training's share, not the wait for its turn
+            losses.append(self.turns.run(self._busy.timed, training.step, batch, rate))
             self.beat()
         return None if self.stopping else losses
 
@@ -340,13 +341,12 @@ class Trainer(Stage):
         if usable and pinned in (None, denoiser.context):
             self._training = self._new_training(denoiser)
         elif pinned is not None:
-            self._training = self._new_training(series.new_denoiser(pinned, self.settings.k))
+            self._training = self._fresh_training(series, pinned)
         else:
             chosen = self._choose_context(series, weights, patch, steps)
-            if chosen is None:
-                return None
-            self._training, spent = chosen
-            return self._training, spent
+            if chosen is not None:
+                self._training = chosen[0]
+            return chosen
         return self._training, 0
 
     def _choose_context(
@@ -355,7 +355,7 @@ class Trainer(Stage):
         """A single-frame model trains BASE_SHARE of the round's steps, then it and each window
         the frames allow (`core.context_choice`) a part of PILOT_SHARE; the one with the lowest
         spread-fitted validation loss on the held-back frames, and the steps all this took."""
-        base = self._new_training(series.new_denoiser(SPATIAL, self.settings.k))
+        base = self._fresh_training(series, SPATIAL)
         base_steps = max(1, round(round_steps * BASE_SHARE))
         if self._steps(base, series, weights, patch, base_steps) is None:
             return None
@@ -363,22 +363,22 @@ class Trainer(Stage):
         steps = max(1, round(round_steps * PILOT_SHARE / len(candidates)))
         best, best_loss = None, float("inf")
         for context in candidates:
-            if context == SPATIAL:
-                training = base
-            else:
-                training = self._new_training(series.new_denoiser(context, self.settings.k))
+            training = base if context == SPATIAL else self._fresh_training(series, context)
             if self._steps(training, series, weights, patch, steps) is None:
                 return None
             batch = series.validation_batch(training.denoiser, patch)
-            training.fit_prior_spread(batch, draws=1)  # judged as it would denoise
-            loss = training.validation_loss(batch)
+            self.turns.run(training.fit_prior_spread, batch, draws=1)  # as it would denoise
+            loss = self.turns.run(training.validation_loss, batch)
             self.log.info("context %s: validation loss %.4f", context, loss)
             if best is None or loss < best_loss:
                 best, best_loss = training, loss
-        own = steps + (base_steps if best is base else 0)  # a temporal window started fresh
-        self._steps_since_promotion += own
+        # the steps of the model kept (a temporal window started fresh)
+        self._steps_since_promotion += steps + (base_steps if best is base else 0)
         self.log.info("context %s chosen by validation loss", best.denoiser.context)
         return best, base_steps + steps * len(candidates)
+
+    def _fresh_training(self, series: Series, context: Context) -> Training:
+        return self._new_training(series.new_denoiser(context, self.settings.k))
 
     def _new_training(self, denoiser: Denoiser) -> Training:
         denoiser.net.to(self.device)

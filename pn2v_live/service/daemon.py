@@ -22,6 +22,7 @@ from pn2v_live.core.noise import NoiseModel
 from pn2v_live.core.registration import Shifts
 from pn2v_live.errors import UserError, writable_folder
 from pn2v_live.pipeline.camera_frames import CameraFrames
+from pn2v_live.pipeline.compute_turns import ComputeTurns
 from pn2v_live.pipeline.folder_source import FolderSource
 from pn2v_live.pipeline.inference import InferenceScheduler
 from pn2v_live.pipeline.noise_refinement import NoiseRefiner, RefinementSettings, on_device
@@ -96,6 +97,9 @@ class Daemon:
     def _start(self) -> None:
         c = self.config
         inference_device, trainer_device = self._devices()
+        # both on the CPU: training steps and frames take turns on one thread (compute_turns)
+        turns = ComputeTurns.for_devices(inference_device, trainer_device, c.inference.scheduler)
+        self._closers.append(turns.close)  # runs after the stages' stops (last in, first out)
         # checked before anything starts
         noise_model = with_camera_maps(load_noise_model(c.noise_model.path), c.camera.maps)
         self.camera = CameraFrames(noise_model, c.camera.sensor_origin)
@@ -123,6 +127,7 @@ class Daemon:
             camera=self.camera,
             warm_up_k=c.trainer.k,
             shifts=self.shifts,
+            turns=turns,
         )
         self._closers.append(self.inference.stop)  # closes the dask client if start fails
         self.trainer = Trainer(
@@ -135,6 +140,7 @@ class Daemon:
             self.inference.idle,
             camera=self.camera,
             shifts=self.shifts,
+            turns=turns,
         )
         self._start_refiner(noise_model, noise_model_id)
         self._start_metrics()
