@@ -1,4 +1,5 @@
-"""The trainer stage on a real store: bounded rounds, held-back validation, promotion, priority."""
+"""The trainer stage on a real store: bounded rounds, held-back validation, promotion, priority,
+turns with inference on the CPU."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import REGISTRY
+from torch import nn
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.core.patches import sample_patches
 from pn2v_live.core.training import Training
 from pn2v_live.pipeline.busy_time import BusyTime
+from pn2v_live.pipeline.compute_turns import THREAD_NAME, ComputeTurns
+from pn2v_live.pipeline.inference import InferenceScheduler
 from pn2v_live.pipeline.trainer import SHARED_SLOWDOWN, Trainer, TrainerSettings
 from pn2v_live.pipeline.training_series import VALIDATION_PATCHES
 from pn2v_live.storage.registry import ModelRegistry
@@ -47,8 +51,9 @@ def trainer_state_metric() -> str:
     return state
 
 
-@pytest.fixture
-def setup(tmp_path):
+def stored_scene(tmp_path):
+    """A store with an empty 24×24 uint8 acquisition "cells", its model registry, a noise model,
+    and `add_frames(n)`, which stores n more Poisson frames of one scene."""
     store = Store(tmp_path / "store")
     registry = ModelRegistry(tmp_path / "store" / "models")
     noise = PoissonGaussianNoiseModel(gain=1.0, offset=0.0, read_noise=2.0, signal_range=(0, 100))
@@ -61,6 +66,12 @@ def setup(tmp_path):
         for t in range(start, start + n):
             acquisition.write_raw(t, rng.poisson(scene).astype(np.uint8))
 
+    return store, registry, noise, acquisition, add_frames
+
+
+@pytest.fixture
+def setup(tmp_path):
+    store, registry, noise, _, add_frames = stored_scene(tmp_path)
     idle = threading.Event()
     idle.set()
     trainer = Trainer(store, registry, noise, "nm-id", SETTINGS, torch.device("cpu"), idle)
@@ -340,3 +351,51 @@ def test_a_refined_noise_model_starts_a_round_at_once(setup):
     assert trainer.work() is True  # the refined model gets its round without waiting
     assert trainer.noise_model_id == "refined-id"
     assert trainer.work() is False
+
+
+def convolution_threads(run) -> set[str]:
+    """The names of the threads that ran a convolution of any network while `run()` ran."""
+    names: set[str] = set()
+
+    def record(module, inputs):
+        if isinstance(module, nn.Conv2d):
+            names.add(threading.current_thread().name)
+
+    hook = nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return names
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_trainer_and_inference_stages_compute_in_turns_on_one_thread(tmp_path, shared):
+    store, registry, noise, acquisition, add_frames = stored_scene(tmp_path)
+    add_frames(12)
+    turns = ComputeTurns(shared=shared)
+    cpu = torch.device("cpu")
+    inference = InferenceScheduler(store, registry, noise, cpu, turns=turns, warm_up_k=SETTINGS.k)
+    trainer = Trainer(store, registry, noise, "nm-id", SETTINGS, cpu, inference.idle, turns=turns)
+
+    def serve() -> None:
+        inference.start()
+        trainer.start()
+        started = time.monotonic()
+        while not all(acquisition.denoised_version(t) for t in range(12)):
+            assert time.monotonic() - started < 120, "no model or twins within 2 minutes"
+            time.sleep(0.05)
+        assert trainer.stop(timeout=60) and inference.stop(timeout=60)
+
+    try:
+        threads = convolution_threads(serve)
+    finally:
+        turns.close()
+        store.close()
+    assert all(acquisition.denoised_version(t) == 1 for t in range(12))
+    # warm-up, training steps, validation, the gain estimate and every frame: one thread, in
+    # turns; without shared turns the trainer computes on its own thread, inference on others
+    if shared:
+        assert threads == {f"{THREAD_NAME}_0"}
+    else:
+        assert "trainer" in threads and len(threads) >= 2 and f"{THREAD_NAME}_0" not in threads

@@ -3,11 +3,10 @@
 On a CPU, torch spreads one training step, or one frame's denoising, over every core. Called
 from the trainer's and inference's own threads at once, the two would each start a team of
 threads on the same cores, and glibc's malloc would serve each thread's buffers from an arena of
-its own, where they stay resident between uses: the daemon would hold the training step's and
-the frame's working sets side by side. Run on one thread in turn, they share the cores without
-contending and reuse one set of buffers, so memory holds the larger working set, not the sum
-(docs/soak.md has the measurements). Who goes when stays the stages' decision (the trainer's
-`training_share`); turns come first in, first out.
+its own, where they stay resident between uses. Run on one thread in turn, they use the cores
+without contending and reuse one set of buffers: in a trial beside a stream, training made more
+steps, and memory held the larger working set rather than the sum (docs/soak.md). Who goes when
+stays the stages' decision (the trainer's `training_share`); turns come first in, first out.
 
 Where either runs on a GPU, or inference on a dask cluster, each stage keeps its own thread
 (`ComputeTurns(shared=False)` runs every call on the caller's thread).
@@ -15,6 +14,7 @@ Where either runs on a GPU, or inference on a dask cluster, each stage keeps its
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -31,9 +31,13 @@ class ComputeTurns:
     """Runs calls one at a time on one thread of its own (`shared`), else on the caller's."""
 
     def __init__(self, shared: bool = False):
+        self._thread_id: int | None = None  # the turns' thread, once started
         self.executor: Executor | None = (
-            ThreadPoolExecutor(1, thread_name_prefix=THREAD_NAME) if shared else None
+            ThreadPoolExecutor(1, THREAD_NAME, initializer=self._note_thread) if shared else None
         )
+
+    def _note_thread(self) -> None:
+        self._thread_id = threading.get_ident()
 
     @classmethod
     def for_devices(
@@ -47,8 +51,9 @@ class ComputeTurns:
         return self.executor is not None
 
     def run(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """`function(*args, **kwargs)` in its turn; its result, or the exception it raised."""
-        if self.executor is None:
+        """`function(*args, **kwargs)` in its turn; its result, or the exception it raised. A
+        call from within a turn runs at once (it has the turn already)."""
+        if self.executor is None or threading.get_ident() == self._thread_id:
             return function(*args, **kwargs)
         return self.executor.submit(function, *args, **kwargs).result()
 
