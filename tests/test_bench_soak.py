@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import zarr
 
+from pn2v_live.service.bench.daemon_process import start_daemon
 from pn2v_live.service.bench.ingest import camera_frames
 from pn2v_live.service.bench.soak import POOL_FRAMES, rss_trend, summary
 from pn2v_live.storage.ledger import Ledger
@@ -149,3 +150,14 @@ def test_summary_gives_start_end_max_and_skips_missing_metrics():
     assert (result["backlog_frames_start"], result["backlog_frames_max"]) == (4, 4)
     assert result["receive_queue_bytes_end"] == 0
     assert result["rss_mb_per_hour"] == pytest.approx(-10 * 3600)
+
+
+def test_the_daemon_runs_this_pn2v_live_not_one_in_the_working_directory(tmp_path, monkeypatch):
+    shadow = tmp_path / "pn2v_live"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise SystemExit('the working directory\\'s pn2v_live')")
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "serve.log"
+    daemon = start_daemon(["nonsense.key=1"], log)  # refused at start, by this pn2v_live
+    assert daemon.wait(timeout=120) == 2
+    assert "nonsense: unknown key" in log.read_text()

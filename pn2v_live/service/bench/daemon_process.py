@@ -116,8 +116,9 @@ def daemon_overrides(
 
 
 def start_daemon(overrides: list[str], log_path: Path) -> subprocess.Popen:
-    """`pn2v-live serve --set …` in a subprocess, its log lines going to `log_path`."""
-    command = [sys.executable, "-m", "pn2v_live", "serve"]
+    """`pn2v-live serve --set …` in a subprocess, its log lines going to `log_path`. The daemon
+    imports the same pn2v_live as this process, never one in the working directory (`-P`)."""
+    command = [sys.executable, "-P", "-m", "pn2v_live", "serve"]
     for override in overrides:
         command += ["--set", override]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -246,7 +246,7 @@ def start_microscope(
     """`pn2v-live simulate` in its own process (and session: Ctrl-C reaches only the demo),
     sending to the daemon's frame socket and asking its status socket (`Daemon.addresses`)."""
     entry = "from pn2v_live.service.cli import main; main()"
-    command = [sys.executable, "-c", entry, "simulate", "--to", addresses["frames"]]
+    command = [sys.executable, "-P", "-c", entry, "simulate", "--to", addresses["frames"]]
     command += ["--status", addresses["frames_status"]]
     command += ["--source", str(stack_path), "--frames", str(frames), "--fps", str(fps)]
     command += ["--acquisition", ACQUISITION]
