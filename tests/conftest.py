@@ -77,3 +77,26 @@ def free_port(pairs: bool = False) -> int:
         if not wanted & _HANDED_OUT and all(_bindable(p) for p in wanted):
             _HANDED_OUT.update(wanted)
             return port
+
+
+HEAP_BYTES = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit systems
+
+
+def thread_heaps(pid: int) -> int:
+    """How many malloc heaps besides the main one glibc has made in process `pid`, from its
+    /proc/PID/maps: each is an anonymous mapping of HEAP_BYTES aligned to HEAP_BYTES, readable
+    and writable as far as it has grown and inaccessible ("---p") beyond."""
+    regions = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(address, 16) for address in fields[0].split("-"))
+        regions.append((start, end, fields[1], len(fields) > 5))
+    heaps = 0
+    for i, (start, end, permissions, named) in enumerate(regions):
+        if start % HEAP_BYTES or named or permissions != "rw-p":
+            continue
+        after = regions[i + 1] if i + 1 < len(regions) else None
+        if after and after[0] == end and after[2] == "---p" and not after[3]:
+            end = after[1]
+        heaps += end - start == HEAP_BYTES
+    return heaps

@@ -24,7 +24,7 @@ import pytest
 import tifffile
 import torch
 import zarr
-from conftest import free_port
+from conftest import free_port, thread_heaps
 from prometheus_client.parser import text_string_to_metric_families
 from serve_files import listeners
 
@@ -242,6 +242,7 @@ def test_serve_denoises_every_frame_better_than_raw_and_counts_them(tmp_path, da
         assert m["pn2v_live_training_rounds_total{outcome=promoted}"] >= 1
         assert m["pn2v_live_inference_seconds_count{}"] >= FRAMES
         assert np.isfinite(m["pn2v_live_validation_loss{}"])
+        assert thread_heaps(serve.process.pid) == 0  # every thread allocates from one heap
         with urllib.request.urlopen(
             f"http://127.0.0.1:{serve.viewer_port}/api/status", timeout=5
         ) as r:

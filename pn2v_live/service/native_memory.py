@@ -1,20 +1,24 @@
-"""The daemon's native memory: what torch frees goes back to the system every few seconds.
+"""The daemon's native memory: one malloc heap for all its threads, and what torch frees goes
+back to the system every few seconds.
 
-glibc serves a request of at least its mmap threshold with a mapping of its own, unmapped again
-when freed; smaller ones come from the heap ("arena") of the thread asking. The threshold starts
-at 128 KiB but rises to the size of every such block freed (up to 32 MiB on 64-bit systems), so
-once torch has freed its first tensors, its buffers of 1–32 MiB (the U-Net's activations, the
-MMSE's 8 MB chunks of K samples, training batches and their gradients) are carved out of the
-trainer's and inference's arenas, and what they leave free there stays resident and creeps up
-with the arenas' high-water marks: in `bench --part soak` malloc held 590 MB of which 250 MB
-were in use (docs/soak.md).
+glibc serves a request of at least its mmap threshold with a mapping of its own; smaller ones
+come from a heap ("arena"), by default one per thread (up to 8 per core). The threshold rises to
+the size of every such block freed (up to 32 MiB on 64-bit systems), so torch's buffers of 1–32
+MiB (activations, the MMSE's chunks of K samples, batches and gradients) come from the heaps,
+and what they leave free there stays resident.
 
-`Trimmer` calls glibc's `malloc_trim(0)` every TRIM_SECONDS, which hands the free pages of every
-arena back (madvise), so free pages cannot pile up behind the arenas' high-water marks for
-longer than that. Fixing the mmap threshold instead (`mallopt`, MALLOC_MMAP_THRESHOLD_) kept
-memory lower still but made every buffer of a MiB or more a fresh mapping, zero-filled page by
-page: inference and training steps 20–50 % slower.
-On another C library there is nothing to do (`Trimmer.start` returns False).
+`one_heap` makes threads that allocate for the first time after it share the main heap
+(`mallopt` M_ARENA_MAX = 1, as MALLOC_ARENA_MAX=1 would), so memory one thread frees serves the
+next request of any other instead of staying resident in a heap of its own. The price, one
+malloc lock for every thread, does not show: training and inference compute in turns on one
+thread (`pipeline.compute_turns`), and the other threads allocate little.
+
+`Trimmer` calls `malloc_trim(0)` every TRIM_SECONDS, which hands the free pages of the heaps
+back (madvise), so they cannot pile up behind the heaps' high-water marks for longer than that.
+A fixed mmap threshold instead (MALLOC_MMAP_THRESHOLD_) would make every large buffer a fresh
+zero-filled mapping, and training and inference slower (docs/soak.md).
+
+On another C library there is nothing to do (`one_heap` and `Trimmer.start` return False).
 """
 
 from __future__ import annotations
@@ -28,18 +32,31 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 TRIM_SECONDS = 10.0  # free arena pages go back to the system this often
+M_ARENA_MAX = -8  # mallopt's parameter number for the heap count (glibc's malloc.h)
+
+
+def _glibc(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """glibc's function `name` (returning int, taking `argtypes`), None on another C library."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    function = getattr(ctypes.CDLL(None), name, None)
+    if function is not None:
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
+
+
+def one_heap() -> bool:
+    """Make threads that allocate for the first time from now on share glibc's main heap; True
+    when set, False on another C library. Call it before starting threads."""
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    return mallopt is not None and mallopt(M_ARENA_MAX, 1) == 1
 
 
 def malloc_trim() -> Callable[[], int] | None:
     """glibc's `malloc_trim(0)` (returns 1 when it released memory), None on another C
     library."""
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    function = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if function is None:
-        return None
-    function.argtypes, function.restype = (ctypes.c_size_t,), ctypes.c_int
-    return lambda: function(0)
+    function = _glibc("malloc_trim", ctypes.c_size_t)
+    return None if function is None else lambda: function(0)
 
 
 class Trimmer(threading.Thread):
