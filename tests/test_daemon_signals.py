@@ -1,15 +1,18 @@
-"""The daemon drains on SIGTERM also when it arrives during start-up, and when `run` fails."""
+"""The daemon drains on SIGTERM also when it arrives during start-up, and when `run` fails;
+closing it stops its threads."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.service.config import load_config
 from pn2v_live.service.daemon import Daemon
+from pn2v_live.service.native_memory import malloc_trim
 from pn2v_live.service.notify import SystemdNotifier
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
@@ -90,3 +93,20 @@ def test_an_error_in_the_run_loop_still_drains(config):
         assert store_is_closed(config)
     finally:
         daemon.close()
+
+
+def trimmers() -> list[threading.Thread]:
+    """The live threads handing freed memory back to the system (`native_memory.Trimmer`)."""
+    return [thread for thread in threading.enumerate() if thread.name == "malloc-trim"]
+
+
+@pytest.mark.skipif(malloc_trim() is None, reason="glibc only")
+def test_the_daemon_trims_memory_from_start_until_closed(config):
+    before = trimmers()
+    daemon = Daemon(config, SystemdNotifier(environ={}))
+    daemon.start()
+    try:
+        assert len(trimmers()) == len(before) + 1
+    finally:
+        daemon.close()
+    assert trimmers() == before

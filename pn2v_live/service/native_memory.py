@@ -89,4 +89,7 @@ class Trimmer(threading.Thread):
             self.trims += 1
 
     def stop(self) -> None:
+        """End the thread (after the trim under way, if any)."""
         self._stopping.set()
+        if self.is_alive():
+            self.join()

@@ -12,7 +12,6 @@ from pn2v_live.errors import UserError
 from pn2v_live.service.cli import app
 from pn2v_live.service.config import load_config
 from pn2v_live.service.daemon import serve as run_daemon
-from pn2v_live.service.native_memory import Trimmer, one_heap
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 QUIET_LIBRARIES = ("distributed", "aiohttp.access", "watchdog", "asyncio")
@@ -60,6 +59,4 @@ def serve(
     if log_level.upper() not in LEVELS:
         raise UserError(f"--log-level {log_level!r}: use one of {', '.join(LEVELS).lower()}")
     configure_logging(log_level)
-    one_heap()  # before the daemon's threads start (native_memory)
-    Trimmer().start()  # what torch frees goes back to the system (native_memory)
     run_daemon(load_config(config, set_ or []))
