@@ -211,8 +211,8 @@ def summary(rows: list[dict[str, float | None]], warmup_s: float) -> dict[str, A
         points = [(row["t_s"], row["rss_mb"]) for row in rows if row["t_s"] >= steady]
         slope_per_s, _, growth = rss_trend(points, steady)
     return result | {
-        "first_model_s": first_model,
-        "steady_from_s": steady,
+        "first_model_s": _rounded(first_model, 2),
+        "steady_from_s": _rounded(steady, 2),
         "rss_mb_per_hour_steady": _rounded(slope_per_s, 1, 3600),
         "rss_growth_steady_pct": _rounded(growth, 2),
     }
