@@ -2,11 +2,11 @@
 
 On a CPU, torch spreads one training step, or one frame's denoising, over every core. Called
 from the trainer's and inference's own threads at once, the two would each start a team of
-threads on the same cores, and glibc's malloc would serve each thread's buffers from an arena of
-its own, where they stay resident between uses. Run on one thread in turn, they use the cores
-without contending and reuse one set of buffers: in a trial beside a stream, training made more
-steps, and memory held the larger working set rather than the sum (docs/soak.md). Who goes when
-stays the stages' decision (the trainer's `training_share`); turns come first in, first out.
+threads on the same cores and contend for them, and both working sets would be live at once.
+Run on one thread in turn, they use the cores without contending and one working set at a time
+is live: in a trial beside a stream, training made more steps, and memory held the larger
+working set rather than the sum (docs/soak.md). Who goes when stays the stages' decision (the
+trainer's `training_share`); turns come first in, first out.
 
 Where either runs on a GPU, or inference on a dask cluster, each stage keeps its own thread
 (`ComputeTurns(shared=False)` runs every call on the caller's thread).
