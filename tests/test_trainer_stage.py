@@ -150,13 +150,13 @@ def test_busy_time_share_of_a_sliding_window():
 
 def test_training_takes_its_share_while_inference_is_behind(setup):
     """A stream faster than inference: training still runs, for about its share of the time."""
-    trainer, _, add_frames, idle = setup
-    trainer.settings = replace(
-        trainer.settings, training_share=0.25, steps_per_round=10**6, first_model_steps=10**6
-    )
+    trainer, registry, add_frames, idle = setup
+    add_frames(12)
+    assert trainer.work() is True and registry.current() is not None  # a model to run
+    trainer.settings = replace(trainer.settings, training_share=0.25, steps_per_round=10**6)
     trainer._busy = BusyTime(window=2.0)
     idle.clear()  # inference never catches up
-    add_frames(12)
+    add_frames(4)
     trainer.start()
     started = time.monotonic()
     time.sleep(8)
@@ -164,6 +164,20 @@ def test_training_takes_its_share_while_inference_is_behind(setup):
     # Training ran about its share (a step may overrun it by one step; waits are 0.1 s ticks).
     assert 0.12 < trainer._busy.total / elapsed < 0.45
     assert trainer.alive(max_silence=2)
+
+
+def test_the_first_models_steps_are_not_taken_from_inference(setup):
+    """Before a model is served inference has nothing it can run: the first model's steps do not
+    count toward training's share (so it does not pause for inference once that model is
+    served); a later round's steps do."""
+    trainer, registry, add_frames, idle = setup
+    add_frames(12)
+    assert trainer.work() is True and registry.current().version == 1
+    assert trainer.history[-1]["steps"] == 2 and trainer._busy.total == 0
+    add_frames(4)
+    assert trainer.work() is True and len(trainer.history) == 2
+    assert trainer._busy.total > 0
+    assert trainer._busy.share(time.monotonic()) > 0
 
 
 def test_rounds_keep_to_every_seconds_however_slow_their_steps(setup):

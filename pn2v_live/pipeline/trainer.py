@@ -17,12 +17,14 @@ the viewer shows raw frames as "learning".
 
 Sharing the machine: inference comes first, but while it has a backlog training still takes up to
 `training_share` of the wall time (measured over the last SHARE_WINDOW_SECONDS), so a stream faster
-than inference cannot starve training. A round after the first model also ends its steps early
-(waits included) when more would not leave time to validate, estimate and promote within ROUND_SHARE
-of `every_seconds` (that part taken as its longest in the last AFTER_STEPS_ROUNDS rounds, as it
-varies with what else runs, and a round that had the machine to itself counted as if it had shared
-it): on a slow or busy machine rounds still come every `every_seconds`, with the steps that fitted.
-On a CPU that inference shares, each step and evaluation takes its turn (`compute_turns`).
+than inference cannot starve training. Steps taken while no model is served do not count: they
+took no time inference could have used, so the first model is not followed by a pause. A round
+after the first model also ends its steps early (waits included) when more would not leave time
+to validate, estimate and promote within ROUND_SHARE of `every_seconds` (that part taken as its
+longest in the last AFTER_STEPS_ROUNDS rounds, as it varies with what else runs, and a round that
+had the machine to itself counted as if it had shared it): on a slow or busy machine rounds still
+come every `every_seconds`, with the steps that fitted. On a CPU that inference shares, each step
+and evaluation takes its turn (`compute_turns`).
 
 The network sees the frames `context` around each frame (see `core.context`). With "auto", the
 round that starts a new model first trains a single-frame model for BASE_SHARE of its steps,
@@ -312,6 +314,7 @@ class Trainer(Stage):
         s = self.settings
         windows = series.training_windows(training.denoiser.context)
         losses: list[float] = []
+        served = self.registry.current() is not None  # else inference has nothing to run
         begun = time.monotonic()
         for step in range(steps):
             done = budget_used(step, steps, time.monotonic() - begun, seconds / 60)
@@ -321,8 +324,12 @@ class Trainer(Stage):
                 return None
             batch = sample_patches(windows, s.batch_size, patch, self.rng, weights)
             rate = cosine_rate(s.learning_rate, min(done, 1.0))
-            # the step's own time counts as training's share, not the wait for its turn
-            losses.append(self.turns.run(self._busy.timed, training.step, batch, rate))
+            # the step's own time counts as training's share (not the wait for its turn), and
+            # only while a model is served: before, the time was not taken from inference
+            if served:
+                losses.append(self.turns.run(self._busy.timed, training.step, batch, rate))
+            else:
+                losses.append(self.turns.run(training.step, batch, rate))
             self.beat()
         return None if self.stopping else losses
 
