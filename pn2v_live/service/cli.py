@@ -9,6 +9,7 @@ import sys
 import typer
 
 from pn2v_live.errors import UserError
+from pn2v_live.service.native_memory import one_heap
 
 app = typer.Typer(
     name="pn2v-live",
@@ -27,6 +28,7 @@ for _module in COMMAND_MODULES:
 
 def main() -> None:
     """Console-script entry point: user mistakes become one line on stderr and exit code 2."""
+    one_heap()  # before any command starts a thread (service.native_memory)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
