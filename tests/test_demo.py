@@ -89,7 +89,7 @@ def test_demo_reaches_denoising_live_and_stops_cleanly_on_ctrl_c(
         assert roughness[1] < roughness[0] / 2, "the denoised rendering must be visibly smoother"
         exposition = urllib.request.urlopen(metrics, timeout=10).read().decode()
         assert re.search(r"^pn2v_live_model_version [1-9]", exposition, re.M)
-        assert thread_heaps(process.pid) == 0  # the demo's daemon threads share one heap too
+        assert thread_heaps(process.pid) == 0  # every thread of the demo shares one heap
 
         # The daemon's PUB socket streams the denoised frames as they are written.
         subscriber = zmq.Context.instance().socket(zmq.SUB)

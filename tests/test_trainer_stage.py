@@ -170,7 +170,7 @@ def test_the_first_models_steps_are_not_taken_from_inference(setup):
     """Before a model is served inference has nothing it can run: the first model's steps do not
     count toward training's share (so it does not pause for inference once that model is
     served); a later round's steps do."""
-    trainer, registry, add_frames, idle = setup
+    trainer, registry, add_frames, _ = setup
     add_frames(12)
     assert trainer.work() is True and registry.current().version == 1
     assert trainer.history[-1]["steps"] == 2 and trainer._busy.total == 0

@@ -97,7 +97,7 @@ class Daemon:
 
     def _start(self) -> None:
         c = self.config
-        one_heap()  # before the daemon's threads start (native_memory)
+        one_heap()  # before its threads start, also in-process (the CLI sets it first thing)
         trimmer = Trimmer()  # what torch frees goes back to the system (native_memory)
         if trimmer.start():
             self._closers.append(trimmer.stop)
