@@ -35,6 +35,7 @@ pinned "A:B" skips the choice). What a round reads and holds back: `training_ser
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -314,7 +315,12 @@ class Trainer(Stage):
         s = self.settings
         windows = series.training_windows(training.denoiser.context)
         losses: list[float] = []
-        served = self.registry.current() is not None  # else inference has nothing to run
+        # the step's own time counts as training's share (not the wait for its turn), and only
+        # while a model is served: before, inference had nothing to run, so none was taken from it
+        if self.registry.current() is not None:
+            optimise = functools.partial(self._busy.timed, training.step)
+        else:
+            optimise = training.step
         begun = time.monotonic()
         for step in range(steps):
             done = budget_used(step, steps, time.monotonic() - begun, seconds / 60)
@@ -324,12 +330,7 @@ class Trainer(Stage):
                 return None
             batch = sample_patches(windows, s.batch_size, patch, self.rng, weights)
             rate = cosine_rate(s.learning_rate, min(done, 1.0))
-            # the step's own time counts as training's share (not the wait for its turn), and
-            # only while a model is served: before, the time was not taken from inference
-            if served:
-                losses.append(self.turns.run(self._busy.timed, training.step, batch, rate))
-            else:
-                losses.append(self.turns.run(training.step, batch, rate))
+            losses.append(self.turns.run(optimise, batch, rate))
             self.beat()
         return None if self.stopping else losses
 
