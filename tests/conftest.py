@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pn2v_live.service.native_memory import malloc_trim
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ON_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -79,6 +81,7 @@ def free_port(pairs: bool = False) -> int:
             return port
 
 
+GLIBC_ONLY = pytest.mark.skipif(malloc_trim() is None, reason="glibc only")
 HEAP_BYTES = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit systems
 
 

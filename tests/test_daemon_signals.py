@@ -8,11 +8,11 @@ import signal
 import threading
 
 import pytest
+from conftest import GLIBC_ONLY
 
 from pn2v_live.core.noise import PoissonGaussianNoiseModel
 from pn2v_live.service.config import load_config
 from pn2v_live.service.daemon import Daemon
-from pn2v_live.service.native_memory import malloc_trim
 from pn2v_live.service.notify import SystemdNotifier
 from pn2v_live.storage.noise_model_file import save_noise_model
 from pn2v_live.storage.store import Store
@@ -100,7 +100,7 @@ def trimmers() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "malloc-trim"]
 
 
-@pytest.mark.skipif(malloc_trim() is None, reason="glibc only")
+@GLIBC_ONLY
 def test_the_daemon_trims_memory_from_start_until_closed(config):
     before = trimmers()
     daemon = Daemon(config, SystemdNotifier(environ={}))

@@ -9,12 +9,10 @@ import sys
 import threading
 
 import pytest
-from conftest import thread_heaps
+from conftest import GLIBC_ONLY, thread_heaps
 
 from pn2v_live.service import native_memory
 from pn2v_live.service.native_memory import Trimmer
-
-GLIBC_ONLY = pytest.mark.skipif(native_memory.malloc_trim() is None, reason="glibc only")
 
 # In a fresh interpreter (argv: "one" to call `one_heap` first, and a file): four threads alive
 # at once each allocate 1 MiB, then glibc's own report (malloc_info) goes to the file; the

@@ -41,7 +41,7 @@ from pn2v_live.service.daemon_noise_model import (
 )
 from pn2v_live.service.daemon_status import HealthCheck, health_reports, status_line, status_of
 from pn2v_live.service.metrics_server import start_metrics_server
-from pn2v_live.service.native_memory import Trimmer, one_heap
+from pn2v_live.service.native_memory import Trimmer
 from pn2v_live.service.notify import SystemdNotifier
 from pn2v_live.service.stop_request import StopRequest
 from pn2v_live.service.viewer import ViewerServer
@@ -97,7 +97,6 @@ class Daemon:
 
     def _start(self) -> None:
         c = self.config
-        one_heap()  # before its threads start, also in-process (the CLI sets it first thing)
         trimmer = Trimmer()  # what torch frees goes back to the system (native_memory)
         if trimmer.start():
             self._closers.append(trimmer.stop)
